@@ -1,0 +1,995 @@
+"""Curriculum QLoRA fine-tuning of Qwen3-VL: one stage per command, the *same* LoRA adapter throughout.
+
+    python train_qlora_qwen3vl.py configs/exp4_stage1.yaml                 # stage 1: a new adapter
+    python train_qlora_qwen3vl.py configs/exp4_stage2.yaml                 # stage 2: continues stage 1's
+    python train_qlora_qwen3vl.py configs/demo/stage1.yaml --set lr=1e-3   # any key, overridden
+    python train_qlora_qwen3vl.py configs/demo/stage1.yaml --check         # validate config + data only
+
+The base model is loaded once in 4-bit NF4 and prepared for k-bit training once. Stage 1 wraps it
+with a fresh LoRA adapter; a later stage reopens the previous stage's adapter *for training*
+(`PeftModel.from_pretrained(..., is_trainable=True)`), never merges it, never prepares the base a
+second time and never stacks a second adapter on top. Before the first step the script proves it:
+only LoRA parameters train, and their count equals the count computed from the model's shapes.
+
+Layout: config -> data -> model -> train -> evaluate -> save, each a section below; `main()` last.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+REPO_DIR = Path(__file__).resolve().parent
+# `model_name_or_path: tiny-qwen3vl` names the random tiny Qwen3-VL that the demo and the tests use;
+# it is built here on first use (tiny_qwen3vl.py) and then loaded like any local checkpoint.
+TINY_MODEL_NAME = "tiny-qwen3vl"
+TINY_MODEL_DIR = REPO_DIR / "models" / TINY_MODEL_NAME
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+STAGE_METRICS = "stage_metrics.json"
+RESOLVED_CONFIG = "resolved_config.yaml"
+OPTIMIZER_MOMENTS = "optimizer_moments.safetensors"
+IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and padding positions)
+
+QUESTION_TYPES = ("single_choice", "numeric", "multi_label")
+OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class ConfigError(ValueError):
+    """A problem the user fixes in the YAML, the command line or the data; printed without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config: typed dataclasses from YAML; unknown keys rejected with the closest valid key
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraSettings:
+    r: int = 4
+    """LoRA rank. Must be the same in every stage of a curriculum (it is the same adapter)."""
+    alpha: int = 8
+    """LoRA scaling numerator (`lora_alpha`); the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that get LoRA. q/k/v/o_proj match the language model only (the vision tower's are attn.qkv/proj)."""
+
+
+@dataclass
+class QuantizationSettings:
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """bitsandbytes 4-bit data type of the frozen base weights."""
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    """dtype that the 4-bit weights are de-quantized to for matrix products."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
+
+
+@dataclass
+class StageConfig:
+    output_dir: str
+    """Where this stage's adapter, processor, resolved config and stage_metrics.json are written."""
+    train_file: str
+    """JSONL training split; image paths inside it are relative to this file."""
+    eval_file: Optional[str] = None
+    """JSONL dev split: evaluated before the first step, every `eval_steps`, and at the end."""
+    stage: int = 1
+    """Curriculum stage number: 1 makes a new adapter, >= 2 continues `prev_checkpoint`."""
+    model_name_or_path: str = "Qwen/Qwen3-VL-8B-Instruct"
+    """Base model: a hub id, a local directory, or `tiny-qwen3vl` (the random tiny demo model, built on first use)."""
+    prev_checkpoint: Optional[str] = None
+    """Previous stage's output_dir (stage >= 2): its adapter is reopened and trained further."""
+    lr: float = 5e-5
+    """Peak learning rate."""
+    epochs: float = 1.0
+    """Passes over train_file (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps for this stage; -1 runs `epochs`. Counted from 0 in every stage."""
+    batch_size: int = 4
+    """Samples per device per forward pass."""
+    eval_batch_size: int = 8
+    """Samples per device per evaluation forward pass."""
+    grad_accum: int = 1
+    """Forward passes per optimizer step (effective batch = batch_size x grad_accum x processes)."""
+    warmup_ratio: float = 0.03
+    """Fraction of this stage's steps spent warming the learning rate up from 0."""
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA parameters."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    eval_steps: int = 50
+    """Evaluate on eval_file every this many steps (0: only before and after training)."""
+    save_steps: int = 0
+    """Write an intermediate checkpoint every this many steps (0: none; the final adapter is always saved)."""
+    logging_steps: int = 10
+    """Print the `step | loss | lr | dt | mem` line every this many steps."""
+    seed: int = 42
+    """Seed for LoRA initialisation, dropout and data order."""
+    min_pixels: int = 4096
+    """Smallest image area in pixels; smaller images are upscaled (one image token per 32x32 pixels)."""
+    max_pixels: int = 200704
+    """Largest image area in pixels (200704 = 448x448 -> 196 image tokens); larger images are downscaled."""
+    max_seq_len: int = 2048
+    """Longest sample in tokens, image tokens included. Longer samples are never truncated (see on_overlong)."""
+    on_overlong: Literal["error", "skip"] = "error"
+    """A sample longer than max_seq_len: `error` names it and stops; `skip` drops it and says how many."""
+    system_prompt: Optional[str] = None
+    """Optional system message put before every question."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in the backward pass: much less memory, ~30% more compute."""
+    optimizer_state: Literal["fresh", "resume"] = "fresh"
+    """`resume` carries the previous stage's AdamW moments over; steps, schedule and data order start anew."""
+    dataloader_num_workers: int = 2
+    """Processes that decode and tokenise samples while the model trains."""
+    overwrite: bool = False
+    """Allow replacing an output_dir that already holds a finished stage."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapter shape; identical across the stages of a curriculum."""
+    quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
+    """4-bit quantization of the frozen base."""
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(valid)})"
+
+
+def _check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Return `value` if it fits `annotation` (ints are accepted as floats), else raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _check_type(value, inner, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
+            raise ConfigError(f"{where}: expected a list of {args[0].__name__}, got {value!r}")
+        return list(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build_dataclass(cls: type, data: dict, where: str) -> Any:
+    """Turn a YAML mapping into `cls`, rejecting unknown keys and wrong types, naming each by its dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems, values = [], {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            problems.append(f"unknown key '{path}'{_closest(str(key), list(fields))}")
+            continue
+        try:
+            if dataclasses.is_dataclass(hints[key]):
+                values[key] = _build_dataclass(hints[key], value, path)
+            else:
+                values[key] = _check_type(value, hints[key], path)
+        except ConfigError as err:
+            problems.append(str(err))
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    problems += [f"missing required key '{f'{where}.' if where else ''}{n}'" for n in missing]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cls(**values)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b=value` overrides (values parsed as YAML: `--set lr=1e-4`, `--set lora.r=8`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set lr=1e-4")
+        dotted, raw = item.split("=", 1)
+        *parents, leaf = dotted.strip().split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> StageConfig:
+    """Read a stage YAML (safely: no object construction), apply overrides, type-check every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {getattr(err, 'problem', err)}") from None
+    try:
+        return _build_dataclass(StageConfig, apply_overrides(data, list(overrides)), "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}:\n" + "\n".join(f"  - {line}" for line in str(err).splitlines())) from None
+
+
+def config_to_dict(cfg: StageConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def read_adapter_lora(adapter_dir: str | os.PathLike) -> dict:
+    """The LoRA settings that a saved adapter was trained with, in this config's names."""
+    saved = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    targets = saved.get("target_modules")
+    return {"r": saved.get("r"), "alpha": saved.get("lora_alpha"), "dropout": saved.get("lora_dropout"),
+            "target_modules": sorted(targets) if isinstance(targets, list) else targets}
+
+
+def lora_mismatches(expected: LoraSettings, saved: dict) -> list[str]:
+    """Differences between the YAML's LoRA settings and a saved adapter's, one line each."""
+    want = {"r": expected.r, "alpha": expected.alpha, "dropout": expected.dropout,
+            "target_modules": sorted(expected.target_modules)}
+    return [f"lora.{k}: the YAML says {want[k]!r}, the saved adapter has {saved[k]!r}"
+            for k in want if want[k] != saved[k]]
+
+
+def validate_config(cfg: StageConfig) -> None:
+    """Every problem in one error, each line naming the key to change; runs before anything heavy loads."""
+    problems = []
+    positive = {"lr": cfg.lr, "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size,
+                "grad_accum": cfg.grad_accum, "lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha,
+                "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "max_seq_len": cfg.max_seq_len,
+                "logging_steps": cfg.logging_steps}
+    problems += [f"{k} must be > 0, got {v}" for k, v in positive.items() if not v > 0]
+    if cfg.stage < 1:
+        problems.append(f"stage must be >= 1, got {cfg.stage}")
+    if cfg.max_steps == 0 or cfg.max_steps < -1:
+        problems.append(f"max_steps must be > 0, or -1 to run `epochs`; got {cfg.max_steps}")
+    if cfg.max_steps == -1 and not cfg.epochs > 0:
+        problems.append(f"epochs must be > 0 when max_steps is -1, got {cfg.epochs}")
+    if not 0 <= cfg.warmup_ratio < 1:
+        problems.append(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if not 0 <= cfg.lora.dropout < 1:
+        problems.append(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
+    if not cfg.lora.target_modules:
+        problems.append("lora.target_modules must name at least one module")
+    for key in ("eval_steps", "save_steps", "dataloader_num_workers"):
+        if getattr(cfg, key) < 0:
+            problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.min_pixels > cfg.max_pixels:
+        problems.append(f"min_pixels ({cfg.min_pixels}) must not exceed max_pixels ({cfg.max_pixels})")
+    for key in ("train_file", "eval_file"):
+        value = getattr(cfg, key)
+        if value is not None and not Path(value).is_file():
+            problems.append(f"{key}: file not found: {value}")
+    if cfg.stage >= 2 and not cfg.prev_checkpoint:
+        problems.append(f"stage {cfg.stage} needs prev_checkpoint: the adapter of stage {cfg.stage - 1} to continue")
+    if cfg.stage == 1 and cfg.prev_checkpoint:
+        problems.append("stage 1 makes a new adapter: remove prev_checkpoint, or set stage: 2 to continue it")
+    if cfg.prev_checkpoint:
+        prev = Path(cfg.prev_checkpoint)
+        if not prev.is_dir():
+            problems.append(f"prev_checkpoint: directory not found: {prev}")
+        elif not (prev / ADAPTER_CONFIG).is_file() or not (prev / ADAPTER_WEIGHTS).is_file():
+            problems.append(f"prev_checkpoint: {prev} holds no LoRA adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
+        else:
+            problems += [f"prev_checkpoint: {line}" for line in lora_mismatches(cfg.lora, read_adapter_lora(prev))]
+            nested = [p.parent.name for p in prev.glob(f"*/{ADAPTER_CONFIG}")]
+            if nested:  # peft saves extra adapters in sub-directories named after them
+                problems.append(f"prev_checkpoint: {prev} holds more than one adapter (also: {', '.join(nested)})")
+            if cfg.optimizer_state == "resume" and not (prev / OPTIMIZER_MOMENTS).is_file():
+                problems.append(f"optimizer_state: resume, but {prev} has no {OPTIMIZER_MOMENTS}")
+        if prev.resolve() == Path(cfg.output_dir).resolve():
+            problems.append("output_dir must differ from prev_checkpoint: a stage never overwrites the one it continues")
+    elif cfg.optimizer_state == "resume":
+        problems.append("optimizer_state: resume needs a prev_checkpoint to take the moments from")
+    out = Path(cfg.output_dir)
+    if (out / STAGE_METRICS).is_file() and not cfg.overwrite:
+        problems.append(f"output_dir: {out} already holds a finished stage; choose another or set overwrite: true")
+    if problems:
+        raise ConfigError("config problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data: record -> messages -> token ids + labels; pure functions, tested with the real tokenizer
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """One question. `prompt_messages` end with the user turn; `answer` is the assistant's exact reply text."""
+    id: str
+    type: str
+    image: Optional[str]
+    prompt_messages: list
+    answer: str
+    source: str  # "file:line", for error messages
+
+
+def format_question(question: str, qtype: str, options: Optional[list]) -> str:
+    """The user text: the question, lettered options, and how to answer."""
+    if qtype == "numeric":
+        return f"{question}\nAnswer with a number."
+    lines = [question] + [f"{OPTION_LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
+    if qtype == "single_choice":
+        return "\n".join(lines) + "\nAnswer with the option's letter."
+    return "\n".join(lines) + "\nAnswer with the letters of all correct options, separated by commas."
+
+
+def format_answer(answer: Any, qtype: str) -> str:
+    """The assistant's target text: `B`, `3`, `A, C`."""
+    if qtype == "multi_label":
+        return ", ".join(sorted(answer))
+    return str(answer).strip()
+
+
+def _vqa_record(obj: dict, base_dir: Path, source: str) -> tuple[str, Optional[str], str, str]:
+    """Check a VQA record's fields; return (type, image path, user text, answer text)."""
+    missing = [k for k in ("id", "question", "type", "answer") if k not in obj]
+    if missing:
+        raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
+    qtype, options, answer = obj["type"], obj.get("options"), obj["answer"]
+    if qtype not in QUESTION_TYPES:
+        raise ConfigError(f"{source}: unknown question type {qtype!r}; expected one of {', '.join(QUESTION_TYPES)}")
+    if qtype != "numeric":
+        if not isinstance(options, list) or not 2 <= len(options) <= len(OPTION_LETTERS):
+            raise ConfigError(f"{source}: a {qtype} question needs a list of 2 to 26 options")
+        letters = OPTION_LETTERS[:len(options)]
+        given = answer if qtype == "multi_label" else [answer]
+        if not isinstance(given, list) or not given or any(a not in letters for a in given):
+            raise ConfigError(f"{source}: answer {answer!r} is not among the options' letters {', '.join(letters)}")
+    elif isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
+        raise ConfigError(f"{source}: a numeric answer must be a number, got {answer!r}")
+    image = str(base_dir / obj["image"]) if obj.get("image") else None
+    return qtype, image, format_question(obj["question"], qtype, options), format_answer(answer, qtype)
+
+
+def _chat_record(obj: dict, base_dir: Path, source: str) -> tuple[Optional[str], list, str]:
+    """The chat format other tools write: {"messages": [...], "images": [...]}, `<image>` in the user text."""
+    messages, images = obj["messages"], obj.get("images") or []
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ConfigError(f"{source}: the last message must be the assistant's answer")
+    if len(images) > 1:
+        raise ConfigError(f"{source}: one image per record is supported, got {len(images)}")
+    prompt = []
+    for msg in messages[:-1]:
+        text = msg.get("content", "")
+        if not isinstance(text, str):
+            raise ConfigError(f"{source}: message content must be a string in the chat format")
+        if "<image>" in text:
+            before, _, after = text.partition("<image>")
+            content = [c for c in ({"type": "text", "text": before} if before else None, {"type": "image"},
+                                   {"type": "text", "text": after} if after else None) if c]
+            prompt.append({"role": msg["role"], "content": content})
+        else:
+            prompt.append({"role": msg["role"], "content": [{"type": "text", "text": text}]})
+    image = str(base_dir / images[0]) if images else None
+    return image, prompt, str(messages[-1]["content"]).strip()
+
+
+def load_records(path: str | os.PathLike, system_prompt: Optional[str] = None) -> list[Record]:
+    """Parse a JSONL split into Records; any problem names the file and line."""
+    path = Path(path)
+    base_dir, records = path.parent, []
+    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        source = f"{path}:{line_no}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{source}: not valid JSON ({err.msg})") from None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
+        if "messages" in obj:
+            image, prompt, answer = _chat_record(obj, base_dir, source)
+            records.append(Record(str(obj.get("id", line_no)), "chat", image, prompt, answer, source))
+            continue
+        qtype, image, text, answer = _vqa_record(obj, base_dir, source)
+        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+        prompt = ([{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt
+                  else []) + [{"role": "user", "content": content}]
+        records.append(Record(str(obj["id"]), qtype, image, prompt, answer, source))
+    if not records:
+        raise ConfigError(f"{path}: no records")
+    return records
+
+
+def with_image_settings(messages: list, image_path: Optional[str], min_pixels: int, max_pixels: int) -> list:
+    """Messages with the image path and the pixel budget inside the image item, as qwen_vl_utils reads them."""
+    out = []
+    for msg in messages:
+        content = [dict(c, image=image_path, min_pixels=min_pixels, max_pixels=max_pixels)
+                   if c.get("type") == "image" else c for c in msg["content"]]
+        out.append({"role": msg["role"], "content": content})
+    return out
+
+
+def mask_prompt_tokens(input_ids: list[int], prompt_len: int) -> list[int]:
+    """Labels: the prompt (system, user turn, image tokens, `<|im_start|>assistant\\n`) masked to -100.
+
+    The boundary is the prompt's length in tokens, measured on the rendered template itself; searching
+    for the "assistant" token instead leaks prompt text whenever a question contains that word.
+    """
+    if not 0 < prompt_len < len(input_ids):
+        raise ValueError(f"prompt of {prompt_len} tokens leaves no answer in a sample of {len(input_ids)}")
+    return [IGNORE_INDEX] * prompt_len + list(input_ids[prompt_len:])
+
+
+def answer_token_ids(tokenizer, answer: str) -> list[int]:
+    """The assistant's reply as trained: the answer text and `<|im_end|>` (the stop token)."""
+    return tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+
+
+def image_token_count(width: int, height: int, min_pixels: int, max_pixels: int) -> int:
+    """Image tokens for an image of this size: one per 32x32 pixels after Qwen's resize (patch 16, merge 2)."""
+    from qwen_vl_utils import smart_resize
+
+    h, w = smart_resize(height, width, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // 32) * (w // 32)
+
+
+def sample_lengths(records: list[Record], processor, cfg: StageConfig) -> list[int]:
+    """Each record's length in tokens, image tokens included, without decoding any image (headers only)."""
+    from PIL import Image
+
+    lengths = []
+    for rec in records:
+        text = processor.apply_chat_template(rec.prompt_messages, add_generation_prompt=True, tokenize=False)
+        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        n += len(answer_token_ids(processor.tokenizer, rec.answer))
+        if rec.image:
+            try:
+                with Image.open(rec.image) as img:
+                    n += image_token_count(*img.size, cfg.min_pixels, cfg.max_pixels) - 1
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"{rec.source}: cannot read image {rec.image}: {err}") from None
+        lengths.append(n)
+    return lengths
+
+
+def drop_overlong(records: list[Record], lengths: list[int], cfg: StageConfig, split: str) -> list[Record]:
+    """Never truncate through image tokens: an over-long sample is an error naming it, or skipped if configured."""
+    too_long = [(r, n) for r, n in zip(records, lengths) if n > cfg.max_seq_len]
+    if too_long and cfg.on_overlong == "error":
+        first, n = too_long[0]
+        raise ConfigError(f"{first.source}: record {first.id!r} is {n} tokens, over max_seq_len={cfg.max_seq_len} "
+                          f"({len(too_long)} such in {split}); raise max_seq_len, lower max_pixels, or set "
+                          "on_overlong: skip")
+    if too_long:
+        print(f"Skipped {len(too_long)} {split} samples over max_seq_len={cfg.max_seq_len}: "
+              + ", ".join(r.id for r, _ in too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
+    keep = {id(r) for r, n in zip(records, lengths) if n <= cfg.max_seq_len}
+    return [r for r in records if id(r) in keep]
+
+
+def encode_example(processor, rec: Record, min_pixels: int, max_pixels: int) -> dict:
+    """One record -> model inputs: ids, labels (answer only), attention mask, mm_token_type_ids, pixels."""
+    import torch
+    from qwen_vl_utils import process_vision_info
+
+    messages = with_image_settings(rec.prompt_messages, rec.image, min_pixels, max_pixels)
+    prompt_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    images = process_vision_info(messages, image_patch_size=16)[0] if rec.image else None
+    enc = processor(text=[prompt_text], images=images, return_tensors="pt")
+    prompt_ids = enc["input_ids"][0].tolist()
+    input_ids = prompt_ids + answer_token_ids(processor.tokenizer, rec.answer)
+    example = {
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(mask_prompt_tokens(input_ids, len(prompt_ids))),
+        # 1 at image-token positions: Qwen3-VL's forward needs it whenever pixel values are passed.
+        "mm_token_type_ids": torch.tensor([int(t == processor.image_token_id) for t in input_ids]),
+    }
+    if images:
+        example["pixel_values"] = enc["pixel_values"]
+        example["image_grid_thw"] = enc["image_grid_thw"]
+    return example
+
+
+class VQADataset:
+    """Records encoded on demand (in the dataloader's workers), so images are decoded in parallel with training."""
+
+    def __init__(self, records: list[Record], processor, cfg: StageConfig):
+        self.records, self.processor = records, processor
+        self.min_pixels, self.max_pixels = cfg.min_pixels, cfg.max_pixels
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict:
+        return encode_example(self.processor, self.records[i], self.min_pixels, self.max_pixels)
+
+
+def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
+    """Right-pad to the longest sample: ids with pad, labels with -100, masks with 0; concatenate image patches."""
+    import torch
+
+    longest = max(len(e["input_ids"]) for e in examples)
+
+    def pad(key: str, value: int) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.pad(e[key], (0, longest - len(e[key])), value=value)
+                            for e in examples])
+
+    batch = {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", IGNORE_INDEX),
+             "mm_token_type_ids": pad("mm_token_type_ids", 0),
+             "attention_mask": torch.stack([torch.nn.functional.pad(torch.ones(len(e["input_ids"]), dtype=torch.long),
+                                                                    (0, longest - len(e["input_ids"])))
+                                            for e in examples])}
+    with_images = [e for e in examples if "pixel_values" in e]
+    if with_images:
+        batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
+        batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+    return batch
+
+
+def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset:
+    records = load_records(path, cfg.system_prompt)
+    records = drop_overlong(records, sample_lengths(records, processor, cfg), cfg, split)
+    if not records:
+        raise ConfigError(f"{path}: every sample is over max_seq_len={cfg.max_seq_len}")
+    counts = {t: sum(r.type == t for r in records) for t in sorted({r.type for r in records})}
+    print(f"Loaded {split}: {len(records)} samples from {path} "
+          f"({', '.join(f'{n} {t}' for t, n in counts.items())})")
+    return VQADataset(records, processor, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model: 4-bit base once, k-bit preparation once, then a new adapter (stage 1) or the previous one, trainable
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`tiny-qwen3vl` -> the local tiny model (built on first use); anything else is returned as given."""
+    if name_or_path != TINY_MODEL_NAME:
+        return name_or_path
+    if not (TINY_MODEL_DIR / "config.json").is_file():
+        from tiny_qwen3vl import build_random_qwen3vl
+
+        print(f"Building the tiny random Qwen3-VL at {TINY_MODEL_DIR} (first use, a few seconds)")
+        build_random_qwen3vl(TINY_MODEL_DIR, shape="tiny", seed=0)
+    return str(TINY_MODEL_DIR)
+
+
+def load_processor(model_path: str, cfg: StageConfig):
+    """The Qwen3-VL processor with the config's pixel budget set on the image processor itself.
+
+    Passing `max_pixels=` to the processor call is silently ignored by some transformers versions; the
+    image processor's `size` (shortest_edge = min pixels, longest_edge = max pixels) is always honoured.
+    """
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+    return processor
+
+
+def bnb_config(q: QuantizationSettings):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+
+
+def training_device() -> Any:
+    """This process's device: its own GPU under `accelerate launch` (LOCAL_RANK), else GPU 0, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return int(os.environ.get("LOCAL_RANK", 0))
+    return "cpu"
+
+
+def load_quantized_base(model_path: str, cfg: StageConfig):
+    """The frozen base in 4 bit, prepared for k-bit training exactly once (this is the only call site)."""
+    import torch
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForImageTextToText
+
+    t0 = time.time()
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_path, quantization_config=bnb_config(cfg.quantization),
+        dtype=getattr(torch, cfg.quantization.compute_dtype), device_map={"": training_device()})
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    print(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
+          f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype})")
+    return model
+
+
+def new_adapter(model, lora: LoraSettings):
+    """Stage 1: a fresh LoRA adapter (B = 0, so the model starts exactly as the base)."""
+    from peft import LoraConfig, get_peft_model
+
+    print("Creating a new LoRA adapter (stage 1)")
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+
+
+def continue_adapter(model, prev_checkpoint: str):
+    """Stage >= 2: reopen the previous stage's adapter *for training*. No merge, no second k-bit preparation,
+    no second adapter: the weights that train now are the very ones the previous stage saved."""
+    from peft import PeftModel
+
+    print("*** CURRICULUM LEARNING MODE ***")
+    print(f"Continuing training from previous checkpoint: {prev_checkpoint}")
+    print("Loading existing LoRA adapter (will continue training the same adapter)...")
+    model = PeftModel.from_pretrained(model, prev_checkpoint, is_trainable=True)
+    print("✓ Loaded previous adapter - continuing training on the same adapter")
+    return model
+
+
+def expected_lora_param_count(model, lora: LoraSettings) -> int:
+    """r x (in + out) for every module the config targets, from the model's own module shapes."""
+    targets = set(lora.target_modules)
+    total = 0
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features") and hasattr(module, "out_features"):
+            total += lora.r * (module.in_features + module.out_features)
+    return total
+
+
+def check_adapter_trainable(model, lora: LoraSettings) -> int:
+    """Prove before the first step that exactly one adapter trains: only LoRA weights require grad, and
+    their count is the one the module shapes and LoRA config imply (0 means a frozen reload, 2x a second
+    adapter). Raises on any mismatch; returns the trainable count."""
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    not_lora = [n for n in trainable if "lora_" not in n]
+    if not_lora:
+        raise RuntimeError(f"{len(not_lora)} non-LoRA parameters require grad, e.g. {not_lora[:3]}")
+    adapters = list(getattr(model, "peft_config", {}))
+    if adapters != ["default"]:
+        raise RuntimeError(f"expected exactly one adapter named 'default', found {adapters}")
+    count, expected = sum(trainable.values()), expected_lora_param_count(model, lora)
+    if count != expected:
+        raise RuntimeError(f"{count:,} trainable parameters, but the LoRA config on this model's shapes implies "
+                           f"{expected:,}: the adapter is frozen or duplicated")
+    return count
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Lineage and optimizer moments: what a later stage and the verifier check
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def adapter_tensors_sha256(tensors: dict) -> str:
+    """A hash of adapter weights by name and float32 value: equal for a file and the model it was loaded into."""
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def loaded_adapter_sha256(model) -> str:
+    from peft import get_peft_model_state_dict
+
+    return adapter_tensors_sha256(get_peft_model_state_dict(model))
+
+
+def file_adapter_sha256(adapter_dir: str | os.PathLike) -> str:
+    from safetensors.torch import load_file
+
+    return adapter_tensors_sha256(load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS)))
+
+
+def unwrap_optimizer(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+
+
+def save_optimizer_moments(model, optimizer, path: Path) -> None:
+    """AdamW's moments per LoRA parameter, by parameter name, in safetensors (no pickle)."""
+    from safetensors.torch import save_file
+
+    state = unwrap_optimizer(optimizer).state
+    tensors = {}
+    for name, param in model.named_parameters():
+        for key, value in state.get(param, {}).items():
+            tensors[f"{name}::{key}"] = value.detach().to("cpu").reshape(value.shape).contiguous()
+    save_file(tensors, str(path))
+
+
+def load_optimizer_moments(model, optimizer, path: Path) -> int:
+    """Put the previous stage's moments into a fresh optimizer; the schedule and step counter stay new."""
+    from safetensors.torch import load_file
+
+    saved, opt = load_file(str(path)), unwrap_optimizer(optimizer)
+    loaded = 0
+    for name, param in model.named_parameters():
+        keys = {k.split("::", 1)[1]: v for k, v in saved.items() if k.split("::", 1)[0] == name}
+        if param.requires_grad and keys:
+            opt.state[param] = {k: (v if k == "step" else v.to(param.device)) for k, v in keys.items()}
+            loaded += 1
+    if loaded != sum(p.requires_grad for p in model.parameters()):
+        raise RuntimeError(f"{path}: moments for {loaded} of the trainable parameters; names do not match")
+    return loaded
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Train, evaluate, save
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def planned_steps(n_train: int, cfg: StageConfig, world_size: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_train / (cfg.batch_size * world_size)) // cfg.grad_accum or 1
+    return math.ceil(per_epoch * cfg.epochs)
+
+
+def make_log_callbacks():
+    """One fixed-format, greppable line per logging interval: `step N/M | loss | lr | dt | mem`."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ProgressCallback
+
+    class StepLog(TrainerCallback):
+        def __init__(self):
+            self.t_last, self.step_last = time.time(), 0
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "loss" not in logs:
+                return
+            now = time.time()
+            dt = (now - self.t_last) / max(state.global_step - self.step_last, 1)
+            self.t_last, self.step_last = now, state.global_step
+            mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else "cpu"
+            tqdm.write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
+                  f"lr {logs.get('learning_rate', 0):.2e} | dt {dt:.2f}s/step | mem {mem}")
+
+    class ProgressBarOnly(ProgressCallback):
+        """The Trainer's progress bar, without its dict of numbers at every log (StepLog prints those)."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    return StepLog(), ProgressBarOnly()
+
+
+def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_dir: Path):
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_callback import ProgressCallback
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    total = planned_steps(len(train_ds), cfg, world)
+    on_gpu = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(work_dir), max_steps=total, num_train_epochs=cfg.epochs,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=math.ceil(cfg.warmup_ratio * total),
+        max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
+        eval_strategy="steps" if cfg.eval_steps and eval_ds is not None else "no", eval_steps=cfg.eval_steps or None,
+        save_strategy="steps" if cfg.save_steps else "no", save_steps=cfg.save_steps or 500,
+        bf16=on_gpu and cfg.quantization.compute_dtype == "bfloat16",
+        fp16=on_gpu and cfg.quantization.compute_dtype == "float16",
+        use_cpu=not on_gpu, remove_unused_columns=False, label_names=["labels"], report_to="none",
+        dataloader_num_workers=cfg.dataloader_num_workers, dataloader_pin_memory=on_gpu,
+        gradient_checkpointing=False,  # already set up, once, by prepare_model_for_kbit_training
+        ddp_find_unused_parameters=False, disable_tqdm=False,
+    )
+    pad_id = processor.tokenizer.pad_token_id
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      data_collator=lambda examples: collate_batch(examples, pad_id), processing_class=processor)
+    trainer.remove_callback(ProgressCallback)
+    for callback in make_log_callbacks():
+        trainer.add_callback(callback)
+    return trainer
+
+
+def eval_loss(trainer, dataset, prefix: str) -> Optional[float]:
+    if dataset is None:
+        return None
+    return trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)[f"{prefix}_loss"]
+
+
+def previous_stage_metrics(prev_checkpoint: Optional[str]) -> Optional[dict]:
+    if not prev_checkpoint or not (Path(prev_checkpoint) / STAGE_METRICS).is_file():
+        return None
+    return json.loads((Path(prev_checkpoint) / STAGE_METRICS).read_text())
+
+
+def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, staging: Path) -> Path:
+    """Write the stage atomically: adapter (safetensors only), processor, resolved config, metrics and
+    optimizer moments go to `<output_dir>.saving`, which is renamed into place only when complete."""
+    out = Path(cfg.output_dir)
+    trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors + processor files
+    if not trainer.is_world_process_zero():
+        return out
+    (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml says it all
+    save_optimizer_moments(model, trainer.optimizer, staging / OPTIMIZER_MOMENTS)
+    metrics["saved_adapter_file_sha256"] = sha256_file(staging / ADAPTER_WEIGHTS)
+    metrics["saved_adapter_tensors_sha256"] = file_adapter_sha256(staging)
+    (staging / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))
+    if out.exists():  # only reachable with overwrite: true (validate_config refuses otherwise)
+        shutil.rmtree(out)
+    os.replace(staging, out)
+    return out
+
+
+def train_stage(cfg: StageConfig) -> dict:
+    """Load, prove the adapter is the one to train, measure, train, measure, save. Returns stage_metrics."""
+    import torch
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    model_path = resolve_model_path(cfg.model_name_or_path)
+    processor = load_processor(model_path, cfg)
+    train_ds = load_split(cfg.train_file, processor, cfg, "train")
+    eval_ds = load_split(cfg.eval_file, processor, cfg, "eval") if cfg.eval_file else None
+    prev_metrics = previous_stage_metrics(cfg.prev_checkpoint)
+    # first_eval_loss is measured on the split the previous stage ended on, so the two numbers compare.
+    prev_eval_file = (prev_metrics or {}).get("final_eval_file")
+    if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).is_file():
+        continuity_ds = load_split(prev_eval_file, processor, cfg, "previous stage's eval")
+    else:
+        continuity_ds = eval_ds
+        if cfg.prev_checkpoint:
+            print(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
+
+    model = load_quantized_base(model_path, cfg)
+    start_file_sha = start_tensor_sha = None
+    if cfg.prev_checkpoint:
+        model = continue_adapter(model, cfg.prev_checkpoint)
+        start_file_sha = sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS)
+        start_tensor_sha = loaded_adapter_sha256(model)
+        if start_tensor_sha != file_adapter_sha256(cfg.prev_checkpoint):
+            raise RuntimeError(f"the adapter weights in memory differ from {cfg.prev_checkpoint}/{ADAPTER_WEIGHTS}")
+    else:
+        model = new_adapter(model, cfg.lora)
+    trainable = check_adapter_trainable(model, cfg.lora)
+    if cfg.prev_checkpoint:
+        print("✓ Adapter is trainable and ready for continued training")
+    model.print_trainable_parameters()
+    print(f"Trainable parameters: {trainable:,} (LoRA only; equals r x (in + out) over the targeted modules)")
+
+    work_dir = Path(f"{cfg.output_dir}.partial")  # intermediate checkpoints; removed once the stage is saved
+    trainer = build_trainer(model, processor, train_ds, eval_ds, cfg, work_dir)
+    if cfg.optimizer_state == "resume":
+        trainer.create_optimizer()
+        n = load_optimizer_moments(model, trainer.optimizer, Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS)
+        print(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
+
+    first_eval = eval_loss(trainer, continuity_ds, "first_eval")
+    first_own = eval_loss(trainer, eval_ds, "first_own_eval") if continuity_ds is not eval_ds else first_eval
+    print(f"first_eval_loss {first_eval} (before the first step; previous stage ended at "
+          f"{(prev_metrics or {}).get('final_eval_loss')})")
+    if cfg.prev_checkpoint:
+        print(f"Stage {cfg.stage}: starting from the adapter saved by stage {(prev_metrics or {}).get('stage', '?')}")
+    t0 = time.time()
+    result = trainer.train()
+    train_seconds = time.time() - t0
+    final_eval = eval_loss(trainer, eval_ds, "final_eval")
+    print(f"final_eval_loss {final_eval}")
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    metrics = {
+        "stage": cfg.stage,
+        "model_name_or_path": cfg.model_name_or_path,
+        "prev_checkpoint": str(Path(cfg.prev_checkpoint).resolve()) if cfg.prev_checkpoint else None,
+        "trainable_params": trainable,
+        "lora": dataclasses.asdict(cfg.lora),
+        "quantization": dataclasses.asdict(cfg.quantization),
+        "first_eval_loss": first_eval,
+        "first_eval_file": str(Path(prev_eval_file if continuity_ds is not eval_ds else cfg.eval_file).resolve())
+        if continuity_ds is not None else None,
+        "first_eval_loss_own_split": first_own,
+        "previous_final_eval_loss": (prev_metrics or {}).get("final_eval_loss"),
+        "final_eval_loss": final_eval,
+        "final_eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
+        "train_loss_history": [{"step": e["step"], "loss": e["loss"]}
+                               for e in trainer.state.log_history if "loss" in e],
+        "eval_loss_history": [{"step": e["step"], "loss": e["eval_loss"]}
+                              for e in trainer.state.log_history if "eval_loss" in e],
+        "train_loss": result.training_loss,
+        "global_steps": trainer.state.global_step,
+        "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
+        "num_processes": world,
+        "train_samples": len(train_ds),
+        "train_seconds": round(train_seconds, 2),
+        "samples_per_second": round(trainer.state.global_step * cfg.batch_size * cfg.grad_accum * world
+                                    / max(train_seconds, 1e-9), 3),
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
+        else None,
+        "start_adapter_file_sha256": start_file_sha,
+        "start_adapter_tensors_sha256": start_tensor_sha,
+        "optimizer_state": cfg.optimizer_state,
+    }
+    out = save_stage(trainer, model, processor, cfg, metrics, Path(f"{cfg.output_dir}.saving"))
+    if trainer.is_world_process_zero():
+        shutil.rmtree(work_dir, ignore_errors=True)
+        print(f"Saved stage {cfg.stage} to {out} (adapter sha256 {metrics['saved_adapter_file_sha256'][:16]}...)")
+    return metrics
+
+
+def check_data(cfg: StageConfig) -> None:
+    """`--check`: validate config and every split (records, images, lengths) without loading the model."""
+    processor = load_processor(resolve_model_path(cfg.model_name_or_path), cfg)
+    for split, path in (("train", cfg.train_file), ("eval", cfg.eval_file)):
+        if path:
+            load_split(path, processor, cfg, split)
+    print("Check passed: config and data are valid (no model loaded, nothing trained)")
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
+    """`CONFIG.yaml [--set key=value ...] [--check]`; any other flag is an error."""
+    config, overrides, check, i = None, [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--set" and i + 1 < len(argv):
+            overrides.append(argv[i + 1])
+            i += 1
+        elif arg.startswith("--set="):
+            overrides.append(arg[len("--set="):])
+        elif arg == "--check":
+            check = True
+        elif arg in ("-h", "--help"):
+            print(__doc__)
+            raise SystemExit(0)
+        elif arg.startswith("-") or config is not None:
+            raise ConfigError(f"unexpected argument {arg!r}; usage: train_qlora_qwen3vl.py CONFIG.yaml "
+                              "[--set key=value ...] [--check]")
+        else:
+            config = arg
+        i += 1
+    if config is None:
+        raise ConfigError("usage: train_qlora_qwen3vl.py CONFIG.yaml [--set key=value ...] [--check]")
+    return config, overrides, check
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        config_path, overrides, check = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = load_config(config_path, overrides)
+        validate_config(cfg)
+        print("Resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False), flush=True)
+        if check:
+            check_data(cfg)
+        else:
+            train_stage(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
