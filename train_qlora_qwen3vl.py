@@ -54,6 +54,10 @@ class ConfigError(ValueError):
     """A problem the user fixes in the YAML, the command line or the data; printed without a traceback."""
 
 
+class CurriculumError(RuntimeError):
+    """The adapter about to train is not the one it must be (frozen, duplicated, fresh, altered); exit 1."""
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Config: typed dataclasses from YAML; unknown keys rejected with the closest valid key
 # ---------------------------------------------------------------------------------------------------------------------
@@ -171,6 +175,11 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         return list(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string; accept what is plainly a number
+            return float(value)
+        except ValueError:
+            pass
     if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
         raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -303,7 +312,8 @@ def validate_config(cfg: StageConfig) -> None:
             if cfg.optimizer_state == "resume" and not (prev / OPTIMIZER_MOMENTS).is_file():
                 problems.append(f"optimizer_state: resume, but {prev} has no {OPTIMIZER_MOMENTS}")
         if prev.resolve() == Path(cfg.output_dir).resolve():
-            problems.append("output_dir must differ from prev_checkpoint: a stage never overwrites the one it continues")
+            problems.append("output_dir must differ from prev_checkpoint: a stage never overwrites the one it "
+                            "continues")
     elif cfg.optimizer_state == "resume":
         problems.append("optimizer_state: resume needs a prev_checkpoint to take the moments from")
     out = Path(cfg.output_dir)
@@ -661,13 +671,13 @@ def check_adapter_trainable(model, lora: LoraSettings) -> int:
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
     not_lora = [n for n in trainable if "lora_" not in n]
     if not_lora:
-        raise RuntimeError(f"{len(not_lora)} non-LoRA parameters require grad, e.g. {not_lora[:3]}")
+        raise CurriculumError(f"{len(not_lora)} non-LoRA parameters require grad, e.g. {not_lora[:3]}")
     adapters = list(getattr(model, "peft_config", {}))
     if adapters != ["default"]:
-        raise RuntimeError(f"expected exactly one adapter named 'default', found {adapters}")
+        raise CurriculumError(f"expected exactly one adapter named 'default', found {adapters}")
     count, expected = sum(trainable.values()), expected_lora_param_count(model, lora)
     if count != expected:
-        raise RuntimeError(f"{count:,} trainable parameters, but the LoRA config on this model's shapes implies "
+        raise CurriculumError(f"{count:,} trainable parameters, but the LoRA config on this model's shapes implies "
                            f"{expected:,}: the adapter is frozen or duplicated")
     return count
 
@@ -700,6 +710,15 @@ def loaded_adapter_sha256(model) -> str:
     from peft import get_peft_model_state_dict
 
     return adapter_tensors_sha256(get_peft_model_state_dict(model))
+
+
+def check_loaded_adapter_matches(model, prev_checkpoint: str) -> str:
+    """The LoRA weights now in the model are exactly those the previous stage saved; returns their hash."""
+    loaded = loaded_adapter_sha256(model)
+    if loaded != file_adapter_sha256(prev_checkpoint):
+        raise CurriculumError(f"the adapter weights in memory differ from {prev_checkpoint}/{ADAPTER_WEIGHTS}: "
+                              "this is not the adapter the previous stage saved")
+    return loaded
 
 
 def file_adapter_sha256(adapter_dir: str | os.PathLike) -> str:
@@ -736,7 +755,7 @@ def load_optimizer_moments(model, optimizer, path: Path) -> int:
             opt.state[param] = {k: (v if k == "step" else v.to(param.device)) for k, v in keys.items()}
             loaded += 1
     if loaded != sum(p.requires_grad for p in model.parameters()):
-        raise RuntimeError(f"{path}: moments for {loaded} of the trainable parameters; names do not match")
+        raise CurriculumError(f"{path}: moments for {loaded} of the trainable parameters; names do not match")
     return loaded
 
 
@@ -870,9 +889,7 @@ def train_stage(cfg: StageConfig) -> dict:
     if cfg.prev_checkpoint:
         model = continue_adapter(model, cfg.prev_checkpoint)
         start_file_sha = sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS)
-        start_tensor_sha = loaded_adapter_sha256(model)
-        if start_tensor_sha != file_adapter_sha256(cfg.prev_checkpoint):
-            raise RuntimeError(f"the adapter weights in memory differ from {cfg.prev_checkpoint}/{ADAPTER_WEIGHTS}")
+        start_tensor_sha = check_loaded_adapter_matches(model, cfg.prev_checkpoint)
     else:
         model = new_adapter(model, cfg.lora)
     trainable = check_adapter_trainable(model, cfg.lora)
@@ -988,6 +1005,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except CurriculumError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,181 @@
+"""Config loading and validation: no model, no GPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import train_qlora_qwen3vl as tq
+from conftest import REPO
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+MINIMAL = "output_dir: {out}\ntrain_file: {train}\n"
+
+
+@pytest.fixture
+def minimal(tmp_path):
+    return MINIMAL.format(out=tmp_path / "out", train=REPO / "data/stage1/train.jsonl")
+
+
+@pytest.mark.parametrize("path", sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")))
+def test_every_shipped_config_loads(path):
+    cfg = tq.load_config(REPO / path)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert cfg.quantization.quant_type == "nf4"
+    assert (cfg.stage == 1) == (cfg.prev_checkpoint is None)
+
+
+def test_exp4_learning_rates_fall_by_stage():
+    lrs = [tq.load_config(REPO / f"configs/exp4_stage{s}.yaml").lr for s in (1, 2, 3)]
+    assert lrs == [5e-5, 3.5e-5, 2.5e-5]
+
+
+def test_defaults(tmp_path, minimal):
+    cfg = tq.load_config(write(tmp_path, minimal))
+    assert cfg.model_name_or_path == "Qwen/Qwen3-VL-8B-Instruct"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (4, 8, 0.05)
+    assert cfg.quantization.double_quant and cfg.quantization.compute_dtype == "bfloat16"
+    assert cfg.optimizer_state == "fresh"
+
+
+def test_unknown_key_names_the_closest(tmp_path, minimal):
+    with pytest.raises(tq.ConfigError, match=r"unknown key 'eval_step' \(did you mean 'eval_steps'\?\)"):
+        tq.load_config(write(tmp_path, minimal + "eval_step: 1\n"))
+    with pytest.raises(tq.ConfigError, match=r"unknown key 'lora.rank' \(valid keys: r, alpha, dropout"):
+        tq.load_config(write(tmp_path, minimal + "lora:\n  rank: 8\n"))
+    with pytest.raises(tq.ConfigError, match=r"unknown key 'lora.alhpa' \(did you mean 'alpha'\?\)"):
+        tq.load_config(write(tmp_path, minimal + "lora:\n  alhpa: 8\n"))
+    with pytest.raises(tq.ConfigError, match=r"unknown key 'max_pixel' \(did you mean 'max_pixels'\?\)"):
+        tq.load_config(write(tmp_path, minimal + "max_pixel: 100\n"))
+
+
+def test_wrong_types_are_named(tmp_path, minimal):
+    with pytest.raises(tq.ConfigError) as err:
+        tq.load_config(write(tmp_path, minimal + "lr: fast\nbatch_size: 2.5\nquantization:\n  quant_type: int8\n"))
+    text = str(err.value)
+    assert "lr: expected float, got str 'fast'" in text
+    assert "batch_size: expected int" in text
+    assert "quantization.quant_type: 'int8' is not one of 'nf4', 'fp4'" in text
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(tq.ConfigError, match="missing required key 'train_file'"):
+        tq.load_config(write(tmp_path, "output_dir: x\n"))
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path, minimal):
+    path = write(tmp_path, minimal + "lora:\n  r: 4\n bad_indent: [\n")
+    with pytest.raises(tq.ConfigError, match=rf"{path}:\d+:\d+: YAML syntax error"):
+        tq.load_config(path)
+
+
+def test_yaml_is_loaded_safely(tmp_path, minimal):
+    path = write(tmp_path, minimal + "lr: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(tq.ConfigError, match="YAML syntax error"):
+        tq.load_config(path)
+
+
+def test_overrides_apply_typed_values(tmp_path, minimal):
+    assert tq.load_config(write(tmp_path, minimal + "lr: 2e-5\n")).lr == 2e-5  # YAML 1.1 reads 2e-5 as a string
+    cfg = tq.load_config(write(tmp_path, minimal), ["lr=1e-4", "lora.r=8", "eval_file=null", "stage=2"])
+    assert cfg.lr == 1e-4 and isinstance(cfg.lr, float)
+    assert cfg.lora.r == 8 and cfg.lora.alpha == 8
+    assert cfg.eval_file is None and cfg.stage == 2
+    with pytest.raises(tq.ConfigError, match="unknown key 'lora.rr'"):
+        tq.load_config(write(tmp_path, minimal), ["lora.rr=8"])
+    with pytest.raises(tq.ConfigError, match="expected KEY=VALUE"):
+        tq.apply_overrides({}, ["lr"])
+
+
+def test_parse_args_rejects_other_flags():
+    assert tq.parse_args(["c.yaml", "--set", "lr=1", "--set=lora.r=2", "--check"]) == ("c.yaml", ["lr=1", "lora.r=2"],
+                                                                                        True)
+    with pytest.raises(tq.ConfigError, match="unexpected argument '--lr'"):
+        tq.parse_args(["c.yaml", "--lr", "1"])
+    with pytest.raises(tq.ConfigError, match="usage"):
+        tq.parse_args([])
+
+
+def test_validate_reports_every_problem_at_once(tmp_path):
+    cfg = tq.load_config(write(tmp_path, "output_dir: o\ntrain_file: missing.jsonl\nlr: 0\nlora:\n  r: 0\n"
+                                         "stage: 2\nmin_pixels: 10\nmax_pixels: 5\n"))
+    with pytest.raises(tq.ConfigError) as err:
+        tq.validate_config(cfg)
+    text = str(err.value)
+    for expected in ("lr must be > 0", "lora.r must be > 0", "train_file: file not found: missing.jsonl",
+                     "stage 2 needs prev_checkpoint", "min_pixels (10) must not exceed max_pixels (5)"):
+        assert expected in text
+
+
+def fake_adapter(path: Path, r=4, alpha=8, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / tq.ADAPTER_CONFIG).write_text(json.dumps({"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                                                      "target_modules": list(targets)}))
+    (path / tq.ADAPTER_WEIGHTS).write_bytes(b"")
+    return path
+
+
+def stage2_config(tmp_path, prev: Path, extra: str = "") -> tq.StageConfig:
+    text = MINIMAL.format(out=tmp_path / "stage2", train=REPO / "data/stage2/train.jsonl")
+    return tq.load_config(write(tmp_path, text + f"stage: 2\nprev_checkpoint: {prev}\n" + extra))
+
+
+def test_prev_checkpoint_with_other_lora_config_is_refused(tmp_path):
+    prev = fake_adapter(tmp_path / "stage1", r=8, targets=("q_proj", "v_proj"))
+    with pytest.raises(tq.ConfigError) as err:
+        tq.validate_config(stage2_config(tmp_path, prev))
+    assert "lora.r: the YAML says 4, the saved adapter has 8" in str(err.value)
+    assert "lora.target_modules" in str(err.value)
+
+
+def test_prev_checkpoint_with_matching_config_passes(tmp_path):
+    tq.validate_config(stage2_config(tmp_path, fake_adapter(tmp_path / "stage1")))
+
+
+def test_prev_checkpoint_with_two_adapters_is_refused(tmp_path):
+    prev = fake_adapter(tmp_path / "stage1")
+    fake_adapter(prev / "second")
+    with pytest.raises(tq.ConfigError, match="more than one adapter"):
+        tq.validate_config(stage2_config(tmp_path, prev))
+
+
+def test_prev_checkpoint_problems(tmp_path):
+    with pytest.raises(tq.ConfigError, match="directory not found"):
+        tq.validate_config(stage2_config(tmp_path, tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(tq.ConfigError, match="holds no LoRA adapter"):
+        tq.validate_config(stage2_config(tmp_path, tmp_path / "empty"))
+    same = fake_adapter(tmp_path / "stage2")
+    with pytest.raises(tq.ConfigError, match="output_dir must differ from prev_checkpoint"):
+        tq.validate_config(stage2_config(tmp_path, same))
+    with pytest.raises(tq.ConfigError, match="has no optimizer_moments.safetensors"):
+        tq.validate_config(stage2_config(tmp_path, fake_adapter(tmp_path / "s1"), "optimizer_state: resume\n"))
+
+
+def test_stage1_with_prev_checkpoint_is_refused(tmp_path, minimal):
+    cfg = tq.load_config(write(tmp_path, minimal + f"prev_checkpoint: {fake_adapter(tmp_path / 'a')}\n"))
+    with pytest.raises(tq.ConfigError, match="stage 1 makes a new adapter"):
+        tq.validate_config(cfg)
+
+
+def test_finished_stage_is_not_overwritten(tmp_path, minimal):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / tq.STAGE_METRICS).write_text("{}")
+    cfg = tq.load_config(write(tmp_path, minimal))
+    with pytest.raises(tq.ConfigError, match="already holds a finished stage"):
+        tq.validate_config(cfg)
+    cfg.overwrite = True
+    tq.validate_config(cfg)
+
+
+def test_main_prints_config_errors_without_traceback(tmp_path, minimal, capsys):
+    assert tq.main([str(write(tmp_path, minimal + "lr: -1\n"))]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config problems:") and "lr must be > 0" in err
+    assert "Traceback" not in err

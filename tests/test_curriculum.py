@@ -1,0 +1,179 @@
+"""The curriculum end to end on the tiny Qwen3-VL, on the CPU: stage 1 -> 2 -> 3 through the real CLI.
+
+`assert_continued` is the test of the product's promise. It is run against the healthy curriculum and
+against the broken variants in tests/broken_variants.py (a fresh adapter in stage 2, or the adapter
+reloaded with is_trainable left False), where it must fail.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import train_qlora_qwen3vl as tq
+from conftest import run_script
+
+CONTINUITY_TOLERANCE = 0.10
+STEPS = 15
+
+
+def stage_args(stage: int, root: Path, out: str | None = None, prev: str | None = None, *extra: str) -> list[str]:
+    args = [f"configs/demo/stage{stage}.yaml", "--set", f"output_dir={root / (out or f'stage{stage}')}",
+            "--set", f"max_steps={STEPS}", "--set", "logging_steps=5"]
+    if stage > 1:
+        args += ["--set", f"prev_checkpoint={root / (prev or f'stage{stage - 1}')}"]
+    return args + list(extra)
+
+
+def run_stage(*args: str) -> str:
+    result = run_script("train_qlora_qwen3vl.py", *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def metrics(stage_dir: Path) -> dict:
+    path = stage_dir / tq.STAGE_METRICS
+    assert path.is_file(), f"{stage_dir} holds no finished stage"
+    return json.loads(path.read_text())
+
+
+def assert_continued(prev_dir: Path, stage_dir: Path) -> None:
+    """The stage trained the very adapter that prev_dir saved, and started where prev_dir ended."""
+    prev, cur = metrics(prev_dir), metrics(stage_dir)
+    assert cur["start_adapter_file_sha256"] == prev["saved_adapter_file_sha256"], "lineage: started elsewhere"
+    assert cur["start_adapter_tensors_sha256"] == prev["saved_adapter_tensors_sha256"], "lineage: weights differ"
+    assert cur["saved_adapter_tensors_sha256"] != cur["start_adapter_tensors_sha256"], "the adapter did not train"
+    assert cur["first_eval_file"] == prev["final_eval_file"], "continuity measured on another split"
+    jump = abs(cur["first_eval_loss"] - prev["final_eval_loss"]) / prev["final_eval_loss"]
+    assert jump <= CONTINUITY_TOLERANCE, (f"continuity: stage {cur['stage']} starts at {cur['first_eval_loss']:.4f}, "
+                                          f"previous ended at {prev['final_eval_loss']:.4f} ({jump:.0%} jump)")
+
+
+@pytest.fixture(scope="module")
+def curriculum(tmp_path_factory, tiny_model_path):
+    """Stages 1, 2, 3 of the demo curriculum (shortened); stage 3 also carries the optimizer moments over."""
+    root = tmp_path_factory.mktemp("curriculum")
+    logs = {1: run_stage(*stage_args(1, root)), 2: run_stage(*stage_args(2, root)),
+            3: run_stage(*stage_args(3, root, None, None, "--set", "optimizer_state=resume"))}
+    return root, logs
+
+
+def test_stage1_learns_enough_that_a_restart_would_show(curriculum):
+    root, _ = curriculum
+    m = metrics(root / "stage1")
+    assert m["final_eval_loss"] <= 0.8 * m["first_eval_loss"], m  # >= 20% below the untrained model
+    assert m["start_adapter_file_sha256"] is None and m["prev_checkpoint"] is None
+
+
+def test_stages_2_and_3_continue_the_same_adapter(curriculum):
+    root, _ = curriculum
+    assert_continued(root / "stage1", root / "stage2")
+    assert_continued(root / "stage2", root / "stage3")
+
+
+def test_log_shows_the_curriculum_lines(curriculum):
+    _, logs = curriculum
+    for line in ("*** CURRICULUM LEARNING MODE ***", "Continuing training from previous checkpoint: ",
+                 "Loading existing LoRA adapter (will continue training the same adapter)...",
+                 "✓ Loaded previous adapter - continuing training on the same adapter",
+                 "✓ Adapter is trainable and ready for continued training", "trainable params: 7,168"):
+        assert line in logs[2] and line in logs[3]
+    assert "CURRICULUM LEARNING MODE" not in logs[1] and "Creating a new LoRA adapter" in logs[1]
+    assert "step 15/15 | loss " in logs[1]
+
+
+def test_stage_directory_holds_adapter_processor_config_and_metrics(curriculum):
+    root, _ = curriculum
+    stage = root / "stage2"
+    names = {p.name for p in stage.iterdir()}
+    assert {tq.ADAPTER_CONFIG, tq.ADAPTER_WEIGHTS, tq.STAGE_METRICS, tq.RESOLVED_CONFIG, tq.OPTIMIZER_MOMENTS,
+            "processor_config.json", "tokenizer.json", "chat_template.jinja"} <= names
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]  # safetensors only, no pickles
+    weights = load_file(str(stage / tq.ADAPTER_WEIGHTS))
+    assert weights and all("lora_A" in k or "lora_B" in k for k in weights)  # the adapter only, no base weights
+    assert sum(v.numel() for v in weights.values()) == metrics(stage)["trainable_params"] == 7168
+    assert not (root / "stage2.saving").exists() and not (root / "stage2.partial").exists()  # atomic, cleaned up
+    assert tq.load_config(stage / tq.RESOLVED_CONFIG).stage == 2
+
+
+def test_metrics_record_what_later_stages_need(curriculum):
+    root, _ = curriculum
+    m2, m3 = metrics(root / "stage2"), metrics(root / "stage3")
+    assert m2["prev_checkpoint"] == str((root / "stage1").resolve())
+    assert m2["first_eval_file"].endswith("data/stage1/dev.jsonl")  # the split stage 1 ended on
+    assert m2["final_eval_file"].endswith("data/stage2/dev.jsonl")
+    assert m2["first_eval_loss_own_split"] is not None and m2["previous_final_eval_loss"] is not None
+    assert [h["step"] for h in m2["train_loss_history"]] == [5, 10, 15]
+    assert m2["effective_batch_size"] == 8 and m2["num_processes"] == 1
+    # optimizer_state: resume carries the moments but the step counter starts anew (the stage does not end at once).
+    assert m3["optimizer_state"] == "resume" and m3["global_steps"] == STEPS
+
+
+def test_finished_stage_is_not_overwritten(curriculum):
+    root, _ = curriculum
+    before = (root / "stage1" / tq.ADAPTER_WEIGHTS).read_bytes()
+    result = run_script("train_qlora_qwen3vl.py", *stage_args(1, root))
+    assert result.returncode == 2 and "already holds a finished stage" in result.stderr
+    assert (root / "stage1" / tq.ADAPTER_WEIGHTS).read_bytes() == before
+
+
+def test_broken_variant_fresh_adapter_fails_the_continuity_test(curriculum):
+    root, _ = curriculum
+    result = run_script("tests/broken_variants.py", "fresh", *stage_args(2, root, "broken_fresh"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with pytest.raises(AssertionError, match="lineage|continuity"):
+        assert_continued(root / "stage1", root / "broken_fresh")
+    # and the continuity number alone gives it away: it restarts near the untrained loss
+    m = metrics(root / "broken_fresh")
+    assert m["first_eval_loss"] > 1.2 * metrics(root / "stage1")["final_eval_loss"]
+    # With the product's guards, it is stopped before training, with a message that says why.
+    guarded = run_script("tests/broken_variants.py", "fresh", "--guarded", *stage_args(2, root, "fresh_guarded"))
+    assert guarded.returncode == 1 and "error: the adapter weights in memory differ from" in guarded.stderr
+    assert "Traceback" not in guarded.stderr and not (root / "fresh_guarded").exists()
+
+
+def test_broken_variant_frozen_adapter_fails_the_continuity_test(curriculum):
+    root, _ = curriculum
+    # Without the product's guard, a frozen reload has nothing to train and dies or saves nothing new.
+    run_script("tests/broken_variants.py", "frozen", *stage_args(2, root, "broken_frozen"))
+    with pytest.raises(AssertionError):
+        assert_continued(root / "stage1", root / "broken_frozen")
+    # With the product's guard, it is stopped before training, with a message that says why.
+    guarded = run_script("tests/broken_variants.py", "frozen", "--guarded", *stage_args(2, root, "broken_guarded"))
+    assert guarded.returncode == 1 and "error: 0 trainable parameters" in guarded.stderr
+    assert "the adapter is frozen or duplicated" in guarded.stderr
+    assert not (root / "broken_guarded").exists()
+
+
+def test_trainable_check_catches_frozen_and_duplicated_adapters(curriculum, tiny_model_path):
+    from peft import PeftModel
+
+    root, _ = curriculum
+    cfg = tq.load_config("configs/demo/stage2.yaml")
+    model = tq.load_quantized_base(tiny_model_path, cfg)
+    frozen = PeftModel.from_pretrained(model, str(root / "stage1"))
+    with pytest.raises(tq.CurriculumError, match="0 trainable parameters"):
+        tq.check_adapter_trainable(frozen, cfg.lora)
+    model = tq.load_quantized_base(tiny_model_path, cfg)
+    two = tq.continue_adapter(model, str(root / "stage1"))
+    two.load_adapter(str(root / "stage1"), adapter_name="second", is_trainable=True)
+    with pytest.raises(tq.CurriculumError, match="exactly one adapter"):
+        tq.check_adapter_trainable(two, cfg.lora)
+    model = tq.load_quantized_base(tiny_model_path, cfg)
+    good = tq.continue_adapter(model, str(root / "stage1"))
+    assert tq.check_adapter_trainable(good, cfg.lora) == 7168
+    assert tq.loaded_adapter_sha256(good) == tq.file_adapter_sha256(root / "stage1")
+
+
+def test_expected_count_matches_qwen3vl_8b_shapes():
+    """3,833,856 for r=4 on q/k/v/o of Qwen3-VL-8B, computed from module shapes on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from tiny_qwen3vl import qwen3vl_config
+
+    with init_empty_weights():
+        model = Qwen3VLForConditionalGeneration(qwen3vl_config("8b"))
+    assert tq.expected_lora_param_count(model, tq.LoraSettings()) == 3_833_856
+    assert tq.expected_lora_param_count(model, tq.LoraSettings(r=8)) == 2 * 3_833_856

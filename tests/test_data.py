@@ -1,0 +1,201 @@
+"""Data functions on literal inputs with the real Qwen tokenizer and processor: no model weights, no GPU."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import train_qlora_qwen3vl as tq
+from conftest import REPO
+
+IM_START, IM_END, V_START, V_END, IMAGE_PAD, ASSISTANT = 151644, 151645, 151652, 151653, 151655, 77091
+
+
+def cfg(**kw) -> tq.StageConfig:
+    return tq.StageConfig(output_dir="o", train_file="t", **kw)
+
+
+def write_jsonl(tmp_path: Path, records: list, name="split.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+@pytest.fixture
+def image_448(tmp_path) -> str:
+    Image.new("RGB", (448, 448), (200, 30, 30)).save(tmp_path / "red.png")
+    return "red.png"
+
+
+def test_real_vocabulary_and_special_ids(processor):
+    tok = processor.tokenizer
+    assert tok("Hello world")["input_ids"] == [9707, 1879]
+    assert tok("user")["input_ids"] == [872] and tok("assistant")["input_ids"] == [ASSISTANT]
+    assert tok("2024")["input_ids"] == [17, 15, 17, 19]  # Qwen splits digits one by one
+    for token, expected in [("<|im_start|>", IM_START), ("<|im_end|>", IM_END), ("<|vision_start|>", V_START),
+                            ("<|vision_end|>", V_END), ("<|image_pad|>", IMAGE_PAD), ("<|endoftext|>", 151643)]:
+        assert tok.convert_tokens_to_ids(token) == expected
+
+
+def test_format_question_and_answer():
+    assert tq.format_question("How many?", "numeric", None) == "How many?\nAnswer with a number."
+    text = tq.format_question("Color?", "single_choice", ["red", "blue"])
+    assert text == "Color?\nA. red\nB. blue\nAnswer with the option's letter."
+    assert tq.format_answer(["C", "A"], "multi_label") == "A, C"
+    assert tq.format_answer(3, "numeric") == "3" and tq.format_answer(" B ", "single_choice") == "B"
+
+
+def test_load_records_vqa_and_chat_formats(tmp_path, image_448):
+    path = write_jsonl(tmp_path, [
+        {"id": "q1", "image": image_448, "question": "Color?", "type": "single_choice",
+         "options": ["red", "blue"], "answer": "A"},
+        {"id": "q2", "image": image_448, "question": "Colors?", "type": "multi_label",
+         "options": ["red", "blue", "green"], "answer": ["C", "A"]},
+        {"id": "q3", "image": image_448, "question": "How many?", "type": "numeric", "answer": 2},
+        {"messages": [{"role": "user", "content": "<image>What is shown?"},
+                      {"role": "assistant", "content": "A red square."}], "images": [image_448]},
+    ])
+    recs = tq.load_records(path, system_prompt="Be brief.")
+    assert [r.type for r in recs] == ["single_choice", "multi_label", "numeric", "chat"]
+    assert [r.answer for r in recs] == ["A", "A, C", "2", "A red square."]
+    assert all(r.image == str(tmp_path / image_448) for r in recs)  # relative to the JSONL file
+    assert recs[0].prompt_messages[0] == {"role": "system", "content": [{"type": "text", "text": "Be brief."}]}
+    assert recs[3].prompt_messages == [{"role": "user", "content": [{"type": "image"},
+                                                                    {"type": "text", "text": "What is shown?"}]}]
+    assert recs[1].source == f"{path}:2"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "not valid JSON"),
+    ('{"id": "x", "question": "q", "type": "numeric"}', "missing field(s) answer"),
+    ('{"id": "x", "question": "q", "type": "essay", "answer": "a"}', "unknown question type 'essay'"),
+    ('{"id": "x", "question": "q", "type": "single_choice", "options": ["a", "b"], "answer": "C"}',
+     "answer 'C' is not among the options' letters A, B"),
+    ('{"id": "x", "question": "q", "type": "multi_label", "options": ["a", "b"], "answer": []}', "not among"),
+    ('{"id": "x", "question": "q", "type": "numeric", "answer": [1]}', "numeric answer must be a number"),
+])
+def test_bad_records_name_file_and_line(tmp_path, line, message):
+    good = '{"id": "ok", "question": "q", "type": "numeric", "answer": 1}'
+    path = write_jsonl(tmp_path, [good, line])
+    with pytest.raises(tq.ConfigError, match=rf"{re.escape(str(path))}:2: .*{re.escape(message)}"):
+        tq.load_records(path)
+
+
+def test_empty_split_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(tq.ConfigError, match="no records"):
+        tq.load_records(path)
+
+
+def test_mask_prompt_tokens_pure():
+    assert tq.mask_prompt_tokens([1, 2, 3, 4], 2) == [-100, -100, 3, 4]
+    with pytest.raises(ValueError):
+        tq.mask_prompt_tokens([1, 2], 2)
+
+
+def test_labels_cover_exactly_the_answer_even_with_assistant_in_the_question(tmp_path, processor, image_448):
+    path = write_jsonl(tmp_path, [{"id": "a", "image": image_448, "type": "single_choice",
+                                   "question": "assistant: which color? The assistant must answer.",
+                                   "options": ["red", "blue"], "answer": "A"}])
+    (rec,) = tq.load_records(path, system_prompt="You are a helpful assistant.")
+    ex = tq.encode_example(processor, rec, 4096, 200704)
+    ids, labels = ex["input_ids"].tolist(), ex["labels"].tolist()
+    # The ids agree with the tokenizer's own boundaries on the whole rendered conversation.
+    messages = tq.with_image_settings(rec.prompt_messages, rec.image, 4096, 200704)
+    full = processor.apply_chat_template(messages + [{"role": "assistant", "content": [{"type": "text",
+                                                                                         "text": "A"}]}],
+                                         tokenize=False)
+    full = full.replace("<|image_pad|>", "<|image_pad|>" * ex["mm_token_type_ids"].sum().item())
+    assert ids == processor.tokenizer(full, add_special_tokens=False)["input_ids"][:len(ids)]
+    assert full.endswith("<|im_end|>\n") and len(ids) == len(processor.tokenizer(full)["input_ids"]) - 1
+    # Trained: the answer and <|im_end|>, nothing else.
+    trained = [t for t, lab in zip(ids, labels) if lab != -100]
+    assert processor.tokenizer.decode(trained) == "A<|im_end|>"
+    assert [lab for lab in labels if lab != -100] == trained and labels[-len(trained):] == trained
+    # The prompt holds the "assistant" token before the real assistant turn: a mask found by searching for
+    # it would start inside the question and train on prompt text.
+    first_assistant = ids.index(ASSISTANT)
+    last_assistant = len(ids) - 1 - ids[::-1].index(ASSISTANT)
+    assert first_assistant < last_assistant
+    assert all(lab == -100 for lab in labels[:last_assistant + 2])  # ... assistant \n  masked
+    assert ids[last_assistant - 1] == IM_START and labels[last_assistant + 2] != -100
+
+
+def test_image_tokens_and_mm_token_type_ids(tmp_path, processor, image_448):
+    path = write_jsonl(tmp_path, [{"id": "a", "image": image_448, "question": "n?", "type": "numeric", "answer": 1}])
+    (rec,) = tq.load_records(path)
+    ex = tq.encode_example(processor, rec, 4096, 448 * 448)
+    assert (ex["input_ids"] == IMAGE_PAD).sum() == 196  # 448x448: grid 1x28x28, merged 2x2
+    assert torch.equal(ex["mm_token_type_ids"], (ex["input_ids"] == IMAGE_PAD).long())
+    assert ex["image_grid_thw"].tolist() == [[1, 28, 28]]
+    assert ex["pixel_values"].shape == (784, 3 * 2 * 16 * 16)
+
+
+@pytest.mark.parametrize("min_pixels, max_pixels, tokens", [
+    (4096, 448 * 448, 196),   # fits: unchanged
+    (4096, 224 * 224, 49),    # max_pixels shrinks it
+    (4096, 128 * 128, 16),
+    (896 * 896, 896 * 896, 784),  # min_pixels grows it
+])
+def test_min_max_pixels_take_effect(tmp_path, processor, image_448, min_pixels, max_pixels, tokens):
+    """A known transformers bug ignores max_pixels passed the wrong way: count the tokens that come out."""
+    path = write_jsonl(tmp_path, [{"id": "a", "image": image_448, "question": "n?", "type": "numeric", "answer": 1}])
+    (rec,) = tq.load_records(path)
+    c = cfg(min_pixels=min_pixels, max_pixels=max_pixels)
+    proc = tq.load_processor(str(REPO / "models" / "tiny-qwen3vl"), c)
+    ex = tq.encode_example(proc, rec, c.min_pixels, c.max_pixels)
+    assert (ex["input_ids"] == IMAGE_PAD).sum().item() == tokens
+    assert tq.image_token_count(448, 448, min_pixels, max_pixels) == tokens
+    # The cheap length used to refuse over-long samples before the model loads is exact.
+    assert tq.sample_lengths([rec], proc, c) == [len(ex["input_ids"])]
+
+
+def test_overlong_samples_are_refused_or_skipped_never_truncated(tmp_path, processor, image_448):
+    recs = tq.load_records(write_jsonl(tmp_path, [
+        {"id": "short", "question": "n?", "type": "numeric", "answer": 1},
+        {"id": "long", "image": image_448, "question": "n?", "type": "numeric", "answer": 1}]))
+    c = cfg(max_seq_len=100)
+    lengths = tq.sample_lengths(recs, processor, c)
+    assert lengths[0] < 100 < lengths[1]
+    with pytest.raises(tq.ConfigError, match=r"split.jsonl:2: record 'long' is \d+ tokens, over max_seq_len=100"):
+        tq.drop_overlong(recs, lengths, c, "train")
+    c.on_overlong = "skip"
+    assert [r.id for r in tq.drop_overlong(recs, lengths, c, "train")] == ["short"]
+
+
+def test_unreadable_image_names_the_record(tmp_path, processor):
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    recs = tq.load_records(write_jsonl(tmp_path, [{"id": "a", "image": "bad.png", "question": "n?",
+                                                   "type": "numeric", "answer": 1}]))
+    with pytest.raises(tq.ConfigError, match=r"split.jsonl:1: cannot read image"):
+        tq.sample_lengths(recs, processor, cfg())
+
+
+def test_collate_pads_right_and_keeps_images(tmp_path, processor, image_448):
+    recs = tq.load_records(write_jsonl(tmp_path, [
+        {"id": "a", "image": image_448, "question": "n?", "type": "numeric", "answer": 1},
+        {"id": "b", "image": image_448, "question": "a much longer question about the picture?",
+         "type": "numeric", "answer": 12}]))
+    examples = [tq.encode_example(processor, r, 4096, 224 * 224) for r in recs]
+    batch = tq.collate_batch(examples, pad_token_id=151643)
+    n0, n1 = len(examples[0]["input_ids"]), len(examples[1]["input_ids"])
+    assert batch["input_ids"].shape == (2, max(n0, n1)) and n0 < n1
+    assert batch["input_ids"][0, n0:].eq(151643).all() and batch["labels"][0, n0:].eq(-100).all()
+    assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (n1 - n0)
+    assert batch["mm_token_type_ids"][0, n0:].eq(0).all()
+    assert batch["pixel_values"].shape[0] == 2 * 196 and batch["image_grid_thw"].tolist() == [[1, 14, 14]] * 2
+
+
+def test_shipped_data_is_valid_and_has_three_stages_of_rising_difficulty():
+    sizes = []
+    for stage in (1, 2, 3):
+        for split in ("train", "dev", "test"):
+            recs = tq.load_records(REPO / f"data/stage{stage}/{split}.jsonl")
+            assert {r.type for r in recs} == {"single_choice", "numeric", "multi_label"}
+            assert all(Path(r.image).is_file() for r in recs)
+        sizes.append(len(tq.load_records(REPO / f"data/stage{stage}/train.jsonl")))
+    assert all(n >= 100 for n in sizes)
