@@ -26,7 +26,8 @@ from pathlib import Path
 # Qwen2/Qwen3 pre-tokenizer: like tiktoken's cl100k pattern, but `\p{N}` alone, so every digit is
 # its own token (the converter's default groups digits by three, which would change every number).
 QWEN_PRETOKENIZE_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
 # Qwen3-VL's added tokens, in id order from 151643 (tokenizer_config.json of the published checkpoints).

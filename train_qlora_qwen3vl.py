@@ -29,7 +29,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -91,13 +91,13 @@ class StageConfig:
     """Where this stage's adapter, processor, resolved config and stage_metrics.json are written."""
     train_file: str
     """JSONL training split; image paths inside it are relative to this file."""
-    eval_file: Optional[str] = None
+    eval_file: str | None = None
     """JSONL dev split: evaluated before the first step, every `eval_steps`, and at the end."""
     stage: int = 1
     """Curriculum stage number: 1 makes a new adapter, >= 2 continues `prev_checkpoint`."""
     model_name_or_path: str = "Qwen/Qwen3-VL-8B-Instruct"
     """Base model: a hub id, a local directory, or `tiny-qwen3vl` (the random tiny demo model, built on first use)."""
-    prev_checkpoint: Optional[str] = None
+    prev_checkpoint: str | None = None
     """Previous stage's output_dir (stage >= 2): its adapter is reopened and trained further."""
     lr: float = 5e-5
     """Peak learning rate."""
@@ -135,7 +135,7 @@ class StageConfig:
     """Longest sample in tokens, image tokens included. Longer samples are never truncated (see on_overlong)."""
     on_overlong: Literal["error", "skip"] = "error"
     """A sample longer than max_seq_len: `error` names it and stops; `skip` drops it and says how many."""
-    system_prompt: Optional[str] = None
+    system_prompt: str | None = None
     """Optional system message put before every question."""
     gradient_checkpointing: bool = True
     """Recompute activations in the backward pass: much less memory, ~30% more compute."""
@@ -333,13 +333,13 @@ class Record:
     """One question. `prompt_messages` end with the user turn; `answer` is the assistant's exact reply text."""
     id: str
     type: str
-    image: Optional[str]
+    image: str | None
     prompt_messages: list
     answer: str
     source: str  # "file:line", for error messages
 
 
-def format_question(question: str, qtype: str, options: Optional[list]) -> str:
+def format_question(question: str, qtype: str, options: list | None) -> str:
     """The user text: the question, lettered options, and how to answer."""
     if qtype == "numeric":
         return f"{question}\nAnswer with a number."
@@ -356,7 +356,7 @@ def format_answer(answer: Any, qtype: str) -> str:
     return str(answer).strip()
 
 
-def _vqa_record(obj: dict, base_dir: Path, source: str) -> tuple[str, Optional[str], str, str]:
+def _vqa_record(obj: dict, base_dir: Path, source: str) -> tuple[str, str | None, str, str]:
     """Check a VQA record's fields; return (type, image path, user text, answer text)."""
     missing = [k for k in ("id", "question", "type", "answer") if k not in obj]
     if missing:
@@ -377,7 +377,7 @@ def _vqa_record(obj: dict, base_dir: Path, source: str) -> tuple[str, Optional[s
     return qtype, image, format_question(obj["question"], qtype, options), format_answer(answer, qtype)
 
 
-def _chat_record(obj: dict, base_dir: Path, source: str) -> tuple[Optional[str], list, str]:
+def _chat_record(obj: dict, base_dir: Path, source: str) -> tuple[str | None, list, str]:
     """The chat format other tools write: {"messages": [...], "images": [...]}, `<image>` in the user text."""
     messages, images = obj["messages"], obj.get("images") or []
     if not messages or messages[-1].get("role") != "assistant":
@@ -400,7 +400,7 @@ def _chat_record(obj: dict, base_dir: Path, source: str) -> tuple[Optional[str],
     return image, prompt, str(messages[-1]["content"]).strip()
 
 
-def load_records(path: str | os.PathLike, system_prompt: Optional[str] = None) -> list[Record]:
+def load_records(path: str | os.PathLike, system_prompt: str | None = None) -> list[Record]:
     """Parse a JSONL split into Records; any problem names the file and line."""
     path = Path(path)
     base_dir, records = path.parent, []
@@ -428,7 +428,7 @@ def load_records(path: str | os.PathLike, system_prompt: Optional[str] = None) -
     return records
 
 
-def with_image_settings(messages: list, image_path: Optional[str], min_pixels: int, max_pixels: int) -> list:
+def with_image_settings(messages: list, image_path: str | None, min_pixels: int, max_pixels: int) -> list:
     """Messages with the image path and the pixel budget inside the image item, as qwen_vl_utils reads them."""
     out = []
     for msg in messages:
@@ -483,7 +483,7 @@ def sample_lengths(records: list[Record], processor, cfg: StageConfig) -> list[i
 
 def drop_overlong(records: list[Record], lengths: list[int], cfg: StageConfig, split: str) -> list[Record]:
     """Never truncate through image tokens: an over-long sample is an error naming it, or skipped if configured."""
-    too_long = [(r, n) for r, n in zip(records, lengths) if n > cfg.max_seq_len]
+    too_long = [(r, n) for r, n in zip(records, lengths, strict=True) if n > cfg.max_seq_len]
     if too_long and cfg.on_overlong == "error":
         first, n = too_long[0]
         raise ConfigError(f"{first.source}: record {first.id!r} is {n} tokens, over max_seq_len={cfg.max_seq_len} "
@@ -492,7 +492,7 @@ def drop_overlong(records: list[Record], lengths: list[int], cfg: StageConfig, s
     if too_long:
         print(f"Skipped {len(too_long)} {split} samples over max_seq_len={cfg.max_seq_len}: "
               + ", ".join(r.id for r, _ in too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
-    keep = {id(r) for r, n in zip(records, lengths) if n <= cfg.max_seq_len}
+    keep = {id(r) for r, n in zip(records, lengths, strict=True) if n <= cfg.max_seq_len}
     return [r for r in records if id(r) in keep]
 
 
@@ -610,7 +610,7 @@ def training_device() -> Any:
     import torch
 
     if torch.cuda.is_available():
-        return int(os.environ.get("LOCAL_RANK", 0))
+        return int(os.environ.get("LOCAL_RANK", "0"))
     return "cpu"
 
 
@@ -806,7 +806,7 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     total = planned_steps(len(train_ds), cfg, world)
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
@@ -833,13 +833,13 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
     return trainer
 
 
-def eval_loss(trainer, dataset, prefix: str) -> Optional[float]:
+def eval_loss(trainer, dataset, prefix: str) -> float | None:
     if dataset is None:
         return None
     return trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)[f"{prefix}_loss"]
 
 
-def previous_stage_metrics(prev_checkpoint: Optional[str]) -> Optional[dict]:
+def previous_stage_metrics(prev_checkpoint: str | None) -> dict | None:
     if not prev_checkpoint or not (Path(prev_checkpoint) / STAGE_METRICS).is_file():
         return None
     return json.loads((Path(prev_checkpoint) / STAGE_METRICS).read_text())
@@ -917,7 +917,7 @@ def train_stage(cfg: StageConfig) -> dict:
     final_eval = eval_loss(trainer, eval_ds, "final_eval")
     print(f"final_eval_loss {final_eval}")
 
-    world = int(os.environ.get("WORLD_SIZE", 1))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     metrics = {
         "stage": cfg.stage,
         "model_name_or_path": cfg.model_name_or_path,
@@ -992,7 +992,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
     return config, overrides, check
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides, check = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config_path, overrides)

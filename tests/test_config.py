@@ -4,9 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 import train_qlora_qwen3vl as tq
-from conftest import REPO
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:

@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import run_script
 from safetensors.torch import load_file
 
 import train_qlora_qwen3vl as tq
-from conftest import run_script
 
 CONTINUITY_TOLERANCE = 0.10
 STEPS = 15

