@@ -158,6 +158,9 @@ def build_random_qwen3vl(out_dir: str | os.PathLike, shape: str = "tiny", seed: 
             with torch.no_grad():
                 model.get_input_embeddings().weight.mul_(5.0)
         model = model.to(torch.bfloat16)
+        # The ids the tokenizer uses, so that generation stops at <|im_end|> and pads with <|endoftext|>.
+        for config in (model.config, model.generation_config):
+            config.eos_token_id, config.pad_token_id = 151645, 151643
         model.save_pretrained(tmp)
         build_qwen3vl_processor().save_pretrained(tmp)
         if out_dir.exists():

@@ -27,11 +27,15 @@ import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+# peft calls a transformers method that transformers 5 renamed; the warning is about peft, not about you.
+warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*", category=FutureWarning)
 
 REPO_DIR = Path(__file__).resolve().parent
 # `model_name_or_path: tiny-qwen3vl` names the random tiny Qwen3-VL that the demo and the tests use;
@@ -614,6 +618,15 @@ def training_device() -> Any:
     return "cpu"
 
 
+def keep_4bit_layers_differentiable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the first
+    no-grad forward (our first_eval_loss). From then on it computes them with a kernel that has no backward,
+    and gradients silently stop flowing through the frozen layers. Keep the trainable layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_quantized_base(model_path: str, cfg: StageConfig):
     """The frozen base in 4 bit, prepared for k-bit training exactly once (this is the only call site)."""
     import torch
@@ -624,6 +637,8 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
     model = AutoModelForImageTextToText.from_pretrained(
         model_path, quantization_config=bnb_config(cfg.quantization),
         dtype=getattr(torch, cfg.quantization.compute_dtype), device_map={"": training_device()})
+    keep_4bit_layers_differentiable(model)
+    # Gradient checkpointing is set up here, once; the Trainer is not asked to do it again.
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -821,7 +836,6 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
         fp16=on_gpu and cfg.quantization.compute_dtype == "float16",
         use_cpu=not on_gpu, remove_unused_columns=False, label_names=["labels"], report_to="none",
         dataloader_num_workers=cfg.dataloader_num_workers, dataloader_pin_memory=on_gpu,
-        gradient_checkpointing=False,  # already set up, once, by prepare_model_for_kbit_training
         ddp_find_unused_parameters=False, disable_tqdm=False,
     )
     pad_id = processor.tokenizer.pad_token_id

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+import train_qlora_qwen3vl as tq  # noqa: E402  (after the path is set)
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +34,48 @@ def run_script(*args: str, cwd: Path = REPO, env_extra: dict | None = None) -> s
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
                           check=False)
+
+
+CONTINUITY_TOLERANCE = 0.10
+STEPS = 15
+
+
+def stage_args(stage: int, root: Path, out: str | None = None, prev: str | None = None, *extra: str) -> list[str]:
+    args = [f"configs/demo/stage{stage}.yaml", "--set", f"output_dir={root / (out or f'stage{stage}')}",
+            "--set", f"max_steps={STEPS}", "--set", "logging_steps=5"]
+    if stage > 1:
+        args += ["--set", f"prev_checkpoint={root / (prev or f'stage{stage - 1}')}"]
+    return args + list(extra)
+
+
+def run_stage(*args: str) -> str:
+    result = run_script("train_qlora_qwen3vl.py", *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def metrics(stage_dir: Path) -> dict:
+    path = stage_dir / tq.STAGE_METRICS
+    assert path.is_file(), f"{stage_dir} holds no finished stage"
+    return json.loads(path.read_text())
+
+
+def assert_continued(prev_dir: Path, stage_dir: Path) -> None:
+    """The stage trained the very adapter that prev_dir saved, and started where prev_dir ended."""
+    prev, cur = metrics(prev_dir), metrics(stage_dir)
+    assert cur["start_adapter_file_sha256"] == prev["saved_adapter_file_sha256"], "lineage: started elsewhere"
+    assert cur["start_adapter_tensors_sha256"] == prev["saved_adapter_tensors_sha256"], "lineage: weights differ"
+    assert cur["saved_adapter_tensors_sha256"] != cur["start_adapter_tensors_sha256"], "the adapter did not train"
+    assert cur["first_eval_file"] == prev["final_eval_file"], "continuity measured on another split"
+    jump = abs(cur["first_eval_loss"] - prev["final_eval_loss"]) / prev["final_eval_loss"]
+    assert jump <= CONTINUITY_TOLERANCE, (f"continuity: stage {cur['stage']} starts at {cur['first_eval_loss']:.4f}, "
+                                          f"previous ended at {prev['final_eval_loss']:.4f} ({jump:.0%} jump)")
+
+
+@pytest.fixture(scope="session")
+def curriculum(tmp_path_factory, tiny_model_path):
+    """Stages 1, 2, 3 of the demo curriculum (shortened); stage 3 also carries the optimizer moments over."""
+    root = tmp_path_factory.mktemp("curriculum")
+    logs = {1: run_stage(*stage_args(1, root)), 2: run_stage(*stage_args(2, root)),
+            3: run_stage(*stage_args(3, root, None, None, "--set", "optimizer_state=resume"))}
+    return root, logs

@@ -5,58 +5,11 @@ against the broken variants in tests/broken_variants.py (a fresh adapter in stag
 reloaded with is_trainable left False), where it must fail.
 """
 
-import json
-from pathlib import Path
-
 import pytest
-from conftest import run_script
+from conftest import REPO, STEPS, assert_continued, metrics, run_script, stage_args
 from safetensors.torch import load_file
 
 import train_qlora_qwen3vl as tq
-
-CONTINUITY_TOLERANCE = 0.10
-STEPS = 15
-
-
-def stage_args(stage: int, root: Path, out: str | None = None, prev: str | None = None, *extra: str) -> list[str]:
-    args = [f"configs/demo/stage{stage}.yaml", "--set", f"output_dir={root / (out or f'stage{stage}')}",
-            "--set", f"max_steps={STEPS}", "--set", "logging_steps=5"]
-    if stage > 1:
-        args += ["--set", f"prev_checkpoint={root / (prev or f'stage{stage - 1}')}"]
-    return args + list(extra)
-
-
-def run_stage(*args: str) -> str:
-    result = run_script("train_qlora_qwen3vl.py", *args)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
-
-
-def metrics(stage_dir: Path) -> dict:
-    path = stage_dir / tq.STAGE_METRICS
-    assert path.is_file(), f"{stage_dir} holds no finished stage"
-    return json.loads(path.read_text())
-
-
-def assert_continued(prev_dir: Path, stage_dir: Path) -> None:
-    """The stage trained the very adapter that prev_dir saved, and started where prev_dir ended."""
-    prev, cur = metrics(prev_dir), metrics(stage_dir)
-    assert cur["start_adapter_file_sha256"] == prev["saved_adapter_file_sha256"], "lineage: started elsewhere"
-    assert cur["start_adapter_tensors_sha256"] == prev["saved_adapter_tensors_sha256"], "lineage: weights differ"
-    assert cur["saved_adapter_tensors_sha256"] != cur["start_adapter_tensors_sha256"], "the adapter did not train"
-    assert cur["first_eval_file"] == prev["final_eval_file"], "continuity measured on another split"
-    jump = abs(cur["first_eval_loss"] - prev["final_eval_loss"]) / prev["final_eval_loss"]
-    assert jump <= CONTINUITY_TOLERANCE, (f"continuity: stage {cur['stage']} starts at {cur['first_eval_loss']:.4f}, "
-                                          f"previous ended at {prev['final_eval_loss']:.4f} ({jump:.0%} jump)")
-
-
-@pytest.fixture(scope="module")
-def curriculum(tmp_path_factory, tiny_model_path):
-    """Stages 1, 2, 3 of the demo curriculum (shortened); stage 3 also carries the optimizer moments over."""
-    root = tmp_path_factory.mktemp("curriculum")
-    logs = {1: run_stage(*stage_args(1, root)), 2: run_stage(*stage_args(2, root)),
-            3: run_stage(*stage_args(3, root, None, None, "--set", "optimizer_state=resume"))}
-    return root, logs
 
 
 def test_stage1_learns_enough_that_a_restart_would_show(curriculum):
@@ -118,32 +71,43 @@ def test_finished_stage_is_not_overwritten(curriculum):
     assert (root / "stage1" / tq.ADAPTER_WEIGHTS).read_bytes() == before
 
 
-def test_broken_variant_fresh_adapter_fails_the_continuity_test(curriculum):
+def test_broken_variant_fresh_adapter_fails_the_continuity_test(curriculum, tmp_path):
     root, _ = curriculum
-    result = run_script("tests/broken_variants.py", "fresh", *stage_args(2, root, "broken_fresh"))
+    result = run_script("tests/broken_variants.py", "fresh",
+                        *stage_args(2, root, str(tmp_path / "broken_fresh")))
     assert result.returncode == 0, result.stderr[-2000:]
     with pytest.raises(AssertionError, match="lineage|continuity"):
-        assert_continued(root / "stage1", root / "broken_fresh")
+        assert_continued(root / "stage1", tmp_path / "broken_fresh")
     # and the continuity number alone gives it away: it restarts near the untrained loss
-    m = metrics(root / "broken_fresh")
+    m = metrics(tmp_path / "broken_fresh")
     assert m["first_eval_loss"] > 1.2 * metrics(root / "stage1")["final_eval_loss"]
     # With the product's guards, it is stopped before training, with a message that says why.
-    guarded = run_script("tests/broken_variants.py", "fresh", "--guarded", *stage_args(2, root, "fresh_guarded"))
+    guarded = run_script("tests/broken_variants.py", "fresh", "--guarded",
+                         *stage_args(2, root, str(tmp_path / "guarded")))
     assert guarded.returncode == 1 and "error: the adapter weights in memory differ from" in guarded.stderr
-    assert "Traceback" not in guarded.stderr and not (root / "fresh_guarded").exists()
+    assert "Traceback" not in guarded.stderr and not (tmp_path / "guarded").exists()
 
 
-def test_broken_variant_frozen_adapter_fails_the_continuity_test(curriculum):
+def test_broken_variant_frozen_adapter_fails_the_continuity_test(curriculum, tmp_path):
     root, _ = curriculum
-    # Without the product's guard, a frozen reload has nothing to train and dies or saves nothing new.
-    run_script("tests/broken_variants.py", "frozen", *stage_args(2, root, "broken_frozen"))
-    with pytest.raises(AssertionError):
-        assert_continued(root / "stage1", root / "broken_frozen")
+    # With gradient checkpointing, k-bit preparation makes the inputs require grad, so a frozen reload trains
+    # "successfully" and saves the adapter unchanged: continuity alone cannot see it, lineage does.
+    frozen = run_script("tests/broken_variants.py", "frozen", *stage_args(2, root, str(tmp_path / "frozen")),
+                        "--set", "gradient_checkpointing=true")
+    assert frozen.returncode == 0, frozen.stderr[-2000:]
+    with pytest.raises(AssertionError, match="the adapter did not train"):
+        assert_continued(root / "stage1", tmp_path / "frozen")
+    # Without gradient checkpointing it dies at the first backward with a message that does not say why.
+    crashed = run_script("tests/broken_variants.py", "frozen", *stage_args(2, root, str(tmp_path / "crashed")))
+    assert crashed.returncode != 0 and "does not require grad" in crashed.stderr
+    with pytest.raises(AssertionError, match="holds no finished stage"):
+        assert_continued(root / "stage1", tmp_path / "crashed")
     # With the product's guard, it is stopped before training, with a message that says why.
-    guarded = run_script("tests/broken_variants.py", "frozen", "--guarded", *stage_args(2, root, "broken_guarded"))
+    guarded = run_script("tests/broken_variants.py", "frozen", "--guarded",
+                         *stage_args(2, root, str(tmp_path / "broken_guarded")))
     assert guarded.returncode == 1 and "error: 0 trainable parameters" in guarded.stderr
     assert "the adapter is frozen or duplicated" in guarded.stderr
-    assert not (root / "broken_guarded").exists()
+    assert not (tmp_path / "broken_guarded").exists()
 
 
 def test_trainable_check_catches_frozen_and_duplicated_adapters(curriculum, tiny_model_path):
@@ -177,3 +141,34 @@ def test_expected_count_matches_qwen3vl_8b_shapes():
         model = Qwen3VLForConditionalGeneration(qwen3vl_config("8b"))
     assert tq.expected_lora_param_count(model, tq.LoraSettings()) == 3_833_856
     assert tq.expected_lora_param_count(model, tq.LoraSettings(r=8)) == 2 * 3_833_856
+
+
+def test_gradients_are_the_same_after_an_evaluation_pass(tiny_model_path, tmp_path):
+    """first_eval_loss runs a no-grad pass before training; bitsandbytes must not switch the 4-bit layers to
+    its inference-only CPU layout there, or backprop through them silently stops."""
+    import torch
+
+    cfg = tq.load_config("configs/demo/stage1.yaml")
+    processor = tq.load_processor(tiny_model_path, cfg)
+    (rec,) = tq.load_records(REPO / "data/stage2/train.jsonl")[:1]
+    batch = tq.collate_batch([tq.encode_example(processor, rec, cfg.min_pixels, cfg.max_pixels)], 151643)
+
+    def lora_grads(evaluate_first: bool) -> dict:
+        torch.manual_seed(0)
+        model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora)
+        with torch.no_grad():  # make B non-zero so that A's gradients depend on what flows through the base
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.02)
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(**batch)
+        model.train()
+        model(**batch).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, after_eval = lora_grads(False), lora_grads(True)
+    assert plain.keys() == after_eval.keys()
+    for name in plain:
+        assert torch.allclose(plain[name], after_eval[name], rtol=1e-3, atol=1e-6), name

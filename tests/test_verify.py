@@ -1,0 +1,223 @@
+"""verify_exp4_fix.py against a healthy curriculum and against each known way a curriculum silently breaks."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO, metrics, run_script, stage_args
+
+import train_qlora_qwen3vl as tq
+import verify_exp4_fix as vf
+
+
+def verify(*args: str):
+    """Exit code and the report (stdout); on bad usage (2) the error message, which goes to stderr."""
+    result = run_script("verify_exp4_fix.py", *args)
+    return result.returncode, result.stdout + (result.stderr if result.returncode == 2 else "")
+
+
+def line_of(output: str, check: str) -> str:
+    lines = [ln for ln in output.splitlines() if ln[2:].startswith(check + ":")]
+    assert lines, f"no line for {check!r} in:\n{output}"
+    return lines[-1]
+
+
+def copy_stage(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_healthy_curriculum_passes(curriculum):
+    root, _ = curriculum
+    code, out = verify("--curriculum", str(root))
+    assert code == 0, out
+    assert out.count("✓ continuity: first_eval_loss") == 2 and out.count("✓ lineage") == 3
+    assert out.count("✓ reopened for training: one adapter 'default', active; 7,168 trainable") == 3
+    assert "✓ LoRA config across stages: identical in all 3 stages" in out
+    assert "✗" not in out and out.rstrip().endswith("0 failed, 1 not run")  # stage 1 has no continuity
+
+
+def test_json_report(curriculum):
+    root, _ = curriculum
+    code, out = verify(str(root / "stage2"), "--json", "--skip-load")
+    report = json.loads(out[out.index("{"):])
+    assert code == 0 and report["ok"] is True
+    statuses = {c["name"]: c["status"] for c in report["checks"]}
+    assert statuses["lineage"] == "pass" and statuses["reopened for training"] == "not run"
+
+
+def test_fresh_adapter_in_stage2_is_rejected(curriculum, tmp_path):
+    root, _ = curriculum
+    result = run_script("tests/broken_variants.py", "fresh", *stage_args(2, root, str(tmp_path / "fresh")))
+    assert result.returncode == 0, result.stderr[-2000:]
+    code, out = verify(str(tmp_path / "fresh"), "--skip-load")
+    assert code == 1
+    assert "not the previous stage's adapter" in line_of(out, "lineage")
+    assert "the stage restarted instead of continuing" in line_of(out, "continuity")
+
+
+def test_frozen_reload_is_rejected(curriculum, tmp_path):
+    """A stage 2 reloaded with is_trainable=False (and gradient checkpointing, so that it does not crash) trains
+    nothing and saves the very weights it loaded; its continuity looks perfect."""
+    root, _ = curriculum
+    result = run_script("tests/broken_variants.py", "frozen", *stage_args(2, root, str(tmp_path / "frozen")),
+                        "--set", "gradient_checkpointing=true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    code, out = verify(str(tmp_path / "frozen"), "--skip-load")
+    assert code == 1 and "it did not train (frozen" in line_of(out, "lineage")
+    assert line_of(out, "continuity").startswith("✓")
+
+
+def test_two_adapters_are_rejected(curriculum, tmp_path):
+    root, _ = curriculum
+    two = copy_stage(root / "stage2", tmp_path / "two")
+    copy_stage(root / "stage1", two / "second")  # where peft saves a second adapter named "second"
+    code, out = verify(str(two), "--skip-load")
+    assert code == 1 and "more than one adapter (also: second)" in line_of(out, "adapter files")
+
+
+def test_rank_8_against_a_rank_4_config_is_rejected(curriculum, tmp_path):
+    root, _ = curriculum
+    out_dir = tmp_path / "r8"
+    result = run_script("train_qlora_qwen3vl.py", "configs/demo/stage1.yaml", "--set", f"output_dir={out_dir}",
+                        "--set", "max_steps=2", "--set", "lora.r=8", "--set", "lora.alpha=16")
+    assert result.returncode == 0, result.stderr[-2000:]
+    code, out = verify(str(out_dir), "--config", "configs/demo/stage1.yaml")
+    assert code == 1
+    line = line_of(out, "LoRA config")
+    assert "lora.r: configs/demo/stage1.yaml says 4, the saved adapter has 8" in line
+    assert "lora.alpha: configs/demo/stage1.yaml says 8, the saved adapter has 16" in line
+    assert line_of(out, "reopened for training").startswith("✗")  # r=4 expected: 7,168 != 14,336
+    code, out = verify(str(out_dir))  # against its own recorded config it is a healthy r=8 stage
+    assert code == 0, out
+
+
+def test_merged_model_instead_of_adapter_is_rejected(tiny_model_path, tmp_path):
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    shutil.copy(Path(tiny_model_path) / "model.safetensors", merged)
+    shutil.copy(Path(tiny_model_path) / "config.json", merged)
+    code, out = verify(str(merged))
+    assert code == 1 and "it holds a full model: merged instead of saved as an adapter?" in out
+    # and merged weights saved under the adapter's file name are caught by their tensor names
+    fake = copy_stage(merged, tmp_path / "fake_adapter")
+    (fake / "model.safetensors").rename(fake / tq.ADAPTER_WEIGHTS)
+    (fake / tq.ADAPTER_CONFIG).write_text("{}")
+    code, out = verify(str(fake))
+    assert code == 1 and "non-LoRA tensors" in line_of(out, "adapter files")
+
+
+def test_truncated_safetensors_is_rejected(curriculum, tmp_path):
+    root, _ = curriculum
+    cut = copy_stage(root / "stage2", tmp_path / "cut")
+    data = (cut / tq.ADAPTER_WEIGHTS).read_bytes()
+    (cut / tq.ADAPTER_WEIGHTS).write_bytes(data[:len(data) // 2])
+    code, out = verify(str(cut))
+    assert code == 1 and "unreadable (truncated or corrupt?)" in line_of(out, "adapter files")
+    assert "- lineage: not run (the adapter files are broken)" in out
+
+
+def test_pickled_weights_are_refused_not_loaded(curriculum, tmp_path):
+    root, _ = curriculum
+    stage = copy_stage(root / "stage2", tmp_path / "pickle")
+    (stage / "adapter_model.bin").write_bytes(b"\x80\x04 not to be unpickled")
+    code, out = verify(str(stage), "--skip-load")
+    assert code == 1 and "pickled files refused, not loaded: adapter_model.bin" in out
+
+
+def test_continuity_jump_is_reported_with_both_numbers(curriculum, tmp_path):
+    root, _ = curriculum
+    jump = copy_stage(root / "stage2", tmp_path / "jump")
+    m = metrics(jump)
+    prev_final = metrics(root / "stage1")["final_eval_loss"]
+    m["first_eval_loss"] = prev_final * 1.5
+    (jump / tq.STAGE_METRICS).write_text(json.dumps(m))
+    code, out = verify(str(jump), "--skip-load")
+    assert code == 1
+    assert f"first_eval_loss {prev_final * 1.5:.4f} vs previous final_eval_loss {prev_final:.4f} (50.0%" in out
+    code, out = verify(str(jump), "--skip-load", "--tolerance", "0.6")
+    assert code == 0, out
+
+
+def test_base_model_mismatch_is_reported(curriculum, tmp_path):
+    root, _ = curriculum
+    (tmp_path / "fp4.yaml").write_text((REPO / "configs/demo/stage2.yaml").read_text()
+                                       .replace("quant_type: nf4", "quant_type: fp4"))
+    code, out = verify(str(root / "stage2"), "--config", str(tmp_path / "fp4.yaml"), "--skip-load")
+    assert code == 1 and "quantization.quant_type: the config says 'fp4', the stage recorded 'nf4'" in out
+    code, out = verify(str(root / "stage2"), "--base", "Qwen/Qwen3-VL-8B-Instruct", "--skip-load")
+    assert code == 1 and "--base Qwen/Qwen3-VL-8B-Instruct but the stage trained on tiny-qwen3vl" in out
+
+
+def test_unloadable_base_is_not_run_never_passed(curriculum, tmp_path):
+    root, _ = curriculum
+    stage = copy_stage(root / "stage2", tmp_path / "elsewhere")
+    cfg_text = (stage / tq.RESOLVED_CONFIG).read_text().replace("tiny-qwen3vl", str(tmp_path / "no-such-model"))
+    (stage / tq.RESOLVED_CONFIG).write_text(cfg_text)
+    m = metrics(stage)
+    m["model_name_or_path"] = str(tmp_path / "no-such-model")
+    (stage / tq.STAGE_METRICS).write_text(json.dumps(m))
+    code, out = verify(str(stage))
+    assert code == 0 and "- reopened for training: not run (base " in out and "could not be loaded here" in out
+    assert "1 not run" in out
+
+
+SCRIPT = REPO / "train_qlora_qwen3vl.py"
+
+
+def patched_script(tmp_path: Path, old: str, new: str) -> Path:
+    text = SCRIPT.read_text()
+    assert old in text
+    path = tmp_path / "patched_train.py"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+def test_static_check_passes_the_shipped_trainer():
+    assert vf.check_training_script(SCRIPT).status == vf.PASS
+
+
+LOADED_LINE = '    print("✓ Loaded previous adapter - continuing training on the same adapter")'
+
+
+def test_static_check_finds_merge_and_unload_in_the_continue_branch(tmp_path):
+    script = patched_script(tmp_path, LOADED_LINE, "    model = model.merge_and_unload()\n" + LOADED_LINE)
+    code, out = verify("--script", str(script))
+    assert code == 1 and "merge_and_unload() in the prev_checkpoint branch" in out
+    inserted_at = SCRIPT.read_text().splitlines().index(LOADED_LINE) + 1  # the new line takes this number
+    assert f"line {inserted_at}: merge_and_unload()" in out
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("prev_checkpoint, is_trainable=True)", "prev_checkpoint, is_trainable=False)",
+     "PeftModel.from_pretrained without is_trainable=True"),
+    ("prev_checkpoint, is_trainable=True)", "prev_checkpoint)", "PeftModel.from_pretrained without is_trainable=True"),
+    ("    model = PeftModel.from_pretrained(", "    model = prepare_model_for_kbit_training(model)\n"
+     "    model = PeftModel.from_pretrained(", "prepare_model_for_kbit_training() in the prev_checkpoint branch"),
+    ("        model = continue_adapter(model, cfg.prev_checkpoint)\n",
+     "        model = continue_adapter(model, cfg.prev_checkpoint)\n        model = get_peft_model(model, None)\n",
+     "get_peft_model() in the prev_checkpoint branch"),
+])
+def test_static_check_finds_each_textbook_bug(tmp_path, old, new, message):
+    check = vf.check_training_script(patched_script(tmp_path, old, new))
+    assert check.status == vf.FAIL and message in check.detail
+
+
+def test_static_check_ignores_comments_and_strings(tmp_path):
+    script = patched_script(tmp_path, "    print(\"✓ Loaded previous adapter",
+                            "    # never call model.merge_and_unload() here\n"
+                            "    note = 'get_peft_model(model) would make a second adapter'\n"
+                            "    print(\"✓ Loaded previous adapter")
+    assert vf.check_training_script(script).status == vf.PASS
+
+
+def test_bad_usage_exits_2(tmp_path):
+    assert verify(str(tmp_path / "missing"))[0] == 2
+    assert verify()[0] == 2
+    assert verify("--curriculum", str(tmp_path))[0] == 2
+    assert verify("--bogus-flag")[0] == 2
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / tq.STAGE_METRICS).write_text("{broken")
+    code, out = verify(str(tmp_path / "s"))
+    assert code == 2 and "not valid JSON" in out

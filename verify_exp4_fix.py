@@ -1,0 +1,393 @@
+"""Prove that a saved curriculum stage continued the same LoRA adapter, and say plainly what is wrong if not.
+
+    python verify_exp4_fix.py models/exp4_curriculum/stage2 [--config configs/exp4_stage2.yaml]
+                              [--base PATH_OR_ID] [--tolerance 0.10] [--skip-load] [--json]
+    python verify_exp4_fix.py --curriculum models/exp4_curriculum     # every stage, in order
+    python verify_exp4_fix.py --script train_qlora_qwen3vl.py          # the static check alone
+
+Each check prints one line: `✓ name: ...`, `✗ name: ...` (with the reason) or `- name: not run (...)`.
+Exit 0 when no check failed, 1 when any failed, 2 on bad usage. A check that cannot run is never a pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import io
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import train_qlora_qwen3vl as tq
+
+PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
+FORBIDDEN_IN_CONTINUE_BRANCH = ("merge_and_unload", "prepare_model_for_kbit_training", "get_peft_model")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class UsageError(Exception):
+    """Bad command line, missing directory or unreadable files: exit 2."""
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    stage_dir: str = ""
+
+    def line(self) -> str:
+        mark = {PASS: "✓", FAIL: "✗", NOT_RUN: "-"}[self.status]
+        return f"{mark} {self.name}: " + (f"not run ({self.detail})" if self.status == NOT_RUN else self.detail)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What a stage recorded
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def read_stage(stage_dir: Path) -> tuple[dict | None, tq.StageConfig | None]:
+    """The stage's metrics and resolved config, if it recorded them (a stage made elsewhere may not have)."""
+    metrics = config = None
+    if (stage_dir / tq.STAGE_METRICS).is_file():
+        try:
+            metrics = json.loads((stage_dir / tq.STAGE_METRICS).read_text())
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{stage_dir / tq.STAGE_METRICS}: not valid JSON ({err.msg})") from None
+    if (stage_dir / tq.RESOLVED_CONFIG).is_file():
+        try:
+            config = tq.load_config(stage_dir / tq.RESOLVED_CONFIG)
+        except tq.ConfigError as err:
+            raise UsageError(str(err)) from None
+    return metrics, config
+
+
+def read_adapter_tensors(stage_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(stage_dir / tq.ADAPTER_WEIGHTS))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checks; each returns a Check and never raises for a broken stage
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_adapter_files(stage_dir: Path) -> Check:
+    name = "adapter files"
+    pickles = sorted(p.name for p in stage_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        return Check(name, FAIL, f"pickled files refused, not loaded: {', '.join(pickles)} (weights must be "
+                                 "safetensors)")
+    nested = sorted(p.parent.name for p in stage_dir.glob(f"*/{tq.ADAPTER_CONFIG}"))
+    if nested:  # peft saves every adapter but "default" in a sub-directory named after it
+        return Check(name, FAIL, f"{stage_dir} holds more than one adapter (also: {', '.join(nested)})")
+    if not (stage_dir / tq.ADAPTER_CONFIG).is_file():
+        hint = " (it holds a full model: merged instead of saved as an adapter?)" \
+            if (stage_dir / "model.safetensors").is_file() or (stage_dir / "config.json").is_file() else ""
+        return Check(name, FAIL, f"no {tq.ADAPTER_CONFIG} in {stage_dir}{hint}")
+    try:
+        json.loads((stage_dir / tq.ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        return Check(name, FAIL, f"{tq.ADAPTER_CONFIG} is not valid JSON ({err.msg})")
+    if not (stage_dir / tq.ADAPTER_WEIGHTS).is_file():
+        return Check(name, FAIL, f"no {tq.ADAPTER_WEIGHTS} in {stage_dir}")
+    try:
+        tensors = read_adapter_tensors(stage_dir)
+    except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+        return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} is unreadable (truncated or corrupt?): {err}")
+    not_lora = [k for k in tensors if "lora_A" not in k and "lora_B" not in k]
+    if not tensors or not_lora:
+        return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} holds {len(not_lora)} non-LoRA tensors, e.g. "
+                                 f"{not_lora[:2]} (a merged or full model, not an adapter)")
+    return Check(name, PASS, f"{tq.ADAPTER_CONFIG} and {tq.ADAPTER_WEIGHTS} ({len(tensors)} LoRA tensors, "
+                             "safetensors only)")
+
+
+def check_lora_config(stage_dir: Path, expected: tq.LoraSettings | None, source: str) -> Check:
+    name = "LoRA config"
+    if expected is None:
+        return Check(name, NOT_RUN, "no --config and no resolved config saved with the stage")
+    diffs = tq.lora_mismatches(expected, tq.read_adapter_lora(stage_dir))
+    if diffs:
+        return Check(name, FAIL, "; ".join(d.replace("the YAML says", f"{source} says") for d in diffs))
+    return Check(name, PASS, f"r={expected.r}, alpha={expected.alpha}, dropout={expected.dropout}, "
+                             f"targets={','.join(expected.target_modules)} as in {source}")
+
+
+def lora_b_all_zero(tensors: dict) -> bool:
+    return all(not t.abs().sum().item() for k, t in tensors.items() if "lora_B" in k)
+
+
+def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
+    name = "lineage"
+    if metrics is None:
+        return Check(name, NOT_RUN, f"no {tq.STAGE_METRICS} in the stage")
+    tensors = read_adapter_tensors(stage_dir)
+    if lora_b_all_zero(tensors):
+        return Check(name, FAIL, "every LoRA B matrix is zero: an untrained, fresh adapter was saved")
+    saved_sha = tq.adapter_tensors_sha256(tensors)
+    if metrics.get("saved_adapter_tensors_sha256") not in (None, saved_sha):
+        return Check(name, FAIL, "the adapter on disk is not the one the stage saved (its hash changed since)")
+    if not metrics.get("prev_checkpoint"):
+        return Check(name, PASS, f"stage {metrics.get('stage')}: a new adapter, trained (B matrices non-zero)")
+    prev = Path(metrics["prev_checkpoint"])
+    start_sha = metrics.get("start_adapter_file_sha256")
+    if not start_sha:
+        return Check(name, FAIL, "the stage recorded no hash of the adapter it started from")
+    if not (prev / tq.ADAPTER_WEIGHTS).is_file():
+        return Check(name, NOT_RUN, f"previous stage {prev} is gone; cannot compare")
+    prev_sha = tq.sha256_file(prev / tq.ADAPTER_WEIGHTS)
+    if start_sha != prev_sha:
+        return Check(name, FAIL, f"started from weights {start_sha[:12]}..., but {prev} holds {prev_sha[:12]}...: "
+                                 "not the previous stage's adapter")
+    # The file was right, but were its weights the ones in the model? (A fresh adapter made beside it is not.)
+    loaded_sha = metrics.get("start_adapter_tensors_sha256")
+    if loaded_sha != tq.file_adapter_sha256(prev):
+        return Check(name, FAIL, f"the weights in the model at the first step ({str(loaded_sha)[:12]}...) were not "
+                                 f"{prev}'s adapter: not the previous stage's adapter (a fresh one?)")
+    if saved_sha == metrics.get("start_adapter_tensors_sha256"):
+        return Check(name, FAIL, "the saved adapter equals the one it started from: it did not train "
+                                 "(frozen: reloaded without is_trainable=True?)")
+    return Check(name, PASS, f"started from exactly {prev}'s adapter (sha256 {prev_sha[:12]}...) and trained it")
+
+
+def check_continuity(metrics: dict | None, tolerance: float) -> Check:
+    name = "continuity"
+    if metrics is None:
+        return Check(name, NOT_RUN, f"no {tq.STAGE_METRICS} in the stage")
+    if not metrics.get("prev_checkpoint"):
+        return Check(name, NOT_RUN, "stage 1 has no previous stage")
+    prev_metrics, _ = read_stage(Path(metrics["prev_checkpoint"])) if Path(metrics["prev_checkpoint"]).is_dir() \
+        else (None, None)
+    prev_final = (prev_metrics or {}).get("final_eval_loss", metrics.get("previous_final_eval_loss"))
+    first = metrics.get("first_eval_loss")
+    if first is None or prev_final is None:
+        return Check(name, NOT_RUN, "no eval loss recorded (no eval_file?)")
+    jump = abs(first - prev_final) / prev_final
+    detail = (f"first_eval_loss {first:.4f} vs previous final_eval_loss {prev_final:.4f} "
+              f"({jump:.1%}, tolerance {tolerance:.0%})")
+    if jump > tolerance:
+        return Check(name, FAIL, detail + ": the stage restarted instead of continuing")
+    return Check(name, PASS, detail)
+
+
+def check_base_model(metrics: dict | None, config: tq.StageConfig | None, base: str | None) -> Check:
+    name = "base model"
+    if metrics is None:
+        return Check(name, NOT_RUN, f"no {tq.STAGE_METRICS} in the stage")
+    problems = []
+    if base and base != metrics.get("model_name_or_path"):
+        problems.append(f"--base {base} but the stage trained on {metrics.get('model_name_or_path')}")
+    if config is not None:
+        if config.model_name_or_path != metrics.get("model_name_or_path"):
+            problems.append(f"the config names base {config.model_name_or_path}, the stage trained on "
+                            f"{metrics.get('model_name_or_path')}")
+        recorded = metrics.get("quantization", {})
+        problems += [f"quantization.{k}: the config says {v!r}, the stage recorded {recorded.get(k)!r}"
+                     for k, v in asdict(config.quantization).items() if recorded.get(k) != v]
+    if problems:
+        return Check(name, FAIL, "; ".join(problems))
+    q = metrics.get("quantization", {})
+    return Check(name, PASS, f"{metrics.get('model_name_or_path')}, 4-bit {q.get('quant_type')}, compute "
+                             f"{q.get('compute_dtype')}, double quant {q.get('double_quant')}")
+
+
+def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: tq.StageConfig | None,
+                                base: str | None) -> Check:
+    """Load the base exactly as the trainer does, reopen the adapter trainable, and inspect it."""
+    name = "reopened for training"
+    if config is None:
+        return Check(name, NOT_RUN, "no config to load the base with (pass --config)")
+    model_name = base or (metrics or {}).get("model_name_or_path") or config.model_name_or_path
+    # The trainer's own loading steps, with their training-time log lines kept out of the verifier's report.
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            model_path = tq.resolve_model_path(model_name)
+            model = tq.load_quantized_base(model_path, config)
+        except Exception as err:  # no GPU for an 8B, no local copy of a hub id, ...
+            return Check(name, NOT_RUN, f"base {model_name} could not be loaded here: {type(err).__name__}: {err}")
+        model = tq.continue_adapter(model, str(stage_dir))
+    try:
+        count = tq.check_adapter_trainable(model, config.lora)
+    except tq.CurriculumError as err:
+        return Check(name, FAIL, str(err))
+    active = model.active_adapter if isinstance(model.active_adapter, str) else list(model.active_adapter)
+    if active != "default":
+        return Check(name, FAIL, f"active adapter is {active!r}, expected 'default'")
+    base_trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
+    params = {n.replace(".default.", "."): tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
+    in_file = {n: tuple(t.shape) for n, t in read_adapter_tensors(stage_dir).items()}
+    missing, unexpected = sorted(set(params) - set(in_file)), sorted(set(in_file) - set(params))
+    wrong = [n for n in set(params) & set(in_file) if params[n] != in_file[n]]
+    if missing or unexpected or wrong:
+        return Check(name, FAIL, f"adapter file vs model: missing {missing[:3]}, unexpected {unexpected[:3]}, "
+                                 f"wrong shapes {wrong[:3]}")
+    return Check(name, PASS, f"one adapter 'default', active; {count:,} trainable LoRA parameters = r x (in + out) "
+                             f"of the targeted modules; base trainable {base_trainable}; "
+                             f"{len(in_file)} tensors match the model's shapes")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Static check of the training script: parse it, so comments and strings do not count
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _mentions_prev_checkpoint(node: ast.AST) -> bool:
+    return any((isinstance(n, ast.Name) and "prev_checkpoint" in n.id)
+               or (isinstance(n, ast.Attribute) and "prev_checkpoint" in n.attr) for n in ast.walk(node))
+
+
+def _called_name(call: ast.Call) -> str:
+    f = call.func
+    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
+
+
+def _reachable_calls(body: list[ast.stmt], functions: dict[str, ast.FunctionDef], seen: set[str]) -> list[ast.Call]:
+    """Calls in `body` and, transitively, in the module's functions that it calls by name."""
+    calls = [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Call)]
+    for call in list(calls):
+        fname = _called_name(call)
+        if fname in functions and fname not in seen:
+            seen.add(fname)
+            calls += _reachable_calls(functions[fname].body, functions, seen)
+    return calls
+
+
+def _is_trainable_true(call: ast.Call) -> bool:
+    return any(k.arg == "is_trainable" and isinstance(k.value, ast.Constant) and k.value.value is True
+               for k in call.keywords)
+
+
+def check_training_script(script: Path) -> Check:
+    name = "training script"
+    try:
+        tree = ast.parse(script.read_text(), filename=str(script))
+    except (OSError, SyntaxError) as err:
+        raise UsageError(f"cannot parse {script}: {err}") from None
+    functions = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
+    branches = [n for n in ast.walk(tree) if isinstance(n, ast.If) and _mentions_prev_checkpoint(n.test)]
+    continuing = []
+    for branch in branches:
+        calls = _reachable_calls(branch.body, functions, set())
+        if any(_called_name(c) == "from_pretrained" and _is_trainable_true(c) or
+               _called_name(c) == "from_pretrained" and "Peft" in ast.unparse(c.func) for c in calls):
+            continuing.append((branch, calls))
+    if not continuing:
+        return Check(name, FAIL, f"{script}: no `if ...prev_checkpoint...` branch that calls "
+                                 "PeftModel.from_pretrained")
+    problems = []
+    for branch, calls in continuing:
+        for call in calls:
+            fname = _called_name(call)
+            if fname in FORBIDDEN_IN_CONTINUE_BRANCH:
+                problems.append(f"line {call.lineno}: {fname}() in the prev_checkpoint branch (line {branch.lineno})")
+            if fname == "from_pretrained" and "Peft" in ast.unparse(call.func) and not _is_trainable_true(call):
+                problems.append(f"line {call.lineno}: PeftModel.from_pretrained without is_trainable=True")
+    if problems:
+        return Check(name, FAIL, f"{script}: " + "; ".join(problems))
+    return Check(name, PASS, f"{script}: the prev_checkpoint branch reopens the adapter with is_trainable=True; no "
+                             "merge_and_unload, second k-bit preparation or get_peft_model in it")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Putting it together
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tolerance: float,
+                 skip_load: bool, script: Path) -> list[Check]:
+    if not stage_dir.is_dir():
+        raise UsageError(f"stage directory not found: {stage_dir}")
+    metrics, saved_config = read_stage(stage_dir)
+    config, source = saved_config, f"{stage_dir / tq.RESOLVED_CONFIG}"
+    if config_path:
+        try:
+            config, source = tq.load_config(config_path), config_path
+        except tq.ConfigError as err:
+            raise UsageError(str(err)) from None
+    checks = [check_adapter_files(stage_dir)]
+    if checks[0].status == FAIL:  # nothing else can be read from a stage without a readable adapter
+        rest = ["LoRA config", "lineage", "continuity", "base model", "reopened for training"]
+        checks += [Check(n, NOT_RUN, "the adapter files are broken") for n in rest]
+    else:
+        checks += [check_lora_config(stage_dir, config.lora if config else None, source),
+                   check_lineage(stage_dir, metrics), check_continuity(metrics, tolerance),
+                   check_base_model(metrics, config if config_path else None, base)]
+        checks.append(Check("reopened for training", NOT_RUN, "--skip-load") if skip_load
+                      else check_reopened_for_training(stage_dir, metrics, config, base))
+    checks.append(check_training_script(script))
+    for c in checks:
+        c.stage_dir = str(stage_dir)
+    return checks
+
+
+def curriculum_stages(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise UsageError(f"curriculum directory not found: {root}")
+    stages = [p.parent for p in root.glob(f"*/{tq.STAGE_METRICS}")]
+    if not stages:
+        raise UsageError(f"{root} holds no stage directories (with {tq.STAGE_METRICS})")
+    return sorted(stages, key=lambda p: json.loads((p / tq.STAGE_METRICS).read_text()).get("stage", 0))
+
+
+def check_same_lora_across(stages: list[Path]) -> Check:
+    configs = {str(s): tq.read_adapter_lora(s) for s in stages if (s / tq.ADAPTER_CONFIG).is_file()}
+    if len({json.dumps(c, sort_keys=True) for c in configs.values()}) > 1:
+        return Check("LoRA config across stages", FAIL, "differs: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                                 configs.items()))
+    return Check("LoRA config across stages", PASS, f"identical in all {len(configs)} stages")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage_dir", nargs="?")
+    parser.add_argument("--curriculum", metavar="ROOT", help="verify every stage under ROOT, in order")
+    parser.add_argument("--script", metavar="PY", help="statically check this training script (alone, if no stage)")
+    parser.add_argument("--config", help="stage YAML whose LoRA and quantization settings are expected")
+    parser.add_argument("--base", help="base model to load instead of the one the stage recorded")
+    parser.add_argument("--tolerance", type=float, default=0.10, help="continuity tolerance (default 0.10)")
+    parser.add_argument("--skip-load", action="store_true", help="run only the checks that need no model")
+    parser.add_argument("--json", action="store_true", help="print a machine-readable report")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code == 0 else 2
+    script = Path(args.script) if args.script else Path(tq.__file__)
+    try:
+        if args.curriculum:
+            stages = curriculum_stages(Path(args.curriculum))
+            checks = [c for s in stages for c in verify_stage(s, None, args.base, args.tolerance, args.skip_load,
+                                                              script)]
+            checks.append(check_same_lora_across(stages))
+        elif args.stage_dir:
+            checks = verify_stage(Path(args.stage_dir), args.config, args.base, args.tolerance, args.skip_load,
+                                  script)
+        elif args.script:
+            if not script.is_file():
+                raise UsageError(f"script not found: {script}")
+            checks = [check_training_script(script)]
+        else:
+            raise UsageError("give a STAGE_DIR, --curriculum ROOT or --script PY")
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    failed = sum(c.status == FAIL for c in checks)
+    if args.json:
+        print(json.dumps({"ok": failed == 0, "checks": [asdict(c) for c in checks]}, indent=2))
+    else:
+        current = None
+        for c in checks:
+            if c.stage_dir != current and c.stage_dir:
+                current = c.stage_dir
+                print(f"== {current}")
+            print(c.line())
+        counts = {s: sum(c.status == s for c in checks) for s in (PASS, FAIL, NOT_RUN)}
+        print(f"verify: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[NOT_RUN]} not run")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
