@@ -31,8 +31,11 @@ for s in 1 2; do
   grep -vE "it/s\]|Warning|warn" "$out/stage$s.log" | grep -E "^step|eval_loss|Trainable|trainable|CURRICULUM|✓|Saved|Loaded 4-bit|rror" | tail -25
   cp /tmp/exp4/stage$s/stage_metrics.json "$out/stage${s}_metrics.json" 2>/dev/null
 done
+# The verifier on the 8B stages: every check, the 4-bit reload with is_trainable=True included.
+python3 verify_exp4_fix.py --curriculum /tmp/exp4 2>&1 | grep -E "^(==|✓|✗|-|verify)" | tee "$out/verify.txt"
+
 python3 - "$out" <<'PY'
-import json, sys
+import json, re, statistics, sys
 out = sys.argv[1]
 base = json.load(open(f"{out}/baseline.json"))[0]
 print(f"yardstick W448 bs4: {base['samples_per_s']} samples/s, {base['step_s']} s/step, {base['peak_GiB']} GiB")
@@ -42,8 +45,13 @@ for s in (1, 2):
     except OSError:
         print(f"stage {s}: no metrics"); continue
     sps = m["samples_per_second"]
-    print(f"stage {s}: {sps} samples/s ({sps / base['samples_per_s']:.2f}x yardstick), "
-          f"{m['train_seconds'] / m['global_steps']:.3f} s/step, peak {m['peak_gpu_memory_gib']} GiB, "
+    # steady state: the logged intervals after the first (which holds warm-up and dataloader start)
+    dts = [float(x) for x in re.findall(r"dt ([0-9.]+)s/step", open(f"{out}/stage{s}.log").read())][1:]
+    steady = statistics.median(dts) if dts else float("nan")
+    bs = m["effective_batch_size"]
+    print(f"stage {s}: whole run {sps} samples/s ({sps / base['samples_per_s']:.2f}x yardstick); steady "
+          f"{steady:.3f} s/step = {bs / steady:.2f} samples/s ({bs / steady / base['samples_per_s']:.2f}x); "
+          f"peak {m['peak_gpu_memory_gib']} GiB, "
           f"trainable {m['trainable_params']:,}, first_eval {m['first_eval_loss']:.4f}, "
           f"prev final {m['previous_final_eval_loss']}, final {m['final_eval_loss']:.4f}")
 PY
