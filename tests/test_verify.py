@@ -221,3 +221,14 @@ def test_bad_usage_exits_2(tmp_path):
     (tmp_path / "s" / tq.STAGE_METRICS).write_text("{broken")
     code, out = verify(str(tmp_path / "s"))
     assert code == 2 and "not valid JSON" in out
+
+
+def test_curriculum_with_differing_lora_configs_is_rejected(curriculum, tmp_path):
+    root, _ = curriculum
+    stages = [copy_stage(root / f"stage{s}", tmp_path / f"stage{s}") for s in (1, 2)]
+    cfg = json.loads((stages[1] / tq.ADAPTER_CONFIG).read_text())
+    cfg["lora_dropout"] = 0.1
+    (stages[1] / tq.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    check = vf.check_same_lora_across(stages)
+    assert check.status == vf.FAIL and "'dropout': 0.1" in check.detail
+    assert vf.check_same_lora_across(stages[:1]).status == vf.PASS
