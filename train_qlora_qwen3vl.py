@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -97,6 +98,8 @@ class StageConfig:
     """JSONL training split; image paths inside it are relative to this file."""
     eval_file: str | None = None
     """JSONL dev split: evaluated before the first step, every `eval_steps`, and at the end."""
+    test_file: str | None = None
+    """JSONL test split, for `python vqa_eval.py CONFIG --split test` (never used in training)."""
     stage: int = 1
     """Curriculum stage number: 1 makes a new adapter, >= 2 continues `prev_checkpoint`."""
     model_name_or_path: str = "Qwen/Qwen3-VL-8B-Instruct"
@@ -145,6 +148,14 @@ class StageConfig:
     """Recompute activations in the backward pass: much less memory, ~30% more compute."""
     optimizer_state: Literal["fresh", "resume"] = "fresh"
     """`resume` carries the previous stage's AdamW moments over; steps, schedule and data order start anew."""
+    eval_questions: int = -1
+    """Dev questions answered by generation at the end of the stage (accuracy, P/R/F1): -1 all, 0 off, N the first N."""
+    max_new_tokens: int = 16
+    """Longest generated answer, in tokens."""
+    numeric_tolerance: float = 1.0
+    """A numeric answer within this absolute distance of the gold one counts for `accuracy_within_tolerance`."""
+    tensorboard: bool = True
+    """Write TensorBoard logs to <output_dir's parent>/tensorboard/<stage dir name>."""
     dataloader_num_workers: int = 2
     """Processes that decode and tokenise samples while the model trains."""
     overwrite: bool = False
@@ -289,12 +300,21 @@ def validate_config(cfg: StageConfig) -> None:
         problems.append(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     if not cfg.lora.target_modules:
         problems.append("lora.target_modules must name at least one module")
+    if cfg.eval_questions < -1:
+        problems.append(f"eval_questions must be -1 (all), 0 (off) or a count, got {cfg.eval_questions}")
+    if cfg.max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be > 0, got {cfg.max_new_tokens}")
+    if cfg.numeric_tolerance < 0:
+        problems.append(f"numeric_tolerance must be >= 0, got {cfg.numeric_tolerance}")
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("tensorboard: true, but the tensorboard package is not installed (pip install tensorboard, "
+                        "or set tensorboard: false)")
     for key in ("eval_steps", "save_steps", "dataloader_num_workers"):
         if getattr(cfg, key) < 0:
             problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.min_pixels > cfg.max_pixels:
         problems.append(f"min_pixels ({cfg.min_pixels}) must not exceed max_pixels ({cfg.max_pixels})")
-    for key in ("train_file", "eval_file"):
+    for key in ("train_file", "eval_file", "test_file"):
         value = getattr(cfg, key)
         if value is not None and not Path(value).is_file():
             problems.append(f"{key}: file not found: {value}")
@@ -341,6 +361,7 @@ class Record:
     prompt_messages: list
     answer: str
     source: str  # "file:line", for error messages
+    options: list | None = None
 
 
 def format_question(question: str, qtype: str, options: list | None) -> str:
@@ -426,7 +447,7 @@ def load_records(path: str | os.PathLike, system_prompt: str | None = None) -> l
         content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
         prompt = ([{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt
                   else []) + [{"role": "user", "content": content}]
-        records.append(Record(str(obj["id"]), qtype, image, prompt, answer, source))
+        records.append(Record(str(obj["id"]), qtype, image, prompt, answer, source, obj.get("options")))
     if not records:
         raise ConfigError(f"{path}: no records")
     return records
@@ -844,6 +865,13 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
     trainer.remove_callback(ProgressCallback)
     for callback in make_log_callbacks():
         trainer.add_callback(callback)
+    if cfg.tensorboard:  # one folder per stage, side by side: `tensorboard --logdir <curriculum>/tensorboard`
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        out = Path(cfg.output_dir)
+        trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out.parent / "tensorboard"
+                                                                                  / out.name))))
     return trainer
 
 
@@ -859,9 +887,10 @@ def previous_stage_metrics(prev_checkpoint: str | None) -> dict | None:
     return json.loads((Path(prev_checkpoint) / STAGE_METRICS).read_text())
 
 
-def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, staging: Path) -> Path:
-    """Write the stage atomically: adapter (safetensors only), processor, resolved config, metrics and
-    optimizer moments go to `<output_dir>.saving`, which is renamed into place only when complete."""
+def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predictions: list | None,
+               staging: Path) -> Path:
+    """Write the stage atomically: adapter (safetensors only), processor, resolved config, metrics, predictions,
+    plots and optimizer moments go to `<output_dir>.saving`, which is renamed into place only when complete."""
     out = Path(cfg.output_dir)
     trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors + processor files
     if not trainer.is_world_process_zero():
@@ -872,6 +901,12 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, stagi
     metrics["saved_adapter_tensors_sha256"] = file_adapter_sha256(staging)
     (staging / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))
+    import vqa_eval  # evaluation and plots live beside the trainer
+
+    if predictions is not None:
+        vqa_eval.write_predictions(predictions, staging / "predictions_dev.jsonl")
+    for plot in vqa_eval.write_stage_plots(staging):
+        print(f"Plot: {out / plot.name}")
     if out.exists():  # only reachable with overwrite: true (validate_config refuses otherwise)
         shutil.rmtree(out)
     os.replace(staging, out)
@@ -930,6 +965,14 @@ def train_stage(cfg: StageConfig) -> dict:
     train_seconds = time.time() - t0
     final_eval = eval_loss(trainer, eval_ds, "final_eval")
     print(f"final_eval_loss {final_eval}")
+    dev_metrics = predictions = None
+    if eval_ds is not None and cfg.eval_questions and trainer.is_world_process_zero():
+        import vqa_eval
+
+        records = eval_ds.records if cfg.eval_questions < 0 else eval_ds.records[:cfg.eval_questions]
+        dev_metrics, predictions = vqa_eval.evaluate_records(model, processor, records, cfg)
+        print(f"Dev accuracy after stage {cfg.stage} ({len(records)} questions, by generation):\n"
+              + vqa_eval.metrics_table(dev_metrics))
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     metrics = {
@@ -946,6 +989,7 @@ def train_stage(cfg: StageConfig) -> dict:
         "previous_final_eval_loss": (prev_metrics or {}).get("final_eval_loss"),
         "final_eval_loss": final_eval,
         "final_eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
+        "dev_metrics": dev_metrics,
         "train_loss_history": [{"step": e["step"], "loss": e["loss"]}
                                for e in trainer.state.log_history if "loss" in e],
         "eval_loss_history": [{"step": e["step"], "loss": e["eval_loss"]}
@@ -964,7 +1008,7 @@ def train_stage(cfg: StageConfig) -> dict:
         "start_adapter_tensors_sha256": start_tensor_sha,
         "optimizer_state": cfg.optimizer_state,
     }
-    out = save_stage(trainer, model, processor, cfg, metrics, Path(f"{cfg.output_dir}.saving"))
+    out = save_stage(trainer, model, processor, cfg, metrics, predictions, Path(f"{cfg.output_dir}.saving"))
     if trainer.is_world_process_zero():
         shutil.rmtree(work_dir, ignore_errors=True)
         print(f"Saved stage {cfg.stage} to {out} (adapter sha256 {metrics['saved_adapter_file_sha256'][:16]}...)")

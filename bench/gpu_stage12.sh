@@ -22,7 +22,8 @@ cp .gpu/q8b_processor/* /tmp/q8b/
 # The project's trainer: the exp4 configs as shipped, but on the random 8B, every image 448x448 (196 tokens),
 # a fixed number of steps, no intermediate evaluation or checkpoints.
 common=(--set model_name_or_path=/tmp/q8b --set max_steps=$steps --set grad_accum=1 --set min_pixels=200704
-        --set max_pixels=200704 --set eval_steps=0 --set save_steps=0 --set logging_steps=5)
+        --set max_pixels=200704 --set eval_steps=0 --set save_steps=0 --set logging_steps=5
+        --set tensorboard=false)  # the GPU machine has no tensorboard package
 for s in 1 2; do
   extra=(); [ $s -gt 1 ] && extra=(--set prev_checkpoint=/tmp/exp4/stage$((s - 1)))
   python3 train_qlora_qwen3vl.py configs/exp4_stage$s.yaml "${common[@]}" "${extra[@]}" \
