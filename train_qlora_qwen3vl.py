@@ -49,6 +49,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STAGE_METRICS = "stage_metrics.json"
 RESOLVED_CONFIG = "resolved_config.yaml"
 OPTIMIZER_MOMENTS = "optimizer_moments.safetensors"
+STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run must not measure again
 IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and padding positions)
 
 QUESTION_TYPES = ("single_choice", "numeric", "multi_label")
@@ -61,6 +62,14 @@ class ConfigError(ValueError):
 
 class CurriculumError(RuntimeError):
     """The adapter about to train is not the one it must be (frozen, duplicated, fresh, altered); exit 1."""
+
+
+class StageStopped(Exception):
+    """Training stopped before the end on purpose (a signal); a checkpoint to resume from was saved."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,7 +138,7 @@ class StageConfig:
     eval_steps: int = 50
     """Evaluate on eval_file every this many steps (0: only before and after training)."""
     save_steps: int = 0
-    """Write an intermediate checkpoint every this many steps (0: none; the final adapter is always saved)."""
+    """Checkpoint every this many steps into <output_dir>.partial; the same command resumes from the last one."""
     logging_steps: int = 10
     """Print the `step | loss | lr | dt | mem` line every this many steps."""
     seed: int = 42
@@ -837,6 +846,46 @@ def make_log_callbacks():
     return StepLog(), ProgressBarOnly()
 
 
+class StageGuard:
+    """Stops the stage cleanly: on SIGINT/SIGTERM after saving a checkpoint to resume from; on non-finite LoRA
+    weights (a diverged loss) without saving them. Checked after every optimizer step, before any save."""
+
+    def __init__(self, model):
+        import signal
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.signal_name: str | None = None
+        self.non_finite_step: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        import signal
+
+        if self.signal_name:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
+              "(send it again to stop at once)", flush=True)
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class Guard(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                finite = torch.stack([torch.isfinite(p).all() for p in guard.params]).all().item()
+                if not finite:
+                    guard.non_finite_step = state.global_step
+                    control.should_save, control.should_training_stop = False, True
+                elif guard.signal_name:
+                    control.should_save, control.should_training_stop = True, True
+
+        return Guard()
+
+
 def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_dir: Path):
     import torch
     from transformers import Trainer, TrainingArguments
@@ -857,7 +906,7 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
         fp16=on_gpu and cfg.quantization.compute_dtype == "float16",
         use_cpu=not on_gpu, remove_unused_columns=False, label_names=["labels"], report_to="none",
         dataloader_num_workers=cfg.dataloader_num_workers, dataloader_pin_memory=on_gpu,
-        ddp_find_unused_parameters=False, disable_tqdm=False,
+        ddp_find_unused_parameters=False, disable_tqdm=False, save_total_limit=2,
     )
     pad_id = processor.tokenizer.pad_token_id
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -873,6 +922,26 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
         trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out.parent / "tensorboard"
                                                                                   / out.name))))
     return trainer
+
+
+def interrupted_run(work_dir: Path, cfg: StageConfig) -> str | None:
+    """The last checkpoint of an interrupted run of this very stage config, to resume from; None to start anew."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not work_dir.is_dir():
+        return None
+    last = get_last_checkpoint(str(work_dir))
+    start_file = work_dir / STAGE_START
+    if last is None or not start_file.is_file():
+        shutil.rmtree(work_dir)  # started, but nothing to resume from: no checkpoint was written
+        return None
+    saved = json.loads(start_file.read_text())["config"]
+    now = config_to_dict(cfg)
+    differ = [k for k in now if k != "overwrite" and saved.get(k) != now[k]]
+    if differ:
+        raise ConfigError(f"{work_dir} holds an interrupted run of this stage with other settings "
+                          f"({', '.join(differ)}); restore them to resume it, or delete {work_dir} to start over")
+    return last
 
 
 def eval_loss(trainer, dataset, prefix: str) -> float | None:
@@ -933,6 +1002,9 @@ def train_stage(cfg: StageConfig) -> dict:
         if cfg.prev_checkpoint:
             print(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
 
+    work_dir = Path(f"{cfg.output_dir}.partial")  # intermediate checkpoints; removed once the stage is saved
+    resume_from = interrupted_run(work_dir, cfg)  # before the long model load: a mismatch is reported at once
+
     model = load_quantized_base(model_path, cfg)
     start_file_sha = start_tensor_sha = None
     if cfg.prev_checkpoint:
@@ -947,22 +1019,47 @@ def train_stage(cfg: StageConfig) -> dict:
     model.print_trainable_parameters()
     print(f"Trainable parameters: {trainable:,} (LoRA only; equals r x (in + out) over the targeted modules)")
 
-    work_dir = Path(f"{cfg.output_dir}.partial")  # intermediate checkpoints; removed once the stage is saved
     trainer = build_trainer(model, processor, train_ds, eval_ds, cfg, work_dir)
-    if cfg.optimizer_state == "resume":
+    guard = StageGuard(model)
+    trainer.add_callback(guard.callback())
+    if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
         trainer.create_optimizer()
         n = load_optimizer_moments(model, trainer.optimizer, Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS)
         print(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
 
-    first_eval = eval_loss(trainer, continuity_ds, "first_eval")
-    first_own = eval_loss(trainer, eval_ds, "first_own_eval") if continuity_ds is not eval_ds else first_eval
+    if resume_from:
+        start = json.loads((work_dir / STAGE_START).read_text())
+        first_eval, first_own = start["first_eval_loss"], start["first_eval_loss_own_split"]
+        print(f"Resuming stage {cfg.stage} from {resume_from}: the step, optimizer, scheduler, RNG and data order "
+              "are restored")
+    else:
+        first_eval = eval_loss(trainer, continuity_ds, "first_eval")
+        first_own = eval_loss(trainer, eval_ds, "first_own_eval") if continuity_ds is not eval_ds else first_eval
+        if trainer.is_world_process_zero():
+            work_dir.mkdir(parents=True, exist_ok=True)
+            (work_dir / STAGE_START).write_text(json.dumps({
+                "config": config_to_dict(cfg), "first_eval_loss": first_eval, "first_eval_loss_own_split": first_own}))
     print(f"first_eval_loss {first_eval} (before the first step; previous stage ended at "
           f"{(prev_metrics or {}).get('final_eval_loss')})")
     if cfg.prev_checkpoint:
         print(f"Stage {cfg.stage}: starting from the adapter saved by stage {(prev_metrics or {}).get('stage', '?')}")
     t0 = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - t0
+    if guard.non_finite_step is not None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+        raise CurriculumError(
+            f"the LoRA weights became non-finite (NaN/inf) at step {guard.non_finite_step}: the loss diverged. "
+            f"Nothing was saved as the stage. Lower lr (now {cfg.lr:g}) or max_grad_norm; "
+            + (f"the last good checkpoint is {last} (the same command resumes from it)." if last
+               else "no earlier checkpoint exists (set save_steps to keep some)."))
+    if guard.signal_name:
+        code = 130 if guard.signal_name == "SIGINT" else 143
+        raise StageStopped(f"stopped by {guard.signal_name} at step {trainer.state.global_step}/"
+                           f"{trainer.state.max_steps}; checkpoint saved in {work_dir}. Run the same command to "
+                           "resume.", code)
     final_eval = eval_loss(trainer, eval_ds, "final_eval")
     print(f"final_eval_loss {final_eval}")
     dev_metrics = predictions = None
@@ -1066,6 +1163,16 @@ def main(argv: list[str] | None = None) -> int:
     except CurriculumError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except StageStopped as stop:
+        print(f"Stopped: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except Exception as err:
+        if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
+            print("error: out of GPU memory. Lower batch_size (and raise grad_accum to keep the effective batch), "
+                  "lower max_pixels (fewer image tokens), set gradient_checkpointing: true, or lower "
+                  f"eval_batch_size if it happened during evaluation.\n({str(err).splitlines()[0]})", file=sys.stderr)
+            return 3
+        raise
     return 0
 
 

@@ -1,0 +1,128 @@
+"""Faults on the tiny model: a killed or interrupted stage resumes, a diverged or out-of-memory stage stops
+with a clear message, and nothing already saved is touched."""
+
+import hashlib
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, metrics, run_script, stage_args
+from safetensors.torch import load_file
+
+import train_qlora_qwen3vl as tq
+
+STEPS = 12
+
+
+def args_for(out: Path, *extra: str) -> list[str]:
+    return ["configs/demo/stage1.yaml", "--set", f"output_dir={out}", "--set", f"max_steps={STEPS}",
+            "--set", "save_steps=4", "--set", "logging_steps=2", "--set", "eval_questions=0",
+            "--set", "tensorboard=false", *extra]
+
+
+def tree_hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train_qlora_qwen3vl.py", *args], cwd=REPO, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the fault could be injected"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_path) -> dict:
+    out = tmp_path_factory.mktemp("faults") / "reference"
+    result = run_script("train_qlora_qwen3vl.py", *args_for(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return metrics(out)
+
+
+def test_killed_stage_resumes_to_the_same_adapter(tmp_path, uninterrupted):
+    out = tmp_path / "stage"
+    proc = start(args_for(out), tmp_path / "killed.log")
+    wait_for(lambda: (out.with_name("stage.partial") / "checkpoint-8" / "trainer_state.json").is_file(), proc)
+    proc.kill()  # SIGKILL: no chance to save anything more
+    proc.wait()
+    assert not out.exists()
+    result = run_script("train_qlora_qwen3vl.py", *args_for(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Resuming stage 1 from" in result.stdout and "checkpoint-8" in result.stdout
+    m = metrics(out)
+    assert m["global_steps"] == STEPS and [h["step"] for h in m["train_loss_history"]][-1] == STEPS
+    # step, optimizer, scheduler, RNG and data order restored: the very same weights as a run never killed
+    assert m["saved_adapter_tensors_sha256"] == uninterrupted["saved_adapter_tensors_sha256"]
+    assert m["first_eval_loss"] == uninterrupted["first_eval_loss"]
+    assert not out.with_name("stage.partial").exists()
+
+
+def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, uninterrupted):
+    out = tmp_path / "stage"
+    log = tmp_path / "term.log"
+    proc = start(args_for(out), log)
+    wait_for(lambda: "step 6/12" in log.read_text(), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=300) == 143
+    text = log.read_text()
+    assert "Received SIGTERM: saving a checkpoint after this step" in text
+    assert "Run the same command to resume." in text and "Traceback" not in text
+    checkpoints = sorted(out.with_name("stage.partial").glob("checkpoint-*"))
+    stopped_at = int(checkpoints[-1].name.split("-")[1])
+    assert 6 <= stopped_at < STEPS and not out.exists()
+    result = run_script("train_qlora_qwen3vl.py", *args_for(out))
+    assert result.returncode == 0 and f"checkpoint-{stopped_at}" in result.stdout
+    assert metrics(out)["saved_adapter_tensors_sha256"] == uninterrupted["saved_adapter_tensors_sha256"]
+
+
+def test_interrupted_run_with_other_settings_is_not_resumed_or_deleted(tmp_path):
+    out = tmp_path / "stage"
+    proc = start(args_for(out), tmp_path / "log")
+    wait_for(lambda: (out.with_name("stage.partial") / "checkpoint-4" / "trainer_state.json").is_file(), proc)
+    proc.kill()
+    proc.wait()
+    before = tree_hashes(out.with_name("stage.partial"))
+    result = run_script("train_qlora_qwen3vl.py", *args_for(out, "--set", "lr=1e-3"))
+    assert result.returncode == 2 and "holds an interrupted run of this stage with other settings (lr)" in result.stderr
+    assert tree_hashes(out.with_name("stage.partial")) == before
+
+
+def test_diverged_loss_stops_without_saving_nan_weights(curriculum, tmp_path):
+    root, _ = curriculum
+    before = tree_hashes(root / "stage1")
+    out = tmp_path / "nan"
+    result = run_script("train_qlora_qwen3vl.py", *stage_args(2, root, str(out)), "--set", "lr=1e36",
+                        "--set", "warmup_ratio=0", "--set", "save_steps=1", "--set", "tensorboard=false")
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: the LoRA weights became non-finite (NaN/inf) at step" in result.stderr
+    assert "Nothing was saved as the stage. Lower lr" in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+    for checkpoint in out.with_name("nan.partial").glob("checkpoint-*"):  # every checkpoint kept is finite
+        weights = load_file(str(checkpoint / tq.ADAPTER_WEIGHTS))
+        assert all(t.isfinite().all() for t in weights.values()), checkpoint
+    assert tree_hashes(root / "stage1") == before
+
+
+def test_out_of_memory_names_the_settings_to_change(curriculum, tmp_path):
+    root, _ = curriculum
+    before = tree_hashes(root / "stage1")
+    result = run_script("tests/faults.py", "oom", *stage_args(2, root, str(tmp_path / "oom")),
+                        "--set", "tensorboard=false")
+    assert result.returncode == 3
+    assert "error: out of GPU memory. Lower batch_size" in result.stderr
+    for setting in ("grad_accum", "max_pixels", "gradient_checkpointing: true", "eval_batch_size"):
+        assert setting in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "oom").exists()
+    assert tree_hashes(root / "stage1") == before
+    assert json.loads((root / "stage1" / tq.STAGE_METRICS).read_text())["stage"] == 1
