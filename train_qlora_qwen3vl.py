@@ -876,7 +876,8 @@ class StageGuard:
 
         class Guard(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                finite = torch.stack([torch.isfinite(p).all() for p in guard.params]).all().item()
+                # one device sync per step; nothing to check if nothing trains
+                finite = not guard.params or torch.stack([torch.isfinite(p).all() for p in guard.params]).all().item()
                 if not finite:
                     guard.non_finite_step = state.global_step
                     control.should_save, control.should_training_stop = False, True
