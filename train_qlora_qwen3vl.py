@@ -962,6 +962,8 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     """Write the stage atomically: adapter (safetensors only), processor, resolved config, metrics, predictions,
     plots and optimizer moments go to `<output_dir>.saving`, which is renamed into place only when complete."""
     out = Path(cfg.output_dir)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed: start it clean
     trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors + processor files
     if not trainer.is_world_process_zero():
         return out
@@ -1044,6 +1046,7 @@ def train_stage(cfg: StageConfig) -> dict:
           f"{(prev_metrics or {}).get('final_eval_loss')})")
     if cfg.prev_checkpoint:
         print(f"Stage {cfg.stage}: starting from the adapter saved by stage {(prev_metrics or {}).get('stage', '?')}")
+    resumed_at = int(Path(resume_from).name.rsplit("-", 1)[1]) if resume_from else 0  # checkpoint-<step>
     t0 = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - t0
@@ -1098,8 +1101,10 @@ def train_stage(cfg: StageConfig) -> dict:
         "num_processes": world,
         "train_samples": len(train_ds),
         "train_seconds": round(train_seconds, 2),
-        "samples_per_second": round(trainer.state.global_step * cfg.batch_size * cfg.grad_accum * world
-                                    / max(train_seconds, 1e-9), 3),
+        # steps of this run only: a resumed run timed only what it trained after the resume
+        "samples_per_second": round((trainer.state.global_step - resumed_at) * cfg.batch_size * cfg.grad_accum
+                                    * world / max(train_seconds, 1e-9), 3),
+        "resumed_from_step": resumed_at or None,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
         else None,
         "start_adapter_file_sha256": start_file_sha,

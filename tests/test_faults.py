@@ -62,6 +62,7 @@ def test_killed_stage_resumes_to_the_same_adapter(tmp_path, uninterrupted):
     assert "Resuming stage 1 from" in result.stdout and "checkpoint-8" in result.stdout
     m = metrics(out)
     assert m["global_steps"] == STEPS and [h["step"] for h in m["train_loss_history"]][-1] == STEPS
+    assert m["resumed_from_step"] == 8 and uninterrupted["resumed_from_step"] is None
     # step, optimizer, scheduler, RNG and data order restored: the very same weights as a run never killed
     assert m["saved_adapter_tensors_sha256"] == uninterrupted["saved_adapter_tensors_sha256"]
     assert m["first_eval_loss"] == uninterrupted["first_eval_loss"]
