@@ -281,6 +281,17 @@ def read_adapter_lora(adapter_dir: str | os.PathLike) -> dict:
             "target_modules": sorted(targets) if isinstance(targets, list) else targets}
 
 
+def extra_adapters(adapter_dir: str | os.PathLike) -> list[str]:
+    """Names of adapters saved beside `default`: peft writes each one into a sub-directory named after it."""
+    return sorted(p.parent.name for p in Path(adapter_dir).glob(f"*/{ADAPTER_CONFIG}"))
+
+
+def curriculum_stage_dirs(root: str | os.PathLike) -> list[Path]:
+    """The finished stage directories under `root` (those with stage_metrics.json), in their recorded stage order."""
+    stages = [p.parent for p in Path(root).glob(f"*/{STAGE_METRICS}")]
+    return sorted(stages, key=lambda p: json.loads((p / STAGE_METRICS).read_text()).get("stage", 0))
+
+
 def lora_mismatches(expected: LoraSettings, saved: dict) -> list[str]:
     """Differences between the YAML's LoRA settings and a saved adapter's, one line each."""
     want = {"r": expected.r, "alpha": expected.alpha, "dropout": expected.dropout,
@@ -339,8 +350,8 @@ def validate_config(cfg: StageConfig) -> None:
             problems.append(f"prev_checkpoint: {prev} holds no LoRA adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
         else:
             problems += [f"prev_checkpoint: {line}" for line in lora_mismatches(cfg.lora, read_adapter_lora(prev))]
-            nested = [p.parent.name for p in prev.glob(f"*/{ADAPTER_CONFIG}")]
-            if nested:  # peft saves extra adapters in sub-directories named after them
+            nested = extra_adapters(prev)
+            if nested:
                 problems.append(f"prev_checkpoint: {prev} holds more than one adapter (also: {', '.join(nested)})")
             if cfg.optimizer_state == "resume" and not (prev / OPTIMIZER_MOMENTS).is_file():
                 problems.append(f"optimizer_state: resume, but {prev} has no {OPTIMIZER_MOMENTS}")
@@ -722,8 +733,8 @@ def check_adapter_trainable(model, lora: LoraSettings) -> int:
         raise CurriculumError(f"expected exactly one adapter named 'default', found {adapters}")
     count, expected = sum(trainable.values()), expected_lora_param_count(model, lora)
     if count != expected:
-        raise CurriculumError(f"{count:,} trainable parameters, but the LoRA config on this model's shapes implies "
-                           f"{expected:,}: the adapter is frozen or duplicated")
+        raise CurriculumError(f"{count:,} trainable parameters, but the LoRA config on this model's shapes "
+                              f"implies {expected:,}: the adapter is frozen or duplicated")
     return count
 
 

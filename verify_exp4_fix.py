@@ -81,8 +81,8 @@ def check_adapter_files(stage_dir: Path) -> Check:
     if pickles:
         return Check(name, FAIL, f"pickled files refused, not loaded: {', '.join(pickles)} (weights must be "
                                  "safetensors)")
-    nested = sorted(p.parent.name for p in stage_dir.glob(f"*/{tq.ADAPTER_CONFIG}"))
-    if nested:  # peft saves every adapter but "default" in a sub-directory named after it
+    nested = tq.extra_adapters(stage_dir)
+    if nested:
         return Check(name, FAIL, f"{stage_dir} holds more than one adapter (also: {', '.join(nested)})")
     if not (stage_dir / tq.ADAPTER_CONFIG).is_file():
         hint = " (it holds a full model: merged instead of saved as an adapter?)" \
@@ -327,10 +327,10 @@ def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tol
 def curriculum_stages(root: Path) -> list[Path]:
     if not root.is_dir():
         raise UsageError(f"curriculum directory not found: {root}")
-    stages = [p.parent for p in root.glob(f"*/{tq.STAGE_METRICS}")]
+    stages = tq.curriculum_stage_dirs(root)
     if not stages:
         raise UsageError(f"{root} holds no stage directories (with {tq.STAGE_METRICS})")
-    return sorted(stages, key=lambda p: json.loads((p / tq.STAGE_METRICS).read_text()).get("stage", 0))
+    return stages
 
 
 def check_same_lora_across(stages: list[Path]) -> Check:

@@ -282,13 +282,19 @@ def stage_chain(stage_dir: Path) -> list[tuple[Path, dict]]:
     return chain[::-1]
 
 
-def plot_loss_curve(chain: list[tuple[Path, dict]], path: Path) -> None:
-    """Train and eval loss of all stages on one step axis, stage boundaries marked: a restart shows as a jump."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend: plots are written to PNG, never shown."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_loss_curve(chain: list[tuple[Path, dict]], path: Path) -> None:
+    """Train and eval loss of all stages on one step axis, stage boundaries marked: a restart shows as a jump."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     offset = 0
     for i, (_, m) in enumerate(chain):
@@ -301,13 +307,11 @@ def plot_loss_curve(chain: list[tuple[Path, dict]], path: Path) -> None:
         evals = [(s, v) for s, v in evals if v is not None]
         ax.plot([offset + s for s, _ in evals], [v for _, v in evals], "o--", color=color, markersize=5,
                 label=f"stage {m['stage']} eval")
-        if i:
+        if i:  # the label's height is in axes coordinates, so later stages cannot move it off the top
             ax.axvline(offset, color="grey", linestyle=":", linewidth=1)
+            ax.annotate(f"stage {m['stage']} starts", (offset, 1), xycoords=ax.get_xaxis_transform(),
+                        xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
         offset += m.get("global_steps", 0)
-    for i, (_, m) in enumerate(chain[1:], start=1):
-        start = sum(c[1].get("global_steps", 0) for c in chain[:i])
-        ax.annotate(f"stage {m['stage']} starts", (start, ax.get_ylim()[1]), xytext=(3, -12),
-                    textcoords="offset points", fontsize=8, color="grey")
     ax.set_xlabel("optimizer step (all stages)")
     ax.set_ylabel("loss")
     ax.set_title("Loss across the curriculum: eval loss must carry on across each dotted boundary")
@@ -320,11 +324,7 @@ def plot_loss_curve(chain: list[tuple[Path, dict]], path: Path) -> None:
 
 def plot_accuracy_by_type(chain: list[tuple[Path, dict]], path: Path) -> None:
     """Grouped bars: dev-split accuracy per question type, one group per stage, with 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     kinds = ["single_choice", "numeric", "multi_label", "overall"]
     stages = [(m["stage"], m.get("dev_metrics")) for _, m in chain if m.get("dev_metrics")]
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -352,11 +352,7 @@ def plot_accuracy_by_type(chain: list[tuple[Path, dict]], path: Path) -> None:
 
 
 def plot_forgetting(matrix: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     rows, cols = matrix["trained"], matrix["evaluated"]
     values = [[matrix["accuracy"][r][c] for c in cols] for r in rows]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(cols), 1.2 + 0.8 * len(rows)))
@@ -402,9 +398,7 @@ def load_for_eval(cfg: tq.StageConfig, adapter: str | None):
 
 def evaluate_forgetting(root: Path, limit: int | None) -> dict:
     """Every stage's adapter on every stage's dev split, plus the base model as row zero."""
-    stages = [(s, json.loads((s / tq.STAGE_METRICS).read_text())) for s in
-              sorted((p.parent for p in root.glob(f"*/{tq.STAGE_METRICS}")),
-                     key=lambda p: json.loads((p / tq.STAGE_METRICS).read_text())["stage"])]
+    stages = [(s, json.loads((s / tq.STAGE_METRICS).read_text())) for s in tq.curriculum_stage_dirs(root)]
     if not stages:
         raise tq.ConfigError(f"{root} holds no stage directories (with {tq.STAGE_METRICS})")
     cfg = tq.load_config(stages[0][0] / tq.RESOLVED_CONFIG)
