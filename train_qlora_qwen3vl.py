@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import errno
 import hashlib
 import importlib.util
 import json
@@ -72,6 +73,10 @@ class StageStopped(Exception):
         self.exit_code = exit_code
 
 
+class DiskFull(RuntimeError):
+    """The disk filled up while writing a checkpoint or the stage; what was saved before is intact. Exit 4."""
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Config: typed dataclasses from YAML; unknown keys rejected with the closest valid key
 # ---------------------------------------------------------------------------------------------------------------------
@@ -115,6 +120,9 @@ class StageConfig:
     """Base model: a hub id, a local directory, or `tiny-qwen3vl` (the random tiny demo model, built on first use)."""
     prev_checkpoint: str | None = None
     """Previous stage's output_dir (stage >= 2): its adapter is reopened and trained further."""
+    continue_at_stage_1: bool = False
+    """Let a stage-1 config continue `prev_checkpoint` (an adapter trained elsewhere). Off, stage 1 with a
+    prev_checkpoint is refused: it is usually a copy-paste slip."""
     lr: float = 5e-5
     """Peak learning rate."""
     epochs: float = 1.0
@@ -151,6 +159,13 @@ class StageConfig:
     """Longest sample in tokens, image tokens included. Longer samples are never truncated (see on_overlong)."""
     on_overlong: Literal["error", "skip"] = "error"
     """A sample longer than max_seq_len: `error` names it and stops; `skip` drops it and says how many."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """A record that is not valid (bad JSON, missing field, unknown type, answer not among the options, image
+    missing, unreadable, truncated or outside the data folder): `error` lists them all and stops; `skip` drops
+    them, prints how many and which, and records the list in stage_metrics.json."""
+    allow_images_outside_data_dir: bool = False
+    """Accept image paths that lead outside the JSONL file's folder (absolute paths or `..`). Off by default, so
+    a dataset cannot make the trainer read arbitrary files."""
     system_prompt: str | None = None
     """Optional system message put before every question."""
     gradient_checkpointing: bool = True
@@ -169,6 +184,9 @@ class StageConfig:
     """Processes that decode and tokenise samples while the model trains."""
     overwrite: bool = False
     """Allow replacing an output_dir that already holds a finished stage."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with the model checkpoint. Qwen3-VL needs none; turn on only for a checkpoint
+    you trust."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA adapter shape; identical across the stages of a curriculum."""
     quantization: QuantizationSettings = field(default_factory=QuantizationSettings)
@@ -340,8 +358,9 @@ def validate_config(cfg: StageConfig) -> None:
             problems.append(f"{key}: file not found: {value}")
     if cfg.stage >= 2 and not cfg.prev_checkpoint:
         problems.append(f"stage {cfg.stage} needs prev_checkpoint: the adapter of stage {cfg.stage - 1} to continue")
-    if cfg.stage == 1 and cfg.prev_checkpoint:
-        problems.append("stage 1 makes a new adapter: remove prev_checkpoint, or set stage: 2 to continue it")
+    if cfg.stage == 1 and cfg.prev_checkpoint and not cfg.continue_at_stage_1:
+        problems.append("stage 1 makes a new adapter: remove prev_checkpoint, set stage: 2 to continue it, or set "
+                        "continue_at_stage_1: true to continue it as stage 1")
     if cfg.prev_checkpoint:
         prev = Path(cfg.prev_checkpoint)
         if not prev.is_dir():
@@ -401,7 +420,18 @@ def format_answer(answer: Any, qtype: str) -> str:
     return str(answer).strip()
 
 
-def _vqa_record(obj: dict, base_dir: Path, source: str) -> tuple[str, str | None, str, str]:
+def _image_path(base_dir: Path, image: str, source: str, allow_outside: bool) -> str:
+    """The image's path, relative to the JSONL file's folder; refused if it leads outside it (unless allowed).
+    The check is on the path as written (`..`, absolute paths), so a symlinked data folder still works."""
+    path = os.path.normpath(base_dir / image)
+    if not allow_outside and os.path.commonpath([os.path.abspath(path), os.path.abspath(base_dir)]) != \
+            os.path.abspath(base_dir):
+        raise ConfigError(f"{source}: image path {image!r} leads outside the data folder {base_dir}; move the "
+                          "image inside it, or set allow_images_outside_data_dir: true")
+    return path
+
+
+def _vqa_record(obj: dict, base_dir: Path, source: str, allow_outside: bool) -> tuple[str, str | None, str, str]:
     """Check a VQA record's fields; return (type, image path, user text, answer text)."""
     missing = [k for k in ("id", "question", "type", "answer") if k not in obj]
     if missing:
@@ -418,11 +448,11 @@ def _vqa_record(obj: dict, base_dir: Path, source: str) -> tuple[str, str | None
             raise ConfigError(f"{source}: answer {answer!r} is not among the options' letters {', '.join(letters)}")
     elif isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
         raise ConfigError(f"{source}: a numeric answer must be a number, got {answer!r}")
-    image = str(base_dir / obj["image"]) if obj.get("image") else None
+    image = _image_path(base_dir, obj["image"], source, allow_outside) if obj.get("image") else None
     return qtype, image, format_question(obj["question"], qtype, options), format_answer(answer, qtype)
 
 
-def _chat_record(obj: dict, base_dir: Path, source: str) -> tuple[str | None, list, str]:
+def _chat_record(obj: dict, base_dir: Path, source: str, allow_outside: bool) -> tuple[str | None, list, str]:
     """The chat format other tools write: {"messages": [...], "images": [...]}, `<image>` in the user text."""
     messages, images = obj["messages"], obj.get("images") or []
     if not messages or messages[-1].get("role") != "assistant":
@@ -441,33 +471,54 @@ def _chat_record(obj: dict, base_dir: Path, source: str) -> tuple[str | None, li
             prompt.append({"role": msg["role"], "content": content})
         else:
             prompt.append({"role": msg["role"], "content": [{"type": "text", "text": text}]})
-    image = str(base_dir / images[0]) if images else None
+    image = _image_path(base_dir, images[0], source, allow_outside) if images else None
     return image, prompt, str(messages[-1]["content"]).strip()
 
 
-def load_records(path: str | os.PathLike, system_prompt: str | None = None) -> list[Record]:
-    """Parse a JSONL split into Records; any problem names the file and line."""
+def read_records(path: str | os.PathLike, system_prompt: str | None = None,
+                 allow_outside: bool = False) -> tuple[list[Record], list[str]]:
+    """Parse a JSONL split: (the valid Records, one `file:line: problem` per invalid line). Images not opened."""
     path = Path(path)
-    base_dir, records = path.parent, []
+    base_dir, records, problems = path.parent, [], []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         source = f"{path}:{line_no}"
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{source}: not valid JSON ({err.msg})") from None
-        if not isinstance(obj, dict):
-            raise ConfigError(f"{source}: expected a JSON object")
-        if "messages" in obj:
-            image, prompt, answer = _chat_record(obj, base_dir, source)
-            records.append(Record(str(obj.get("id", line_no)), "chat", image, prompt, answer, source))
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{source}: not valid JSON ({err.msg})") from None
+            if not isinstance(obj, dict):
+                raise ConfigError(f"{source}: expected a JSON object")
+            if "messages" in obj:
+                image, prompt, answer = _chat_record(obj, base_dir, source, allow_outside)
+                records.append(Record(str(obj.get("id", line_no)), "chat", image, prompt, answer, source))
+                continue
+            qtype, image, text, answer = _vqa_record(obj, base_dir, source, allow_outside)
+        except ConfigError as err:
+            problems.append(str(err))
             continue
-        qtype, image, text, answer = _vqa_record(obj, base_dir, source)
         content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
         prompt = ([{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt
                   else []) + [{"role": "user", "content": content}]
         records.append(Record(str(obj["id"]), qtype, image, prompt, answer, source, obj.get("options")))
+    return records, problems
+
+
+def bad_records_error(path: str | os.PathLike, problems: list[str], shown: int = 20) -> ConfigError:
+    listed = "\n".join(f"  {p}" for p in problems[:shown])
+    more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
+    return ConfigError(f"{len(problems)} bad record(s) in {path}:\n{listed}{more}\n"
+                       "Fix them, or set on_bad_record: skip to train without them.")
+
+
+def load_records(path: str | os.PathLike, system_prompt: str | None = None,
+                 allow_outside: bool = False) -> list[Record]:
+    """Parse a JSONL split into Records; any problem is an error naming every bad file:line."""
+    records, problems = read_records(path, system_prompt, allow_outside)
+    if problems:
+        raise bad_records_error(path, problems)
     if not records:
         raise ConfigError(f"{path}: no records")
     return records
@@ -507,23 +558,90 @@ def image_token_count(width: int, height: int, min_pixels: int, max_pixels: int)
     return (h // 32) * (w // 32)
 
 
-def sample_lengths(records: list[Record], processor, cfg: StageConfig) -> list[int]:
-    """Each record's length in tokens, image tokens included, without decoding any image (headers only)."""
+def _decode_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
     from PIL import Image
 
+    try:
+        with Image.open(path) as img:
+            img.load()  # the whole file: a header alone does not show truncation
+            return img.size, None
+    except FileNotFoundError:
+        return None, f"image not found: {path}"
+    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return None, f"cannot read image {path}: {err}"
+
+
+def check_images(paths: list[str], desc: str = "Decoding images") -> tuple[dict, dict]:
+    """Decode every image fully, in threads (PIL releases the GIL while decoding), so a missing, corrupt or
+    truncated image stops the run now rather than at step 9,000. Returns ({path: (w, h)}, {path: problem})."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import ImageFile
+    from tqdm.auto import tqdm
+
+    # Some libraries set this to accept truncated files silently; a training set must not.
+    allowed, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            results = list(tqdm(pool.map(_decode_image, paths), total=len(paths), desc=desc, unit="img",
+                                disable=len(paths) < 500, leave=False))
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = allowed
+    sizes = {p: size for p, (size, _) in zip(paths, results, strict=True) if size}
+    problems = {p: why for p, (_, why) in zip(paths, results, strict=True) if why}
+    return sizes, problems
+
+
+def inspect_images(records: list[Record], split: str = "") -> tuple[dict, list[str]]:
+    """Every image of a split decoded once: ({path: (w, h)}, one `file:line: problem` per record with a bad one)."""
+    paths = sorted({r.image for r in records if r.image})
+    sizes, bad = check_images(paths, f"Decoding {split} images".replace("  ", " "))
+    return sizes, [f"{r.source}: {bad[r.image]}" for r in records if r.image in bad]
+
+
+def sample_lengths(records: list[Record], processor, cfg: StageConfig, sizes: dict | None = None) -> list[int]:
+    """Each record's length in tokens, image tokens included, computed from the image sizes (no pixels needed)."""
+    if sizes is None:
+        sizes, problems = inspect_images(records)
+        if problems:
+            raise ConfigError(problems[0])
     lengths = []
     for rec in records:
         text = processor.apply_chat_template(rec.prompt_messages, add_generation_prompt=True, tokenize=False)
         n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
         n += len(answer_token_ids(processor.tokenizer, rec.answer))
         if rec.image:
-            try:
-                with Image.open(rec.image) as img:
-                    n += image_token_count(*img.size, cfg.min_pixels, cfg.max_pixels) - 1
-            except (OSError, ValueError) as err:
-                raise ConfigError(f"{rec.source}: cannot read image {rec.image}: {err}") from None
+            n += image_token_count(*sizes[rec.image], cfg.min_pixels, cfg.max_pixels) - 1
         lengths.append(n)
     return lengths
+
+
+def describe_split(split: str, records: list[Record], sizes: dict, lengths: list[int], cfg: StageConfig) -> list[str]:
+    """The summary lines `--check` (and every stage) prints: types, image sizes, resizing, lengths. Resizing is
+    said here, once per split, rather than once per image."""
+    from qwen_vl_utils import smart_resize
+
+    counts = {t: sum(r.type == t for r in records) for t in sorted({r.type for r in records})}
+    lines = [f"{split}: {len(records)} samples ({', '.join(f'{n} {t}' for t, n in counts.items())})"]
+    used = sorted((sizes[r.image] for r in {r.image: r for r in records if r.image}.values()),
+                  key=lambda wh: wh[0] * wh[1])
+    if used:
+        median = used[len(used) // 2]
+        lines.append(f"{split} images: {len(used)} decoded, {used[0][0]}x{used[0][1]} to {used[-1][0]}x{used[-1][1]} "
+                     f"(median {median[0]}x{median[1]})")
+        for label, hit, pixels in (("over max_pixels", [s for s in used if s[0] * s[1] > cfg.max_pixels],
+                                    cfg.max_pixels),
+                                   ("under min_pixels", [s for s in used if s[0] * s[1] < cfg.min_pixels],
+                                    cfg.min_pixels)):
+            if hit:
+                w, h = hit[-1] if label.startswith("over") else hit[0]
+                nh, nw = smart_resize(h, w, factor=32, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+                lines.append(f"{split} images: {len(hit)} of {len(used)} are {label}={pixels} and are resized "
+                             f"(e.g. {w}x{h} -> {nw}x{nh})")
+    ordered = sorted(lengths)
+    lines.append(f"{split} lengths: {ordered[0]} to {ordered[-1]} tokens (median {ordered[len(ordered) // 2]}), "
+                 f"max_seq_len {cfg.max_seq_len}")
+    return lines
 
 
 def drop_overlong(records: list[Record], lengths: list[int], cfg: StageConfig, split: str) -> list[Record]:
@@ -569,6 +687,7 @@ class VQADataset:
 
     def __init__(self, records: list[Record], processor, cfg: StageConfig):
         self.records, self.processor = records, processor
+        self.bad_records: list[str] = []  # `file:line: problem` of the records skipped (on_bad_record: skip)
         self.min_pixels, self.max_pixels = cfg.min_pixels, cfg.max_pixels
 
     def __len__(self) -> int:
@@ -601,14 +720,28 @@ def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
 
 
 def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset:
-    records = load_records(path, cfg.system_prompt)
-    records = drop_overlong(records, sample_lengths(records, processor, cfg), cfg, split)
+    """Records parsed and every image decoded once; bad records stop the run (listed) or are skipped (counted)."""
+    records, problems = read_records(path, cfg.system_prompt, cfg.allow_images_outside_data_dir)
+    sizes, image_problems = inspect_images(records, split)
+    problems += image_problems
+    if problems and cfg.on_bad_record == "error":
+        raise bad_records_error(path, problems)
+    if problems:
+        bad = {p.split(": ", 1)[0] for p in problems}
+        records = [r for r in records if r.source not in bad]
+        print(f"Skipped {len(problems)} bad {split} record(s) (on_bad_record: skip):\n"
+              + "\n".join(f"  {p}" for p in problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
     if not records:
+        raise ConfigError(f"{path}: no usable records")
+    lengths = sample_lengths(records, processor, cfg, sizes)
+    kept = drop_overlong(records, lengths, cfg, split)
+    if not kept:
         raise ConfigError(f"{path}: every sample is over max_seq_len={cfg.max_seq_len}")
-    counts = {t: sum(r.type == t for r in records) for t in sorted({r.type for r in records})}
-    print(f"Loaded {split}: {len(records)} samples from {path} "
-          f"({', '.join(f'{n} {t}' for t, n in counts.items())})")
-    return VQADataset(records, processor, cfg)
+    print(f"Loaded {split} from {path}:")
+    print("\n".join("  " + line for line in describe_split(split, records, sizes, lengths, cfg)))
+    dataset = VQADataset(kept, processor, cfg)
+    dataset.bad_records = problems
+    return dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -628,6 +761,18 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(TINY_MODEL_DIR)
 
 
+def from_pretrained_checked(auto_class, model_path: str, cfg: StageConfig, **kwargs):
+    """`auto_class.from_pretrained` with trust_remote_code passed explicitly (off unless the config turns it on);
+    a checkpoint that needs its own code is then a config error, not a traceback."""
+    try:
+        return auto_class.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ConfigError(f"model_name_or_path: {model_path} ships its own Python code, which is not run unless "
+                          "trust_remote_code: true. Turn it on only if you trust that checkpoint.") from None
+
+
 def load_processor(model_path: str, cfg: StageConfig):
     """The Qwen3-VL processor with the config's pixel budget set on the image processor itself.
 
@@ -636,7 +781,7 @@ def load_processor(model_path: str, cfg: StageConfig):
     """
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = from_pretrained_checked(AutoProcessor, model_path, cfg)
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
     return processor
 
@@ -675,8 +820,8 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
     from transformers import AutoModelForImageTextToText
 
     t0 = time.time()
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_path, quantization_config=bnb_config(cfg.quantization),
+    model = from_pretrained_checked(
+        AutoModelForImageTextToText, model_path, cfg, quantization_config=bnb_config(cfg.quantization),
         dtype=getattr(torch, cfg.quantization.compute_dtype), device_map={"": training_device()})
     keep_4bit_layers_differentiable(model)
     # Gradient checkpointing is set up here, once; the Trainer is not asked to do it again.
@@ -936,15 +1081,26 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
     return trainer
 
 
+def complete_checkpoints(work_dir: Path) -> list[Path]:
+    """`checkpoint-N` folders the Trainer finished writing, oldest first. It writes trainer_state.json last, so a
+    folder without a readable one was cut short (a kill or a full disk mid-save) and must not be resumed from."""
+    done = []
+    for ckpt in sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            done.append(ckpt)
+        except (OSError, ValueError):
+            pass
+    return done
+
+
 def interrupted_run(work_dir: Path, cfg: StageConfig) -> str | None:
     """The last checkpoint of an interrupted run of this very stage config, to resume from; None to start anew."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     if not work_dir.is_dir():
         return None
-    last = get_last_checkpoint(str(work_dir))
+    done = complete_checkpoints(work_dir)
     start_file = work_dir / STAGE_START
-    if last is None or not start_file.is_file():
+    if not done or not start_file.is_file():
         shutil.rmtree(work_dir)  # started, but nothing to resume from: no checkpoint was written
         return None
     saved = json.loads(start_file.read_text())["config"]
@@ -953,7 +1109,37 @@ def interrupted_run(work_dir: Path, cfg: StageConfig) -> str | None:
     if differ:
         raise ConfigError(f"{work_dir} holds an interrupted run of this stage with other settings "
                           f"({', '.join(differ)}); restore them to resume it, or delete {work_dir} to start over")
-    return last
+    for cut_short in sorted(set(work_dir.glob("checkpoint-*")) - set(done)):
+        print(f"Removing {cut_short}: it was not completely written")
+        shutil.rmtree(cut_short)
+    return str(done[-1])
+
+
+def is_disk_full(err: BaseException, path: Path) -> bool:
+    """True if `err` came from a full disk. torch.save reports it only as 'unexpected pos', so a write error on
+    a disk with under 1 MiB free counts too."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(err) or "os error 28" in str(err):
+        return True
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    return existing is not None and shutil.disk_usage(existing).free < 1 << 20
+
+
+def disk_full_error(writing: str, work_dir: Path, cfg: StageConfig) -> DiskFull:
+    """Clear what was cut short (freeing its space) and say what is intact and how to go on."""
+    staging = Path(f"{cfg.output_dir}.saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    done = complete_checkpoints(work_dir) if work_dir.is_dir() else []
+    for cut_short in sorted(set(work_dir.glob("checkpoint-*")) - set(done)) if work_dir.is_dir() else []:
+        shutil.rmtree(cut_short, ignore_errors=True)
+    intact = [d for d in (cfg.prev_checkpoint, cfg.output_dir) if d and (Path(d) / STAGE_METRICS).is_file()]
+    resume = (f"it resumes from {done[-1]}" if done else "it starts the stage over (no checkpoint was complete; "
+              "save_steps keeps some)")
+    return DiskFull(f"no space left on device while writing {writing}. The partial files were removed; "
+                    f"{', '.join(intact + [str(p) for p in done]) or 'nothing saved before'} "
+                    f"{'is' if len(intact) + len(done) == 1 else 'are'} intact. Free space on that disk and run the "
+                    f"same command: {resume}.")
 
 
 def eval_loss(trainer, dataset, prefix: str) -> float | None:
@@ -991,8 +1177,13 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     for plot in vqa_eval.write_stage_plots(staging):
         print(f"Plot: {out / plot.name}")
     if out.exists():  # only reachable with overwrite: true (validate_config refuses otherwise)
-        shutil.rmtree(out)
-    os.replace(staging, out)
+        replaced = Path(f"{out}.replaced")  # the old stage is moved aside, not deleted, until the new one is in
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(out, replaced)
+        os.replace(staging, out)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(staging, out)
     return out
 
 
@@ -1059,12 +1250,16 @@ def train_stage(cfg: StageConfig) -> dict:
         print(f"Stage {cfg.stage}: starting from the adapter saved by stage {(prev_metrics or {}).get('stage', '?')}")
     resumed_at = int(Path(resume_from).name.rsplit("-", 1)[1]) if resume_from else 0  # checkpoint-<step>
     t0 = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as err:
+        if is_disk_full(err, work_dir):
+            raise disk_full_error(f"a checkpoint in {work_dir}", work_dir, cfg) from err
+        raise
     train_seconds = time.time() - t0
     if guard.non_finite_step is not None:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(work_dir)) if work_dir.is_dir() else None
+        done = complete_checkpoints(work_dir) if work_dir.is_dir() else []
+        last = done[-1] if done else None
         raise CurriculumError(
             f"the LoRA weights became non-finite (NaN/inf) at step {guard.non_finite_step}: the loss diverged. "
             f"Nothing was saved as the stage. Lower lr (now {cfg.lr:g}) or max_grad_norm; "
@@ -1121,8 +1316,15 @@ def train_stage(cfg: StageConfig) -> dict:
         "start_adapter_file_sha256": start_file_sha,
         "start_adapter_tensors_sha256": start_tensor_sha,
         "optimizer_state": cfg.optimizer_state,
+        "bad_records_skipped": {"train": train_ds.bad_records, "eval": eval_ds.bad_records if eval_ds else []},
     }
-    out = save_stage(trainer, model, processor, cfg, metrics, predictions, Path(f"{cfg.output_dir}.saving"))
+    staging = Path(f"{cfg.output_dir}.saving")
+    try:
+        out = save_stage(trainer, model, processor, cfg, metrics, predictions, staging)
+    except Exception as err:
+        if is_disk_full(err, staging):
+            raise disk_full_error(f"the stage to {staging}", work_dir, cfg) from err
+        raise
     if trainer.is_world_process_zero():
         shutil.rmtree(work_dir, ignore_errors=True)
         print(f"Saved stage {cfg.stage} to {out} (adapter sha256 {metrics['saved_adapter_file_sha256'][:16]}...)")
@@ -1180,6 +1382,9 @@ def main(argv: list[str] | None = None) -> int:
     except CurriculumError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except DiskFull as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     except StageStopped as stop:
         print(f"Stopped: {stop}", file=sys.stderr)
         return stop.exit_code

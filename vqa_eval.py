@@ -405,7 +405,8 @@ def evaluate_forgetting(root: Path, limit: int | None) -> dict:
     model, processor = load_for_eval(cfg, str(stages[0][0]))
     for stage_dir, m in stages[1:]:
         model.load_adapter(str(stage_dir), adapter_name=f"stage{m['stage']}")
-    splits = {m["stage"]: tq.load_records(m["final_eval_file"]) for _, m in stages}
+    splits = {m["stage"]: tq.load_records(m["final_eval_file"], cfg.system_prompt, cfg.allow_images_outside_data_dir)
+              for _, m in stages}
     if limit:
         splits = {k: v[:limit] for k, v in splits.items()}
     result = {"trained": ["base"] + [m["stage"] for _, m in stages], "evaluated": list(splits),
@@ -467,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         adapter = None if args.no_adapter else (args.adapter or cfg.output_dir)
         if adapter and not (Path(adapter) / tq.ADAPTER_WEIGHTS).is_file():
             raise tq.ConfigError(f"no adapter in {adapter} (train the stage first, or pass --adapter/--no-adapter)")
-        records = tq.load_records(data, cfg.system_prompt)[:args.limit]
+        records = tq.load_records(data, cfg.system_prompt, cfg.allow_images_outside_data_dir)[:args.limit]
         model, processor = load_for_eval(cfg, adapter)
         metrics, predictions = evaluate_records(model, processor, records, cfg)
     except tq.ConfigError as err:

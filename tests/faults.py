@@ -1,6 +1,7 @@
 """Test fixture, not product: the trainer with a fault injected.
 
-    python tests/faults.py oom CONFIG.yaml [--set ...]   # the first training step runs out of GPU memory
+    python tests/faults.py oom CONFIG.yaml [--set ...]                 # the first training step runs out of GPU memory
+    python tests/faults.py fill-disk-at-step N CONFIG.yaml [--set ...]  # after step N, fill the output disk
 """
 
 import sys
@@ -17,9 +18,41 @@ def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by tests/faults.py)")
 
 
+def fill_disk_after(step: int):
+    """A callback that, after optimizer step `step`, fills the disk of the output directory with a file named
+    `filler` beside it (the test deletes it to 'free space')."""
+
+    class FillDisk(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step != step:
+                return
+            filler = Path(args.output_dir).parent / "filler"
+            with open(filler, "ab", buffering=0) as f:
+                for chunk in (1 << 16, 1 << 12, 1):  # down to the last byte
+                    try:
+                        while True:
+                            f.write(b"\0" * chunk)
+                    except OSError:
+                        pass
+            print(f"faults.py: filled the disk after step {step}", flush=True)
+
+    return FillDisk()
+
+
 if __name__ == "__main__":
     fault, argv = sys.argv[1], sys.argv[2:]
-    if fault != "oom":
+    if fault == "oom":
+        transformers.Trainer.training_step = out_of_memory
+    elif fault == "fill-disk-at-step":
+        at, argv = int(argv[0]), argv[1:]
+        build = tq.build_trainer
+
+        def build_and_fill(*args, **kwargs):
+            trainer = build(*args, **kwargs)
+            trainer.add_callback(fill_disk_after(at))
+            return trainer
+
+        tq.build_trainer = build_and_fill
+    else:
         raise SystemExit(f"unknown fault {fault!r}")
-    transformers.Trainer.training_step = out_of_memory
     sys.exit(tq.main(argv))

@@ -160,8 +160,10 @@ def test_prev_checkpoint_problems(tmp_path):
 
 def test_stage1_with_prev_checkpoint_is_refused(tmp_path, minimal):
     cfg = tq.load_config(write(tmp_path, minimal + f"prev_checkpoint: {fake_adapter(tmp_path / 'a')}\n"))
-    with pytest.raises(tq.ConfigError, match="stage 1 makes a new adapter"):
+    with pytest.raises(tq.ConfigError, match="stage 1 makes a new adapter.*continue_at_stage_1: true"):
         tq.validate_config(cfg)
+    cfg.continue_at_stage_1 = True  # forced: accepted (test_curriculum checks it then continues that adapter)
+    tq.validate_config(cfg)
 
 
 def test_finished_stage_is_not_overwritten(tmp_path, minimal):
@@ -203,3 +205,38 @@ def test_readme_documents_every_config_key_with_its_default():
             "null" if default is None else str(default).lower() if isinstance(default, bool)
             else "[" + ", ".join(default) + "]" if isinstance(default, list) else str(default)) + "`"
         assert rows[0].split("|")[2].strip() == shown, f"{key}: README shows {rows[0].split('|')[2]}, code {shown}"
+
+
+def checkpoint_with_custom_code(tmp_path, tiny_model_path, model_type=None) -> Path:
+    """The tiny model, plus an `auto_map` to Python code that leaves a mark when it runs."""
+    import shutil
+
+    d = tmp_path / "custom"
+    shutil.copytree(tiny_model_path, d)
+    config = json.loads((d / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom_code.Cfg", "AutoModelForImageTextToText": "custom_code.Model"}
+    config["model_type"] = model_type or config["model_type"]
+    (d / "config.json").write_text(json.dumps(config))
+    (d / "custom_code.py").write_text(f"open({str(d / 'RAN')!r}, 'w').close()\n"
+                                      "from transformers import Qwen3VLConfig as Cfg\n"
+                                      "from transformers import Qwen3VLForConditionalGeneration as Model\n")
+    return d
+
+
+def test_model_code_runs_only_with_trust_remote_code(tmp_path, tiny_model_path):
+    d = checkpoint_with_custom_code(tmp_path, tiny_model_path)
+    cfg = tq.StageConfig(output_dir="o", train_file="t", model_name_or_path=str(d))
+    assert cfg.trust_remote_code is False
+    tq.load_quantized_base(str(d), cfg)  # a known model type: the built-in class, the shipped code ignored
+    assert not (d / "RAN").exists()
+    cfg.trust_remote_code = True
+    tq.load_quantized_base(str(d), cfg)
+    assert (d / "RAN").exists()  # the key is what decides
+
+
+def test_checkpoint_that_needs_its_code_is_a_config_error(tmp_path, tiny_model_path):
+    d = checkpoint_with_custom_code(tmp_path, tiny_model_path, model_type="someone_elses_vl")
+    cfg = tq.StageConfig(output_dir="o", train_file="t", model_name_or_path=str(d))
+    with pytest.raises(tq.ConfigError, match="ships its own Python code, which is not run unless trust_remote_code"):
+        tq.load_quantized_base(str(d), cfg)
+    assert not (d / "RAN").exists()

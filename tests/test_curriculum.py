@@ -6,7 +6,7 @@ reloaded with is_trainable left False), where it must fail.
 """
 
 import pytest
-from conftest import REPO, STEPS, assert_continued, metrics, run_script, stage_args
+from conftest import REPO, STEPS, assert_continued, metrics, run_script, run_stage, stage_args
 from safetensors.torch import load_file
 
 import train_qlora_qwen3vl as tq
@@ -69,6 +69,28 @@ def test_finished_stage_is_not_overwritten(curriculum):
     result = run_script("train_qlora_qwen3vl.py", *stage_args(1, root))
     assert result.returncode == 2 and "already holds a finished stage" in result.stderr
     assert (root / "stage1" / tq.ADAPTER_WEIGHTS).read_bytes() == before
+
+
+def test_stage_1_continues_a_given_adapter_only_when_forced(curriculum, tmp_path):
+    root, _ = curriculum
+    args = ["configs/demo/stage1.yaml", "--set", f"output_dir={tmp_path / 'again'}", "--set", "max_steps=3",
+            "--set", f"prev_checkpoint={root / 'stage1'}", "--set", "eval_questions=0", "--set", "tensorboard=false"]
+    refused = run_script("train_qlora_qwen3vl.py", *args)
+    assert refused.returncode == 2 and "stage 1 makes a new adapter" in refused.stderr
+    assert not (tmp_path / "again").exists()
+    run_stage(*args, "--set", "continue_at_stage_1=true")
+    assert_continued(root / "stage1", tmp_path / "again")
+
+
+def test_check_validates_and_summarises_the_data_without_training(tmp_path):
+    result = run_script("train_qlora_qwen3vl.py", "configs/demo/stage2.yaml", "--check",
+                        "--set", f"output_dir={tmp_path / 'out'}", "--set", "stage=1", "--set", "prev_checkpoint=null")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    for line in ("train: 200 samples (", "train images: 200 decoded, ", "eval: 40 samples (", "train lengths: ",
+                 "Check passed: config and data are valid (no model loaded, nothing trained)"):
+        assert line in out
+    assert "Loaded 4-bit" not in out and not (tmp_path / "out").exists()
 
 
 def test_broken_variant_fresh_adapter_fails_the_continuity_test(curriculum, tmp_path):

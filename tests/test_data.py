@@ -167,6 +167,97 @@ def test_overlong_samples_are_refused_or_skipped_never_truncated(tmp_path, proce
     assert [r.id for r in tq.drop_overlong(recs, lengths, c, "train")] == ["short"]
 
 
+def truncated_copy(src: Path, dst: Path, keep: float = 0.6) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[:int(len(data) * keep)])
+    return dst
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_truncated_image_is_found_before_training(tmp_path, fmt, monkeypatch):
+    from PIL import ImageFile
+
+    noise = Image.frombytes("RGB", (256, 256), bytes(range(256)) * 768)
+    noise.save(tmp_path / f"whole.{fmt.lower()}", fmt)
+    truncated_copy(tmp_path / f"whole.{fmt.lower()}", tmp_path / f"cut.{fmt.lower()}")
+    with Image.open(tmp_path / f"cut.{fmt.lower()}") as img:
+        assert img.size == (256, 256)  # the header is intact: a header-only check would pass it
+    recs = tq.load_records(write_jsonl(tmp_path, [
+        {"id": "ok", "image": f"whole.{fmt.lower()}", "question": "n?", "type": "numeric", "answer": 1},
+        {"id": "cut", "image": f"cut.{fmt.lower()}", "question": "n?", "type": "numeric", "answer": 1}]))
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries set it: refused anyway
+    sizes, problems = tq.inspect_images(recs)
+    assert list(sizes) == [str(tmp_path / f"whole.{fmt.lower()}")]
+    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path}/split.jsonl:2: cannot read image")
+    assert "truncated" in problems[0] or "broken" in problems[0]
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+
+
+def test_image_paths_cannot_leave_the_data_folder_unless_allowed(tmp_path, image_448):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "img").symlink_to(tmp_path)  # a symlinked image folder is the user's own layout: fine
+    path = write_jsonl(data, [
+        {"id": "up", "image": "../red.png", "question": "n?", "type": "numeric", "answer": 1},
+        {"id": "abs", "image": str(tmp_path / "red.png"), "question": "n?", "type": "numeric", "answer": 1},
+        {"messages": [{"role": "user", "content": "<image>n?"}, {"role": "assistant", "content": "1"}],
+         "images": ["img/../../red.png"]},
+        {"id": "linked", "image": "img/red.png", "question": "n?", "type": "numeric", "answer": 1}])
+    with pytest.raises(tq.ConfigError) as err:
+        tq.load_records(path)
+    text = str(err.value)
+    assert text.startswith(f"3 bad record(s) in {path}:")
+    for line in (1, 2, 3):
+        assert f"split.jsonl:{line}: image path" in text
+    assert "leads outside the data folder" in text and "allow_images_outside_data_dir: true" in text
+    assert "split.jsonl:4" not in text
+    recs = tq.load_records(path, allow_outside=True)
+    assert [Path(r.image).resolve() for r in recs] == [tmp_path / "red.png"] * 4
+
+
+def test_bad_records_stop_the_run_listed_or_are_skipped_and_counted(tmp_path, processor, image_448, capsys):
+    (tmp_path / "cut.png").write_bytes((tmp_path / "red.png").read_bytes()[:60])
+    path = write_jsonl(tmp_path, [
+        {"id": "a", "image": image_448, "question": "n?", "type": "numeric", "answer": 1},
+        "{not json",
+        {"id": "c", "image": "cut.png", "question": "n?", "type": "numeric", "answer": 1},
+        {"id": "d", "image": "missing.png", "question": "n?", "type": "numeric", "answer": 1},
+        {"id": "e", "question": "n?", "type": "single_choice", "options": ["x", "y"], "answer": "Q"},
+        {"id": "f", "question": "n?", "type": "numeric", "answer": 2}])
+    with pytest.raises(tq.ConfigError) as err:
+        tq.load_split(str(path), processor, cfg(), "train")
+    text = str(err.value)
+    assert text.startswith(f"4 bad record(s) in {path}:") and "on_bad_record: skip" in text
+    for line, why in ((2, "not valid JSON"), (3, "cannot read image"), (4, "image not found"),
+                      (5, "answer 'Q' is not among")):
+        assert f"split.jsonl:{line}: {why}" in text
+    capsys.readouterr()
+    ds = tq.load_split(str(path), processor, cfg(on_bad_record="skip"), "train")
+    assert [r.id for r in ds.records] == ["a", "f"]
+    assert [p.split(": ")[0].rsplit(":", 1)[1] for p in ds.bad_records] == ["2", "5", "3", "4"]
+    assert "Skipped 4 bad train record(s) (on_bad_record: skip):" in capsys.readouterr().out
+    only_bad = write_jsonl(tmp_path, ["{", {"id": "d", "image": "missing.png", "question": "n?", "type": "numeric",
+                                            "answer": 1}], name="bad.jsonl")
+    with pytest.raises(tq.ConfigError, match="bad.jsonl: no usable records"):
+        tq.load_split(str(only_bad), processor, cfg(on_bad_record="skip"), "train")
+
+
+def test_split_summary_says_resizing_once_with_sizes_and_lengths(tmp_path, processor, capsys):
+    rows = []
+    for i, (w, h) in enumerate([(640, 480)] * 3 + [(200, 100), (40, 40), (300, 300)]):
+        Image.new("RGB", (w, h)).save(tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "image": f"{i}.png", "question": "n?", "type": "numeric", "answer": 1})
+    rows.append({"id": "t", "question": "c?", "type": "single_choice", "options": ["x", "y"], "answer": "A"})
+    tq.load_split(str(write_jsonl(tmp_path, rows)), processor, cfg(min_pixels=4096, max_pixels=90000), "train")
+    out = capsys.readouterr().out
+    assert "train: 7 samples (6 numeric, 1 single_choice)" in out
+    assert "train images: 6 decoded, 40x40 to 640x480 (median 640x480)" in out
+    assert out.count("over max_pixels") == 1  # three images resized, said in one line (not per image or step)
+    assert "train images: 3 of 6 are over max_pixels=90000 and are resized (e.g. 640x480 -> 320x256)" in out
+    assert "train images: 1 of 6 are under min_pixels=4096 and are resized (e.g. 40x40 -> 64x64)" in out
+    assert re.search(r"train lengths: \d+ to \d+ tokens \(median \d+\), max_seq_len 2048", out)
+
+
 def test_unreadable_image_names_the_record(tmp_path, processor):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     recs = tq.load_records(write_jsonl(tmp_path, [{"id": "a", "image": "bad.png", "question": "n?",

@@ -127,3 +127,78 @@ def test_out_of_memory_names_the_settings_to_change(curriculum, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "oom").exists()
     assert tree_hashes(root / "stage1") == before
     assert json.loads((root / "stage1" / tq.STAGE_METRICS).read_text())["stage"] == 1
+
+
+def private_tmpfs_available() -> bool:
+    """A tmpfs of our own needs a private mount namespace: `unshare` with user namespaces (no root needed)."""
+    import shutil
+
+    return bool(shutil.which("unshare")) and subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True, check=False).returncode == 0
+
+
+# Runs inside a private mount namespace with a 128 MiB tmpfs at $MNT; every step's output goes to $REPORT (outside
+# the tmpfs, so it survives the namespace) and a copy of the tmpfs after each step to $REPORT/after_<step>.
+DISK_FULL_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size=128m tmpfs "$MNT" || exit 90
+cp -r "$PREV" "$MNT/stage1"
+step() {
+  name=$1; shift
+  "$PY" "$@" > "$REPORT/$name.out" 2> "$REPORT/$name.err"; echo $? > "$REPORT/$name.rc"
+  mkdir "$REPORT/after_$name" && tar -C "$MNT" --exclude=./filler -cf - . | tar -C "$REPORT/after_$name" -xf -
+  rm -f "$MNT/filler"
+}
+step checkpoint tests/faults.py fill-disk-at-step 5 $ARGS
+step resume train_qlora_qwen3vl.py $ARGS
+step final_save tests/faults.py fill-disk-at-step 8 $ARGS --set overwrite=true --set save_steps=0
+"""
+
+
+@pytest.mark.skipif(not private_tmpfs_available(), reason="needs `unshare --user --mount` to mount a small tmpfs")
+def test_disk_full_keeps_every_saved_file_and_the_same_command_resumes(curriculum, tmp_path):
+    root, _ = curriculum
+    mnt, report = tmp_path / "mnt", tmp_path / "report"
+    mnt.mkdir()
+    report.mkdir()
+    args = (f"configs/demo/stage2.yaml --set output_dir={mnt}/stage2 --set prev_checkpoint={mnt}/stage1 "
+            "--set max_steps=8 --set save_steps=2 --set logging_steps=2 --set eval_questions=0 "
+            "--set tensorboard=false")
+    env = {**__import__("os").environ, "MNT": str(mnt), "REPORT": str(report), "PREV": str(root / "stage1"),
+           "PY": sys.executable, "ARGS": args, "PYTHONUNBUFFERED": "1"}
+    run = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", DISK_FULL_SCRIPT],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    out = {name: (int((report / f"{name}.rc").read_text()), (report / f"{name}.out").read_text(),
+                  (report / f"{name}.err").read_text()) for name in ("checkpoint", "resume", "final_save")}
+    stage1 = tree_hashes(root / "stage1")
+
+    # 1. The disk fills before the step-6 checkpoint: exit 4, a clear message, the cut-short checkpoint removed.
+    rc, stdout, stderr = out["checkpoint"]
+    assert "filled the disk after step 5" in stdout
+    assert rc == 4, stderr[-2000:]
+    assert "error: no space left on device while writing a checkpoint in" in stderr and "Traceback" not in stderr
+    assert f"Free space on that disk and run the same command: it resumes from {mnt}/stage2.partial/checkpoint-4." \
+        in stderr
+    after = report / "after_checkpoint"
+    assert sorted(p.name for p in (after / "stage2.partial").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert tree_hashes(after / "stage1") == stage1 and not (after / "stage2").exists()
+
+    # 2. Space freed, the same command resumes from the last complete checkpoint and finishes.
+    rc, stdout, stderr = out["resume"]
+    assert rc == 0, stderr[-2000:]
+    assert f"Resuming stage 2 from {mnt}/stage2.partial/checkpoint-4" in stdout
+    finished = report / "after_resume"
+    m = metrics(finished / "stage2")
+    assert m["global_steps"] == 8 and m["resumed_from_step"] == 4
+    assert tree_hashes(finished / "stage1") == stage1
+
+    # 3. The disk fills before the final save over that finished stage (overwrite: true): the old stage stays whole.
+    rc, stdout, stderr = out["final_save"]
+    assert rc == 4, stderr[-2000:]
+    assert f"no space left on device while writing the stage to {mnt}/stage2.saving" in stderr
+    assert "Traceback" not in stderr and f"{mnt}/stage2" in stderr.split("intact")[0]
+    after = report / "after_final_save"
+    assert tree_hashes(after / "stage2") == tree_hashes(finished / "stage2")
+    assert tree_hashes(after / "stage1") == stage1
+    assert not (after / "stage2.saving").exists() and not (after / "stage2.replaced").exists()
