@@ -87,6 +87,19 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, unint
     assert metrics(out)["saved_adapter_tensors_sha256"] == uninterrupted["saved_adapter_tensors_sha256"]
 
 
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    out = tmp_path / "stage"
+    log = tmp_path / "int.log"
+    proc = start(args_for(out), log)
+    wait_for(lambda: "step 2/12" in log.read_text(), proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130
+    text = log.read_text()
+    assert "Received SIGINT: saving a checkpoint after this step" in text and "Traceback" not in text
+    assert "Stopped: stopped by SIGINT at step" in text and not out.exists()
+    assert tq.complete_checkpoints(out.with_name("stage.partial"))  # something to resume from
+
+
 def test_interrupted_run_with_other_settings_is_not_resumed_or_deleted(tmp_path):
     out = tmp_path / "stage"
     proc = start(args_for(out), tmp_path / "log")
