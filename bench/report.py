@@ -1,0 +1,37 @@
+"""The speed table: bench/speed.py's variants as ratios to the yardstick measured in the same device call.
+
+    python bench/report.py OUT    # reads OUT/yardstick.json and OUT/speed.json, prints Markdown
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def table(out: Path) -> str:
+    yard = {r["image_px"]: r for r in json.loads((out / "yardstick.json").read_text())}
+    speed = json.loads((out / "speed.json").read_text())
+    rows = ["| workload / variant | batch | ckpt layers | samples/s | tokens/s | peak GiB | × yardstick | "
+            "first step s | input pipeline samples/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for px, y in sorted(yard.items()):
+        rows.append(f"| W{px} yardstick (textbook HF loop) | {y['batch']} | all | {y['samples_per_s']} | "
+                    f"{y['tokens_per_s']} | {y['peak_GiB']} | 1.00 | – | – |")
+        for r in speed["results"]:
+            if r.get("image_px") != px:
+                continue
+            if r.get("oom"):
+                rows.append(f"| {r['variant']} | {r['batch']} | | out of memory | | | | | |")
+                continue
+            rows.append(f"| {r['variant']} | {r['batch']} | {r['checkpointed_layers']} | {r['samples_per_s']} | "
+                        f"{r['tokens_per_s']} | {r['peak_GiB']} | {r['samples_per_s'] / y['samples_per_s']:.2f} | "
+                        f"{r['first_step_s']} | {r['pipeline_samples_per_s']} |")
+    for r in speed["results"]:
+        if r["variant"] == "generation":
+            rows.append(f"\nGeneration, {r['questions']} questions at 448x448: batched {r['batched_s']} s, one at a "
+                        f"time {r['one_at_a_time_s']} s ({r['speedup']}x); identical answers "
+                        f"{r['identical_answers']}/{r['questions']}.")
+    return f"GPU: {speed['gpu']}\n\n" + "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table(Path(sys.argv[1])))

@@ -1,0 +1,250 @@
+"""Speed and memory of the project's training path on an 8B-shaped Qwen3-VL, next to the yardstick.
+
+Runs on the GPU machine (bench/gpu_speed.sh sets it up and runs the yardstick first, in the same call).
+Everything timed here goes through the trainer's own pieces: `load_quantized_base`, `new_adapter`,
+`build_trainer` (HF Trainer, our collate, our loss) and `VQADataset` (images decoded and processed in
+dataloader workers from PNG files on disk). Only the data are synthetic: one image per sample, a ~48-token
+question and an 8-token answer, like the yardstick's two workloads.
+
+    python bench/speed.py --ckpt /tmp/q8b --out OUT [--variants NAME ...] [--steps 12]
+
+Each variant is a set of config keys; the model is loaded once per value of fp32_upcast and reused.
+Writes OUT/speed.json and prints one row per variant; bench/report.py turns it into the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import train_qlora_qwen3vl as tq  # noqa: E402
+
+# name -> (image side in pixels, config keys). "defaults" is what a user gets without setting anything but the
+# batch size the README recommends for a 24 GB card.
+VARIANTS = {
+    "W448-textbook-bs4": (448, dict(batch_size=4, fp32_upcast=True, answer_only_logits=False)),
+    "W448-defaults-bs16": (448, dict(batch_size=16)),
+    "W448-defaults-bs32": (448, dict(batch_size=32)),
+    "W448-gc0.5-bs16": (448, dict(batch_size=16, checkpointed_layers=0.5)),
+    "W448-gc0.5-bs24": (448, dict(batch_size=24, checkpointed_layers=0.5)),
+    "W448-gc0.25-bs16": (448, dict(batch_size=16, checkpointed_layers=0.25)),
+    "W448-nogc-bs8": (448, dict(batch_size=8, gradient_checkpointing=False)),
+    "W448-nogc-bs16": (448, dict(batch_size=16, gradient_checkpointing=False)),
+    "W448-fullogits-bs16": (448, dict(batch_size=16, answer_only_logits=False)),
+    "W448-nodropout-bs32": (448, dict(batch_size=32, lora={"dropout": 0.0})),
+    "W896-defaults-bs8": (896, dict(batch_size=8)),
+    "W896-gc0.5-bs8": (896, dict(batch_size=8, checkpointed_layers=0.5)),
+    "W896-lowmem-bs2": (896, dict(batch_size=2)),
+    "W896-lowmem-bs4": (896, dict(batch_size=4)),
+    "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
+    "smoke-W64-textbook": (64, dict(batch_size=2, fp32_upcast=True, answer_only_logits=False)),
+}
+
+
+def make_dataset(root: Path, px: int, n_records: int, n_images: int = 48) -> Path:
+    """n_images random PNGs of px x px and n_records numeric questions over them (cycled)."""
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n_images):
+        if not (root / f"{i}.png").is_file():
+            Image.fromarray(rng.integers(0, 255, (px, px, 3), dtype=np.uint8)).save(root / f"{i}.png")
+    words = ("how many red squares blue circles green triangles are visible in the upper left part of this "
+             "picture counting only shapes that do not touch the border or any other shape").split()
+    with open(root / "train.jsonl", "w") as f:
+        for i in range(n_records):
+            question = " ".join(words[(i + k) % len(words)] for k in range(30)) + "?"
+            f.write(json.dumps({"id": str(i), "image": f"{i % n_images}.png", "question": question,
+                                "type": "numeric", "answer": str(1000000 + 7919 * i)[:7]}) + "\n")
+    return root / "train.jsonl"
+
+
+def stage_config(ckpt: str, train_file: Path, px: int, steps: int, keys: dict) -> tq.StageConfig:
+    data = dict(output_dir="/tmp/speed_out/stage", train_file=str(train_file), model_name_or_path=ckpt,
+                min_pixels=px * px, max_pixels=px * px, max_steps=steps, eval_steps=0, save_steps=0,
+                logging_steps=1000, tensorboard=False, eval_questions=0, warmup_ratio=0.0,
+                dataloader_num_workers=min(8, (os.cpu_count() or 2) - 1), max_seq_len=4096)
+    lora = keys.pop("lora", {})
+    data.update(keys)
+    cfg = tq.StageConfig(**data)
+    for k, v in lora.items():
+        setattr(cfg.lora, k, v)
+    return cfg
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        sync()
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke test)"
+
+
+def step_timer(warmup: int):
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            sync()
+            self.times.append(time.perf_counter())
+
+    return StepTimer()
+
+
+def pipeline_rate(dataset, cfg: tq.StageConfig, batches: int) -> float:
+    """Samples/s of the input pipeline alone (decode, resize, tokenise, collate) with the trainer's workers."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    pad = dataset.processor.tokenizer.pad_token_id
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.dataloader_num_workers,
+                        collate_fn=lambda ex: tq.collate_batch(ex, pad), pin_memory=torch.cuda.is_available(),
+                        shuffle=True)
+    it = iter(loader)
+    next(it)  # workers started
+    t = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        n += next(it)["input_ids"].shape[0]
+    return n / (time.perf_counter() - t)
+
+
+def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmup: int, load_s: float) -> dict:
+    import torch
+
+    dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
+    checkpointed = tq.apply_gradient_checkpointing(model, cfg)
+    for module in model.modules():  # lora.dropout per variant, on the one adapter
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            module.lora_dropout["default"].p = cfg.lora.dropout
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    trainer = tq.build_trainer(model, processor, dataset, None, cfg, Path("/tmp/speed_out/work"))
+    timer = step_timer(warmup)
+    trainer.add_callback(timer)
+    t0 = time.perf_counter()
+    oom = False
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError:
+        oom = True
+    if oom:  # outside the except block, so the traceback's frames (and their tensors) are gone
+        del trainer
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"variant": name, "image_px": px, "batch": cfg.batch_size, "oom": True}
+    first_step_s = timer.times[0] - t0
+    steps = timer.times[warmup:]
+    dts = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    mean_dt = (steps[-1] - steps[0]) / len(dts)
+    sample_len = len(dataset[0]["input_ids"])
+    result = {
+        "variant": name, "image_px": px, "batch": cfg.batch_size, "seq_len": sample_len,
+        "checkpointed_layers": checkpointed, "fp32_upcast": cfg.fp32_upcast,
+        "answer_only_logits": cfg.answer_only_logits, "lora_dropout": cfg.lora.dropout,
+        "step_s": round(mean_dt, 4), "median_step_s": round(statistics.median(dts), 4),
+        "max_step_s": round(max(dts), 4),
+        "samples_per_s": round(cfg.batch_size / mean_dt, 2),
+        "tokens_per_s": round(cfg.batch_size * sample_len / mean_dt),
+        "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0,
+        "first_step_s": round(first_step_s, 2), "load_s": round(load_s, 1),
+        "dataloader_workers": cfg.dataloader_num_workers,
+        "final_loss": trainer.state.log_history[-1].get("train_loss"),
+    }
+    del trainer
+    gc.collect()
+    torch.cuda.empty_cache()
+    result["pipeline_samples_per_s"] = round(pipeline_rate(dataset, cfg, 12), 1)
+    return result
+
+
+def generation_speed(model, processor, ckpt: str, train_file: Path, px: int, n: int) -> dict:
+    """vqa_eval.generate_answers batched (the end-of-stage evaluation) against one question at a time."""
+
+    import vqa_eval
+
+    cfg = stage_config(ckpt, train_file, px, 1, {})
+    records = tq.load_records(train_file)[:n]
+    out = {}
+    for label, bs in (("batched", n), ("one_at_a_time", 1)):
+        sync()
+        t = time.perf_counter()
+        answers = vqa_eval.generate_answers(model, processor, records, cfg, bs, 8, progress=False)
+        sync()
+        out[label] = {"seconds": round(time.perf_counter() - t, 2), "answers": answers}
+    same = sum(a == b for a, b in zip(out["batched"]["answers"], out["one_at_a_time"]["answers"], strict=True))
+    return {"questions": n, "batched_s": out["batched"]["seconds"], "one_at_a_time_s": out["one_at_a_time"]["seconds"],
+            "speedup": round(out["one_at_a_time"]["seconds"] / out["batched"]["seconds"], 1),
+            "identical_answers": same}
+
+
+def main() -> None:
+    import torch
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--ckpt", default="/tmp/q8b")
+    p.add_argument("--out", required=True)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--steps", type=int, default=12, help="measured steps per variant (after 3 warm-up steps)")
+    p.add_argument("--generation", type=int, default=32, help="questions for the generation comparison (0: skip)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    warmup = 3
+    results = []
+    data = {px: make_dataset(Path(f"/tmp/speed_data/W{px}"), px, 2000)
+            for px in {448} | {VARIANTS[v][0] for v in args.variants}}
+    by_upcast = {}
+    for name in args.variants:
+        px, keys = VARIANTS[name]
+        by_upcast.setdefault(keys.get("fp32_upcast", False), []).append(name)
+    for upcast, names in sorted(by_upcast.items()):
+        first = VARIANTS[names[0]]
+        cfg = stage_config(args.ckpt, data[first[0]], first[0], warmup + args.steps, dict(first[1]))
+        processor = tq.load_processor(args.ckpt, cfg)
+        sync()
+        t = time.perf_counter()
+        model = tq.new_adapter(tq.load_quantized_base(args.ckpt, cfg), cfg.lora)
+        load_s = time.perf_counter() - t
+        for name in names:
+            px, keys = VARIANTS[name]
+            cfg = stage_config(args.ckpt, data[px], px, warmup + args.steps, dict(keys))
+            processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
+            r = run_variant(model, processor, name, px, cfg, warmup, load_s)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+            json.dump({"gpu": gpu_name(), "results": results}, open(out / "speed.json", "w"),
+                      indent=1)
+        if not upcast and args.generation:
+            processor.image_processor.size = {"shortest_edge": 448 * 448, "longest_edge": 448 * 448}
+            g = generation_speed(model, processor, args.ckpt, data[448], 448, args.generation)
+            print(json.dumps({"generation": g}), flush=True)
+            results.append({"variant": "generation", **g})
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    json.dump({"gpu": gpu_name(), "results": results}, open(out / "speed.json", "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()

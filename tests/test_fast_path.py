@@ -1,0 +1,90 @@
+"""The fast training path computes the same loss and gradients as the plain one, on the tiny model on the CPU.
+
+Fast: no fp32 up-cast, logits only at the answer positions, gradient checkpointing on half the layers.
+Plain: peft's prepare_model_for_kbit_training (fp32 up-cast) and the model's own loss over full logits.
+Speed itself is measured on the GPU by bench/speed.py, never here.
+"""
+
+import pytest
+import torch
+from conftest import REPO
+
+import train_qlora_qwen3vl as tq
+
+
+def test_answer_positions_pick_the_tokens_before_each_trained_label():
+    labels = torch.tensor([[-100, -100, 5, 6, -100],
+                           [-100, -100, -100, 7, 8]])
+    keep, targets = tq.answer_positions(labels)
+    assert keep.tolist() == [1, 2, 3]  # position t predicts label t+1
+    assert targets.tolist() == [[5, 6, -100], [-100, 7, 8]]
+
+
+def test_answer_loss_matches_the_full_logits_loss_with_and_without_a_token_count():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 11, generator=g)
+    labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, -100, -100, 7, 8]])
+    keep, targets = tq.answer_positions(labels)
+    for n in (None, torch.tensor(9)):
+        expected = ForCausalLMLoss(logits, labels, vocab_size=11, num_items_in_batch=n)
+        assert torch.allclose(tq.answer_loss(logits[:, keep], targets, n), expected, atol=1e-6)
+
+
+def batch(processor, n=3):
+    recs = tq.load_records(REPO / "data/stage2/train.jsonl")[:n]
+    examples = [tq.encode_example(processor, r, 4096, 50176) for r in recs]
+    return tq.collate_batch(examples, processor.tokenizer.pad_token_id)
+
+
+def loss_and_grads(tiny_model_path, adapter, inputs, **settings):
+    cfg = tq.StageConfig(output_dir="o", train_file="t", **settings)
+    model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), adapter)
+    model.train()
+    torch.manual_seed(0)  # the same LoRA dropout masks in both runs
+    if cfg.answer_only_logits:
+        loss, _ = tq.answer_only_loss(model, inputs)
+    else:
+        loss = model(**inputs).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def trained_adapter(curriculum):
+    root, _ = curriculum
+    return str(root / "stage1")  # nonzero LoRA A and B, so every LoRA gradient is nonzero
+
+
+def test_answer_only_logits_give_the_same_loss_and_gradients(tiny_model_path, processor, trained_adapter):
+    inputs = batch(processor)
+    assert inputs["attention_mask"].eq(0).any()  # rows of different lengths: padding is covered
+    full = loss_and_grads(tiny_model_path, trained_adapter, inputs, answer_only_logits=False)
+    fast = loss_and_grads(tiny_model_path, trained_adapter, inputs, answer_only_logits=True)
+    assert fast[0] == pytest.approx(full[0], rel=1e-5)
+    for name, grad in full[1].items():
+        assert torch.allclose(fast[1][name], grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_fast_path_matches_the_plain_path_within_bf16_tolerance(tiny_model_path, processor, trained_adapter):
+    inputs = batch(processor)
+    plain = loss_and_grads(tiny_model_path, trained_adapter, inputs, fp32_upcast=True, answer_only_logits=False)
+    fast = loss_and_grads(tiny_model_path, trained_adapter, inputs, fp32_upcast=False, answer_only_logits=True,
+                          checkpointed_layers=0.5)
+    assert fast[0] == pytest.approx(plain[0], rel=2e-2)  # bf16 norms and embeddings instead of fp32 copies
+    cosines = [torch.nn.functional.cosine_similarity(fast[1][n].flatten(), g.flatten(), dim=0).item()
+               for n, g in plain[1].items()]
+    assert min(cosines) > 0.98, min(cosines)
+
+
+def test_checkpointed_layers_choose_an_even_spread(tiny_model_path):
+    cfg = tq.StageConfig(output_dir="o", train_file="t", checkpointed_layers=0.5)
+    model = tq.load_quantized_base(tiny_model_path, cfg)
+    flags = [layer.gradient_checkpointing for layer in model.model.language_model.layers]
+    assert sum(flags) == round(len(flags) / 2) and flags[0]
+    cfg.checkpointed_layers = 0.0
+    assert tq.apply_gradient_checkpointing(model, cfg) == 0
+    assert not any(layer.gradient_checkpointing for layer in model.model.language_model.layers)
+    cfg.gradient_checkpointing = False
+    assert tq.apply_gradient_checkpointing(model, cfg) == 0
