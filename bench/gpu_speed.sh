@@ -17,6 +17,6 @@ python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch
 # The yardstick writes the random 8B checkpoint to /tmp/q8b, then runs the textbook loop at batch 4.
 python3 .gpu/hf_baseline_qlora.py --image 448 896 --batch 4 --steps 10 --json "$out/yardstick.json" 2>&1 | grep -v Warning
 cp .gpu/q8b_processor/* /tmp/q8b/
-python3 bench/speed.py --ckpt /tmp/q8b --out "$out" ${1:+--variants "$@"} 2>&1 \
+python3 bench/speed.py --ckpt /tmp/q8b --out "$out" ${SPEED_ARGS:-} ${1:+--variants "$@"} 2>&1 \
   | grep -vE "it/s\]|s/it\]|Warning|warn|^\s*$" | tee "$out/speed.log" | grep -E '^\{|rror|Traceback|File "' 
 python3 bench/report.py "$out" | tee "$out/table.md"

@@ -44,6 +44,9 @@ VARIANTS = {
     "W896-gc0.5-bs8": (896, dict(batch_size=8, checkpointed_layers=0.5)),
     "W896-lowmem-bs2": (896, dict(batch_size=2)),
     "W896-lowmem-bs4": (896, dict(batch_size=4)),
+    "W448-defaults-bs48": (448, dict(batch_size=48)),
+    "W448-defaults-bs64": (448, dict(batch_size=64)),
+    "W896-defaults-bs16": (896, dict(batch_size=16)),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
     "smoke-W64-textbook": (64, dict(batch_size=2, fp32_upcast=True, answer_only_logits=False)),
 }
@@ -127,7 +130,35 @@ def pipeline_rate(dataset, cfg: tq.StageConfig, batches: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmup: int, load_s: float) -> dict:
+def profiler_callback(out: Path, name: str, at_step: int):
+    """torch.profiler over two steps after warm-up: where the CPU and GPU time of a step go."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == at_step:
+                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                               torch.profiler.ProfilerActivity.CUDA])
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is not None and state.global_step == at_step + 2:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                averages = self.prof.key_averages()
+                text = (f"== {name}\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30)
+                        + "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=20))
+                (out / f"profile_{name}.txt").write_text(text)
+                self.prof = None
+
+    return Profile()
+
+
+def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmup: int, load_s: float,
+                profile_dir: Path | None = None) -> dict:
     import torch
 
     dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
@@ -142,6 +173,8 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     trainer = tq.build_trainer(model, processor, dataset, None, cfg, Path("/tmp/speed_out/work"))
     timer = step_timer(warmup)
     trainer.add_callback(timer)
+    if profile_dir is not None:
+        trainer.add_callback(profiler_callback(profile_dir, name, warmup + 1))
     t0 = time.perf_counter()
     oom = False
     try:
@@ -207,6 +240,7 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--steps", type=int, default=12, help="measured steps per variant (after 3 warm-up steps)")
     p.add_argument("--generation", type=int, default=32, help="questions for the generation comparison (0: skip)")
+    p.add_argument("--profile", nargs="*", default=[], help="variants to profile (torch.profiler, two steps)")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +264,7 @@ def main() -> None:
             px, keys = VARIANTS[name]
             cfg = stage_config(args.ckpt, data[px], px, warmup + args.steps, dict(keys))
             processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-            r = run_variant(model, processor, name, px, cfg, warmup, load_s)
+            r = run_variant(model, processor, name, px, cfg, warmup, load_s, out if name in args.profile else None)
             print(json.dumps(r), flush=True)
             results.append(r)
             json.dump({"gpu": gpu_name(), "results": results}, open(out / "speed.json", "w"),
