@@ -845,7 +845,7 @@ def apply_gradient_checkpointing(model, cfg: StageConfig) -> int:
 
 
 def load_quantized_base(model_path: str, cfg: StageConfig):
-    """The frozen base in 4 bit, prepared for k-bit training exactly once (this is the only call site)."""
+    """The frozen base in 4 bit, prepared for k-bit training exactly once (this is the only place that does it)."""
     import torch
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForImageTextToText
