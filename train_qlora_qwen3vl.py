@@ -1137,7 +1137,6 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
         use_cpu=not on_gpu, remove_unused_columns=False, label_names=["labels"], report_to="none",
         dataloader_num_workers=cfg.dataloader_num_workers, dataloader_pin_memory=on_gpu,
         ddp_find_unused_parameters=False, disable_tqdm=False, save_total_limit=2,
-        dataloader_persistent_workers=cfg.dataloader_num_workers > 0,
         prediction_loss_only=True,  # evaluation needs the loss only; never gather every batch's logits
     )
     pad_id = processor.tokenizer.pad_token_id
