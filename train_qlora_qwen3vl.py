@@ -609,7 +609,7 @@ def check_images(paths: list[str], desc: str = "Decoding images") -> tuple[dict,
 def inspect_images(records: list[Record], split: str = "") -> tuple[dict, list[str]]:
     """Every image of a split decoded once: ({path: (w, h)}, one `file:line: problem` per record with a bad one)."""
     paths = sorted({r.image for r in records if r.image})
-    sizes, bad = check_images(paths, f"Decoding {split} images".replace("  ", " "))
+    sizes, bad = check_images(paths, f"Decoding {split} images" if split else "Decoding images")
     return sizes, [f"{r.source}: {bad[r.image]}" for r in records if r.image in bad]
 
 
@@ -637,8 +637,7 @@ def describe_split(split: str, records: list[Record], sizes: dict, lengths: list
 
     counts = {t: sum(r.type == t for r in records) for t in sorted({r.type for r in records})}
     lines = [f"{split}: {len(records)} samples ({', '.join(f'{n} {t}' for t, n in counts.items())})"]
-    used = sorted((sizes[r.image] for r in {r.image: r for r in records if r.image}.values()),
-                  key=lambda wh: wh[0] * wh[1])
+    used = sorted((sizes[path] for path in {r.image for r in records if r.image}), key=lambda wh: wh[0] * wh[1])
     if used:
         median = used[len(used) // 2]
         lines.append(f"{split} images: {len(used)} decoded, {used[0][0]}x{used[0][1]} to {used[-1][0]}x{used[-1][1]} "
@@ -741,8 +740,7 @@ def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset
     if problems and cfg.on_bad_record == "error":
         raise bad_records_error(path, problems)
     if problems:
-        bad = {p.split(": ", 1)[0] for p in problems}
-        records = [r for r in records if r.source not in bad]
+        records = [r for r in records if not r.image or r.image in sizes]  # bad lines never became records
         print(f"Skipped {len(problems)} bad {split} record(s) (on_bad_record: skip):\n"
               + "\n".join(f"  {p}" for p in problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
     if not records:
@@ -1156,16 +1154,19 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
     return trainer
 
 
-def complete_checkpoints(work_dir: Path) -> list[Path]:
+def complete_checkpoints(work_dir: Path, remove_cut_short: bool = False) -> list[Path]:
     """`checkpoint-N` folders the Trainer finished writing, oldest first. It writes trainer_state.json last, so a
-    folder without a readable one was cut short (a kill or a full disk mid-save) and must not be resumed from."""
+    folder without a readable one was cut short (a kill or a full disk mid-save) and must not be resumed from;
+    with `remove_cut_short` such folders are deleted (freeing their space)."""
     done = []
     for ckpt in sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])):
         try:
             json.loads((ckpt / "trainer_state.json").read_text())
             done.append(ckpt)
         except (OSError, ValueError):
-            pass
+            if remove_cut_short:
+                print(f"Removing {ckpt}: it was not completely written")
+                shutil.rmtree(ckpt, ignore_errors=True)
     return done
 
 
@@ -1173,7 +1174,7 @@ def interrupted_run(work_dir: Path, cfg: StageConfig) -> str | None:
     """The last checkpoint of an interrupted run of this very stage config, to resume from; None to start anew."""
     if not work_dir.is_dir():
         return None
-    done = complete_checkpoints(work_dir)
+    done = complete_checkpoints(work_dir)  # cut-short ones are removed below, once this run is known to resume
     start_file = work_dir / STAGE_START
     if not done or not start_file.is_file():
         shutil.rmtree(work_dir)  # started, but nothing to resume from: no checkpoint was written
@@ -1184,9 +1185,7 @@ def interrupted_run(work_dir: Path, cfg: StageConfig) -> str | None:
     if differ:
         raise ConfigError(f"{work_dir} holds an interrupted run of this stage with other settings "
                           f"({', '.join(differ)}); restore them to resume it, or delete {work_dir} to start over")
-    for cut_short in sorted(set(work_dir.glob("checkpoint-*")) - set(done)):
-        print(f"Removing {cut_short}: it was not completely written")
-        shutil.rmtree(cut_short)
+    complete_checkpoints(work_dir, remove_cut_short=True)
     return str(done[-1])
 
 
@@ -1205,9 +1204,7 @@ def disk_full_error(writing: str, work_dir: Path, cfg: StageConfig) -> DiskFull:
     """Clear what was cut short (freeing its space) and say what is intact and how to go on."""
     staging = Path(f"{cfg.output_dir}.saving")
     shutil.rmtree(staging, ignore_errors=True)
-    done = complete_checkpoints(work_dir) if work_dir.is_dir() else []
-    for cut_short in sorted(set(work_dir.glob("checkpoint-*")) - set(done)) if work_dir.is_dir() else []:
-        shutil.rmtree(cut_short, ignore_errors=True)
+    done = complete_checkpoints(work_dir, remove_cut_short=True)
     intact = [d for d in (cfg.prev_checkpoint, cfg.output_dir) if d and (Path(d) / STAGE_METRICS).is_file()]
     resume = (f"it resumes from {done[-1]}" if done else "it starts the stage over (no checkpoint was complete; "
               "save_steps keeps some)")
@@ -1333,7 +1330,7 @@ def train_stage(cfg: StageConfig) -> dict:
         raise
     train_seconds = time.time() - t0
     if guard.non_finite_step is not None:
-        done = complete_checkpoints(work_dir) if work_dir.is_dir() else []
+        done = complete_checkpoints(work_dir)
         last = done[-1] if done else None
         raise CurriculumError(
             f"the LoRA weights became non-finite (NaN/inf) at step {guard.non_finite_step}: the loss diverged. "

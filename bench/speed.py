@@ -98,7 +98,7 @@ def gpu_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (smoke test)"
 
 
-def step_timer(warmup: int):
+def step_timer():
     from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
@@ -171,7 +171,7 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     trainer = tq.build_trainer(model, processor, dataset, None, cfg, Path("/tmp/speed_out/work"))
-    timer = step_timer(warmup)
+    timer = step_timer()
     trainer.add_callback(timer)
     if profile_dir is not None:
         trainer.add_callback(profiler_callback(profile_dir, name, warmup + 1))

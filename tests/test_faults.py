@@ -69,14 +69,18 @@ def test_killed_stage_resumes_to_the_same_adapter(tmp_path, uninterrupted):
     assert not out.with_name("stage.partial").exists()
 
 
+def stop_with(sig: signal.Signals, after_log_line: str, out: Path, log: Path) -> tuple[int, str]:
+    """Start a stage, send `sig` once `after_log_line` is logged; (exit code, log)."""
+    proc = start(args_for(out), log)
+    wait_for(lambda: after_log_line in log.read_text(), proc)
+    proc.send_signal(sig)
+    return proc.wait(timeout=300), log.read_text()
+
+
 def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, uninterrupted):
     out = tmp_path / "stage"
-    log = tmp_path / "term.log"
-    proc = start(args_for(out), log)
-    wait_for(lambda: "step 6/12" in log.read_text(), proc)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=300) == 143
-    text = log.read_text()
+    code, text = stop_with(signal.SIGTERM, "step 6/12", out, tmp_path / "term.log")
+    assert code == 143
     assert "Received SIGTERM: saving a checkpoint after this step" in text
     assert "Run the same command to resume." in text and "Traceback" not in text
     checkpoints = sorted(out.with_name("stage.partial").glob("checkpoint-*"))
@@ -89,12 +93,8 @@ def test_sigterm_saves_a_checkpoint_and_the_same_command_resumes(tmp_path, unint
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     out = tmp_path / "stage"
-    log = tmp_path / "int.log"
-    proc = start(args_for(out), log)
-    wait_for(lambda: "step 2/12" in log.read_text(), proc)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=300) == 130
-    text = log.read_text()
+    code, text = stop_with(signal.SIGINT, "step 2/12", out, tmp_path / "int.log")
+    assert code == 130
     assert "Received SIGINT: saving a checkpoint after this step" in text and "Traceback" not in text
     assert "Stopped: stopped by SIGINT at step" in text and not out.exists()
     assert tq.complete_checkpoints(out.with_name("stage.partial"))  # something to resume from
