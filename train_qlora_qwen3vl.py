@@ -78,6 +78,53 @@ class DiskFull(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Processes: one, or several started by `accelerate launch` (DDP or FSDP); the same code path for both
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def is_main_process() -> bool:
+    """True in the process that writes files and prints: the only one, or rank 0 of those the launcher started
+    (the launcher sets RANK before the script runs, so this holds from the first line on)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def log(*args, **kwargs) -> None:
+    """print, on the main process only: with N processes every line would otherwise appear N times."""
+    if is_main_process():
+        print(*args, **kwargs, flush=True)
+
+
+def fsdp_enabled() -> bool:
+    """Launched with an FSDP accelerate config (accelerate tells its processes through this variable)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def processes():
+    """accelerate's view of the processes: index, count, barriers. A single process is a world of one."""
+    import torch
+    from accelerate import PartialState
+
+    # cpu=True on a machine without a GPU: without it accelerate sees no processes to join there (as the Trainer
+    # does with use_cpu)
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def gather_from_processes(item: Any) -> list:
+    """`item` from every process, in process order, on every process (a one-item list with a single process)."""
+    from accelerate.utils import gather_object
+
+    return gather_object([item])
+
+
+def check_processes_agree(views: list[dict], key: str, what: str, hint: str) -> None:
+    """Every process must hold the same adapter. Raised on every process alike (they all see the same views),
+    so none is left waiting for the others."""
+    if len({v[key] for v in views}) > 1:
+        held = ", ".join(f"process {v['process']}: {str(v[key])[:16]}" for v in views)
+        raise CurriculumError(f"the processes hold different adapters ({what}: {held}). {hint}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Config: typed dataclasses from YAML; unknown keys rejected with the closest valid key
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -102,6 +149,9 @@ class QuantizationSettings:
     """dtype that the 4-bit weights are de-quantized to for matrix products."""
     double_quant: bool = True
     """Quantize the quantization constants too (saves ~0.4 bit per parameter)."""
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
+    """dtype the packed 4-bit weights are stored in. FSDP shards only floating-point tensors, so under FSDP it
+    must be the compute dtype; `auto` picks that under FSDP and uint8 otherwise."""
 
 
 @dataclass
@@ -348,6 +398,12 @@ def validate_config(cfg: StageConfig) -> None:
     if cfg.fp32_upcast is False and cfg.quantization.compute_dtype == "float16":
         problems.append("quantization.compute_dtype: float16 needs fp32_upcast: true (fp16 norms overflow); "
                         "or use bfloat16")
+    if fsdp_enabled() and cfg.quantization.quant_storage not in ("auto", cfg.quantization.compute_dtype):
+        problems.append(f"quantization.quant_storage: FSDP shards only floating-point tensors; use auto or "
+                        f"{cfg.quantization.compute_dtype} (the compute dtype), not {cfg.quantization.quant_storage}")
+    if fsdp_enabled() and cfg.optimizer_state == "resume":
+        problems.append("optimizer_state: resume is not supported under FSDP (its optimizer state is sharded); use "
+                        "fresh, or train this stage with DDP or one GPU")
     if not 0 <= cfg.lora.dropout < 1:
         problems.append(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     if not cfg.lora.target_modules:
@@ -666,8 +722,8 @@ def drop_overlong(records: list[Record], lengths: list[int], cfg: StageConfig, s
                           f"({len(too_long)} such in {split}); raise max_seq_len, lower max_pixels, or set "
                           "on_overlong: skip")
     if too_long:
-        print(f"Skipped {len(too_long)} {split} samples over max_seq_len={cfg.max_seq_len}: "
-              + ", ".join(r.id for r, _ in too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
+        log(f"Skipped {len(too_long)} {split} samples over max_seq_len={cfg.max_seq_len}: "
+            + ", ".join(r.id for r, _ in too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
     keep = {id(r) for r, n in zip(records, lengths, strict=True) if n <= cfg.max_seq_len}
     return [r for r in records if id(r) in keep]
 
@@ -741,16 +797,16 @@ def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset
         raise bad_records_error(path, problems)
     if problems:
         records = [r for r in records if not r.image or r.image in sizes]  # bad lines never became records
-        print(f"Skipped {len(problems)} bad {split} record(s) (on_bad_record: skip):\n"
-              + "\n".join(f"  {p}" for p in problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+        log(f"Skipped {len(problems)} bad {split} record(s) (on_bad_record: skip):\n"
+            + "\n".join(f"  {p}" for p in problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
     if not records:
         raise ConfigError(f"{path}: no usable records")
     lengths = sample_lengths(records, processor, cfg, sizes)
     kept = drop_overlong(records, lengths, cfg, split)
     if not kept:
         raise ConfigError(f"{path}: every sample is over max_seq_len={cfg.max_seq_len}")
-    print(f"Loaded {split} from {path}:")
-    print("\n".join("  " + line for line in describe_split(split, records, sizes, lengths, cfg)))
+    log(f"Loaded {split} from {path}:")
+    log("\n".join("  " + line for line in describe_split(split, records, sizes, lengths, cfg)))
     dataset = VQADataset(kept, processor, cfg)
     dataset.bad_records = problems
     return dataset
@@ -765,11 +821,12 @@ def resolve_model_path(name_or_path: str) -> str:
     """`tiny-qwen3vl` -> the local tiny model (built on first use); anything else is returned as given."""
     if name_or_path != TINY_MODEL_NAME:
         return name_or_path
-    if not (TINY_MODEL_DIR / "config.json").is_file():
-        from tiny_qwen3vl import build_random_qwen3vl
+    with processes().main_process_first():  # one process builds it; the others wait, then find it built
+        if not (TINY_MODEL_DIR / "config.json").is_file():
+            from tiny_qwen3vl import build_random_qwen3vl
 
-        print(f"Building the tiny random Qwen3-VL at {TINY_MODEL_DIR} (first use, a few seconds)")
-        build_random_qwen3vl(TINY_MODEL_DIR, shape="tiny", seed=0)
+            log(f"Building the tiny random Qwen3-VL at {TINY_MODEL_DIR} (first use, a few seconds)")
+            build_random_qwen3vl(TINY_MODEL_DIR, shape="tiny", seed=0)
     return str(TINY_MODEL_DIR)
 
 
@@ -798,13 +855,21 @@ def load_processor(model_path: str, cfg: StageConfig):
     return processor
 
 
+def quant_storage_dtype(q: QuantizationSettings) -> str:
+    """`auto`: the compute dtype under FSDP (it shards only floating-point tensors), else bitsandbytes' uint8."""
+    if q.quant_storage != "auto":
+        return q.quant_storage
+    return q.compute_dtype if fsdp_enabled() else "uint8"
+
+
 def bnb_config(q: QuantizationSettings):
     import torch
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
                               bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype))
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+                              bnb_4bit_quant_storage=getattr(torch, quant_storage_dtype(q)))
 
 
 def training_device() -> Any:
@@ -861,8 +926,9 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
         for param in model.parameters():
             param.requires_grad_(False)
     checkpointed = apply_gradient_checkpointing(model, cfg)  # set up here, once; the Trainer is not asked to
-    print(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
-          f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype}, fp32 up-cast "
+    log(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
+        f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype}, storage "
+        f"{quant_storage_dtype(cfg.quantization)}, fp32 up-cast "
           f"{cfg.fp32_upcast}, gradient checkpointing on {checkpointed} decoder layers)")
     return model
 
@@ -871,7 +937,7 @@ def new_adapter(model, lora: LoraSettings):
     """Stage 1: a fresh LoRA adapter (B = 0, so the model starts exactly as the base)."""
     from peft import LoraConfig, get_peft_model
 
-    print("Creating a new LoRA adapter (stage 1)")
+    log("Creating a new LoRA adapter (stage 1)")
     return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
 
@@ -881,11 +947,11 @@ def continue_adapter(model, prev_checkpoint: str):
     no second adapter: the weights that train now are the very ones the previous stage saved."""
     from peft import PeftModel
 
-    print("*** CURRICULUM LEARNING MODE ***")
-    print(f"Continuing training from previous checkpoint: {prev_checkpoint}")
-    print("Loading existing LoRA adapter (will continue training the same adapter)...")
+    log("*** CURRICULUM LEARNING MODE ***")
+    log(f"Continuing training from previous checkpoint: {prev_checkpoint}")
+    log("Loading existing LoRA adapter (will continue training the same adapter)...")
     model = PeftModel.from_pretrained(model, prev_checkpoint, is_trainable=True)
-    print("✓ Loaded previous adapter - continuing training on the same adapter")
+    log("✓ Loaded previous adapter - continuing training on the same adapter")
     return model
 
 
@@ -962,6 +1028,41 @@ def file_adapter_sha256(adapter_dir: str | os.PathLike) -> str:
     return adapter_tensors_sha256(load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS)))
 
 
+def check_adapter_on_every_process(model, cfg: StageConfig) -> list[dict]:
+    """Before the first step, every process proves that it holds the adapter to train (only LoRA trains, in the
+    expected count; at stage >= 2 the weights are the previous stage's), then all compare what they hold: one
+    stale copy of prev_checkpoint on one machine stops the run on every process, not just on that one. Returns
+    one view per process: {process, trainable_params, start_tensors_sha256}."""
+    view = {"process": processes().process_index, "error": None}
+    try:
+        view["trainable_params"] = check_adapter_trainable(model, cfg.lora)
+        view["start_tensors_sha256"] = (check_loaded_adapter_matches(model, cfg.prev_checkpoint)
+                                        if cfg.prev_checkpoint else loaded_adapter_sha256(model))
+    except CurriculumError as err:
+        view["error"] = str(err)
+    views = gather_from_processes(view)
+    failed = [v for v in views if v["error"]]
+    if len(views) == 1 and failed:
+        raise CurriculumError(failed[0]["error"])
+    if failed:
+        raise CurriculumError("\n".join(f"process {v['process']}: {v['error']}" for v in failed))
+    hint = "Every process must read the same prev_checkpoint; on several machines, put it on a shared disk"
+    check_processes_agree(views, "start_tensors_sha256", "weights before the first step", hint)
+    check_processes_agree(views, "trainable_params", "trainable parameters", hint)
+    return [{k: v for k, v in view.items() if k != "error"} for view in views]
+
+
+def check_trained_adapter_on_every_process(model, start_views: list[dict]) -> list[dict]:
+    """After training, every process hashes the adapter it holds; they must agree (DDP keeps one copy per process
+    in step). Under FSDP each process holds a shard of the one copy, so there is nothing to compare (None)."""
+    final = None if fsdp_enabled() else loaded_adapter_sha256(model)
+    ends = gather_from_processes(final)
+    views = [dict(v, final_tensors_sha256=end) for v, end in zip(start_views, ends, strict=True)]
+    check_processes_agree(views, "final_tensors_sha256", "weights after the last step",
+                          "They trained apart instead of as one (the model was not wrapped in DDP); nothing was saved")
+    return views
+
+
 def unwrap_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
 
@@ -999,10 +1100,12 @@ def load_optimizer_moments(model, optimizer, path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def planned_steps(n_train: int, cfg: StageConfig, world_size: int) -> int:
+def planned_steps(n_train: int, cfg: StageConfig, num_processes: int) -> int:
+    """Optimizer steps of the stage. An epoch is ceil(n / (batch_size x processes)) batches on each process (the
+    last one filled up from the start), and a last, shorter accumulation still makes a step, as in the Trainer."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = math.ceil(n_train / (cfg.batch_size * world_size)) // cfg.grad_accum or 1
+    per_epoch = math.ceil(math.ceil(n_train / (cfg.batch_size * num_processes)) / cfg.grad_accum)
     return math.ceil(per_epoch * cfg.epochs)
 
 
@@ -1055,8 +1158,8 @@ class StageGuard:
         if self.signal_name:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        print(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
-              "(send it again to stop at once)", flush=True)
+        log(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
+            "(send it again to stop at once)")
 
     def callback(self):
         import torch
@@ -1119,8 +1222,10 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
                 loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the count spans processes
             return (loss, outputs) if return_outputs else loss
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = processes().num_processes
     total = planned_steps(len(train_ds), cfg, world)
+    log(f"Effective batch size {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per process x {world} "
+        f"process(es) x {cfg.grad_accum} accumulation step(s); {total} optimizer steps planned")
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=total, num_train_epochs=cfg.epochs,
@@ -1144,7 +1249,8 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
     trainer.remove_callback(ProgressCallback)
     for callback in make_log_callbacks():
         trainer.add_callback(callback)
-    if cfg.tensorboard:  # one folder per stage, side by side: `tensorboard --logdir <curriculum>/tensorboard`
+    # one folder per stage, side by side (`tensorboard --logdir <curriculum>/tensorboard`), written by one process
+    if cfg.tensorboard and is_main_process():
         from torch.utils.tensorboard import SummaryWriter
         from transformers.integrations import TensorBoardCallback
 
@@ -1165,7 +1271,7 @@ def complete_checkpoints(work_dir: Path, remove_cut_short: bool = False) -> list
             done.append(ckpt)
         except (OSError, ValueError):
             if remove_cut_short:
-                print(f"Removing {ckpt}: it was not completely written")
+                log(f"Removing {ckpt}: it was not completely written")
                 shutil.rmtree(ckpt, ignore_errors=True)
     return done
 
@@ -1214,6 +1320,20 @@ def disk_full_error(writing: str, work_dir: Path, cfg: StageConfig) -> DiskFull:
                     f"same command: {resume}.")
 
 
+def before_first_step(measure):
+    """A callback that runs `measure()` once training begins: after the Trainer has wrapped the model for
+    training, before the first step. Evaluating before `trainer.train()` instead makes accelerate mark the model
+    as prepared (for evaluation, without DDP), and train() then skips the DDP wrap: every process silently trains
+    its own copy on its own shard of the data (accelerate 1.15; check_trained_adapter_on_every_process caught it)."""
+    from transformers import TrainerCallback
+
+    class BeforeFirstStep(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            measure()
+
+    return BeforeFirstStep()
+
+
 def eval_loss(trainer, dataset, prefix: str) -> float | None:
     if dataset is None:
         return None
@@ -1237,9 +1357,15 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     if not trainer.is_world_process_zero():
         return out
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml says it all
-    save_optimizer_moments(model, trainer.optimizer, staging / OPTIMIZER_MOMENTS)
+    if fsdp_enabled():  # sharded moments are not per-parameter tensors; validate_config refuses resume under FSDP
+        log("Optimizer moments are not saved under FSDP (a later stage uses optimizer_state: fresh)")
+    else:
+        save_optimizer_moments(model, trainer.optimizer, staging / OPTIMIZER_MOMENTS)
     metrics["saved_adapter_file_sha256"] = sha256_file(staging / ADAPTER_WEIGHTS)
     metrics["saved_adapter_tensors_sha256"] = file_adapter_sha256(staging)
+    trained = {v["final_tensors_sha256"] for v in metrics["processes"]} - {None}
+    if trained and trained != {metrics["saved_adapter_tensors_sha256"]}:
+        raise CurriculumError(f"the adapter written to {staging} differs from the one the processes trained")
     (staging / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))
     import vqa_eval  # evaluation and plots live beside the trainer
@@ -1247,7 +1373,7 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     if predictions is not None:
         vqa_eval.write_predictions(predictions, staging / "predictions_dev.jsonl")
     for plot in vqa_eval.write_stage_plots(staging):
-        print(f"Plot: {out / plot.name}")
+        log(f"Plot: {out / plot.name}")
     if out.exists():  # only reachable with overwrite: true (validate_config refuses otherwise)
         replaced = Path(f"{out}.replaced")  # the old stage is moved aside, not deleted, until the new one is in
         shutil.rmtree(replaced, ignore_errors=True)
@@ -1277,24 +1403,26 @@ def train_stage(cfg: StageConfig) -> dict:
     else:
         continuity_ds = eval_ds
         if cfg.prev_checkpoint:
-            print(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
+            log(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
 
     work_dir = Path(f"{cfg.output_dir}.partial")  # intermediate checkpoints; removed once the stage is saved
-    resume_from = interrupted_run(work_dir, cfg)  # before the long model load: a mismatch is reported at once
+    with processes().main_process_first():  # the main process tidies work_dir; the others then read the same
+        resume_from = interrupted_run(work_dir, cfg)  # before the long model load: a mismatch is reported at once
 
     model = load_quantized_base(model_path, cfg)
-    start_file_sha = start_tensor_sha = None
+    model = continue_adapter(model, cfg.prev_checkpoint) if cfg.prev_checkpoint else new_adapter(model, cfg.lora)
+    process_views = check_adapter_on_every_process(model, cfg)
+    trainable = process_views[0]["trainable_params"]
+    start_file_sha = sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS) if cfg.prev_checkpoint else None
+    start_tensor_sha = process_views[0]["start_tensors_sha256"] if cfg.prev_checkpoint else None
     if cfg.prev_checkpoint:
-        model = continue_adapter(model, cfg.prev_checkpoint)
-        start_file_sha = sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS)
-        start_tensor_sha = check_loaded_adapter_matches(model, cfg.prev_checkpoint)
-    else:
-        model = new_adapter(model, cfg.lora)
-    trainable = check_adapter_trainable(model, cfg.lora)
-    if cfg.prev_checkpoint:
-        print("✓ Adapter is trainable and ready for continued training")
-    model.print_trainable_parameters()
-    print(f"Trainable parameters: {trainable:,} (LoRA only; equals r x (in + out) over the targeted modules)")
+        log("✓ Adapter is trainable and ready for continued training")
+    if is_main_process():
+        model.print_trainable_parameters()
+    log(f"Trainable parameters: {trainable:,} (LoRA only; equals r x (in + out) over the targeted modules)")
+    if len(process_views) > 1:
+        log(f"✓ All {len(process_views)} processes hold the same adapter (tensors sha256 "
+            f"{process_views[0]['start_tensors_sha256'][:16]}...), trainable, {trainable:,} parameters each")
 
     trainer = build_trainer(model, processor, train_ds, eval_ds, cfg, work_dir)
     guard = StageGuard(model)
@@ -1302,33 +1430,40 @@ def train_stage(cfg: StageConfig) -> dict:
     if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
         trainer.create_optimizer()
         n = load_optimizer_moments(model, trainer.optimizer, Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS)
-        print(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
+        log(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
 
-    if resume_from:
-        start = json.loads((work_dir / STAGE_START).read_text())
-        first_eval, first_own = start["first_eval_loss"], start["first_eval_loss_own_split"]
-        print(f"Resuming stage {cfg.stage} from {resume_from}: the step, optimizer, scheduler, RNG and data order "
-              "are restored")
-    else:
-        first_eval = eval_loss(trainer, continuity_ds, "first_eval")
-        first_own = eval_loss(trainer, eval_ds, "first_own_eval") if continuity_ds is not eval_ds else first_eval
+    start = {"t0": time.time()}
+
+    def measure_start() -> None:
+        """The losses before the first step (continuity with the previous stage), saved for a resumed run."""
+        start["first_eval_loss"] = eval_loss(trainer, continuity_ds, "first_eval")
+        start["first_eval_loss_own_split"] = (eval_loss(trainer, eval_ds, "first_own_eval")
+                                              if continuity_ds is not eval_ds else start["first_eval_loss"])
+        log(f"first_eval_loss {start['first_eval_loss']} (before the first step; previous stage ended at "
+            f"{(prev_metrics or {}).get('final_eval_loss')})")
+        if cfg.prev_checkpoint:
+            log(f"Stage {cfg.stage}: starting from the adapter saved by stage "
+                f"{(prev_metrics or {}).get('stage', '?')}")
         if trainer.is_world_process_zero():
             work_dir.mkdir(parents=True, exist_ok=True)
-            (work_dir / STAGE_START).write_text(json.dumps({
-                "config": config_to_dict(cfg), "first_eval_loss": first_eval, "first_eval_loss_own_split": first_own}))
-    print(f"first_eval_loss {first_eval} (before the first step; previous stage ended at "
-          f"{(prev_metrics or {}).get('final_eval_loss')})")
-    if cfg.prev_checkpoint:
-        print(f"Stage {cfg.stage}: starting from the adapter saved by stage {(prev_metrics or {}).get('stage', '?')}")
+            (work_dir / STAGE_START).write_text(json.dumps({"config": config_to_dict(cfg), **start}))
+        start["t0"] = time.time()  # train_seconds counts training only
+
+    if resume_from:
+        start = json.loads((work_dir / STAGE_START).read_text()) | {"t0": time.time()}
+        log(f"Resuming stage {cfg.stage} from {resume_from}: the step, optimizer, scheduler, RNG and data order "
+            "are restored")
+    else:
+        trainer.add_callback(before_first_step(measure_start))
     resumed_at = int(Path(resume_from).name.rsplit("-", 1)[1]) if resume_from else 0  # checkpoint-<step>
-    t0 = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except Exception as err:
         if is_disk_full(err, work_dir):
             raise disk_full_error(f"a checkpoint in {work_dir}", work_dir, cfg) from err
         raise
-    train_seconds = time.time() - t0
+    train_seconds = time.time() - start["t0"]
+    first_eval, first_own = start["first_eval_loss"], start["first_eval_loss_own_split"]
     if guard.non_finite_step is not None:
         done = complete_checkpoints(work_dir)
         last = done[-1] if done else None
@@ -1343,17 +1478,22 @@ def train_stage(cfg: StageConfig) -> dict:
                            f"{trainer.state.max_steps}; checkpoint saved in {work_dir}. Run the same command to "
                            "resume.", code)
     final_eval = eval_loss(trainer, eval_ds, "final_eval")
-    print(f"final_eval_loss {final_eval}")
+    log(f"final_eval_loss {final_eval}")
+    process_views = check_trained_adapter_on_every_process(model, process_views)
     dev_metrics = predictions = None
-    if eval_ds is not None and cfg.eval_questions and trainer.is_world_process_zero():
+    if eval_ds is not None and cfg.eval_questions and fsdp_enabled():
+        log("Dev accuracy by generation is skipped under FSDP (the model is sharded across processes); measure it on "
+            f"one GPU: python vqa_eval.py {cfg.output_dir}/{RESOLVED_CONFIG}")
+    elif eval_ds is not None and cfg.eval_questions:
         import vqa_eval
 
         records = eval_ds.records if cfg.eval_questions < 0 else eval_ds.records[:cfg.eval_questions]
         dev_metrics, predictions = vqa_eval.evaluate_records(model, processor, records, cfg)
-        print(f"Dev accuracy after stage {cfg.stage} ({len(records)} questions, by generation):\n"
-              + vqa_eval.metrics_table(dev_metrics))
+        log(f"Dev accuracy after stage {cfg.stage} ({len(records)} questions, by generation"
+            f"{f' on {len(process_views)} processes' if len(process_views) > 1 else ''}):\n"
+            + vqa_eval.metrics_table(dev_metrics))
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = len(process_views)
     metrics = {
         "stage": cfg.stage,
         "model_name_or_path": cfg.model_name_or_path,
@@ -1389,6 +1529,8 @@ def train_stage(cfg: StageConfig) -> dict:
         "start_adapter_tensors_sha256": start_tensor_sha,
         "optimizer_state": cfg.optimizer_state,
         "bad_records_skipped": {"train": train_ds.bad_records, "eval": eval_ds.bad_records if eval_ds else []},
+        "processes": process_views,  # what each process held before the first step and after the last
+        "distributed": "fsdp" if fsdp_enabled() else "ddp" if world > 1 else None,
     }
     staging = Path(f"{cfg.output_dir}.saving")
     try:
@@ -1399,7 +1541,7 @@ def train_stage(cfg: StageConfig) -> dict:
         raise
     if trainer.is_world_process_zero():
         shutil.rmtree(work_dir, ignore_errors=True)
-        print(f"Saved stage {cfg.stage} to {out} (adapter sha256 {metrics['saved_adapter_file_sha256'][:16]}...)")
+        log(f"Saved stage {cfg.stage} to {out} (adapter sha256 {metrics['saved_adapter_file_sha256'][:16]}...)")
     return metrics
 
 
@@ -1409,7 +1551,7 @@ def check_data(cfg: StageConfig) -> None:
     for split, path in (("train", cfg.train_file), ("eval", cfg.eval_file)):
         if path:
             load_split(path, processor, cfg, split)
-    print("Check passed: config and data are valid (no model loaded, nothing trained)")
+    log("Check passed: config and data are valid (no model loaded, nothing trained)")
 
 
 def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
@@ -1443,27 +1585,29 @@ def main(argv: list[str] | None = None) -> int:
         config_path, overrides, check = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config_path, overrides)
         validate_config(cfg)
-        print("Resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False), flush=True)
+        log("Resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         if check:
             check_data(cfg)
         else:
             train_stage(cfg)
+    # These reach every process alike (the checks compare across processes), so the main process says them once.
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        log(f"error: {err}", file=sys.stderr)
         return 2
     except CurriculumError as err:
-        print(f"error: {err}", file=sys.stderr)
+        log(f"error: {err}", file=sys.stderr)
         return 1
     except DiskFull as err:
-        print(f"error: {err}", file=sys.stderr)
+        log(f"error: {err}", file=sys.stderr)
         return 4
     except StageStopped as stop:
-        print(f"Stopped: {stop}", file=sys.stderr)
+        log(f"Stopped: {stop}", file=sys.stderr)
         return stop.exit_code
     except Exception as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
-            print("error: out of GPU memory. Lower batch_size (and raise grad_accum to keep the effective batch), "
-                  "lower max_pixels (fewer image tokens), set gradient_checkpointing: true, or lower "
+            where = f"process {os.environ['RANK']}: " if "RANK" in os.environ else ""  # one GPU can run out alone
+            print(f"error: {where}out of GPU memory. Lower batch_size (and raise grad_accum to keep the effective "
+                  "batch), lower max_pixels (fewer image tokens), set gradient_checkpointing: true, or lower "
                   f"eval_batch_size if it happened during evaluation.\n({str(err).splitlines()[0]})", file=sys.stderr)
             return 3
         raise

@@ -228,9 +228,29 @@ def generate_answers(model, processor, records: list[tq.Record], cfg: tq.StageCo
     return outputs
 
 
+def merge_answers(parts: list[list[tuple[int, str]]], n: int) -> list[str]:
+    """The (index, answer) pairs of every process, as one list in question order; a question answered twice or
+    not at all is an error, never a silently wrong count."""
+    by_index: dict[int, str] = {}
+    for part in parts:
+        for i, text in part:
+            if i in by_index:
+                raise RuntimeError(f"question {i} was answered by two processes")
+            by_index[i] = text
+    missing = sorted(set(range(n)) - by_index.keys())
+    if missing or len(by_index) != n:
+        raise RuntimeError(f"{len(missing)} of {n} questions got no answer from any process, e.g. {missing[:5]}")
+    return [by_index[i] for i in range(n)]
+
+
 def evaluate_records(model, processor, records: list[tq.Record], cfg: tq.StageConfig) -> tuple[dict, list[dict]]:
-    """Generate, parse and score. Returns (metrics, predictions) with one prediction row per record."""
-    raw = generate_answers(model, processor, records, cfg, cfg.eval_batch_size, cfg.max_new_tokens)
+    """Generate, parse and score. Returns (metrics, predictions) with one prediction row per record. With several
+    processes (DDP), each answers every N-th question and all answers are gathered on every process."""
+    state = tq.processes()
+    mine = list(range(state.process_index, len(records), state.num_processes))
+    answers = generate_answers(model, processor, [records[i] for i in mine], cfg, cfg.eval_batch_size,
+                               cfg.max_new_tokens, progress=tq.is_main_process())
+    raw = merge_answers(tq.gather_from_processes(list(zip(mine, answers, strict=True))), len(records))
     predictions = []
     for rec, text in zip(records, raw, strict=True):
         gold, pred = gold_answer(rec), parse_answer(text, rec.type, rec.options)

@@ -2,8 +2,11 @@
 
     python tests/faults.py oom CONFIG.yaml [--set ...]                 # the first training step runs out of GPU memory
     python tests/faults.py fill-disk-at-step N CONFIG.yaml [--set ...]  # after step N, fill the output disk
+    accelerate launch ... tests/faults.py last-process-reads DIR CONFIG.yaml [--set ...]
+        # the last process continues the adapter in DIR instead of prev_checkpoint (a stale copy on one machine)
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +56,13 @@ if __name__ == "__main__":
             return trainer
 
         tq.build_trainer = build_and_fill
+    elif fault == "last-process-reads":
+        other, argv = argv[0], argv[1:]
+        if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+            continue_adapter, check_matches = tq.continue_adapter, tq.check_loaded_adapter_matches
+            # This process faithfully loads and checks *its* copy; only the comparison across processes can see it.
+            tq.continue_adapter = lambda model, prev: continue_adapter(model, other)
+            tq.check_loaded_adapter_matches = lambda model, prev: check_matches(model, other)
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     sys.exit(tq.main(argv))

@@ -1,0 +1,144 @@
+"""Several processes (issue 7): the same script under `accelerate launch`, two CPU processes over gloo, with the
+shipped DDP config file. Stage 1 and stage 2 of the demo curriculum, then the faults the checks must catch."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, assert_continued, metrics
+
+import train_qlora_qwen3vl as tq
+import vqa_eval
+
+PROCESSES, BATCH, ACCUM, EVAL_QUESTIONS = 2, 8, 2, 9
+
+
+def launch(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 SCRIPT ARGS`, as a user would."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+               "--num_processes", str(PROCESSES), script, *args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+
+
+def ddp_stage_args(stage: int, root, out: str | None = None) -> list[str]:
+    """One full epoch (max_steps -1), so the step count follows from the effective batch size."""
+    args = [f"configs/demo/stage{stage}.yaml", "--set", f"output_dir={root / (out or f'stage{stage}')}",
+            "--set", "max_steps=-1", "--set", "epochs=1", "--set", f"batch_size={BATCH}",
+            "--set", f"grad_accum={ACCUM}", "--set", "logging_steps=2", "--set", f"eval_questions={EVAL_QUESTIONS}"]
+    if stage > 1:
+        args += ["--set", f"prev_checkpoint={root / f'stage{stage - 1}'}"]
+    return args
+
+
+@pytest.fixture(scope="module")
+def ddp_curriculum(tmp_path_factory, tiny_model_path):
+    root = tmp_path_factory.mktemp("ddp")
+    logs = {}
+    for stage in (1, 2):
+        result = launch("train_qlora_qwen3vl.py", *ddp_stage_args(stage, root))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        logs[stage] = result.stdout
+    return root, logs
+
+
+def test_stage_2_continues_the_adapter_of_stage_1_on_two_processes(ddp_curriculum):
+    root, _ = ddp_curriculum
+    assert_continued(root / "stage1", root / "stage2")
+
+
+def test_every_process_trained_the_adapter_that_was_saved(ddp_curriculum):
+    # Before the fix, the first evaluation made accelerate skip the DDP wrap: each process trained its own copy.
+    root, _ = ddp_curriculum
+    for stage in (1, 2):
+        m = metrics(root / f"stage{stage}")
+        views = m["processes"]
+        assert [v["process"] for v in views] == list(range(PROCESSES)) and m["distributed"] == "ddp"
+        assert {v["final_tensors_sha256"] for v in views} == {m["saved_adapter_tensors_sha256"]}
+        assert len({v["start_tensors_sha256"] for v in views}) == 1
+        assert {v["trainable_params"] for v in views} == {7168}
+    m2 = metrics(root / "stage2")
+    assert {v["start_tensors_sha256"] for v in m2["processes"]} == {m2["start_adapter_tensors_sha256"]}
+
+
+def test_optimizer_steps_follow_from_the_effective_batch_size(ddp_curriculum):
+    root, logs = ddp_curriculum
+    n_train = sum(1 for line in (REPO / "data/stage1/train.jsonl").read_text().splitlines() if line.strip())
+    effective = BATCH * PROCESSES * ACCUM
+    m = metrics(root / "stage1")
+    assert m["num_processes"] == PROCESSES and m["effective_batch_size"] == effective
+    assert m["global_steps"] == math.ceil(n_train / effective) == 7  # one process would take 13
+    assert (f"Effective batch size {effective} = {BATCH} per process x {PROCESSES} process(es) x {ACCUM} "
+            "accumulation step(s); 7 optimizer steps planned") in logs[1]
+
+
+def test_predictions_are_gathered_from_every_process_once_in_order(ddp_curriculum):
+    root, logs = ddp_curriculum
+    gold = [json.loads(line)["id"] for line in (REPO / "data/stage2/dev.jsonl").read_text().splitlines()]
+    ids = [json.loads(line)["id"] for line in (root / "stage2/predictions_dev.jsonl").read_text().splitlines()]
+    assert ids == gold[:EVAL_QUESTIONS]  # 5 answered by process 0, 4 by process 1: none lost, none twice
+    assert metrics(root / "stage2")["dev_metrics"]["overall"]["n"] == EVAL_QUESTIONS
+    assert f"({EVAL_QUESTIONS} questions, by generation on {PROCESSES} processes)" in logs[2]
+
+
+def test_only_the_main_process_writes_and_prints(ddp_curriculum):
+    root, logs = ddp_curriculum
+    for stage in (1, 2):
+        for line in (f"Loaded train from data/stage{stage}/train.jsonl", "Trainable parameters: 7,168",
+                     f"Saved stage {stage} to", "final_eval_loss "):
+            assert logs[stage].count(line) == 1, line
+        assert len(list((root / "tensorboard" / f"stage{stage}").glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in root.iterdir()) == ["stage1", "stage2", "tensorboard"]  # no .partial, .saving
+
+
+def test_broken_variant_fresh_adapter_fails_the_continuity_test_on_two_processes(ddp_curriculum, tmp_path):
+    root, _ = ddp_curriculum
+    args = ddp_stage_args(2, root, str(tmp_path / "fresh")) + ["--set", "eval_questions=0"]
+    result = launch("tests/broken_variants.py", "fresh", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with pytest.raises(AssertionError, match="lineage|continuity"):
+        assert_continued(root / "stage1", tmp_path / "fresh")
+
+
+def test_a_process_holding_another_adapter_stops_every_process(ddp_curriculum, tmp_path):
+    """One machine with a stale copy of prev_checkpoint: that process checks its own copy and passes; only the
+    comparison across processes sees it, before any step and before anything is written."""
+    root, _ = ddp_curriculum
+    args = ddp_stage_args(2, root, str(tmp_path / "stale"))
+    result = launch("tests/faults.py", "last-process-reads", str(root / "stage2"), *args)
+    assert result.returncode != 0
+    assert "error: the processes hold different adapters (weights before the first step: process 0: " in result.stderr
+    assert "step 2/" not in result.stdout and not (tmp_path / "stale").exists()
+
+
+def test_merge_answers_refuses_duplicates_and_gaps():
+    assert vqa_eval.merge_answers([[(0, "a"), (2, "c")], [(1, "b")]], 3) == ["a", "b", "c"]
+    with pytest.raises(RuntimeError, match="answered by two processes"):
+        vqa_eval.merge_answers([[(0, "a"), (1, "b")], [(1, "b")]], 2)
+    with pytest.raises(RuntimeError, match="1 of 3 questions got no answer"):
+        vqa_eval.merge_answers([[(0, "a")], [(1, "b")]], 3)
+
+
+def test_planned_steps_count_a_last_short_accumulation_as_a_step():
+    cfg = tq.StageConfig(output_dir="x", train_file="x", batch_size=8, grad_accum=2, epochs=1)
+    assert tq.planned_steps(200, cfg, 1) == 13  # 25 batches: 12 full accumulations and a last one of 1 batch
+    assert tq.planned_steps(200, cfg, 2) == 7   # 13 batches per process
+    assert tq.planned_steps(200, tq.StageConfig(output_dir="x", train_file="x", max_steps=5), 4) == 5
+
+
+def test_fsdp_settings_are_checked_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'out'}"])
+    assert tq.quant_storage_dtype(cfg.quantization) == "bfloat16"  # auto: the compute dtype under FSDP
+    bad = tq.load_config("configs/demo/stage2.yaml", [f"output_dir={tmp_path / 'out'}",
+                                                     "quantization.quant_storage=uint8",
+                                                     "optimizer_state=resume", "prev_checkpoint=null", "stage=1"])
+    with pytest.raises(tq.ConfigError) as err:
+        tq.validate_config(bad)
+    assert "quantization.quant_storage: FSDP shards only floating-point tensors" in str(err.value)
+    assert "optimizer_state: resume is not supported under FSDP" in str(err.value)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert tq.quant_storage_dtype(cfg.quantization) == "uint8"
