@@ -1410,7 +1410,10 @@ def train_stage(cfg: StageConfig) -> dict:
         resume_from = interrupted_run(work_dir, cfg)  # before the long model load: a mismatch is reported at once
 
     model = load_quantized_base(model_path, cfg)
-    model = continue_adapter(model, cfg.prev_checkpoint) if cfg.prev_checkpoint else new_adapter(model, cfg.lora)
+    if cfg.prev_checkpoint:
+        model = continue_adapter(model, cfg.prev_checkpoint)
+    else:
+        model = new_adapter(model, cfg.lora)
     process_views = check_adapter_on_every_process(model, cfg)
     trainable = process_views[0]["trainable_params"]
     start_file_sha = sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS) if cfg.prev_checkpoint else None

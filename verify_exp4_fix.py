@@ -131,8 +131,14 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     saved_sha = tq.adapter_tensors_sha256(tensors)
     if metrics.get("saved_adapter_tensors_sha256") not in (None, saved_sha):
         return Check(name, FAIL, "the adapter on disk is not the one the stage saved (its hash changed since)")
+    views = metrics.get("processes") or []  # several processes (DDP): each hashed the adapter it ended with
+    ends = {v.get("final_tensors_sha256") for v in views} - {None}
+    if ends and ends != {saved_sha}:
+        return Check(name, FAIL, f"the {len(views)} processes did not all end with the saved adapter: they trained "
+                                 "apart, and the file holds only one of them")
+    on = f" on {len(views)} processes" if len(views) > 1 else ""
     if not metrics.get("prev_checkpoint"):
-        return Check(name, PASS, f"stage {metrics.get('stage')}: a new adapter, trained (B matrices non-zero)")
+        return Check(name, PASS, f"stage {metrics.get('stage')}: a new adapter, trained{on} (B matrices non-zero)")
     prev = Path(metrics["prev_checkpoint"])
     start_sha = metrics.get("start_adapter_file_sha256")
     if not start_sha:
@@ -151,7 +157,7 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     if saved_sha == metrics.get("start_adapter_tensors_sha256"):
         return Check(name, FAIL, "the saved adapter equals the one it started from: it did not train "
                                  "(frozen: reloaded without is_trainable=True?)")
-    return Check(name, PASS, f"started from exactly {prev}'s adapter (sha256 {prev_sha[:12]}...) and trained it")
+    return Check(name, PASS, f"started from exactly {prev}'s adapter (sha256 {prev_sha[:12]}...) and trained it{on}")
 
 
 def check_continuity(metrics: dict | None, tolerance: float) -> Check:

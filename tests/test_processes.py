@@ -11,6 +11,7 @@ import pytest
 from conftest import REPO, assert_continued, metrics
 
 import train_qlora_qwen3vl as tq
+import verify_exp4_fix as vf
 import vqa_eval
 
 PROCESSES, BATCH, ACCUM, EVAL_QUESTIONS = 2, 8, 2, 9
@@ -62,6 +63,21 @@ def test_every_process_trained_the_adapter_that_was_saved(ddp_curriculum):
         assert {v["trainable_params"] for v in views} == {7168}
     m2 = metrics(root / "stage2")
     assert {v["start_tensors_sha256"] for v in m2["processes"]} == {m2["start_adapter_tensors_sha256"]}
+
+
+def test_verifier_passes_the_stages_and_catches_processes_that_trained_apart(ddp_curriculum, tmp_path):
+    import shutil
+
+    root, _ = ddp_curriculum
+    for stage in (1, 2):
+        check = vf.check_lineage(root / f"stage{stage}", metrics(root / f"stage{stage}"))
+        assert check.status == vf.PASS and "on 2 processes" in check.detail, check.detail
+    apart = tmp_path / "apart"
+    shutil.copytree(root / "stage2", apart)
+    m = metrics(apart)
+    m["processes"][1]["final_tensors_sha256"] = "0" * 64  # as if process 1 had trained a copy of its own
+    check = vf.check_lineage(apart, m)
+    assert check.status == vf.FAIL and "trained apart" in check.detail
 
 
 def test_optimizer_steps_follow_from_the_effective_batch_size(ddp_curriculum):

@@ -178,7 +178,7 @@ def test_static_check_passes_the_shipped_trainer():
     assert vf.check_training_script(SCRIPT).status == vf.PASS
 
 
-LOADED_LINE = '    print("✓ Loaded previous adapter - continuing training on the same adapter")'
+LOADED_LINE = '    log("✓ Loaded previous adapter - continuing training on the same adapter")'
 
 
 def test_static_check_finds_merge_and_unload_in_the_continue_branch(tmp_path):
@@ -205,10 +205,10 @@ def test_static_check_finds_each_textbook_bug(tmp_path, old, new, message):
 
 
 def test_static_check_ignores_comments_and_strings(tmp_path):
-    script = patched_script(tmp_path, "    print(\"✓ Loaded previous adapter",
+    script = patched_script(tmp_path, "    log(\"✓ Loaded previous adapter",
                             "    # never call model.merge_and_unload() here\n"
                             "    note = 'get_peft_model(model) would make a second adapter'\n"
-                            "    print(\"✓ Loaded previous adapter")
+                            "    log(\"✓ Loaded previous adapter")
     assert vf.check_training_script(script).status == vf.PASS
 
 
