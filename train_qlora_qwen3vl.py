@@ -180,7 +180,11 @@ class StageConfig:
     max_steps: int = -1
     """Optimizer steps for this stage; -1 runs `epochs`. Counted from 0 in every stage."""
     batch_size: int = 4
-    """Samples per device per forward pass."""
+    """Samples per device per forward pass (with memory_budget_gib: the smallest one tried)."""
+    memory_budget_gib: float = 0.0
+    """On a GPU, choose batch_size from this budget: one training step is measured on the longest samples at
+    batch_size and 2 x batch_size, and the largest multiple of batch_size whose step fits 90% of the budget is
+    used (logged, recorded as batch_size_chosen). grad_accum is kept, so the effective batch grows. 0: off."""
     eval_batch_size: int = 8
     """Samples per device per evaluation forward pass."""
     grad_accum: int = 1
@@ -393,6 +397,8 @@ def validate_config(cfg: StageConfig) -> None:
         problems.append(f"epochs must be > 0 when max_steps is -1, got {cfg.epochs}")
     if not 0 <= cfg.warmup_ratio < 1:
         problems.append(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
+    if cfg.memory_budget_gib < 0:
+        problems.append(f"memory_budget_gib must be >= 0 (0: off), got {cfg.memory_budget_gib}")
     if not 0 <= cfg.checkpointed_layers <= 1:
         problems.append(f"checkpointed_layers must be in [0, 1], got {cfg.checkpointed_layers}")
     if cfg.fp32_upcast is False and cfg.quantization.compute_dtype == "float16":
@@ -757,6 +763,7 @@ class VQADataset:
     def __init__(self, records: list[Record], processor, cfg: StageConfig):
         self.records, self.processor = records, processor
         self.bad_records: list[str] = []  # `file:line: problem` of the records skipped (on_bad_record: skip)
+        self.lengths: list[int] | None = None  # tokens per record, when load_split measured them
         self.min_pixels, self.max_pixels = cfg.min_pixels, cfg.max_pixels
 
     def __len__(self) -> int:
@@ -809,6 +816,7 @@ def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset
     log("\n".join("  " + line for line in describe_split(split, records, sizes, lengths, cfg)))
     dataset = VQADataset(kept, processor, cfg)
     dataset.bad_records = problems
+    dataset.lengths = [n for r, n in zip(records, lengths, strict=True) if n <= cfg.max_seq_len]
     return dataset
 
 
@@ -1098,6 +1106,64 @@ def load_optimizer_moments(model, optimizer, path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # Train, evaluate, save
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+def batch_size_for_budget(peaks: dict[int, int], budget_bytes: float, step: int, most: int) -> int:
+    """The largest multiple of `step` (at most `most`) whose peak memory, on the straight line through the two
+    measured (batch size, peak bytes) points, is within the budget. Activations grow linearly with the batch;
+    the weights are the fixed part."""
+    (b1, p1), (b2, p2) = sorted(peaks.items())
+    per_sample = max((p2 - p1) / (b2 - b1), 1.0)
+    fits = int((budget_bytes - (p1 - per_sample * b1)) // per_sample)
+    if fits < b1:
+        raise ConfigError(f"memory_budget_gib: a batch of {b1} already needs {p1 / 2**30:.1f} GiB at peak, over "
+                          f"the budget ({budget_bytes / 2**30:.1f} GiB usable); lower batch_size or max_pixels, or "
+                          "raise the budget")
+    return max(b1, min(fits // step * step, most))
+
+
+def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int]) -> dict[int, int]:
+    """Peak GPU memory of one training step (forward and backward, bf16 autocast as in the Trainer) at each
+    batch size, on the longest samples (repeated if there are fewer), so a real batch never needs more."""
+    import torch
+
+    lengths = dataset.lengths or [0] * len(dataset)
+    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    model.train()
+    peaks = {}
+    for size in batch_sizes:
+        batch = collate_batch([dataset[order[i % len(order)]] for i in range(size)], pad_id)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, _ = answer_only_loss(model, batch)
+        loss.backward()
+        peaks[size] = torch.cuda.max_memory_allocated()
+        model.zero_grad(set_to_none=True)
+        del loss, batch
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return peaks
+
+
+def choose_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
+    """batch_size from memory_budget_gib (see there). Every process measures its own GPU; all use the smallest
+    choice, so they step together."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("memory_budget_gib chooses the batch size by measuring GPU memory, and there is no GPU; "
+                          "set memory_budget_gib: 0 and a batch_size")
+    sizes = [cfg.batch_size, 2 * cfg.batch_size]
+    peaks = measure_step_memory(model, dataset, processor.tokenizer.pad_token_id, sizes)
+    usable = 0.9 * cfg.memory_budget_gib * 2**30  # headroom for the allocator's fragmentation and evaluation
+    mine = batch_size_for_budget(peaks, usable, cfg.batch_size, most=max(cfg.batch_size, len(dataset)))
+    chosen = min(gather_from_processes(mine))
+    log(f"Batch size {chosen} chosen for memory_budget_gib={cfg.memory_budget_gib:g}: one step measured "
+        + ", ".join(f"{peaks[b] / 2**30:.1f} GiB at {b}" for b in sizes) + " on the longest samples")
+    return chosen
 
 
 def planned_steps(n_train: int, cfg: StageConfig, num_processes: int) -> int:
@@ -1427,7 +1493,14 @@ def train_stage(cfg: StageConfig) -> dict:
         log(f"✓ All {len(process_views)} processes hold the same adapter (tensors sha256 "
             f"{process_views[0]['start_tensors_sha256'][:16]}...), trainable, {trainable:,} parameters each")
 
-    trainer = build_trainer(model, processor, train_ds, eval_ds, cfg, work_dir)
+    batch_size = cfg.batch_size
+    if cfg.memory_budget_gib and resume_from:  # a resumed run keeps the batch it was started with
+        batch_size = json.loads((work_dir / STAGE_START).read_text())["batch_size_chosen"]
+    elif cfg.memory_budget_gib:
+        batch_size = choose_batch_size(model, train_ds, processor, cfg)
+    run_cfg = dataclasses.replace(cfg, batch_size=batch_size)  # cfg itself stays as written (resume compares it)
+
+    trainer = build_trainer(model, processor, train_ds, eval_ds, run_cfg, work_dir)
     guard = StageGuard(model)
     trainer.add_callback(guard.callback())
     if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
@@ -1435,7 +1508,7 @@ def train_stage(cfg: StageConfig) -> dict:
         n = load_optimizer_moments(model, trainer.optimizer, Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS)
         log(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
 
-    start = {"t0": time.time()}
+    start = {"t0": time.time(), "batch_size_chosen": batch_size}
 
     def measure_start() -> None:
         """The losses before the first step (continuity with the previous stage), saved for a resumed run."""
@@ -1518,12 +1591,13 @@ def train_stage(cfg: StageConfig) -> dict:
                               for e in trainer.state.log_history if "eval_loss" in e],
         "train_loss": result.training_loss,
         "global_steps": trainer.state.global_step,
-        "effective_batch_size": cfg.batch_size * cfg.grad_accum * world,
+        "batch_size_chosen": batch_size if cfg.memory_budget_gib else None,
+        "effective_batch_size": batch_size * cfg.grad_accum * world,
         "num_processes": world,
         "train_samples": len(train_ds),
         "train_seconds": round(train_seconds, 2),
         # steps of this run only: a resumed run timed only what it trained after the resume
-        "samples_per_second": round((trainer.state.global_step - resumed_at) * cfg.batch_size * cfg.grad_accum
+        "samples_per_second": round((trainer.state.global_step - resumed_at) * batch_size * cfg.grad_accum
                                     * world / max(train_seconds, 1e-9), 3),
         "resumed_from_step": resumed_at or None,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()

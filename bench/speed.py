@@ -15,6 +15,7 @@ Writes OUT/speed.json and prints one row per variant; bench/report.py turns it i
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -47,6 +48,10 @@ VARIANTS = {
     "W448-defaults-bs48": (448, dict(batch_size=48)),
     "W448-defaults-bs64": (448, dict(batch_size=64)),
     "W896-defaults-bs16": (896, dict(batch_size=16)),
+    # memory_budget_gib: the batch size measured and chosen (batch_size is the smallest tried)
+    "W448-budget20": (448, dict(batch_size=8, memory_budget_gib=20)),
+    "W896-budget20": (896, dict(batch_size=4, memory_budget_gib=20)),
+    "W896-budget12": (896, dict(batch_size=2, memory_budget_gib=12)),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
     "smoke-W64-textbook": (64, dict(batch_size=2, fp32_upcast=True, answer_only_logits=False)),
 }
@@ -163,6 +168,8 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
 
     dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
     checkpointed = tq.apply_gradient_checkpointing(model, cfg)
+    if cfg.memory_budget_gib:  # as train_stage does: measure two steps, take the largest batch that fits
+        cfg = dataclasses.replace(cfg, batch_size=tq.choose_batch_size(model, dataset, processor, cfg))
     for module in model.modules():  # lora.dropout per variant, on the one adapter
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
             module.lora_dropout["default"].p = cfg.lora.dropout
@@ -192,7 +199,8 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     mean_dt = (steps[-1] - steps[0]) / len(dts)
     sample_len = len(dataset[0]["input_ids"])
     result = {
-        "variant": name, "image_px": px, "batch": cfg.batch_size, "seq_len": sample_len,
+        "variant": name, "image_px": px, "batch": cfg.batch_size, "memory_budget_gib": cfg.memory_budget_gib,
+        "seq_len": sample_len,
         "checkpointed_layers": checkpointed, "fp32_upcast": cfg.fp32_upcast,
         "answer_only_logits": cfg.answer_only_logits, "lora_dropout": cfg.lora.dropout,
         "step_s": round(mean_dt, 4), "median_step_s": round(statistics.median(dts), 4),

@@ -88,3 +88,23 @@ def test_checkpointed_layers_choose_an_even_spread(tiny_model_path):
     assert not any(layer.gradient_checkpointing for layer in model.model.language_model.layers)
     cfg.gradient_checkpointing = False
     assert tq.apply_gradient_checkpointing(model, cfg) == 0
+
+
+def test_batch_size_for_budget_fits_the_line_through_two_measured_steps():
+    gib = 2**30
+    peaks = {8: 7 * gib, 16: 9 * gib}  # 5 GiB of weights, then 0.25 GiB per sample
+    assert tq.batch_size_for_budget(peaks, 20 * gib, 8, most=10_000) == 56  # 5 + 60 x 0.25 = 20 -> 60 -> 56
+    assert tq.batch_size_for_budget(peaks, 20 * gib, 8, most=40) == 40  # never more than the data
+    assert tq.batch_size_for_budget(peaks, 8 * gib, 8, most=10_000) == 8  # 12 fit: rounded down to a multiple
+    with pytest.raises(tq.ConfigError, match="a batch of 8 already needs 7.0 GiB"):
+        tq.batch_size_for_budget(peaks, 6 * gib, 8, most=10_000)
+
+
+def test_memory_budget_needs_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "memory_budget_gib=20"])
+    with pytest.raises(tq.ConfigError, match="there is no GPU"):
+        tq.choose_batch_size(None, None, None, cfg)
