@@ -1030,10 +1030,14 @@ def check_loaded_adapter_matches(model, prev_checkpoint: str) -> str:
     return loaded
 
 
-def file_adapter_sha256(adapter_dir: str | os.PathLike) -> str:
+def read_adapter_file(adapter_dir: str | os.PathLike) -> dict:
     from safetensors.torch import load_file
 
-    return adapter_tensors_sha256(load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS)))
+    return load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+
+
+def file_adapter_sha256(adapter_dir: str | os.PathLike) -> str:
+    return adapter_tensors_sha256(read_adapter_file(adapter_dir))
 
 
 def check_adapter_on_every_process(model, cfg: StageConfig) -> list[dict]:
@@ -1412,6 +1416,27 @@ def previous_stage_metrics(prev_checkpoint: str | None) -> dict | None:
     return json.loads((Path(prev_checkpoint) / STAGE_METRICS).read_text())
 
 
+def save_adapter_under_fsdp(trainer, model, processor, staging: Path) -> None:
+    """The adapter of an FSDP run, in peft's own file layout. accelerate gathers the full state dict (every process
+    takes part; the main one receives it), but peft's filter finds none of its LoRA weights under the names of a
+    model FSDP has wrapped, and the Trainer then writes an empty adapter (peft 0.21, accelerate 1.15)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    full = trainer.accelerator.get_state_dict(trainer.model)
+    if not trainer.is_world_process_zero():
+        return
+    staging.mkdir(parents=True, exist_ok=True)
+    tensors = {name.replace(".default.", "."): value.detach().to("cpu").contiguous()
+               for name, value in full.items() if "lora_" in name and ".default." in name}
+    save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = copy.deepcopy(model.peft_config["default"])
+    config.inference_mode = True  # as peft's save_pretrained writes it
+    config.save_pretrained(str(staging))
+    processor.save_pretrained(str(staging))
+
+
 def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predictions: list | None,
                staging: Path) -> Path:
     """Write the stage atomically: adapter (safetensors only), processor, resolved config, metrics, predictions,
@@ -1419,10 +1444,17 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     out = Path(cfg.output_dir)
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed: start it clean
-    trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors + processor files
+    if fsdp_enabled():
+        save_adapter_under_fsdp(trainer, model, processor, staging)
+    else:
+        trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors + processor files
     if not trainer.is_world_process_zero():
         return out
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml says it all
+    saved = sum(t.numel() for t in read_adapter_file(staging).values())
+    if saved != metrics["trainable_params"]:  # an empty or partial file must never pass for a stage
+        raise CurriculumError(f"the adapter written to {staging} holds {saved:,} LoRA parameters, but "
+                              f"{metrics['trainable_params']:,} were trained; nothing was saved as the stage")
     if fsdp_enabled():  # sharded moments are not per-parameter tensors; validate_config refuses resume under FSDP
         log("Optimizer moments are not saved under FSDP (a later stage uses optimizer_state: fresh)")
     else:

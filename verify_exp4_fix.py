@@ -98,8 +98,11 @@ def check_adapter_files(stage_dir: Path) -> Check:
         tensors = read_adapter_tensors(stage_dir)
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
         return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} is unreadable (truncated or corrupt?): {err}")
+    if not tensors:
+        return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} holds no tensors: an empty adapter was saved (as the Trainer "
+                                 "does under FSDP with peft's own filter)")
     not_lora = [k for k in tensors if "lora_A" not in k and "lora_B" not in k]
-    if not tensors or not_lora:
+    if not_lora:
         return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} holds {len(not_lora)} non-LoRA tensors, e.g. "
                                  f"{not_lora[:2]} (a merged or full model, not an adapter)")
     return Check(name, PASS, f"{tq.ADAPTER_CONFIG} and {tq.ADAPTER_WEIGHTS} ({len(tensors)} LoRA tensors, "

@@ -2,6 +2,7 @@
 
     python tests/faults.py oom CONFIG.yaml [--set ...]                 # the first training step runs out of GPU memory
     python tests/faults.py fill-disk-at-step N CONFIG.yaml [--set ...]  # after step N, fill the output disk
+    python tests/faults.py empty-adapter-save CONFIG.yaml [--set ...]   # the save writes an adapter with no tensors
     accelerate launch ... tests/faults.py last-process-reads DIR CONFIG.yaml [--set ...]
         # the last process continues the adapter in DIR instead of prev_checkpoint (a stale copy on one machine)
 """
@@ -56,6 +57,17 @@ if __name__ == "__main__":
             return trainer
 
         tq.build_trainer = build_and_fill
+    elif fault == "empty-adapter-save":
+        save_model = transformers.Trainer.save_model
+
+        def save_empty(self, output_dir=None, _internal_call=False):
+            # What the Trainer wrote under FSDP before save_adapter_under_fsdp: the config, and no weights.
+            save_model(self, output_dir, _internal_call)
+            from safetensors.torch import save_file
+
+            save_file({}, str(Path(output_dir) / tq.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+        transformers.Trainer.save_model = save_empty
     elif fault == "last-process-reads":
         other, argv = argv[0], argv[1:]
         if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:

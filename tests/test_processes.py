@@ -158,3 +158,45 @@ def test_fsdp_settings_are_checked_before_loading(tmp_path, monkeypatch):
     assert "optimizer_state: resume is not supported under FSDP" in str(err.value)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert tq.quant_storage_dtype(cfg.quantization) == "uint8"
+
+
+def test_the_fsdp_save_writes_the_file_peft_writes(tiny_model_path, tmp_path):
+    """save_adapter_under_fsdp takes the adapter out of the gathered full state dict (here the model's own, as
+    accelerate returns it): the same tensors, names and config as peft's save_pretrained, and it reopens."""
+    import types
+
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'unused'}"])
+    processor = tq.load_processor(tiny_model_path, cfg)
+    model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    model.save_pretrained(str(tmp_path / "peft"))
+    accelerator = types.SimpleNamespace(get_state_dict=lambda wrapped: wrapped.state_dict())
+    trainer = types.SimpleNamespace(accelerator=accelerator, model=model, is_world_process_zero=lambda: True)
+    tq.save_adapter_under_fsdp(trainer, model, processor, tmp_path / "fsdp")
+    peft_file, ours = load_file(str(tmp_path / "peft" / tq.ADAPTER_WEIGHTS)), load_file(str(tmp_path / "fsdp" /
+                                                                                          tq.ADAPTER_WEIGHTS))
+    assert sorted(ours) == sorted(peft_file) and len(ours) == 16
+    assert all(torch.equal(ours[k], peft_file[k]) for k in ours)
+    assert tq.read_adapter_lora(tmp_path / "fsdp") == tq.read_adapter_lora(tmp_path / "peft")
+    reopened = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), str(tmp_path / "fsdp"))
+    tq.check_loaded_adapter_matches(reopened, str(tmp_path / "fsdp"))
+    assert tq.check_adapter_trainable(reopened, cfg.lora) == 7168
+
+
+def test_an_adapter_file_without_the_trained_weights_is_never_saved_as_the_stage(tmp_path):
+    from conftest import run_script
+
+    args = ["configs/demo/stage1.yaml", "--set", f"output_dir={tmp_path / 'stage1'}", "--set", "max_steps=2",
+            "--set", "eval_questions=0", "--set", "tensorboard=false"]
+    result = run_script("tests/faults.py", "empty-adapter-save", *args)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "holds 0 LoRA parameters, but 7,168 were trained; nothing was saved as the stage" in result.stderr
+    assert not (tmp_path / "stage1").exists()
+    check = vf.check_adapter_files(tmp_path / "stage1.saving")  # what was written, refused by the verifier too
+    assert check.status == vf.FAIL and "holds no tensors: an empty adapter was saved" in check.detail
