@@ -230,6 +230,10 @@ class StageConfig:
     answer_only_logits: bool = True
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. Off: the model's own loss."""
+    liger_kernels: Literal["auto", True, False] = "auto"
+    """Liger's fused RoPE and RMSNorm kernels (Triton) in place of Qwen3-VL's: on an H100, +20% samples/s at
+    448x448 images and +43% at 896x896, the same loss to bf16 rounding (bench/results). auto: on when there is a
+    GPU and the liger-kernel package (requirements.txt); true: required, an error without them; false: never."""
     fp32_upcast: bool = False
     """Cast the base's non-quantized weights (norms, embeddings, lm_head) to fp32, as peft's
     prepare_model_for_kbit_training does. Not needed with bf16 compute, and about 40% slower; for float16."""
@@ -271,7 +275,7 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
         (inner,) = [a for a in args if a is not type(None)]
         return _check_type(value, inner, where)
     if origin is Literal:
-        if value not in args:
+        if not any(value == a and type(value) is type(a) for a in args):  # 1 is not True here
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin is list:
@@ -915,6 +919,29 @@ def apply_gradient_checkpointing(model, cfg: StageConfig) -> int:
     return len(chosen)
 
 
+def apply_fused_kernels(model, cfg: StageConfig) -> bool:
+    """Liger's fused RoPE and RMSNorm for Qwen3-VL (liger_kernels); returns whether they are in use. Its fused
+    cross-entropy stays off (the answer-only loss already skips the prompt's logits), and so does its SwiGLU,
+    which would replace the 4-bit MLP layers."""
+    import torch
+
+    available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    qwen3_vl = getattr(model.config, "model_type", None) == "qwen3_vl"
+    if cfg.liger_kernels is False or (cfg.liger_kernels == "auto" and not (available and qwen3_vl)):
+        return False
+    if not available:
+        raise ConfigError("liger_kernels: true needs a GPU and the liger-kernel package (pip install -r "
+                          "requirements.txt); or set liger_kernels: auto")
+    if not qwen3_vl:
+        raise ConfigError(f"liger_kernels: true is for Qwen3-VL; {cfg.model_name_or_path} is "
+                          f"{getattr(model.config, 'model_type', '?')}")
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+
+    apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, swiglu=False, cross_entropy=False,
+                                   fused_linear_cross_entropy=False, model=model)
+    return True
+
+
 def load_quantized_base(model_path: str, cfg: StageConfig):
     """The frozen base in 4 bit, prepared for k-bit training exactly once (this is the only place that does it)."""
     import torch
@@ -926,6 +953,7 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
         AutoModelForImageTextToText, model_path, cfg, quantization_config=bnb_config(cfg.quantization),
         dtype=getattr(torch, cfg.quantization.compute_dtype), device_map={"": training_device()})
     keep_4bit_layers_differentiable(model)
+    fused = apply_fused_kernels(model, cfg)
     if cfg.fp32_upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
@@ -936,7 +964,7 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
     checkpointed = apply_gradient_checkpointing(model, cfg)  # set up here, once; the Trainer is not asked to
     log(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
         f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype}, storage "
-        f"{quant_storage_dtype(cfg.quantization)}, fp32 up-cast "
+        f"{quant_storage_dtype(cfg.quantization)}, Liger kernels {'on' if fused else 'off'}, fp32 up-cast "
           f"{cfg.fp32_upcast}, gradient checkpointing on {checkpointed} decoder layers)")
     return model
 

@@ -52,6 +52,9 @@ VARIANTS = {
     "W448-budget20": (448, dict(batch_size=8, memory_budget_gib=20)),
     "W896-budget20": (896, dict(batch_size=4, memory_budget_gib=20)),
     "W896-budget12": (896, dict(batch_size=2, memory_budget_gib=12)),
+    # without Liger's fused kernels (liger_kernels: auto turns them on where the GPU and the package are)
+    "W448-noliger-bs32": (448, dict(batch_size=32, liger_kernels=False)),
+    "W896-noliger-bs16": (896, dict(batch_size=16, liger_kernels=False)),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
     "smoke-W64-textbook": (64, dict(batch_size=2, fp32_upcast=True, answer_only_logits=False)),
 }
@@ -88,6 +91,30 @@ def stage_config(ckpt: str, train_file: Path, px: int, steps: int, keys: dict) -
     for k, v in lora.items():
         setattr(cfg.lora, k, v)
     return cfg
+
+
+def apply_liger(model, processor, train_file: Path, px: int, cfg: tq.StageConfig) -> dict:
+    """The trainer's apply_fused_kernels on the loaded model, with the loss on one fixed batch before and after
+    (the kernels must not change what is computed beyond bf16 rounding)."""
+    import torch
+
+    enc = stage_config(str(train_file.parent), train_file, px, 1, {})
+    records = tq.load_records(train_file)[:8]
+    batch = tq.collate_batch([tq.encode_example(processor, r, enc.min_pixels, enc.max_pixels) for r in records],
+                             processor.tokenizer.pad_token_id)
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+
+    def loss() -> float:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            return tq.answer_only_loss(model, batch)[0].item()
+
+    before = loss()
+    if not tq.apply_fused_kernels(model.get_base_model(), cfg):
+        return {"liger_kernels": "off (no GPU or no liger-kernel package)"}
+    after = loss()
+    return {"liger_kernels": "on", "loss_before": round(before, 5), "loss_after": round(after, 5),
+            "abs_diff": round(abs(after - before), 5)}
 
 
 def sync() -> None:
@@ -203,6 +230,7 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
         "seq_len": sample_len,
         "checkpointed_layers": checkpointed, "fp32_upcast": cfg.fp32_upcast,
         "answer_only_logits": cfg.answer_only_logits, "lora_dropout": cfg.lora.dropout,
+        "liger_kernels": cfg.liger_kernels,
         "step_s": round(mean_dt, 4), "median_step_s": round(statistics.median(dts), 4),
         "max_step_s": round(max(dts), 4),
         "samples_per_s": round(cfg.batch_size / mean_dt, 2),
@@ -266,10 +294,17 @@ def main() -> None:
         processor = tq.load_processor(args.ckpt, cfg)
         sync()
         t = time.perf_counter()
-        model = tq.new_adapter(tq.load_quantized_base(args.ckpt, cfg), cfg.lora)
+        # loaded without the fused kernels, which are patched in (for good) before the first variant that uses them
+        model = tq.new_adapter(tq.load_quantized_base(args.ckpt, dataclasses.replace(cfg, liger_kernels=False)),
+                               cfg.lora)
         load_s = time.perf_counter() - t
-        for name in names:
+        liger = None
+        for name in sorted(names, key=lambda n: VARIANTS[n][1].get("liger_kernels") is not False):  # "off" first
             px, keys = VARIANTS[name]
+            if keys.get("liger_kernels") is not False and liger is None:
+                liger = apply_liger(model, processor, data[448], 448, stage_config(args.ckpt, data[px], px, 1, {}))
+                print(json.dumps({"liger": liger}), flush=True)
+                results.append({"variant": "liger-check", **liger})
             cfg = stage_config(args.ckpt, data[px], px, warmup + args.steps, dict(keys))
             processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
             r = run_variant(model, processor, name, px, cfg, warmup, load_s, out if name in args.profile else None)

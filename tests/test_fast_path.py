@@ -108,3 +108,15 @@ def test_memory_budget_needs_a_gpu(tmp_path):
     cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "memory_budget_gib=20"])
     with pytest.raises(tq.ConfigError, match="there is no GPU"):
         tq.choose_batch_size(None, None, None, cfg)
+
+
+def test_liger_kernels_are_used_only_where_they_can_run(tiny_model_path, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}"])
+    model = tq.load_quantized_base(tiny_model_path, cfg)  # liger_kernels: auto, on a CPU: off, and it says so
+    assert cfg.liger_kernels == "auto" and not tq.apply_fused_kernels(model, cfg)
+    assert type(model.model.language_model.norm).__name__ == "Qwen3VLTextRMSNorm"
+    forced = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "liger_kernels=true"])
+    with pytest.raises(tq.ConfigError, match="liger_kernels: true needs a GPU and the liger-kernel package"):
+        tq.load_quantized_base(tiny_model_path, forced)
