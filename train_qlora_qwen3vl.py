@@ -965,7 +965,7 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
     log(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
         f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype}, storage "
         f"{quant_storage_dtype(cfg.quantization)}, Liger kernels {'on' if fused else 'off'}, fp32 up-cast "
-          f"{cfg.fp32_upcast}, gradient checkpointing on {checkpointed} decoder layers)")
+        f"{cfg.fp32_upcast}, gradient checkpointing on {checkpointed} decoder layers)")
     return model
 
 
@@ -1154,9 +1154,10 @@ def batch_size_for_budget(peaks: dict[int, int], budget_bytes: float, step: int,
     return max(b1, min(fits // step * step, most))
 
 
-def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int]) -> dict[int, int]:
-    """Peak GPU memory of one training step (forward and backward, bf16 autocast as in the Trainer) at each
-    batch size, on the longest samples (repeated if there are fewer), so a real batch never needs more."""
+def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int], cfg: StageConfig) -> dict[int, int]:
+    """Peak GPU memory of one training step at each batch size, as the Trainer runs it (autocast to the compute
+    dtype, the same loss), on the longest samples (repeated if there are fewer), so a real batch never needs
+    more."""
     import torch
 
     lengths = dataset.lengths or [0] * len(dataset)
@@ -1169,8 +1170,8 @@ def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int]) -> 
         batch = {k: v.to(device) for k, v in batch.items()}
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _ = answer_only_loss(model, batch)
+        with torch.autocast("cuda", dtype=getattr(torch, cfg.quantization.compute_dtype)):
+            loss = answer_only_loss(model, batch)[0] if cfg.answer_only_logits else model(**batch).loss
         loss.backward()
         peaks[size] = torch.cuda.max_memory_allocated()
         model.zero_grad(set_to_none=True)
@@ -1189,7 +1190,7 @@ def choose_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
         raise ConfigError("memory_budget_gib chooses the batch size by measuring GPU memory, and there is no GPU; "
                           "set memory_budget_gib: 0 and a batch_size")
     sizes = [cfg.batch_size, 2 * cfg.batch_size]
-    peaks = measure_step_memory(model, dataset, processor.tokenizer.pad_token_id, sizes)
+    peaks = measure_step_memory(model, dataset, processor.tokenizer.pad_token_id, sizes, cfg)
     usable = 0.9 * cfg.memory_budget_gib * 2**30  # headroom for the allocator's fragmentation and evaluation
     mine = batch_size_for_budget(peaks, usable, cfg.batch_size, most=max(cfg.batch_size, len(dataset)))
     chosen = min(gather_from_processes(mine))
@@ -1465,6 +1466,15 @@ def save_adapter_under_fsdp(trainer, model, processor, staging: Path) -> None:
     processor.save_pretrained(str(staging))
 
 
+def check_saved_adapter(staging: Path, trainable: int) -> None:
+    """The file written holds exactly the LoRA parameters that trained: an empty or partial adapter (what the
+    Trainer writes under FSDP through peft's filter) never passes for a stage."""
+    saved = sum(t.numel() for t in read_adapter_file(staging).values())
+    if saved != trainable:
+        raise CurriculumError(f"the adapter written to {staging} holds {saved:,} LoRA parameters, but {trainable:,} "
+                              "were trained; nothing was saved as the stage")
+
+
 def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predictions: list | None,
                staging: Path) -> Path:
     """Write the stage atomically: adapter (safetensors only), processor, resolved config, metrics, predictions,
@@ -1479,10 +1489,7 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     if not trainer.is_world_process_zero():
         return out
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml says it all
-    saved = sum(t.numel() for t in read_adapter_file(staging).values())
-    if saved != metrics["trainable_params"]:  # an empty or partial file must never pass for a stage
-        raise CurriculumError(f"the adapter written to {staging} holds {saved:,} LoRA parameters, but "
-                              f"{metrics['trainable_params']:,} were trained; nothing was saved as the stage")
+    check_saved_adapter(staging, metrics["trainable_params"])
     if fsdp_enabled():  # sharded moments are not per-parameter tensors; validate_config refuses resume under FSDP
         log("Optimizer moments are not saved under FSDP (a later stage uses optimizer_state: fresh)")
     else:
