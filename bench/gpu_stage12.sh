@@ -3,7 +3,7 @@
 # yardstick (../shared/bench/hf_baseline_qlora.py, the textbook HF QLoRA loop) in the same run.
 # Run on the GPU machine from the repo root, with .gpu/ (bash ../shared/tools/gpu_bnb.sh; and
 # python tiny_qwen3vl.py .gpu/q8b_processor --shape 8b --processor-only) and .whl/ carried along.
-#   bash bench/gpu_stage12.sh OUT_DIR [STEPS]
+#   [STAGE_ARGS="--set key=value ..."] bash bench/gpu_stage12.sh OUT_DIR [STEPS]
 set -uo pipefail
 out=${1:?output dir}; steps=${2:-30}
 mkdir -p "$out"
@@ -23,13 +23,13 @@ cp .gpu/q8b_processor/* /tmp/q8b/
 # a fixed number of steps, no intermediate evaluation or checkpoints.
 common=(--set model_name_or_path=/tmp/q8b --set max_steps=$steps --set grad_accum=1 --set min_pixels=200704
         --set max_pixels=200704 --set eval_steps=0 --set save_steps=0 --set logging_steps=5
-        --set tensorboard=false)  # the GPU machine has no tensorboard package
+        --set tensorboard=false ${STAGE_ARGS:-})  # no tensorboard package there; STAGE_ARGS: more --set
 for s in 1 2; do
   extra=(); [ $s -gt 1 ] && extra=(--set prev_checkpoint=/tmp/exp4/stage$((s - 1)))
   python3 train_qlora_qwen3vl.py configs/exp4_stage$s.yaml "${common[@]}" "${extra[@]}" \
     --set output_dir=/tmp/exp4/stage$s > "$out/stage$s.log" 2>&1
   echo "stage $s exit $?"
-  grep -vE "it/s\]|Warning|warn" "$out/stage$s.log" | grep -E "^step|eval_loss|Trainable|trainable|CURRICULUM|✓|Saved|Loaded 4-bit|rror" | tail -25
+  grep -vE "it/s\]|Warning|warn" "$out/stage$s.log" | grep -E "^step|eval_loss|Trainable|trainable|CURRICULUM|✓|Saved|Loaded 4-bit|Batch size|Effective|rror" | tail -25
   cp /tmp/exp4/stage$s/stage_metrics.json "$out/stage${s}_metrics.json" 2>/dev/null
 done
 # The verifier on the 8B stages: every check, the 4-bit reload with is_trainable=True included.
