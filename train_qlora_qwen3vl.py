@@ -774,7 +774,28 @@ class VQADataset:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
+        leave_stop_signals_to_the_trainer()
         return encode_example(self.processor, self.records[i], self.min_pixels, self.max_pixels)
+
+
+def leave_stop_signals_to_the_trainer() -> None:
+    """In a dataloader worker process, ignore SIGINT and SIGTERM (once per worker). Ctrl-C in a terminal, and
+    torchrun or a cluster scheduler passing on SIGTERM, signal the whole process group. A worker that dies of it
+    crashes the training step before StageGuard can save its checkpoint. The training process alone decides to
+    stop; it ends its workers itself."""
+    import signal
+
+    import torch
+
+    global _signals_left_to_trainer
+    if _signals_left_to_trainer or torch.utils.data.get_worker_info() is None:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _signals_left_to_trainer = True
+
+
+_signals_left_to_trainer = False  # per process: set in each dataloader worker by its first sample
 
 
 def collate_batch(examples: list[dict], pad_token_id: int) -> dict:

@@ -200,3 +200,37 @@ def test_an_adapter_file_without_the_trained_weights_is_never_saved_as_the_stage
     assert not (tmp_path / "stage1").exists()
     check = vf.check_adapter_files(tmp_path / "stage1.saving")  # what was written, refused by the verifier too
     assert check.status == vf.FAIL and "holds no tensors: an empty adapter was saved" in check.detail
+
+
+def test_sigterm_to_every_process_saves_a_checkpoint_and_the_same_command_resumes(tiny_model_path, tmp_path):
+    """torchrun, Ctrl-C and cluster schedulers signal the whole process group, dataloader workers included. The
+    workers must not die of it before the training processes have saved the checkpoint they stop at."""
+    import signal
+    import time
+
+    args = ["configs/demo/stage1.yaml", "--set", f"output_dir={tmp_path / 'stage1'}", "--set", "max_steps=40",
+            "--set", "save_steps=100", "--set", "logging_steps=2", "--set", "batch_size=2", "--set", "lr=1e-4",
+            "--set", "eval_questions=0", "--set", "tensorboard=false"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+               "--num_processes", str(PROCESSES), "train_qlora_qwen3vl.py", *args]
+    log = tmp_path / "term.log"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.time() + 300
+    while "step 6/40" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)  # the launcher, both training processes and their dataloader workers
+    proc.wait(timeout=300)
+    text = log.read_text()
+    assert "Received SIGTERM: saving a checkpoint after this step" in text
+    assert "Stopped: stopped by SIGTERM at step" in text and "killed by signal" not in text, text[-3000:]
+    checkpoints = tq.complete_checkpoints(tmp_path / "stage1.partial")
+    assert checkpoints and 6 <= int(checkpoints[-1].name.split("-")[1]) < 40  # saved where it stopped
+    result = launch("train_qlora_qwen3vl.py", *args)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"Resuming stage 1 from {checkpoints[-1]}" in result.stdout
+    m = metrics(tmp_path / "stage1")
+    assert m["global_steps"] == 40 and m["resumed_from_step"] == int(checkpoints[-1].name.split("-")[1])
+    assert {v["final_tensors_sha256"] for v in m["processes"]} == {m["saved_adapter_tensors_sha256"]}
