@@ -765,6 +765,7 @@ class VQADataset:
     """Records encoded on demand (in the dataloader's workers), so images are decoded in parallel with training."""
 
     def __init__(self, records: list[Record], processor, cfg: StageConfig):
+        end_dataloader_workers_at_exit()
         self.records, self.processor = records, processor
         self.bad_records: list[str] = []  # `file:line: problem` of the records skipped (on_bad_record: skip)
         self.lengths: list[int] | None = None  # tokens per record, when load_split measured them
@@ -796,6 +797,23 @@ def leave_stop_signals_to_the_trainer() -> None:
 
 
 _signals_left_to_trainer = False  # per process: set in each dataloader worker by its first sample
+
+
+def end_dataloader_workers_at_exit() -> None:
+    """In the training process: at exit, kill the dataloader workers still running. They ignore SIGTERM (above),
+    so after a crash, multiprocessing's own exit handler, which terminates them and then waits for them, would
+    wait forever. Registered after multiprocessing's handler, so it runs before it."""
+    import atexit
+    import multiprocessing.util  # registers its exit handler now if not yet, so that ours runs first
+
+    global _workers_ended_at_exit
+    if _workers_ended_at_exit:
+        return
+    atexit.register(lambda: [child.kill() for child in multiprocessing.active_children()])
+    _workers_ended_at_exit = True
+
+
+_workers_ended_at_exit = False
 
 
 def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
