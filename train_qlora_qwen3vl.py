@@ -1121,10 +1121,9 @@ def check_adapter_on_every_process(model, cfg: StageConfig) -> list[dict]:
         view["error"] = str(err)
     views = gather_from_processes(view)
     failed = [v for v in views if v["error"]]
-    if len(views) == 1 and failed:
-        raise CurriculumError(failed[0]["error"])
-    if failed:
-        raise CurriculumError("\n".join(f"process {v['process']}: {v['error']}" for v in failed))
+    if failed:  # one process: its message as it is; several: each failing process named
+        raise CurriculumError(failed[0]["error"] if len(views) == 1
+                              else "\n".join(f"process {v['process']}: {v['error']}" for v in failed))
     hint = "Every process must read the same prev_checkpoint; on several machines, put it on a shared disk"
     check_processes_agree(views, "start_tensors_sha256", "weights before the first step", hint)
     check_processes_agree(views, "trainable_params", "trainable parameters", hint)
@@ -1505,10 +1504,10 @@ def save_adapter_under_fsdp(trainer, model, processor, staging: Path) -> None:
     processor.save_pretrained(str(staging))
 
 
-def check_saved_adapter(staging: Path, trainable: int) -> None:
+def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> None:
     """The file written holds exactly the LoRA parameters that trained: an empty or partial adapter (what the
     Trainer writes under FSDP through peft's filter) never passes for a stage."""
-    saved = sum(t.numel() for t in read_adapter_file(staging).values())
+    saved = sum(t.numel() for t in saved_tensors.values())
     if saved != trainable:
         raise CurriculumError(f"the adapter written to {staging} holds {saved:,} LoRA parameters, but {trainable:,} "
                               "were trained; nothing was saved as the stage")
@@ -1528,13 +1527,14 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     if not trainer.is_world_process_zero():
         return out
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml says it all
-    check_saved_adapter(staging, metrics["trainable_params"])
+    saved_tensors = read_adapter_file(staging)  # read once: counted here, hashed below
+    check_saved_adapter(saved_tensors, metrics["trainable_params"], staging)
     if fsdp_enabled():  # sharded moments are not per-parameter tensors; validate_config refuses resume under FSDP
         log("Optimizer moments are not saved under FSDP (a later stage uses optimizer_state: fresh)")
     else:
         save_optimizer_moments(model, trainer.optimizer, staging / OPTIMIZER_MOMENTS)
     metrics["saved_adapter_file_sha256"] = sha256_file(staging / ADAPTER_WEIGHTS)
-    metrics["saved_adapter_tensors_sha256"] = file_adapter_sha256(staging)
+    metrics["saved_adapter_tensors_sha256"] = adapter_tensors_sha256(saved_tensors)
     trained = {v["final_tensors_sha256"] for v in metrics["processes"]} - {None}
     if trained and trained != {metrics["saved_adapter_tensors_sha256"]}:
         raise CurriculumError(f"the adapter written to {staging} differs from the one the processes trained")
@@ -1599,9 +1599,11 @@ def train_stage(cfg: StageConfig) -> dict:
         log(f"✓ All {len(process_views)} processes hold the same adapter (tensors sha256 "
             f"{process_views[0]['start_tensors_sha256'][:16]}...), trainable, {trainable:,} parameters each")
 
+    # what the interrupted run measured before its first step and the batch it chose, kept for the resumed run
+    resumed = json.loads((work_dir / STAGE_START).read_text()) if resume_from else None
     batch_size = cfg.batch_size
-    if cfg.memory_budget_gib and resume_from:  # a resumed run keeps the batch it was started with
-        batch_size = json.loads((work_dir / STAGE_START).read_text())["batch_size_chosen"]
+    if cfg.memory_budget_gib and resumed:  # a resumed run keeps the batch it was started with
+        batch_size = resumed["batch_size_chosen"]
     elif cfg.memory_budget_gib:
         batch_size = choose_batch_size(model, train_ds, processor, cfg)
     run_cfg = dataclasses.replace(cfg, batch_size=batch_size)  # cfg itself stays as written (resume compares it)
@@ -1631,8 +1633,8 @@ def train_stage(cfg: StageConfig) -> dict:
             (work_dir / STAGE_START).write_text(json.dumps({"config": config_to_dict(cfg), **start}))
         start["t0"] = time.time()  # train_seconds counts training only
 
-    if resume_from:
-        start = json.loads((work_dir / STAGE_START).read_text()) | {"t0": time.time()}
+    if resumed:
+        start = resumed | {"t0": time.time()}
         log(f"Resuming stage {cfg.stage} from {resume_from}: the step, optimizer, scheduler, RNG and data order "
             "are restored")
     else:

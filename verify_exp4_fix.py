@@ -64,12 +64,6 @@ def read_stage(stage_dir: Path) -> tuple[dict | None, tq.StageConfig | None]:
     return metrics, config
 
 
-def read_adapter_tensors(stage_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(stage_dir / tq.ADAPTER_WEIGHTS))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # The checks; each returns a Check and never raises for a broken stage
 # ---------------------------------------------------------------------------------------------------------------------
@@ -95,7 +89,7 @@ def check_adapter_files(stage_dir: Path) -> Check:
     if not (stage_dir / tq.ADAPTER_WEIGHTS).is_file():
         return Check(name, FAIL, f"no {tq.ADAPTER_WEIGHTS} in {stage_dir}")
     try:
-        tensors = read_adapter_tensors(stage_dir)
+        tensors = tq.read_adapter_file(stage_dir)
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
         return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} is unreadable (truncated or corrupt?): {err}")
     if not tensors:
@@ -128,7 +122,7 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     name = "lineage"
     if metrics is None:
         return Check(name, NOT_RUN, f"no {tq.STAGE_METRICS} in the stage")
-    tensors = read_adapter_tensors(stage_dir)
+    tensors = tq.read_adapter_file(stage_dir)
     if lora_b_all_zero(tensors):
         return Check(name, FAIL, "every LoRA B matrix is zero: an untrained, fresh adapter was saved")
     saved_sha = tq.adapter_tensors_sha256(tensors)
@@ -228,7 +222,7 @@ def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: t
         return Check(name, FAIL, f"active adapter is {active!r}, expected 'default'")
     base_trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
     params = {n.replace(".default.", "."): tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
-    in_file = {n: tuple(t.shape) for n, t in read_adapter_tensors(stage_dir).items()}
+    in_file = {n: tuple(t.shape) for n, t in tq.read_adapter_file(stage_dir).items()}
     missing, unexpected = sorted(set(params) - set(in_file)), sorted(set(in_file) - set(params))
     wrong = [n for n in set(params) & set(in_file) if params[n] != in_file[n]]
     if missing or unexpected or wrong:

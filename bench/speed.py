@@ -98,9 +98,8 @@ def apply_liger(model, processor, train_file: Path, px: int, cfg: tq.StageConfig
     (the kernels must not change what is computed beyond bf16 rounding)."""
     import torch
 
-    enc = stage_config(str(train_file.parent), train_file, px, 1, {})
     records = tq.load_records(train_file)[:8]
-    batch = tq.collate_batch([tq.encode_example(processor, r, enc.min_pixels, enc.max_pixels) for r in records],
+    batch = tq.collate_batch([tq.encode_example(processor, r, px * px, px * px) for r in records],
                              processor.tokenizer.pad_token_id)
     device = next(p for p in model.parameters() if p.requires_grad).device
     batch = {k: v.to(device) for k, v in batch.items()}

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,15 @@ def run_script(*args: str, cwd: Path = REPO, env_extra: dict | None = None) -> s
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", **(env_extra or {}))
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
                           check=False)
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
+    """Poll until `predicate()` holds, while the run `proc` is still going (a fault is injected next)."""
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, "the run ended before the fault could be injected"
+        assert time.time() < deadline, "timed out waiting for the run"
+        time.sleep(0.2)
 
 
 CONTINUITY_TOLERANCE = 0.10

@@ -6,11 +6,10 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, metrics, run_script, stage_args
+from conftest import REPO, metrics, run_script, stage_args, wait_for
 from safetensors.torch import load_file
 
 import train_qlora_qwen3vl as tq
@@ -32,14 +31,6 @@ def tree_hashes(root: Path) -> dict:
 def start(args: list[str], log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "train_qlora_qwen3vl.py", *args], cwd=REPO, stdout=log.open("w"),
                             stderr=subprocess.STDOUT, env={**__import__("os").environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, "the run ended before the fault could be injected"
-        assert time.time() < deadline, "timed out waiting for the run"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, assert_continued, metrics
+from conftest import REPO, assert_continued, metrics, wait_for
 
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
@@ -17,12 +17,18 @@ import vqa_eval
 PROCESSES, BATCH, ACCUM, EVAL_QUESTIONS = 2, 8, 2, 9
 
 
-def launch(script: str, *args: str) -> subprocess.CompletedProcess:
+LAUNCH_ENV = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+
+
+def launch_command(script: str, *args: str) -> list[str]:
     """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 SCRIPT ARGS`, as a user would."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
-               "--num_processes", str(PROCESSES), script, *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
+            "--num_processes", str(PROCESSES), script, *args]
+
+
+def launch(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_command(script, *args), cwd=REPO, env=LAUNCH_ENV, capture_output=True, text=True,
+                          timeout=900, check=False)
 
 
 def ddp_stage_args(stage: int, root, out: str | None = None) -> list[str]:
@@ -206,21 +212,15 @@ def test_sigterm_to_every_process_saves_a_checkpoint_and_the_same_command_resume
     """torchrun, Ctrl-C and cluster schedulers signal the whole process group, dataloader workers included. The
     workers must not die of it before the training processes have saved the checkpoint they stop at."""
     import signal
-    import time
 
     args = ["configs/demo/stage1.yaml", "--set", f"output_dir={tmp_path / 'stage1'}", "--set", "max_steps=40",
             "--set", "save_steps=100", "--set", "logging_steps=2", "--set", "batch_size=2", "--set", "lr=1e-4",
             "--set", "eval_questions=0", "--set", "tensorboard=false"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
-               "--num_processes", str(PROCESSES), "train_qlora_qwen3vl.py", *args]
     log = tmp_path / "term.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    deadline = time.time() + 300
-    while "step 6/40" not in log.read_text() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        proc = subprocess.Popen(launch_command("train_qlora_qwen3vl.py", *args), cwd=REPO, env=LAUNCH_ENV,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: "step 6/40" in log.read_text(), proc, timeout=300)
     os.killpg(proc.pid, signal.SIGTERM)  # the launcher, both training processes and their dataloader workers
     proc.wait(timeout=300)
     text = log.read_text()
