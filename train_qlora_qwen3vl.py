@@ -231,9 +231,18 @@ class StageConfig:
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. Off: the model's own loss."""
     liger_kernels: Literal["auto", True, False] = "auto"
-    """Liger's fused RoPE and RMSNorm kernels (Triton) in place of Qwen3-VL's: on an H100, +20% samples/s at
-    448x448 images and +43% at 896x896, the same loss to bf16 rounding (bench/results). auto: on when there is a
-    GPU and the liger-kernel package (requirements.txt); true: required, an error without them; false: never."""
+    """Liger's fused RoPE, RMSNorm and SwiGLU kernels (Triton) in place of Qwen3-VL's (SwiGLU around the 4-bit MLP
+    projections, which stay as they are): on an H100, +20% samples/s at 448x448 images and +43% at 896x896 from
+    RoPE and RMSNorm, the same loss to bf16 rounding (bench/results). auto: on when there is a GPU and the
+    liger-kernel package (requirements.txt); true: required, an error without them; false: never."""
+    fused_lora_forward: bool = True
+    """LoRA layers on the 4-bit base add their update inside the B matmul (one GEMM, the scaling folded into B)
+    and skip peft's defensive copy of the base layer's output; the same result to rounding (tests). false:
+    peft's own forward."""
+    batched_vision_attention: bool = True
+    """The vision tower attends all images of one size in one attention call, instead of transformers' one call per
+    image (its path without FlashAttention), which leaves the GPU waiting on the CPU at small images and large
+    batches. The same result to rounding (tests). false: transformers' own."""
     fp32_upcast: bool = False
     """Cast the base's non-quantized weights (norms, embeddings, lm_head) to fp32, as peft's
     prepare_model_for_kbit_training does. Not needed with bf16 compute, and about 40% slower; for float16."""
@@ -959,9 +968,10 @@ def apply_gradient_checkpointing(model, cfg: StageConfig) -> int:
 
 
 def apply_fused_kernels(model, cfg: StageConfig) -> bool:
-    """Liger's fused RoPE and RMSNorm for Qwen3-VL (liger_kernels); returns whether they are in use. Its fused
-    cross-entropy stays off (the answer-only loss already skips the prompt's logits), and so does its SwiGLU,
-    which would replace the 4-bit MLP layers."""
+    """Liger's fused RoPE, RMSNorm and SwiGLU for Qwen3-VL (liger_kernels); returns whether they are in use. Its
+    fused cross-entropy stays off (the answer-only loss already skips the prompt's logits). Its SwiGLU is bound to
+    each decoder layer's MLP as Liger binds it for other models (the module's own, 4-bit, projections stay; only
+    silu(gate) * up becomes one kernel); Liger's qwen3_vl entry point does not offer it for a loaded model."""
     import torch
 
     available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
@@ -974,11 +984,119 @@ def apply_fused_kernels(model, cfg: StageConfig) -> bool:
     if not qwen3_vl:
         raise ConfigError(f"liger_kernels: true is for Qwen3-VL; {cfg.model_name_or_path} is "
                           f"{getattr(model.config, 'model_type', '?')}")
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen3_vl
+
+    from liger_kernel.transformers import LigerSwiGLUMLP, apply_liger_kernel_to_qwen3_vl
 
     apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, swiglu=False, cross_entropy=False,
                                    fused_linear_cross_entropy=False, model=model)
+    text_config = getattr(model.config, "text_config", model.config)
+    if text_config.hidden_act in ("silu", "swish"):  # LigerSwiGLUMLP.forward: down(silu_mul(gate(x), up(x)))
+        for layer in model.model.language_model.layers:
+            layer.mlp.forward = types.MethodType(LigerSwiGLUMLP.forward, layer.mlp)
     return True
+
+
+def fused_lora_4bit_forward(self, x, *args, **kwargs):
+    """peft's LoRA forward on a 4-bit layer (peft.tuners.lora.bnb.Linear4bit.forward), for its common case, in fewer
+    passes over the output: result + (x A^T)(s B)^T as one addmm (the add happens in the GEMM's epilogue, the
+    scaling s on the small B instead of on the output) and without peft's `result.clone()`, which guards an
+    in-place add that peft no longer does (the base output is not saved for backward either). Anything else
+    (adapters off, merged, several or mixed adapters, DoRA and other variants, a LoRA bias) goes to peft's own."""
+    import torch
+
+    name = "default"
+    if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [name]
+            or name in getattr(self, "lora_variant", {}) or getattr(self, "lora_bias", {}).get(name)
+            or self.lora_B[name].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    if not torch.is_autocast_enabled():  # as peft: the LoRA product in the adapter's dtype, the sum in the base's
+        x = x.to(lora_A.weight.dtype)
+    h = lora_A(self.lora_dropout[name](x))
+    scaled_B = lora_B.weight * self.scaling[name]  # (out, r): tiny
+    if not torch.is_autocast_enabled():
+        h, scaled_B = h.to(result.dtype), scaled_B.to(result.dtype)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_B.t())
+    return out.view(result.shape)
+
+
+def image_groups(cu_seqlens) -> list[tuple[int, Any]]:
+    """The images of a vision batch grouped by token count: (length, index of their tokens, or None when every image
+    has that length). Computed once per forward (one device-to-host copy) and kept on the cu_seqlens tensor, which
+    the vision model passes unchanged to each of its blocks."""
+    import torch
+
+    cached = getattr(cu_seqlens, "_image_groups", None)
+    if cached is not None:
+        return cached
+    bounds = cu_seqlens.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        starts_by_length.setdefault(end - start, []).append(start)
+    if len(starts_by_length) == 1:
+        groups = [(next(iter(starts_by_length)), None)]
+    else:
+        groups = [(length, (torch.tensor(starts, device=cu_seqlens.device)[:, None]
+                            + torch.arange(length, device=cu_seqlens.device)).flatten())
+                  for length, starts in starts_by_length.items()]
+    cu_seqlens._image_groups = groups
+    return groups
+
+
+def batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None,
+                                     **kwargs):
+    """Qwen3VLVisionAttention.forward (transformers 5.x) with the images of one size attended in one
+    scaled_dot_product_attention call (batch = images) rather than one call each. Bound per module by
+    batch_vision_attention where the model runs SDPA."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    n = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = modeling_qwen3_vl.apply_rotary_pos_emb_vision(q, k, cos, sin)  # looked up now: Liger may replace it
+    out = None
+    for length, index in image_groups(cu_seqlens):
+        qs, ks, vs = ((t if index is None else t[index]).reshape(-1, length, self.num_heads, t.shape[-1])
+                      .transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling).transpose(1, 2).reshape(-1, *v.shape[1:])
+        if index is None:
+            out = o
+        else:
+            out = torch.empty_like(v) if out is None else out
+            out[index] = o
+    return self.proj(out.reshape(n, -1))
+
+
+def batch_vision_attention(model, cfg: StageConfig) -> int:
+    """batched_vision_attention: bind batched_vision_attention_forward to the vision tower's attention modules that
+    run SDPA (transformers' default; FlashAttention and eager keep their own); returns how many."""
+    if not cfg.batched_vision_attention:
+        return 0
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
+
+    modules = [m for m in model.modules() if isinstance(m, Qwen3VLVisionAttention)
+               and m.config._attn_implementation == "sdpa"]
+    for module in modules:
+        module.forward = types.MethodType(batched_vision_attention_forward, module)
+    return len(modules)
+
+
+def fuse_lora_updates(model, cfg: StageConfig) -> int:
+    """fused_lora_forward: bind fused_lora_4bit_forward to every LoRA layer on a 4-bit base layer; returns how many.
+    Layers with an accelerate hook (a model dispatched over several devices) keep peft's forward."""
+    if not cfg.fused_lora_forward:
+        return 0
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # peft defines it only when bitsandbytes imports
+        return 0
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit) and not hasattr(m, "_hf_hook")]
+    for layer in layers:
+        layer.forward = types.MethodType(fused_lora_4bit_forward, layer)
+    return len(layers)
 
 
 def load_quantized_base(model_path: str, cfg: StageConfig):
@@ -993,6 +1111,7 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
         dtype=getattr(torch, cfg.quantization.compute_dtype), device_map={"": training_device()})
     keep_4bit_layers_differentiable(model)
     fused = apply_fused_kernels(model, cfg)
+    batched = batch_vision_attention(model, cfg)
     if cfg.fp32_upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
@@ -1003,7 +1122,8 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
     checkpointed = apply_gradient_checkpointing(model, cfg)  # set up here, once; the Trainer is not asked to
     log(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
         f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype}, storage "
-        f"{quant_storage_dtype(cfg.quantization)}, Liger kernels {'on' if fused else 'off'}, fp32 up-cast "
+        f"{quant_storage_dtype(cfg.quantization)}, Liger kernels {'on' if fused else 'off'}, vision attention "
+        f"{'batched by image size' if batched else 'one call per image'}, fp32 up-cast "
         f"{cfg.fp32_upcast}, gradient checkpointing on {checkpointed} decoder layers)")
     return model
 
@@ -1586,6 +1706,9 @@ def train_stage(cfg: StageConfig) -> dict:
         model = continue_adapter(model, cfg.prev_checkpoint)
     else:
         model = new_adapter(model, cfg.lora)
+    fused = fuse_lora_updates(model, cfg)
+    log(f"LoRA forward: fused (the update inside the B matmul) on {fused} 4-bit layers" if fused
+        else "LoRA forward: peft's own")
     process_views = check_adapter_on_every_process(model, cfg)
     trainable = process_views[0]["trainable_params"]
     start_file_sha = sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS) if cfg.prev_checkpoint else None

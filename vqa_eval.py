@@ -413,6 +413,7 @@ def load_for_eval(cfg: tq.StageConfig, adapter: str | None):
     model = tq.load_quantized_base(model_path, cfg)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
+        tq.fuse_lora_updates(model, cfg)
     return model, processor
 
 

@@ -31,7 +31,8 @@ import train_qlora_qwen3vl as tq  # noqa: E402
 # name -> (image side in pixels, config keys). "defaults" is what a user gets without setting anything but the
 # batch size the README recommends for a 24 GB card.
 VARIANTS = {
-    "W448-textbook-bs4": (448, dict(batch_size=4, fp32_upcast=True, answer_only_logits=False)),
+    "W448-textbook-bs4": (448, dict(batch_size=4, fp32_upcast=True, answer_only_logits=False, liger_kernels=False,
+                                    fused_lora_forward=False, batched_vision_attention=False)),
     "W448-defaults-bs16": (448, dict(batch_size=16)),
     "W448-defaults-bs32": (448, dict(batch_size=32)),
     "W448-gc0.5-bs16": (448, dict(batch_size=16, checkpointed_layers=0.5)),
@@ -55,8 +56,16 @@ VARIANTS = {
     # without Liger's fused kernels (liger_kernels: auto turns them on where the GPU and the package are)
     "W448-noliger-bs32": (448, dict(batch_size=32, liger_kernels=False)),
     "W896-noliger-bs16": (896, dict(batch_size=16, liger_kernels=False)),
+    # one lever off at a time: peft's own LoRA forward; Liger without its SwiGLU (_swiglu: a bench-only switch)
+    "W448-budget20-peftlora": (448, dict(batch_size=8, memory_budget_gib=20, fused_lora_forward=False)),
+    "W448-budget20-noswiglu": (448, dict(batch_size=8, memory_budget_gib=20, _swiglu=False)),
+    "W448-budget20-pervision": (448, dict(batch_size=8, memory_budget_gib=20, batched_vision_attention=False)),
+    "W896-budget20-pervision": (896, dict(batch_size=4, memory_budget_gib=20, batched_vision_attention=False)),
+    "W896-budget20-peftlora": (896, dict(batch_size=4, memory_budget_gib=20, fused_lora_forward=False)),
+    "W896-budget20-noswiglu": (896, dict(batch_size=4, memory_budget_gib=20, _swiglu=False)),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
-    "smoke-W64-textbook": (64, dict(batch_size=2, fp32_upcast=True, answer_only_logits=False)),
+    "smoke-W64-textbook": (64, dict(batch_size=2, fp32_upcast=True, answer_only_logits=False, liger_kernels=False,
+                                    fused_lora_forward=False, batched_vision_attention=False)),
 }
 
 
@@ -86,7 +95,7 @@ def stage_config(ckpt: str, train_file: Path, px: int, steps: int, keys: dict) -
                 logging_steps=1000, tensorboard=False, eval_questions=0, warmup_ratio=0.0,
                 dataloader_num_workers=min(8, (os.cpu_count() or 2) - 1), max_seq_len=4096)
     lora = keys.pop("lora", {})
-    data.update(keys)
+    data.update({k: v for k, v in keys.items() if not k.startswith("_")})
     cfg = tq.StageConfig(**data)
     for k, v in lora.items():
         setattr(cfg.lora, k, v)
@@ -114,6 +123,27 @@ def apply_liger(model, processor, train_file: Path, px: int, cfg: tq.StageConfig
     after = loss()
     return {"liger_kernels": "on", "loss_before": round(before, 5), "loss_after": round(after, 5),
             "abs_diff": round(abs(after - before), 5)}
+
+
+def set_variant_forwards(model, cfg: tq.StageConfig, swiglu: bool) -> None:
+    """The variant's LoRA forward (fused or peft's), vision attention (batched or one call per image) and, where
+    Liger is on, its SwiGLU (or the MLP's own)."""
+    from peft.tuners.lora.bnb import Linear4bit
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
+
+    for module in model.modules():
+        if isinstance(module, (Linear4bit, Qwen3VLVisionAttention)):
+            module.__dict__.pop("forward", None)  # back to the class's (peft's, transformers') forward
+    tq.fuse_lora_updates(model, cfg)
+    tq.batch_vision_attention(model, cfg)
+    for layer in model.get_base_model().model.language_model.layers:
+        mlp = layer.mlp.__dict__
+        if "forward" in mlp:  # Liger's SwiGLU, bound by apply_fused_kernels: kept to bind again
+            mlp["_liger_forward"] = mlp["forward"]
+        if swiglu and "_liger_forward" in mlp:
+            mlp["forward"] = mlp["_liger_forward"]
+        else:
+            mlp.pop("forward", None)  # the MLP's own forward
 
 
 def sync() -> None:
@@ -162,7 +192,7 @@ def pipeline_rate(dataset, cfg: tq.StageConfig, batches: int) -> float:
 
 
 def profiler_callback(out: Path, name: str, at_step: int):
-    """torch.profiler over two steps after warm-up: where the CPU and GPU time of a step go."""
+    """torch.profiler over the two steps after at_step (the timed ones): where the CPU and GPU time of a step go."""
     import torch
     from transformers import TrainerCallback
 
@@ -174,14 +204,18 @@ def profiler_callback(out: Path, name: str, at_step: int):
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                                torch.profiler.ProfilerActivity.CUDA])
                 self.prof.__enter__()
+                sync()
+                self.t0 = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.prof is not None and state.global_step == at_step + 2:
-                torch.cuda.synchronize()
+                sync()
+                wall = time.perf_counter() - self.t0  # against the GPU's busy time below: how long it sat idle
                 self.prof.__exit__(None, None, None)
                 averages = self.prof.key_averages()
-                text = (f"== {name}\n" + averages.table(sort_by="self_cpu_time_total", row_limit=30)
-                        + "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=20))
+                text = (f"== {name}: two steps, {wall:.3f} s wall\n"
+                        + averages.table(sort_by="self_cpu_time_total", row_limit=30)
+                        + "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=25))
                 (out / f"profile_{name}.txt").write_text(text)
                 self.prof = None
 
@@ -189,9 +223,13 @@ def profiler_callback(out: Path, name: str, at_step: int):
 
 
 def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmup: int, load_s: float,
-                profile_dir: Path | None = None) -> dict:
+                profile_dir: Path | None = None, swiglu: bool = True) -> dict:
     import torch
 
+    timed_steps = cfg.max_steps
+    if profile_dir is not None:  # two more steps, profiled after the timed ones
+        cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps + 2)
+    set_variant_forwards(model, cfg, swiglu)
     dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
     checkpointed = tq.apply_gradient_checkpointing(model, cfg)
     if cfg.memory_budget_gib:  # as train_stage does: measure two steps, take the largest batch that fits
@@ -207,7 +245,7 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     timer = step_timer()
     trainer.add_callback(timer)
     if profile_dir is not None:
-        trainer.add_callback(profiler_callback(profile_dir, name, warmup + 1))
+        trainer.add_callback(profiler_callback(profile_dir, name, timed_steps))
     t0 = time.perf_counter()
     oom = False
     try:
@@ -220,7 +258,7 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
         torch.cuda.empty_cache()
         return {"variant": name, "image_px": px, "batch": cfg.batch_size, "oom": True}
     first_step_s = timer.times[0] - t0
-    steps = timer.times[warmup:]
+    steps = timer.times[warmup:timed_steps]
     dts = [b - a for a, b in zip(steps, steps[1:], strict=False)]
     mean_dt = (steps[-1] - steps[0]) / len(dts)
     sample_len = len(dataset[0]["input_ids"])
@@ -230,6 +268,8 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
         "checkpointed_layers": checkpointed, "fp32_upcast": cfg.fp32_upcast,
         "answer_only_logits": cfg.answer_only_logits, "lora_dropout": cfg.lora.dropout,
         "liger_kernels": cfg.liger_kernels,
+        "liger_swiglu": "forward" in model.get_base_model().model.language_model.layers[0].mlp.__dict__,
+        "fused_lora_forward": cfg.fused_lora_forward, "batched_vision_attention": cfg.batched_vision_attention,
         "step_s": round(mean_dt, 4), "median_step_s": round(statistics.median(dts), 4),
         "max_step_s": round(max(dts), 4),
         "samples_per_s": round(cfg.batch_size / mean_dt, 2),
@@ -246,24 +286,62 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     return result
 
 
-def generation_speed(model, processor, ckpt: str, train_file: Path, px: int, n: int) -> dict:
-    """vqa_eval.generate_answers batched (the end-of-stage evaluation) against one question at a time."""
+def generation_speed(model, processor, ckpt: str, train_file: Path, px: int, n: int,
+                     profile_dir: Path | None = None) -> dict:
+    """vqa_eval.generate_answers batched (the end-of-stage evaluation) against one question at a time; and, to see
+    why answers differ, the first generated token's logits of both: where the argmax differs, how close the top two
+    were (a random model's logits are flat, so bf16 rounding that differs with the batch shape can flip them)."""
+    import torch
 
     import vqa_eval
 
     cfg = stage_config(ckpt, train_file, px, 1, {})
     records = tq.load_records(train_file)[:n]
+    n_single = min(n, 16)  # one at a time costs the same per question at any n: time 16, compare per question
+    generate = model.generate
+
+    def generate_keeping_first_scores(*args, **kwargs):
+        out = generate(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
+        first_scores.append(out.scores[0].float().cpu())
+        return out.sequences
+
     out = {}
-    for label, bs in (("batched", n), ("one_at_a_time", 1)):
+    runs = (("batched", n, n, 8), ("batched_half", n, n // 2, 8), ("batched_prefill_only", n, n, 1),
+            ("one_at_a_time", n_single, 1, 8))
+    for label, questions, bs, new_tokens in runs:
+        first_scores = []
+        model.generate = generate_keeping_first_scores
         sync()
         t = time.perf_counter()
-        answers = vqa_eval.generate_answers(model, processor, records, cfg, bs, 8, progress=False)
+        answers = vqa_eval.generate_answers(model, processor, records[:questions], cfg, bs, new_tokens,
+                                            progress=False)
         sync()
-        out[label] = {"seconds": round(time.perf_counter() - t, 2), "answers": answers}
-    same = sum(a == b for a, b in zip(out["batched"]["answers"], out["one_at_a_time"]["answers"], strict=True))
-    return {"questions": n, "batched_s": out["batched"]["seconds"], "one_at_a_time_s": out["one_at_a_time"]["seconds"],
-            "speedup": round(out["one_at_a_time"]["seconds"] / out["batched"]["seconds"], 1),
-            "identical_answers": same}
+        out[label] = {"seconds": round(time.perf_counter() - t, 2), "answers": answers,
+                      "first": torch.cat(first_scores)}
+        model.__dict__.pop("generate")
+    if profile_dir is not None:  # where the time of a batched generation goes
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            vqa_eval.generate_answers(model, processor, records[:32], cfg, 32, 8, progress=False)
+            sync()
+        (profile_dir / "profile_generation.txt").write_text(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30) + "\n"
+            + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    same = sum(a == b for a, b in zip(out["batched"]["answers"], out["one_at_a_time"]["answers"], strict=False))
+    batched, single = out["batched"]["first"][:n_single], out["one_at_a_time"]["first"]
+    top2 = single.topk(2, dim=-1).values
+    flipped = (batched.argmax(-1) != single.argmax(-1)).nonzero().squeeze(1).tolist()
+    per_question = {label: out[label]["seconds"] / questions for label, questions, _, _ in runs}
+    return {"questions": n, "batch": n, "batched_s": out["batched"]["seconds"],
+            "batched_half_batch_s": out["batched_half"]["seconds"],
+            "batched_prefill_only_s": out["batched_prefill_only"]["seconds"],
+            "one_at_a_time_questions": n_single, "one_at_a_time_s": out["one_at_a_time"]["seconds"],
+            "speedup": round(per_question["one_at_a_time"] / per_question["batched"], 1),
+            "identical_answers": f"{same}/{n_single}",
+            "first_token_max_abs_logit_diff": round((batched - single).abs().max().item(), 4),
+            "first_token_argmax_differs": len(flipped),
+            "top2_margin_where_it_differs": [round((top2[i, 0] - top2[i, 1]).item(), 4) for i in flipped],
+            "top2_margin_median": round((top2[:, 0] - top2[:, 1]).median().item(), 4)}
 
 
 def main() -> None:
@@ -306,14 +384,16 @@ def main() -> None:
                 results.append({"variant": "liger-check", **liger})
             cfg = stage_config(args.ckpt, data[px], px, warmup + args.steps, dict(keys))
             processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-            r = run_variant(model, processor, name, px, cfg, warmup, load_s, out if name in args.profile else None)
+            r = run_variant(model, processor, name, px, cfg, warmup, load_s, out if name in args.profile else None,
+                            swiglu=keys.get("_swiglu", True) and keys.get("liger_kernels") is not False)
             print(json.dumps(r), flush=True)
             results.append(r)
             json.dump({"gpu": gpu_name(), "results": results}, open(out / "speed.json", "w"),
                       indent=1)
         if not upcast and args.generation:
             processor.image_processor.size = {"shortest_edge": 448 * 448, "longest_edge": 448 * 448}
-            g = generation_speed(model, processor, args.ckpt, data[448], 448, args.generation)
+            g = generation_speed(model, processor, args.ckpt, data[448], 448, args.generation,
+                                 out if "generation" in args.profile else None)
             print(json.dumps({"generation": g}), flush=True)
             results.append({"variant": "generation", **g})
         del model

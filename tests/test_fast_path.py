@@ -5,6 +5,8 @@ Plain: peft's prepare_model_for_kbit_training (fp32 up-cast) and the model's own
 Speed itself is measured on the GPU by bench/speed.py, never here.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import REPO
@@ -41,6 +43,7 @@ def batch(processor, n=3):
 def loss_and_grads(tiny_model_path, adapter, inputs, **settings):
     cfg = tq.StageConfig(output_dir="o", train_file="t", **settings)
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), adapter)
+    tq.fuse_lora_updates(model, cfg)
     model.train()
     torch.manual_seed(0)  # the same LoRA dropout masks in both runs
     if cfg.answer_only_logits:
@@ -76,6 +79,48 @@ def test_fast_path_matches_the_plain_path_within_bf16_tolerance(tiny_model_path,
     cosines = [torch.nn.functional.cosine_similarity(fast[1][n].flatten(), g.flatten(), dim=0).item()
                for n, g in plain[1].items()]
     assert min(cosines) > 0.98, min(cosines)
+
+
+def test_fused_lora_forward_gives_peft_s_loss_and_gradients(tiny_model_path, processor, trained_adapter):
+    inputs = batch(processor)
+    fp32 = tq.QuantizationSettings(compute_dtype="float32")
+    peft_own = loss_and_grads(tiny_model_path, trained_adapter, inputs, fused_lora_forward=False, quantization=fp32)
+    fused = loss_and_grads(tiny_model_path, trained_adapter, inputs, fused_lora_forward=True, quantization=fp32)
+    assert fused[0] == pytest.approx(peft_own[0], rel=1e-5)
+    assert fused[1].keys() == peft_own[1].keys() and len(fused[1]) > 0
+    for name, grad in peft_own[1].items():
+        assert torch.allclose(fused[1][name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_fused_lora_forward_in_bf16_is_peft_s_to_bf16_rounding(tiny_model_path, processor, trained_adapter):
+    inputs = batch(processor)  # bf16 compute without autocast: peft sums the update in fp32, the fused GEMM in bf16
+    peft_own = loss_and_grads(tiny_model_path, trained_adapter, inputs, fused_lora_forward=False)
+    fused = loss_and_grads(tiny_model_path, trained_adapter, inputs, fused_lora_forward=True)
+    assert fused[0] == pytest.approx(peft_own[0], rel=1e-2)
+    cosines = [torch.nn.functional.cosine_similarity(fused[1][n].flatten(), g.flatten(), dim=0).item()
+               for n, g in peft_own[1].items()]
+    assert min(cosines) > 0.99, min(cosines)
+
+
+def test_fused_lora_forward_is_bound_to_every_4bit_lora_layer_and_leaves_the_rest_to_peft(tiny_model_path,
+                                                                                         trained_adapter):
+    from peft.tuners.lora.bnb import Linear4bit
+
+    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=tq.QuantizationSettings(compute_dtype="float32"))
+    model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), trained_adapter)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    decoder_layers = model.get_base_model().model.language_model.layers
+    assert tq.fuse_lora_updates(model, cfg) == len(layers) == 4 * len(decoder_layers)  # q, k, v, o
+    assert all(m.forward.__func__ is tq.fused_lora_4bit_forward for m in layers)
+    layer, x = layers[0], torch.randn(2, 3, layers[0].in_features)
+    model.eval()
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        with_update = layer(x)
+        assert not torch.allclose(with_update, base)  # the trained adapter changes the output ...
+        with model.disable_adapter():  # ... and peft's own forward runs when the adapter is off
+            assert torch.equal(layer(x), base)
+    assert tq.fuse_lora_updates(model, dataclasses.replace(cfg, fused_lora_forward=False)) == 0
 
 
 def test_checkpointed_layers_choose_an_even_spread(tiny_model_path):
@@ -120,3 +165,27 @@ def test_liger_kernels_are_used_only_where_they_can_run(tiny_model_path, tmp_pat
     forced = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "liger_kernels=true"])
     with pytest.raises(tq.ConfigError, match="liger_kernels: true needs a GPU and the liger-kernel package"):
         tq.load_quantized_base(tiny_model_path, forced)
+
+
+@pytest.mark.parametrize("sizes", [[(64, 64), (64, 64), (64, 64)], [(64, 64), (96, 64), (64, 64), (128, 128)]])
+def test_batched_vision_attention_gives_the_vision_tower_s_own_output(tiny_model_path, processor, sizes):
+    import numpy as np
+    from PIL import Image
+
+    fp32 = tq.QuantizationSettings(compute_dtype="float32")
+    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=fp32, batched_vision_attention=False)
+    model = tq.load_quantized_base(tiny_model_path, cfg)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    enc = processor.image_processor(images=images, return_tensors="pt")
+    lengths = enc["image_grid_thw"].prod(-1).tolist()
+    assert len(set(lengths)) == (1 if len(set(sizes)) == 1 else 3)  # one size, or three (two images share one)
+    model.eval()
+    with torch.no_grad():
+        own = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
+        assert tq.batch_vision_attention(model, dataclasses.replace(cfg, batched_vision_attention=True)) == len(
+            model.model.visual.blocks)
+        batched = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
+    for a, b in [(own.pooler_output, batched.pooler_output), *zip(own.deepstack_features, batched.deepstack_features)]:
+        a, b = torch.cat(a) if isinstance(a, (list, tuple)) else a, torch.cat(b) if isinstance(b, (list, tuple)) else b
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
