@@ -189,3 +189,33 @@ def test_batched_vision_attention_gives_the_vision_tower_s_own_output(tiny_model
     for a, b in [(own.pooler_output, batched.pooler_output), *zip(own.deepstack_features, batched.deepstack_features)]:
         a, b = torch.cat(a) if isinstance(a, (list, tuple)) else a, torch.cat(b) if isinstance(b, (list, tuple)) else b
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
+
+
+def test_batched_generation_answers_as_one_question_at_a_time(tiny_model_path, processor, trained_adapter):
+    """Left padding, the attention mask and the multimodal positions of a padded batch must not change an answer, nor
+    the logits behind it (in fp32, where the batch shape changes no rounding that matters; bench/speed.py measures
+    bf16 on the GPU)."""
+    import vqa_eval
+
+    records = tq.load_records(REPO / "data/stage2/train.jsonl")[:6]
+    prompts = [processor.apply_chat_template(tq.with_image_settings(r.prompt_messages, r.image, 4096, 50176),
+                                             add_generation_prompt=True) for r in records]
+    assert len({len(p) for p in prompts}) > 1  # prompts of different lengths: the batch is padded
+    cfg = tq.StageConfig(output_dir="o", train_file="t", max_pixels=50176,
+                         quantization=tq.QuantizationSettings(compute_dtype="float32"))
+    model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), trained_adapter)
+    tq.fuse_lora_updates(model, cfg)
+    generate, scores = model.generate, []
+
+    def generate_keeping_scores(*args, **kwargs):  # every step's logits, (steps, batch, vocab)
+        out = generate(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores))
+        return out.sequences
+
+    model.generate = generate_keeping_scores
+    batched = vqa_eval.generate_answers(model, processor, records, cfg, 6, 4, progress=False)
+    batched_scores = scores.pop()
+    one_at_a_time = vqa_eval.generate_answers(model, processor, records, cfg, 1, 4, progress=False)
+    assert batched == one_at_a_time
+    assert torch.allclose(batched_scores, torch.cat(scores, dim=1), atol=1e-3), \
+        (batched_scores - torch.cat(scores, dim=1)).abs().max()
