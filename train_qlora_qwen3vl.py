@@ -1011,11 +1011,10 @@ def fused_lora_4bit_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-    if not torch.is_autocast_enabled():  # as peft: the LoRA product in the adapter's dtype, the sum in the base's
-        x = x.to(lora_A.weight.dtype)
-    h = lora_A(self.lora_dropout[name](x))
+    autocast = torch.is_autocast_enabled()  # without it, as peft: the LoRA product in the adapter's dtype
+    h = lora_A(self.lora_dropout[name](x if autocast else x.to(lora_A.weight.dtype)))
     scaled_B = lora_B.weight * self.scaling[name]  # (out, r): tiny
-    if not torch.is_autocast_enabled():
+    if not autocast:  # ... and the sum in the base layer's
         h, scaled_B = h.to(result.dtype), scaled_B.to(result.dtype)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_B.t())
     return out.view(result.shape)
