@@ -353,7 +353,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--steps", type=int, default=12, help="measured steps per variant (after 3 warm-up steps)")
     p.add_argument("--generation", type=int, default=32, help="questions for the generation comparison (0: skip)")
-    p.add_argument("--profile", nargs="*", default=[], help="variants to profile (torch.profiler, two steps after the timed ones); \"generation\": one batched generation")
+    p.add_argument("--profile", nargs="*", default=[],
+                   help="variants to profile (torch.profiler, two steps after the timed ones); generation: one batch")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
