@@ -186,8 +186,10 @@ def test_batched_vision_attention_gives_the_vision_tower_s_own_output(tiny_model
         assert tq.batch_vision_attention(model, dataclasses.replace(cfg, batched_vision_attention=True)) == len(
             model.model.visual.blocks)
         batched = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
-    for a, b in [(own.pooler_output, batched.pooler_output), *zip(own.deepstack_features, batched.deepstack_features)]:
-        a, b = torch.cat(a) if isinstance(a, (list, tuple)) else a, torch.cat(b) if isinstance(b, (list, tuple)) else b
+    pairs = [(own.pooler_output, batched.pooler_output),
+             *zip(own.deepstack_features, batched.deepstack_features, strict=True)]
+    for a, b in pairs:
+        a, b = (torch.cat(t) if isinstance(t, (list, tuple)) else t for t in (a, b))
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), (a - b).abs().max()
 
 
