@@ -30,9 +30,11 @@ import train_qlora_qwen3vl as tq  # noqa: E402
 
 # name -> (image side in pixels, config keys). "defaults" is what a user gets without setting anything but the
 # batch size the README recommends for a 24 GB card.
+# every lever of the project's path off: the textbook recipe, through the trainer's own code
+TEXTBOOK = dict(fp32_upcast=True, answer_only_logits=False, liger_kernels=False, fused_lora_forward=False,
+                batched_vision_attention=False)
 VARIANTS = {
-    "W448-textbook-bs4": (448, dict(batch_size=4, fp32_upcast=True, answer_only_logits=False, liger_kernels=False,
-                                    fused_lora_forward=False, batched_vision_attention=False)),
+    "W448-textbook-bs4": (448, dict(batch_size=4, **TEXTBOOK)),
     "W448-defaults-bs16": (448, dict(batch_size=16)),
     "W448-defaults-bs32": (448, dict(batch_size=32)),
     "W448-gc0.5-bs16": (448, dict(batch_size=16, checkpointed_layers=0.5)),
@@ -64,8 +66,7 @@ VARIANTS = {
     "W896-budget20-peftlora": (896, dict(batch_size=4, memory_budget_gib=20, fused_lora_forward=False)),
     "W896-budget20-noswiglu": (896, dict(batch_size=4, memory_budget_gib=20, _swiglu=False)),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
-    "smoke-W64-textbook": (64, dict(batch_size=2, fp32_upcast=True, answer_only_logits=False, liger_kernels=False,
-                                    fused_lora_forward=False, batched_vision_attention=False)),
+    "smoke-W64-textbook": (64, dict(batch_size=2, **TEXTBOOK)),
 }
 
 
