@@ -1260,6 +1260,12 @@ def check_trained_adapter_on_every_process(model, start_views: list[dict]) -> li
     return views
 
 
+def processes_ended_apart_from(views: list[dict], saved_tensors_sha: str) -> bool:
+    """Whether a process ended training with an adapter other than the saved one (None, under FSDP: not hashed)."""
+    ends = {v.get("final_tensors_sha256") for v in views} - {None}
+    return bool(ends) and ends != {saved_tensors_sha}
+
+
 def unwrap_optimizer(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
 
@@ -1654,8 +1660,7 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
         save_optimizer_moments(model, trainer.optimizer, staging / OPTIMIZER_MOMENTS)
     metrics["saved_adapter_file_sha256"] = sha256_file(staging / ADAPTER_WEIGHTS)
     metrics["saved_adapter_tensors_sha256"] = adapter_tensors_sha256(saved_tensors)
-    trained = {v["final_tensors_sha256"] for v in metrics["processes"]} - {None}
-    if trained and trained != {metrics["saved_adapter_tensors_sha256"]}:
+    if processes_ended_apart_from(metrics["processes"], metrics["saved_adapter_tensors_sha256"]):
         raise CurriculumError(f"the adapter written to {staging} differs from the one the processes trained")
     (staging / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))

@@ -129,8 +129,7 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     if metrics.get("saved_adapter_tensors_sha256") not in (None, saved_sha):
         return Check(name, FAIL, "the adapter on disk is not the one the stage saved (its hash changed since)")
     views = metrics.get("processes") or []  # several processes (DDP): each hashed the adapter it ended with
-    ends = {v.get("final_tensors_sha256") for v in views} - {None}
-    if ends and ends != {saved_sha}:
+    if tq.processes_ended_apart_from(views, saved_sha):
         return Check(name, FAIL, f"the {len(views)} processes did not all end with the saved adapter: they trained "
                                  "apart, and the file holds only one of them")
     on = f" on {len(views)} processes" if len(views) > 1 else ""
