@@ -48,6 +48,7 @@ TINY_MODEL_DIR = REPO_DIR / "models" / TINY_MODEL_NAME
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 STAGE_METRICS = "stage_metrics.json"
+IMAGE_CHECK_CACHE = "image_checks.json"
 RESOLVED_CONFIG = "resolved_config.yaml"
 OPTIMIZER_MOMENTS = "optimizer_moments.safetensors"
 STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run must not measure again
@@ -97,6 +98,12 @@ def log(*args, **kwargs) -> None:
 def fsdp_enabled() -> bool:
     """Launched with an FSDP accelerate config (accelerate tells its processes through this variable)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def processes():
@@ -179,13 +186,15 @@ class StageConfig:
     """Passes over train_file (ignored when max_steps > 0)."""
     max_steps: int = -1
     """Optimizer steps for this stage; -1 runs `epochs`. Counted from 0 in every stage."""
-    batch_size: int = 4
-    """Samples per device per forward pass (with memory_budget_gib: the smallest one tried)."""
-    memory_budget_gib: float = 0.0
-    """On a GPU, choose batch_size from this budget: one training step is measured on the longest samples at
-    batch_size and 2 x batch_size, and the largest multiple of batch_size whose step fits 90% of the budget is
-    used (logged, recorded as batch_size_chosen). grad_accum is kept, so the effective batch grows. 0: off."""
-    eval_batch_size: int = 8
+    batch_size: int | Literal["auto"] = "auto"
+    """Samples per device per forward pass. auto (needs a GPU): the largest multiple of 4 whose training step fits
+    memory_budget_gib, but never so large that an epoch has fewer than 10 optimizer steps (logged, recorded as
+    batch_size_chosen; effective batch = that x grad_accum x processes). A number fixes it."""
+    memory_budget_gib: float = 20.0
+    """GPU memory per process that batch_size: auto may fill; 20 fits a 24 GB card (a GPU with less uses its own
+    size). Steps on the longest samples are measured at 4 and 8; the line through them gives a size, and up to 3
+    more measured steps narrow it down. 90% of the budget is used (headroom for fragmentation and evaluation)."""
+    eval_batch_size: int = 32
     """Samples per device per evaluation forward pass."""
     grad_accum: int = 1
     """Forward passes per optimizer step (effective batch = batch_size x grad_accum x processes)."""
@@ -258,6 +267,10 @@ class StageConfig:
     """Write TensorBoard logs to <output_dir's parent>/tensorboard/<stage dir name>."""
     dataloader_num_workers: int = 2
     """Processes that decode and tokenise samples while the model trains."""
+    cache_image_checks: bool = True
+    """Every image is decoded once before training, to find broken ones. Remember those that decoded cleanly (by
+    path, size and modification time) in <output_dir>/../.cache/image_checks.json, so later stages and reruns
+    over the same images skip it. false: decode every image every time."""
     overwrite: bool = False
     """Allow replacing an output_dir that already holds a finished stage."""
     trust_remote_code: bool = False
@@ -281,8 +294,13 @@ def _check_type(value: Any, annotation: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _check_type(value, inner, where)
+        problems = []
+        for inner in [a for a in args if a is not type(None)]:  # the first that fits (`int | Literal["auto"]`)
+            try:
+                return _check_type(value, inner, where)
+            except ConfigError as err:
+                problems.append(str(err).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: " + "; or ".join(problems))
     if origin is Literal:
         if not any(value == a and type(value) is type(a) for a in args):  # 1 is not True here
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -397,7 +415,8 @@ def lora_mismatches(expected: LoraSettings, saved: dict) -> list[str]:
 def validate_config(cfg: StageConfig) -> None:
     """Every problem in one error, each line naming the key to change; runs before anything heavy loads."""
     problems = []
-    positive = {"lr": cfg.lr, "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size,
+    positive = {"lr": cfg.lr, "batch_size": 1 if cfg.batch_size == "auto" else cfg.batch_size,
+                "eval_batch_size": cfg.eval_batch_size, "memory_budget_gib": cfg.memory_budget_gib,
                 "grad_accum": cfg.grad_accum, "lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha,
                 "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "max_seq_len": cfg.max_seq_len,
                 "logging_steps": cfg.logging_steps}
@@ -410,8 +429,9 @@ def validate_config(cfg: StageConfig) -> None:
         problems.append(f"epochs must be > 0 when max_steps is -1, got {cfg.epochs}")
     if not 0 <= cfg.warmup_ratio < 1:
         problems.append(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.memory_budget_gib < 0:
-        problems.append(f"memory_budget_gib must be >= 0 (0: off), got {cfg.memory_budget_gib}")
+    if cfg.batch_size == "auto" and not gpu_available():
+        problems.append("batch_size: auto measures GPU memory to choose the batch, and there is no GPU here; set "
+                        "batch_size to a number")
     if not 0 <= cfg.checkpointed_layers <= 1:
         problems.append(f"checkpointed_layers must be in [0, 1], got {cfg.checkpointed_layers}")
     if cfg.fp32_upcast is False and cfg.quantization.compute_dtype == "float16":
@@ -660,31 +680,83 @@ def _decode_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
         return None, f"cannot read image {path}: {err}"
 
 
-def check_images(paths: list[str], desc: str = "Decoding images") -> tuple[dict, dict]:
+def image_check_key(path: str) -> str | None:
+    """What identifies one version of an image file: its absolute path, byte size and modification time."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def read_image_check_cache(cache: Path | None) -> dict:
+    """{image_check_key: [w, h]} of the images that decoded cleanly before; empty without a cache or when it is
+    unreadable (it is only ever a shortcut: an image not in it is decoded again)."""
+    if cache is None or not cache.is_file():
+        return {}
+    try:
+        known = json.loads(cache.read_text())
+        return known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def write_image_check_cache(cache: Path, known: dict) -> None:
+    """Written by the main process, whole and then renamed into place, so a reader never sees half a file."""
+    if not is_main_process():
+        return
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known))
+        tmp.replace(cache)
+    except OSError as err:  # a full or read-only disk costs the shortcut, never the run
+        log(f"WARNING: could not write the image check cache {cache}: {err}")
+
+
+def check_images(paths: list[str], desc: str = "Decoding images", cache: Path | None = None) -> tuple[dict, dict]:
     """Decode every image fully, in threads (PIL releases the GIL while decoding), so a missing, corrupt or
-    truncated image stops the run now rather than at step 9,000. Returns ({path: (w, h)}, {path: problem})."""
+    truncated image stops the run now rather than at step 9,000. Returns ({path: (w, h)}, {path: problem}).
+    With a cache file, images that decoded cleanly before (same path, size and modification time) are taken
+    from it, and the newly decoded ones are added."""
     from concurrent.futures import ThreadPoolExecutor
 
     from PIL import ImageFile
     from tqdm.auto import tqdm
 
+    t = time.perf_counter()
+    known = read_image_check_cache(cache)
+    keys = {p: image_check_key(p) for p in paths}
+    sizes = {p: tuple(known[keys[p]]) for p in paths if keys[p] in known}
+    todo = [p for p in paths if p not in sizes]
     # Some libraries set this to accept truncated files silently; a training set must not.
     allowed, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
     try:
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            results = list(tqdm(pool.map(_decode_image, paths), total=len(paths), desc=desc, unit="img",
-                                disable=len(paths) < 500, leave=False))
+            results = list(tqdm(pool.map(_decode_image, todo), total=len(todo), desc=desc, unit="img",
+                                disable=len(todo) < 500, leave=False))
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = allowed
-    sizes = {p: size for p, (size, _) in zip(paths, results, strict=True) if size}
-    problems = {p: why for p, (_, why) in zip(paths, results, strict=True) if why}
-    return sizes, problems
+    decoded = {p: size for p, (size, _) in zip(todo, results, strict=True) if size}
+    problems = {p: why for p, (_, why) in zip(todo, results, strict=True) if why}
+    if cache is not None and decoded:
+        write_image_check_cache(cache, known | {keys[p]: list(size) for p, size in decoded.items() if keys[p]})
+    if cache is not None and paths:
+        log(f"{desc}: {len(todo)} decoded, {len(sizes)} known to decode cleanly ({cache}), "
+            f"{time.perf_counter() - t:.1f} s")
+    return sizes | decoded, problems
 
 
-def inspect_images(records: list[Record], split: str = "") -> tuple[dict, list[str]]:
+def image_check_cache(cfg: StageConfig) -> Path | None:
+    """Where the images that decoded cleanly are remembered: beside the stages of the curriculum, so every stage
+    and rerun shares it."""
+    return Path(cfg.output_dir).resolve().parent / ".cache" / IMAGE_CHECK_CACHE if cfg.cache_image_checks else None
+
+
+def inspect_images(records: list[Record], split: str = "", cache: Path | None = None) -> tuple[dict, list[str]]:
     """Every image of a split decoded once: ({path: (w, h)}, one `file:line: problem` per record with a bad one)."""
     paths = sorted({r.image for r in records if r.image})
-    sizes, bad = check_images(paths, f"Decoding {split} images" if split else "Decoding images")
+    sizes, bad = check_images(paths, f"Decoding {split} images" if split else "Decoding images", cache)
     return sizes, [f"{r.source}: {bad[r.image]}" for r in records if r.image in bad]
 
 
@@ -850,7 +922,7 @@ def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
 def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset:
     """Records parsed and every image decoded once; bad records stop the run (listed) or are skipped (counted)."""
     records, problems = read_records(path, cfg.system_prompt, cfg.allow_images_outside_data_dir)
-    sizes, image_problems = inspect_images(records, split)
+    sizes, image_problems = inspect_images(records, split, image_check_cache(cfg))
     problems += image_problems
     if problems and cfg.on_bad_record == "error":
         raise bad_records_error(path, problems)
@@ -1303,24 +1375,27 @@ def load_optimizer_moments(model, optimizer, path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def batch_size_for_budget(peaks: dict[int, int], budget_bytes: float, step: int, most: int) -> int:
+def batch_size_for_budget(peaks: dict[int, float], budget_bytes: float, step: int, most: int) -> int:
     """The largest multiple of `step` (at most `most`) whose peak memory, on the straight line through the two
     measured (batch size, peak bytes) points, is within the budget. Activations grow linearly with the batch;
-    the weights are the fixed part."""
+    the weights are the fixed part. A step that ran out of memory measured infinity."""
     (b1, p1), (b2, p2) = sorted(peaks.items())
+    if not p1 <= budget_bytes:
+        needs = f"needs {p1 / 2**30:.1f} GiB at peak" if math.isfinite(p1) else "ran out of GPU memory"
+        raise ConfigError(f"memory_budget_gib: a batch of {b1} already {needs}, over the budget "
+                          f"({budget_bytes / 2**30:.1f} GiB usable); set batch_size to a smaller number, lower "
+                          "max_pixels, or raise the budget")
+    if not math.isfinite(p2):
+        return b1
     per_sample = max((p2 - p1) / (b2 - b1), 1.0)
     fits = int((budget_bytes - (p1 - per_sample * b1)) // per_sample)
-    if fits < b1:
-        raise ConfigError(f"memory_budget_gib: a batch of {b1} already needs {p1 / 2**30:.1f} GiB at peak, over "
-                          f"the budget ({budget_bytes / 2**30:.1f} GiB usable); lower batch_size or max_pixels, or "
-                          "raise the budget")
     return max(b1, min(fits // step * step, most))
 
 
-def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int], cfg: StageConfig) -> dict[int, int]:
+def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int], cfg: StageConfig) -> dict[int, float]:
     """Peak GPU memory of one training step at each batch size, as the Trainer runs it (autocast to the compute
     dtype, the same loss), on the longest samples (repeated if there are fewer), so a real batch never needs
-    more."""
+    more. A step that runs out of memory measures infinity."""
     import torch
 
     lengths = dataset.lengths or [0] * len(dataset)
@@ -1333,32 +1408,83 @@ def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int], cfg
         batch = {k: v.to(device) for k, v in batch.items()}
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        with torch.autocast("cuda", dtype=getattr(torch, cfg.quantization.compute_dtype)):
-            loss = answer_only_loss(model, batch)[0] if cfg.answer_only_logits else model(**batch).loss
-        loss.backward()
-        peaks[size] = torch.cuda.max_memory_allocated()
+        try:
+            with torch.autocast("cuda", dtype=getattr(torch, cfg.quantization.compute_dtype)):
+                loss = answer_only_loss(model, batch)[0] if cfg.answer_only_logits else model(**batch).loss
+            loss.backward()
+            peaks[size] = torch.cuda.max_memory_allocated()
+            del loss
+        except torch.cuda.OutOfMemoryError:
+            peaks[size] = math.inf
         model.zero_grad(set_to_none=True)
-        del loss, batch
+        del batch
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return peaks
 
 
+AUTO_BATCH_STEP = 4  # batch_size: auto tries 4 and 8 and chooses a multiple of 4
+MIN_STEPS_PER_EPOCH = 10  # batch_size: auto never makes an epoch shorter than this many optimizer steps
+
+
+def auto_batch_limit(n_train: int, cfg: StageConfig, num_processes: int) -> int:
+    """The largest batch_size: auto may choose on data of n_train samples: an epoch keeps at least
+    MIN_STEPS_PER_EPOCH optimizer steps, because a small stage trained in two or three huge steps barely moves
+    (and its warm-up and schedule lose their meaning)."""
+    per_process = n_train // (num_processes * cfg.grad_accum * MIN_STEPS_PER_EPOCH)
+    return max(AUTO_BATCH_STEP, per_process // AUTO_BATCH_STEP * AUTO_BATCH_STEP)
+
+
+def next_batch_to_measure(peaks: dict[int, float], usable: float, limit: int) -> int | None:
+    """The next batch size worth a measured step: on the line through the largest measured batch within the budget
+    and the smallest over it (halfway after running out of memory), or through the two largest within it while
+    none is over. None when that gains nothing over the largest batch already known to fit."""
+    under = sorted(b for b, p in peaks.items() if p <= usable)
+    over = sorted(b for b, p in peaks.items() if p > usable)
+    lo = under[-1]
+    if over and not math.isfinite(peaks[over[0]]):
+        size = (lo + over[0]) // 2 // AUTO_BATCH_STEP * AUTO_BATCH_STEP
+    elif over:
+        size = batch_size_for_budget({lo: peaks[lo], over[0]: peaks[over[0]]}, usable, AUTO_BATCH_STEP,
+                                     most=over[0] - AUTO_BATCH_STEP)
+    else:
+        size = batch_size_for_budget({b: peaks[b] for b in under[-2:]}, usable, AUTO_BATCH_STEP, most=10**6)
+    size = min(size, limit)
+    return size if size > lo else None
+
+
 def choose_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
-    """batch_size from memory_budget_gib (see there). Every process measures its own GPU; all use the smallest
-    choice, so they step together."""
+    """batch_size: auto (see there). Every process measures its own GPU; all use the smallest choice, so they step
+    together."""
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError("memory_budget_gib chooses the batch size by measuring GPU memory, and there is no GPU; "
-                          "set memory_budget_gib: 0 and a batch_size")
-    sizes = [cfg.batch_size, 2 * cfg.batch_size]
-    peaks = measure_step_memory(model, dataset, processor.tokenizer.pad_token_id, sizes, cfg)
-    usable = 0.9 * cfg.memory_budget_gib * 2**30  # headroom for the allocator's fragmentation and evaluation
-    mine = batch_size_for_budget(peaks, usable, cfg.batch_size, most=max(cfg.batch_size, len(dataset)))
-    chosen = min(gather_from_processes(mine))
-    log(f"Batch size {chosen} chosen for memory_budget_gib={cfg.memory_budget_gib:g}: one step measured "
-        + ", ".join(f"{peaks[b] / 2**30:.1f} GiB at {b}" for b in sizes) + " on the longest samples")
+        raise ConfigError("batch_size: auto chooses the batch by measuring GPU memory, and there is no GPU; set "
+                          "batch_size to a number")
+    gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
+    budget = min(cfg.memory_budget_gib, gpu_gib)
+    if budget < cfg.memory_budget_gib:
+        log(f"memory_budget_gib={cfg.memory_budget_gib:g} is more than this GPU's {gpu_gib:.1f} GiB; using that")
+    usable = 0.9 * budget * 2**30  # headroom for the allocator's fragmentation and evaluation
+    limit = auto_batch_limit(len(dataset), cfg, processes().num_processes)
+    pad_id = processor.tokenizer.pad_token_id
+    peaks = measure_step_memory(model, dataset, pad_id, [AUTO_BATCH_STEP, 2 * AUTO_BATCH_STEP], cfg)
+    fit = batch_size_for_budget(peaks, usable, AUTO_BATCH_STEP, most=10**6)  # also: the smallest must fit
+    # The line is extrapolated from small batches, and activations can grow faster than it: measure the size it
+    # gives, and go on between the largest batch that fitted and the smallest that did not.
+    for _ in range(3):
+        size = next_batch_to_measure(peaks, usable, limit)
+        if size is None:
+            break
+        peaks |= measure_step_memory(model, dataset, pad_id, [size], cfg)
+    size = max(b for b, p in peaks.items() if p <= usable and b <= limit)
+    chosen = min(gather_from_processes(size))
+    measured = ", ".join(f"{p / 2**30:.1f} GiB at {b}" if math.isfinite(p) else f"out of memory at {b}"
+                         for b, p in sorted(peaks.items()))
+    capped = (f"; memory allows about {fit}, capped at {limit} so that an epoch keeps {MIN_STEPS_PER_EPOCH} "
+              "optimizer steps" if fit > limit else "")
+    log(f"Batch size {chosen} chosen (batch_size: auto, memory_budget_gib={budget:g}): a training step on the "
+        f"longest samples measured {measured}{capped}")
     return chosen
 
 
@@ -1500,6 +1626,8 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
         bf16=on_gpu and cfg.quantization.compute_dtype == "bfloat16",
         fp16=on_gpu and cfg.quantization.compute_dtype == "float16",
         use_cpu=not on_gpu, remove_unused_columns=False, label_names=["labels"], report_to="none",
+        # not dataloader_persistent_workers: with it the Trainer keeps the first evaluation's dataloader and
+        # evaluates every later eval_dataset with it, so continuity would be measured on the wrong split
         dataloader_num_workers=cfg.dataloader_num_workers, dataloader_pin_memory=on_gpu,
         ddp_find_unused_parameters=False, disable_tqdm=False, save_total_limit=2,
         prediction_loss_only=True,  # evaluation needs the loss only; never gather every batch's logits
@@ -1729,9 +1857,9 @@ def train_stage(cfg: StageConfig) -> dict:
     # what the interrupted run measured before its first step and the batch it chose, kept for the resumed run
     resumed = json.loads((work_dir / STAGE_START).read_text()) if resume_from else None
     batch_size = cfg.batch_size
-    if cfg.memory_budget_gib and resumed:  # a resumed run keeps the batch it was started with
+    if batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
         batch_size = resumed["batch_size_chosen"]
-    elif cfg.memory_budget_gib:
+    elif batch_size == "auto":
         batch_size = choose_batch_size(model, train_ds, processor, cfg)
     run_cfg = dataclasses.replace(cfg, batch_size=batch_size)  # cfg itself stays as written (resume compares it)
 
@@ -1826,7 +1954,7 @@ def train_stage(cfg: StageConfig) -> dict:
                               for e in trainer.state.log_history if "eval_loss" in e],
         "train_loss": result.training_loss,
         "global_steps": trainer.state.global_step,
-        "batch_size_chosen": batch_size if cfg.memory_budget_gib else None,
+        "batch_size_chosen": batch_size if cfg.batch_size == "auto" else None,
         "effective_batch_size": batch_size * cfg.grad_accum * world,
         "num_processes": world,
         "train_samples": len(train_ds),
@@ -1918,8 +2046,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
             where = f"process {os.environ['RANK']}: " if "RANK" in os.environ else ""  # one GPU can run out alone
-            print(f"error: {where}out of GPU memory. Lower batch_size (and raise grad_accum to keep the effective "
-                  "batch), lower max_pixels (fewer image tokens), set gradient_checkpointing: true, or lower "
+            print(f"error: {where}out of GPU memory. Lower memory_budget_gib (with batch_size: auto) or batch_size "
+                  "(and raise grad_accum to keep the effective batch), lower max_pixels (fewer image tokens), set gradient_checkpointing: true, or lower "
                   f"eval_batch_size if it happened during evaluation.\n({str(err).splitlines()[0]})", file=sys.stderr)
             return 3
         raise

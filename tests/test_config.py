@@ -15,7 +15,7 @@ def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
     return path
 
 
-MINIMAL = "output_dir: {out}\ntrain_file: {train}\n"
+MINIMAL = "output_dir: {out}\ntrain_file: {train}\nbatch_size: 2\n"  # a number: batch_size: auto needs a GPU
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ IM_START, IM_END, V_START, V_END, IMAGE_PAD, ASSISTANT = 151644, 151645, 151652,
 
 
 def cfg(**kw) -> tq.StageConfig:
-    return tq.StageConfig(output_dir="o", train_file="t", **kw)
+    return tq.StageConfig(**{"output_dir": "o", "train_file": "t", "cache_image_checks": False, **kw})
 
 
 def write_jsonl(tmp_path: Path, records: list, name="split.jsonl") -> Path:
@@ -298,3 +298,39 @@ def test_tiny_tokenizer_uses_qwens_own_pretokenizer_pattern():
     from tiny_qwen3vl import QWEN_PRETOKENIZE_PATTERN
 
     assert QWEN_PRETOKENIZE_PATTERN == PAT_STR
+
+
+def test_images_that_decoded_cleanly_are_remembered_between_stages(tmp_path, processor, monkeypatch, capsys):
+    for i in range(3):
+        Image.new("RGB", (64 + i, 64)).save(tmp_path / f"{i}.png")
+    path = write_jsonl(tmp_path, [{"id": str(i), "image": f"{i}.png", "question": "n?", "type": "numeric",
+                                   "answer": 1} for i in range(3)])
+    decoded = []
+    decode = tq._decode_image
+    monkeypatch.setattr(tq, "_decode_image", lambda p: decoded.append(Path(p).name) or decode(p))
+    stage1 = cfg(output_dir=str(tmp_path / "curriculum" / "stage1"), cache_image_checks=True)
+    stage2 = cfg(output_dir=str(tmp_path / "curriculum" / "stage2"), cache_image_checks=True)
+    first = tq.load_split(str(path), processor, stage1, "train")
+    assert sorted(decoded) == ["0.png", "1.png", "2.png"]
+    assert (tmp_path / "curriculum" / ".cache" / tq.IMAGE_CHECK_CACHE).is_file()
+    decoded.clear()
+    second = tq.load_split(str(path), processor, stage2, "train")  # the next stage, the same images
+    assert decoded == [] and second.lengths == first.lengths
+    assert "Decoding train images: 0 decoded, 3 known to decode cleanly" in capsys.readouterr().out
+    (tmp_path / "1.png").write_bytes((tmp_path / "1.png").read_bytes()[:60])  # changed since: decoded again
+    with pytest.raises(tq.ConfigError, match="split.jsonl:2: cannot read image"):
+        tq.load_split(str(path), processor, stage2, "train")
+    assert decoded == ["1.png"]
+    decoded.clear()
+    with pytest.raises(tq.ConfigError, match="split.jsonl:2: cannot read image"):  # a bad image is never remembered
+        tq.load_split(str(path), processor, stage2, "train")
+    assert decoded == ["1.png"]
+    decoded.clear()
+    with pytest.raises(tq.ConfigError, match="split.jsonl:2: cannot read image"):
+        tq.load_split(str(path), processor, cfg(output_dir=str(tmp_path / "curriculum" / "stage3")), "train")
+    assert sorted(decoded) == ["0.png", "1.png", "2.png"]  # cache_image_checks: false decodes every image
+    decoded.clear()
+    (tmp_path / "curriculum" / ".cache" / tq.IMAGE_CHECK_CACHE).write_text("{half a fi")  # unreadable: ignored
+    with pytest.raises(tq.ConfigError, match="split.jsonl:2: cannot read image"):
+        tq.load_split(str(path), processor, stage2, "train")
+    assert sorted(decoded) == ["0.png", "1.png", "2.png"]

@@ -6,6 +6,8 @@ Speed itself is measured on the GPU by bench/speed.py, never here.
 """
 
 import dataclasses
+import math
+import types
 
 import pytest
 import torch
@@ -145,14 +147,64 @@ def test_batch_size_for_budget_fits_the_line_through_two_measured_steps():
         tq.batch_size_for_budget(peaks, 6 * gib, 8, most=10_000)
 
 
-def test_memory_budget_needs_a_gpu(tmp_path):
-    import torch
+def test_a_batch_that_ran_out_of_memory_is_over_any_budget():
+    gib = 2**30
+    assert tq.batch_size_for_budget({4: 9 * gib, 8: math.inf}, 20 * gib, 4, most=10_000) == 4
+    with pytest.raises(tq.ConfigError, match="a batch of 4 already ran out of GPU memory"):
+        tq.batch_size_for_budget({4: math.inf, 8: math.inf}, 20 * gib, 4, most=10_000)
 
+
+def test_auto_batch_keeps_ten_optimizer_steps_per_epoch():
+    cfg = tq.StageConfig(output_dir="x", train_file="x", grad_accum=2)
+    assert tq.auto_batch_limit(10_000, cfg, 1) == 500  # 10000 / (2 x 10)
+    assert tq.auto_batch_limit(10_000, cfg, 4) == 124  # 125 per process, a multiple of 4
+    assert tq.auto_batch_limit(200, cfg, 1) == 8  # 10, rounded down
+    assert tq.auto_batch_limit(20, cfg, 1) == 4  # never below the smallest batch tried
+
+
+def test_batch_size_auto_checks_the_extrapolated_batch(monkeypatch):
+    """Activation memory that grows faster than the line through 4 and 8 samples: the size the line gives is over
+    the budget when measured, so a smaller one, measured or between two measured points, is chosen."""
+    gib = 2**30
+
+    def peak(b: int) -> float:  # 5 GiB of weights; 0.1 GiB per sample, plus a little that grows with b^2
+        return 5 * gib + 0.1 * gib * b + 0.002 * gib * b * b
+
+    measured = []
+
+    def fake_measure(model, dataset, pad_id, sizes, cfg):
+        measured.extend(sizes)
+        return {b: (math.inf if peak(b) > 40 * gib else peak(b)) for b in sizes}
+
+    monkeypatch.setattr(tq, "measure_step_memory", fake_measure)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=80 * gib))
+    processor = types.SimpleNamespace(tokenizer=types.SimpleNamespace(pad_token_id=0))
+    cfg = tq.StageConfig(output_dir="x", train_file="x", memory_budget_gib=20)
+    chosen = tq.choose_batch_size(None, [None] * 100_000, processor, cfg)
+    assert measured[:2] == [4, 8] and 3 <= len(measured) <= 5  # the extrapolated size was measured
+    assert peak(chosen) <= 0.9 * 20 * gib and chosen % 4 == 0
+    assert peak(chosen + 8) > 0.9 * 20 * gib  # and not far below what fits
+    # data for 200 samples: an epoch keeps 10 steps
+    assert tq.choose_batch_size(None, [None] * 200, processor, cfg) == 20
+    # a budget over the GPU's memory is cut to it
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=12 * gib))
+    assert peak(tq.choose_batch_size(None, [None] * 100_000, processor, cfg)) <= 0.9 * 12 * gib
+
+
+def test_batch_size_auto_needs_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "memory_budget_gib=20"])
+    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "batch_size=auto"])
+    with pytest.raises(tq.ConfigError, match="batch_size: auto measures GPU memory.*set batch_size to a number"):
+        tq.validate_config(cfg)
     with pytest.raises(tq.ConfigError, match="there is no GPU"):
         tq.choose_batch_size(None, None, None, cfg)
+    with pytest.raises(tq.ConfigError, match="batch_size: expected int, got str 'big'; or 'big' is not one of 'auto'"):
+        tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "batch_size=big"])
 
 
 def test_liger_kernels_are_used_only_where_they_can_run(tiny_model_path, tmp_path):

@@ -125,7 +125,7 @@ def test_out_of_memory_names_the_settings_to_change(curriculum, tmp_path):
     result = run_script("tests/faults.py", "oom", *stage_args(2, root, str(tmp_path / "oom")),
                         "--set", "tensorboard=false")
     assert result.returncode == 3
-    assert "error: out of GPU memory. Lower batch_size" in result.stderr
+    assert "error: out of GPU memory. Lower memory_budget_gib (with batch_size: auto) or batch_size" in result.stderr
     for setting in ("grad_accum", "max_pixels", "gradient_checkpointing: true", "eval_batch_size"):
         assert setting in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "oom").exists()

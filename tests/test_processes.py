@@ -113,7 +113,9 @@ def test_only_the_main_process_writes_and_prints(ddp_curriculum):
                      f"Saved stage {stage} to", "final_eval_loss "):
             assert logs[stage].count(line) == 1, line
         assert len(list((root / "tensorboard" / f"stage{stage}").glob("events.out.tfevents.*"))) == 1
-    assert sorted(p.name for p in root.iterdir()) == ["stage1", "stage2", "tensorboard"]  # no .partial, .saving
+    # no .partial or .saving left; .cache holds the images known to decode cleanly, written once
+    assert sorted(p.name for p in root.iterdir()) == [".cache", "stage1", "stage2", "tensorboard"]
+    assert [p.name for p in (root / ".cache").iterdir()] == [tq.IMAGE_CHECK_CACHE]
 
 
 def test_broken_variant_fresh_adapter_fails_the_continuity_test_on_two_processes(ddp_curriculum, tmp_path):
