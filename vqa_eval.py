@@ -195,35 +195,55 @@ def compute_metrics(rows: list[dict], numeric_tolerance: float) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class GenerationInputs:
+    """Records -> one left-padded batch of model inputs (chat template, image decode and resize, tokenise). Run as
+    a DataLoader's collate function, so the next batch is prepared in a worker while the GPU generates."""
+
+    def __init__(self, processor, min_pixels: int, max_pixels: int):
+        self.processor, self.min_pixels, self.max_pixels = processor, min_pixels, max_pixels
+
+    def __call__(self, batch: list[tq.Record]):
+        from qwen_vl_utils import process_vision_info
+
+        processor = self.processor
+        messages = [tq.with_image_settings(r.prompt_messages, r.image, self.min_pixels, self.max_pixels) for r in batch]
+        texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+        images = [img for m, r in zip(messages, batch, strict=True) if r.image
+                  for img in process_vision_info(m, image_patch_size=16)[0]]
+        # left padding, so every prompt ends where generation starts
+        old_side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"
+        try:
+            return processor(text=texts, images=images or None, padding=True, return_tensors="pt")
+        finally:
+            processor.tokenizer.padding_side = old_side
+
+
 def generate_answers(model, processor, records: list[tq.Record], cfg: tq.StageConfig, batch_size: int,
                      max_new_tokens: int, progress: bool = True) -> list[str]:
-    """Raw answers, in the order of `records`. Left padding, so every prompt ends where generation starts."""
+    """Raw answers, in the order of `records`, greedy. Inputs are prepared in cfg.dataloader_num_workers worker
+    processes, one batch ahead of the GPU."""
     import torch
-    from qwen_vl_utils import process_vision_info
+    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     tokenizer = processor.tokenizer
-    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(p for p in model.parameters()).device
+    workers = min(cfg.dataloader_num_workers, math.ceil(len(records) / batch_size) - 1)  # none for one batch
+    batches = DataLoader(records, batch_size=batch_size, shuffle=False, num_workers=max(workers, 0),
+                         collate_fn=GenerationInputs(processor, cfg.min_pixels, cfg.max_pixels),
+                         pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     outputs = []
     try:
-        for start in tqdm(range(0, len(records), batch_size), desc="generate", disable=not progress):
-            batch = records[start:start + batch_size]
-            messages = [tq.with_image_settings(r.prompt_messages, r.image, cfg.min_pixels, cfg.max_pixels)
-                        for r in batch]
-            texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-            images = [img for m, r in zip(messages, batch, strict=True) if r.image
-                      for img in process_vision_info(m, image_patch_size=16)[0]]
-            inputs = processor(text=texts, images=images or None, padding=True, return_tensors="pt").to(device)
+        for inputs in tqdm(batches, desc="generate", disable=not progress):
+            inputs = inputs.to(device, non_blocking=True)
             with torch.no_grad():
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             new_tokens = out[:, inputs["input_ids"].shape[1]:]
             outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = old_side
         model.train(was_training)
     return outputs
 

@@ -33,6 +33,13 @@ def table(out: Path) -> str:
                         f"{r['identical_answers']} (first token's argmax differs on "
                         f"{r['first_token_argmax_differs']}, where the top two logits were "
                         f"{r['top2_margin_where_it_differs']} apart; median gap {r['top2_margin_median']}).")
+            for label, t in r.get("timing", {}).items():
+                rows.append(f"- {label}: {t['seconds']} s = prefill {t['prefill_s']} s + {t['decode_steps']} decode "
+                            f"steps (median {t['decode_step_median_s']} s) + {t['outside_generate_s']} s outside "
+                            "generate (inputs not yet prepared, decoding the answers)")
+        if r["variant"] == "generation-fp32":
+            rows.append(f"\nThe same with float32 compute, {r['questions']} questions: identical answers "
+                        f"{r['identical_answers']}, first-token logits within {r['first_token_max_abs_logit_diff']}.")
     return f"GPU: {speed['gpu']}\n\n" + "\n".join(rows)
 
 

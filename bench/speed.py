@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_qlora_qwen3vl as tq  # noqa: E402
 
-# name -> (image side in pixels, config keys). "defaults" is what a user gets without setting anything but the
-# batch size the README recommends for a 24 GB card.
+# name -> (image side in pixels, config keys). "defaults" is what a user gets without setting anything; "-bsN"
+# fixes the batch size instead of letting batch_size: auto choose it.
 # every lever of the project's path off: the textbook recipe, through the trainer's own code
 TEXTBOOK = dict(fp32_upcast=True, answer_only_logits=False, liger_kernels=False, fused_lora_forward=False,
                 batched_vision_attention=False)
@@ -51,20 +51,20 @@ VARIANTS = {
     "W448-defaults-bs48": (448, dict(batch_size=48)),
     "W448-defaults-bs64": (448, dict(batch_size=64)),
     "W896-defaults-bs16": (896, dict(batch_size=16)),
-    # memory_budget_gib: the batch size measured and chosen (batch_size is the smallest tried)
-    "W448-budget20": (448, dict(batch_size=8, memory_budget_gib=20)),
-    "W896-budget20": (896, dict(batch_size=4, memory_budget_gib=20)),
-    "W896-budget12": (896, dict(batch_size=2, memory_budget_gib=12)),
+    # the defaults: batch_size: auto, the batch measured and chosen for memory_budget_gib: 20
+    "W448-defaults": (448, {}),
+    "W896-defaults": (896, {}),
+    "W896-lowmem": (896, dict(memory_budget_gib=12)),  # the low-memory preset: a 12 GiB budget
     # without Liger's fused kernels (liger_kernels: auto turns them on where the GPU and the package are)
     "W448-noliger-bs32": (448, dict(batch_size=32, liger_kernels=False)),
     "W896-noliger-bs16": (896, dict(batch_size=16, liger_kernels=False)),
     # one lever off at a time: peft's own LoRA forward; Liger without its SwiGLU (_swiglu: a bench-only switch)
-    "W448-budget20-peftlora": (448, dict(batch_size=8, memory_budget_gib=20, fused_lora_forward=False)),
-    "W448-budget20-noswiglu": (448, dict(batch_size=8, memory_budget_gib=20, _swiglu=False)),
-    "W448-budget20-pervision": (448, dict(batch_size=8, memory_budget_gib=20, batched_vision_attention=False)),
-    "W896-budget20-pervision": (896, dict(batch_size=4, memory_budget_gib=20, batched_vision_attention=False)),
-    "W896-budget20-peftlora": (896, dict(batch_size=4, memory_budget_gib=20, fused_lora_forward=False)),
-    "W896-budget20-noswiglu": (896, dict(batch_size=4, memory_budget_gib=20, _swiglu=False)),
+    "W448-defaults-peftlora": (448, dict(fused_lora_forward=False)),
+    "W448-defaults-noswiglu": (448, dict(_swiglu=False)),
+    "W448-defaults-pervision": (448, dict(batched_vision_attention=False)),
+    "W896-defaults-pervision": (896, dict(batched_vision_attention=False)),
+    "W896-defaults-peftlora": (896, dict(fused_lora_forward=False)),
+    "W896-defaults-noswiglu": (896, dict(_swiglu=False)),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
     "smoke-W64-textbook": (64, dict(batch_size=2, **TEXTBOOK)),
 }
@@ -233,7 +233,7 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     set_variant_forwards(model, cfg, swiglu)
     dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
     checkpointed = tq.apply_gradient_checkpointing(model, cfg)
-    if cfg.memory_budget_gib:  # as train_stage does: measure two steps, take the largest batch that fits
+    if cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
         cfg = dataclasses.replace(cfg, batch_size=tq.choose_batch_size(model, dataset, processor, cfg))
     for module in model.modules():  # lora.dropout per variant, on the one adapter
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
@@ -287,10 +287,83 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     return result
 
 
+def timed_generate(model, calls: list, first_scores: list):
+    """model.generate, recording for each call the clock before it, after every step's logits (the first: after
+    the prefill) and after it, and the first generated token's logits."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    generate = model.generate
+
+    class StepClock(LogitsProcessor):
+        def __init__(self, times: list):
+            self.times = times
+
+        def __call__(self, input_ids, scores):
+            sync()
+            self.times.append(time.perf_counter())
+            return scores
+
+    def generate_timed(*args, **kwargs):
+        sync()
+        times = [time.perf_counter()]
+        out = generate(*args, **kwargs, logits_processor=LogitsProcessorList([StepClock(times)]),
+                       output_scores=True, return_dict_in_generate=True)
+        sync()
+        times.append(time.perf_counter())
+        calls.append(times)
+        first_scores.append(out.scores[0].float().cpu())
+        return out.sequences
+
+    return generate_timed
+
+
+def compare_answers(batched: dict, single: dict, n_single: int) -> dict:
+    """Answers and first-token logits of the batched run against one question at a time, on the same questions."""
+    same = sum(a == b for a, b in zip(batched["answers"], single["answers"], strict=False))
+    first_b, first_s = batched["first"][:n_single], single["first"]
+    top2 = first_s.topk(2, dim=-1).values
+    flipped = (first_b.argmax(-1) != first_s.argmax(-1)).nonzero().squeeze(1).tolist()
+    return {"identical_answers": f"{same}/{n_single}",
+            "first_token_max_abs_logit_diff": round((first_b - first_s).abs().max().item(), 4),
+            "first_token_argmax_differs": len(flipped),
+            "top2_margin_where_it_differs": [round((top2[i, 0] - top2[i, 1]).item(), 4) for i in flipped],
+            "top2_margin_median": round((top2[:, 0] - top2[:, 1]).median().item(), 4)}
+
+
+def run_generation(model, processor, records, cfg: tq.StageConfig, runs) -> dict:
+    """vqa_eval.generate_answers for each (label, questions, batch, new tokens), timed: the whole call, and inside
+    it the prefill and each decode step of model.generate; the rest is preparing inputs."""
+    import torch
+
+    import vqa_eval
+
+    out = {}
+    for label, questions, bs, new_tokens in runs:
+        calls, first_scores = [], []
+        model.generate = timed_generate(model, calls, first_scores)
+        try:
+            sync()
+            t = time.perf_counter()
+            answers = vqa_eval.generate_answers(model, processor, records[:questions], cfg, bs, new_tokens,
+                                                progress=False)
+            sync()
+            total = time.perf_counter() - t
+        finally:
+            model.__dict__.pop("generate")
+        steps = [b - a for times in calls for a, b in zip(times[1:-2], times[2:-1], strict=True)]
+        in_generate = sum(times[-1] - times[0] for times in calls)
+        out[label] = {"seconds": round(total, 2), "answers": answers, "first": torch.cat(first_scores),
+                      "prefill_s": round(sum(times[1] - times[0] for times in calls), 3),
+                      "decode_step_median_s": round(statistics.median(steps), 4) if steps else None,
+                      "decode_steps": len(steps), "outside_generate_s": round(total - in_generate, 3)}
+    return out
+
+
 def generation_speed(model, processor, ckpt: str, train_file: Path, px: int, n: int,
                      profile_dir: Path | None = None) -> dict:
-    """vqa_eval.generate_answers batched (the end-of-stage evaluation) against one question at a time; and, to see
-    why answers differ, the first generated token's logits of both: where the argmax differs, how close the top two
+    """vqa_eval.generate_answers batched (the end-of-stage evaluation, 64 questions a batch) against one question
+    at a time, with where the time goes (prefill, decode steps, preparing inputs outside generate); and, to see why
+    answers differ, the first generated token's logits of both: where the argmax differs, how close the top two
     were (a random model's logits are flat, so bf16 rounding that differs with the batch shape can flip them)."""
     import torch
 
@@ -299,50 +372,46 @@ def generation_speed(model, processor, ckpt: str, train_file: Path, px: int, n: 
     cfg = stage_config(ckpt, train_file, px, 1, {})
     records = tq.load_records(train_file)[:n]
     n_single = min(n, 16)  # one at a time costs the same per question at any n: time 16, compare per question
-    generate = model.generate
-
-    def generate_keeping_first_scores(*args, **kwargs):
-        out = generate(*args, **kwargs, output_scores=True, return_dict_in_generate=True)
-        first_scores.append(out.scores[0].float().cpu())
-        return out.sequences
-
-    out = {}
-    runs = (("batched", n, n, 8), ("batched_half", n, n // 2, 8), ("batched_prefill_only", n, n, 1),
-            ("one_at_a_time", n_single, 1, 8))
-    for label, questions, bs, new_tokens in runs:
-        first_scores = []
-        model.generate = generate_keeping_first_scores
-        sync()
-        t = time.perf_counter()
-        answers = vqa_eval.generate_answers(model, processor, records[:questions], cfg, bs, new_tokens,
-                                            progress=False)
-        sync()
-        out[label] = {"seconds": round(time.perf_counter() - t, 2), "answers": answers,
-                      "first": torch.cat(first_scores)}
-        model.__dict__.pop("generate")
+    batch = min(n, 64)
+    runs = (("batched", n, batch, 8), ("one_at_a_time", n_single, 1, 8))
+    out = run_generation(model, processor, records, cfg, runs)
     if profile_dir is not None:  # where the time of a batched generation goes
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
-            vqa_eval.generate_answers(model, processor, records[:32], cfg, 32, 8, progress=False)
             sync()
+            t = time.perf_counter()
+            vqa_eval.generate_answers(model, processor, records[:batch], cfg, batch, 8, progress=False)
+            sync()
+            wall = time.perf_counter() - t
         (profile_dir / "profile_generation.txt").write_text(
-            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30) + "\n"
+            f"one batch of {batch}, 8 new tokens: {wall:.2f} s wall\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30) + "\n"
             + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
-    same = sum(a == b for a, b in zip(out["batched"]["answers"], out["one_at_a_time"]["answers"], strict=False))
-    batched, single = out["batched"]["first"][:n_single], out["one_at_a_time"]["first"]
-    top2 = single.topk(2, dim=-1).values
-    flipped = (batched.argmax(-1) != single.argmax(-1)).nonzero().squeeze(1).tolist()
     per_question = {label: out[label]["seconds"] / questions for label, questions, _, _ in runs}
-    return {"questions": n, "batch": n, "batched_s": out["batched"]["seconds"],
-            "batched_half_batch_s": out["batched_half"]["seconds"],
-            "batched_prefill_only_s": out["batched_prefill_only"]["seconds"],
+    timing = {label: {k: v for k, v in out[label].items() if k not in ("answers", "first")} for label in out}
+    return {"questions": n, "batch": batch, "batched_s": out["batched"]["seconds"],
             "one_at_a_time_questions": n_single, "one_at_a_time_s": out["one_at_a_time"]["seconds"],
-            "speedup": round(per_question["one_at_a_time"] / per_question["batched"], 1),
-            "identical_answers": f"{same}/{n_single}",
-            "first_token_max_abs_logit_diff": round((batched - single).abs().max().item(), 4),
-            "first_token_argmax_differs": len(flipped),
-            "top2_margin_where_it_differs": [round((top2[i, 0] - top2[i, 1]).item(), 4) for i in flipped],
-            "top2_margin_median": round((top2[:, 0] - top2[:, 1]).median().item(), 4)}
+            "speedup": round(per_question["one_at_a_time"] / per_question["batched"], 1), "timing": timing,
+            **compare_answers(out["batched"], out["one_at_a_time"], n_single)}
+
+
+def generation_identity_fp32(ckpt: str, train_file: Path, px: int, n: int) -> dict:
+    """The same comparison with float32 compute: batched and one-at-a-time answers should then agree (what is
+    left of the bf16 differences is rounding, not padding, masks or positions)."""
+    import torch
+
+    cfg = stage_config(ckpt, train_file, px, 1, {})
+    cfg.quantization.compute_dtype = "float32"
+    processor = tq.load_processor(ckpt, cfg)
+    processor.image_processor.size = {"shortest_edge": px * px, "longest_edge": px * px}
+    model = tq.new_adapter(tq.load_quantized_base(ckpt, cfg), cfg.lora)
+    tq.fuse_lora_updates(model, cfg)
+    records = tq.load_records(train_file)[:n]
+    out = run_generation(model, processor, records, cfg, (("batched", n, n, 8), ("one_at_a_time", n, 1, 8)))
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"compute_dtype": "float32", "questions": n, **compare_answers(out["batched"], out["one_at_a_time"], n)}
 
 
 def main() -> None:
@@ -354,6 +423,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--steps", type=int, default=12, help="measured steps per variant (after 3 warm-up steps)")
     p.add_argument("--generation", type=int, default=32, help="questions for the generation comparison (0: skip)")
+    p.add_argument("--generation-fp32", type=int, default=0,
+                   help="questions for the same comparison with float32 compute, at the end (0: skip)")
     p.add_argument("--profile", nargs="*", default=[],
                    help="variants to profile (torch.profiler, two steps after the timed ones); generation: one batch")
     args = p.parse_args()
@@ -401,6 +472,10 @@ def main() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
+    if args.generation_fp32:
+        g = generation_identity_fp32(args.ckpt, data[448], 448, args.generation_fp32)
+        print(json.dumps({"generation_fp32": g}), flush=True)
+        results.append({"variant": "generation-fp32", **g})
     json.dump({"gpu": gpu_name(), "results": results}, open(out / "speed.json", "w"), indent=1)
 
 
