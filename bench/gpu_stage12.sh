@@ -3,7 +3,9 @@
 # yardstick (../shared/bench/hf_baseline_qlora.py, the textbook HF QLoRA loop) in the same run.
 # Run on the GPU machine from the repo root, with .gpu/ (bash ../shared/tools/gpu_bnb.sh; and
 # python tiny_qwen3vl.py .gpu/q8b_processor --shape 8b --processor-only) and .whl/ carried along.
-#   [STAGE_ARGS="--set key=value ..."] bash bench/gpu_stage12.sh OUT_DIR [STEPS]
+#   [STAGE_ARGS="--set key=value ..."] [STAGE_REPEAT=N] bash bench/gpu_stage12.sh OUT_DIR [STEPS]
+# STAGE_REPEAT=N trains on each stage's sample split repeated N times (ids made unique), so that batch_size: auto
+# is not capped by the 200-record samples (it keeps 10 optimizer steps per epoch).
 set -uo pipefail
 out=${1:?output dir}; steps=${2:-30}
 mkdir -p "$out"
@@ -26,10 +28,22 @@ common=(--set model_name_or_path=/tmp/q8b --set max_steps=$steps --set grad_accu
         --set tensorboard=false ${STAGE_ARGS:-})  # no tensorboard package there; STAGE_ARGS: more --set
 for s in 1 2; do
   extra=(); [ $s -gt 1 ] && extra=(--set prev_checkpoint=/tmp/exp4/stage$((s - 1)))
+  if [ "${STAGE_REPEAT:-1}" -gt 1 ]; then
+    python3 - data/stage$s/train.jsonl "$STAGE_REPEAT" <<'PY'
+import json, sys
+src, n = sys.argv[1], int(sys.argv[2])
+rows = [json.loads(line) for line in open(src)]
+with open(src.replace(".jsonl", f"_x{n}.jsonl"), "w") as f:
+    for i in range(n):
+        for r in rows:
+            f.write(json.dumps({**r, "id": f"{r['id']}_{i}"}) + "\n")
+PY
+    extra+=(--set train_file=data/stage$s/train_x$STAGE_REPEAT.jsonl)
+  fi
   python3 train_qlora_qwen3vl.py configs/exp4_stage$s.yaml "${common[@]}" "${extra[@]}" \
     --set output_dir=/tmp/exp4/stage$s > "$out/stage$s.log" 2>&1
   echo "stage $s exit $?"
-  grep -vE "it/s\]|Warning|warn" "$out/stage$s.log" | grep -E "^step|eval_loss|Trainable|trainable|CURRICULUM|✓|Saved|Loaded 4-bit|Batch size|Effective|rror" | tail -25
+  grep -vE "it/s\]|Warning|warn" "$out/stage$s.log" | grep -E "^step|eval_loss|Trainable|trainable|CURRICULUM|✓|Saved|Loaded 4-bit|Batch size|Effective|Decoding|rror" | tail -25
   cp /tmp/exp4/stage$s/stage_metrics.json "$out/stage${s}_metrics.json" 2>/dev/null
 done
 # The verifier on the 8B stages: every check, the 4-bit reload with is_trainable=True included.
