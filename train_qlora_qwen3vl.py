@@ -440,6 +440,9 @@ def validate_config(cfg: StageConfig) -> None:
     if fsdp_enabled() and cfg.quantization.quant_storage not in ("auto", cfg.quantization.compute_dtype):
         problems.append(f"quantization.quant_storage: FSDP shards only floating-point tensors; use auto or "
                         f"{cfg.quantization.compute_dtype} (the compute dtype), not {cfg.quantization.quant_storage}")
+    if fsdp_enabled() and cfg.batch_size == "auto":
+        problems.append("batch_size: auto measures a step of the whole model, and FSDP shards it (the measure would "
+                        "not hold); set batch_size to a number under FSDP")
     if fsdp_enabled() and cfg.optimizer_state == "resume":
         problems.append("optimizer_state: resume is not supported under FSDP (its optimizer state is sharded); use "
                         "fresh, or train this stage with DDP or one GPU")

@@ -159,11 +159,13 @@ def test_fsdp_settings_are_checked_before_loading(tmp_path, monkeypatch):
     assert tq.quant_storage_dtype(cfg.quantization) == "bfloat16"  # auto: the compute dtype under FSDP
     bad = tq.load_config("configs/demo/stage2.yaml", [f"output_dir={tmp_path / 'out'}",
                                                      "quantization.quant_storage=uint8",
-                                                     "optimizer_state=resume", "prev_checkpoint=null", "stage=1"])
+                                                     "optimizer_state=resume", "prev_checkpoint=null", "stage=1",
+                                                     "batch_size=auto"])
     with pytest.raises(tq.ConfigError) as err:
         tq.validate_config(bad)
     assert "quantization.quant_storage: FSDP shards only floating-point tensors" in str(err.value)
     assert "optimizer_state: resume is not supported under FSDP" in str(err.value)
+    assert "batch_size: auto measures a step of the whole model, and FSDP shards it" in str(err.value)
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert tq.quant_storage_dtype(cfg.quantization) == "uint8"
 
