@@ -2050,7 +2050,8 @@ def main(argv: list[str] | None = None) -> int:
         if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
             where = f"process {os.environ['RANK']}: " if "RANK" in os.environ else ""  # one GPU can run out alone
             print(f"error: {where}out of GPU memory. Lower memory_budget_gib (with batch_size: auto) or batch_size "
-                  "(and raise grad_accum to keep the effective batch), lower max_pixels (fewer image tokens), set gradient_checkpointing: true, or lower "
+                  "(and raise grad_accum to keep the effective batch), lower max_pixels (fewer image tokens), set "
+                  "gradient_checkpointing: true, or lower "
                   f"eval_batch_size if it happened during evaluation.\n({str(err).splitlines()[0]})", file=sys.stderr)
             return 3
         raise
