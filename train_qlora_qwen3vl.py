@@ -412,8 +412,9 @@ def lora_mismatches(expected: LoraSettings, saved: dict) -> list[str]:
             for k in want if want[k] != saved[k]]
 
 
-def validate_config(cfg: StageConfig) -> None:
-    """Every problem in one error, each line naming the key to change; runs before anything heavy loads."""
+def validate_config(cfg: StageConfig, training: bool = True) -> None:
+    """Every problem in one error, each line naming the key to change; runs before anything heavy loads.
+    training=False (`--check`): what only training needs (a GPU for batch_size: auto) is a note, not a problem."""
     problems = []
     positive = {"lr": cfg.lr, "batch_size": 1 if cfg.batch_size == "auto" else cfg.batch_size,
                 "eval_batch_size": cfg.eval_batch_size, "memory_budget_gib": cfg.memory_budget_gib,
@@ -430,8 +431,12 @@ def validate_config(cfg: StageConfig) -> None:
     if not 0 <= cfg.warmup_ratio < 1:
         problems.append(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if cfg.batch_size == "auto" and not gpu_available():
-        problems.append("batch_size: auto measures GPU memory to choose the batch, and there is no GPU here; set "
-                        "batch_size to a number")
+        no_gpu = ("batch_size: auto measures GPU memory to choose the batch, and there is no GPU here; set "
+                  "batch_size to a number")
+        if training:
+            problems.append(no_gpu)
+        else:
+            log(f"Note: {no_gpu} to train on this machine")
     if not 0 <= cfg.checkpointed_layers <= 1:
         problems.append(f"checkpointed_layers must be in [0, 1], got {cfg.checkpointed_layers}")
     if cfg.fp32_upcast is False and cfg.quantization.compute_dtype == "float16":
@@ -2027,7 +2032,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides, check = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config_path, overrides)
-        validate_config(cfg)
+        validate_config(cfg, training=not check)
         log("Resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         if check:
             check_data(cfg)
