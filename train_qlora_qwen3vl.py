@@ -827,15 +827,22 @@ def drop_overlong(records: list[Record], lengths: list[int], cfg: StageConfig, s
     return [r for r in records if id(r) in keep]
 
 
-def encode_example(processor, rec: Record, min_pixels: int, max_pixels: int) -> dict:
-    """One record -> model inputs: ids, labels (answer only), attention mask, mm_token_type_ids, pixels."""
-    import torch
+def prompt_and_images(processor, rec: Record, min_pixels: int, max_pixels: int) -> tuple[str, list]:
+    """A record's prompt as the model reads it (chat template, up to the assistant's turn) and its images, decoded
+    and resized: the same for training (encode_example) and for answering (vqa_eval.GenerationInputs)."""
     from qwen_vl_utils import process_vision_info
 
     messages = with_image_settings(rec.prompt_messages, rec.image, min_pixels, max_pixels)
-    prompt_text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    images = process_vision_info(messages, image_patch_size=16)[0] if rec.image else None
-    enc = processor(text=[prompt_text], images=images, return_tensors="pt")
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return text, process_vision_info(messages, image_patch_size=16)[0] if rec.image else []
+
+
+def encode_example(processor, rec: Record, min_pixels: int, max_pixels: int) -> dict:
+    """One record -> model inputs: ids, labels (answer only), attention mask, mm_token_type_ids, pixels."""
+    import torch
+
+    prompt_text, images = prompt_and_images(processor, rec, min_pixels, max_pixels)
+    enc = processor(text=[prompt_text], images=images or None, return_tensors="pt")
     prompt_ids = enc["input_ids"][0].tolist()
     input_ids = prompt_ids + answer_token_ids(processor.tokenizer, rec.answer)
     example = {

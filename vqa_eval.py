@@ -203,13 +203,10 @@ class GenerationInputs:
         self.processor, self.min_pixels, self.max_pixels = processor, min_pixels, max_pixels
 
     def __call__(self, batch: list[tq.Record]):
-        from qwen_vl_utils import process_vision_info
-
         processor = self.processor
-        messages = [tq.with_image_settings(r.prompt_messages, r.image, self.min_pixels, self.max_pixels) for r in batch]
-        texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-        images = [img for m, r in zip(messages, batch, strict=True) if r.image
-                  for img in process_vision_info(m, image_patch_size=16)[0]]
+        prompts = [tq.prompt_and_images(processor, r, self.min_pixels, self.max_pixels) for r in batch]
+        texts = [text for text, _ in prompts]
+        images = [img for _, imgs in prompts for img in imgs]
         # left padding, so every prompt ends where generation starts
         old_side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"
         try:
