@@ -1407,19 +1407,26 @@ def batch_size_for_budget(peaks: dict[int, float], budget_bytes: float, step: in
     return max(b1, min(fits // step * step, most))
 
 
-def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int], cfg: StageConfig) -> dict[int, float]:
+def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int], cfg: StageConfig,
+                        encoded: dict | None = None) -> dict[int, float]:
     """Peak GPU memory of one training step at each batch size, as the Trainer runs it (autocast to the compute
     dtype, the same loss), on the longest samples (repeated if there are fewer), so a real batch never needs
-    more. A step that runs out of memory measures infinity."""
+    more. A step that runs out of memory measures infinity. `encoded` ({index: sample}) keeps the samples
+    encoded from call to call: every batch starts with the same longest ones."""
     import torch
 
+    encoded = {} if encoded is None else encoded
     lengths = dataset.lengths or [0] * len(dataset)
     order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     device = next(p for p in model.parameters() if p.requires_grad).device
     model.train()
     peaks = {}
     for size in batch_sizes:
-        batch = collate_batch([dataset[order[i % len(order)]] for i in range(size)], pad_id)
+        picks = [order[i % len(order)] for i in range(size)]
+        for i in picks:
+            if i not in encoded:
+                encoded[i] = dataset[i]
+        batch = collate_batch([encoded[i] for i in picks], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -1483,7 +1490,8 @@ def choose_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
     usable = 0.9 * budget * 2**30  # headroom for the allocator's fragmentation and evaluation
     limit = auto_batch_limit(len(dataset), cfg, processes().num_processes)
     pad_id = processor.tokenizer.pad_token_id
-    peaks = measure_step_memory(model, dataset, pad_id, [AUTO_BATCH_STEP, 2 * AUTO_BATCH_STEP], cfg)
+    encoded: dict = {}  # each longest sample is encoded once, however many batch sizes are measured
+    peaks = measure_step_memory(model, dataset, pad_id, [AUTO_BATCH_STEP, 2 * AUTO_BATCH_STEP], cfg, encoded)
     fit = batch_size_for_budget(peaks, usable, AUTO_BATCH_STEP, most=10**6)  # also: the smallest must fit
     # The line is extrapolated from small batches, and activations can grow faster than it: measure the size it
     # gives, and go on between the largest batch that fitted and the smallest that did not.
@@ -1491,7 +1499,7 @@ def choose_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
         size = next_batch_to_measure(peaks, usable, limit)
         if size is None:
             break
-        peaks |= measure_step_memory(model, dataset, pad_id, [size], cfg)
+        peaks |= measure_step_memory(model, dataset, pad_id, [size], cfg, encoded)
     size = max(b for b, p in peaks.items() if p <= usable and b <= limit)
     chosen = min(gather_from_processes(size))
     measured = ", ".join(f"{p / 2**30:.1f} GiB at {b}" if math.isfinite(p) else f"out of memory at {b}"

@@ -172,7 +172,7 @@ def test_batch_size_auto_checks_the_extrapolated_batch(monkeypatch):
 
     measured = []
 
-    def fake_measure(model, dataset, pad_id, sizes, cfg):
+    def fake_measure(model, dataset, pad_id, sizes, cfg, encoded=None):
         measured.extend(sizes)
         return {b: (math.inf if peak(b) > 40 * gib else peak(b)) for b in sizes}
 
