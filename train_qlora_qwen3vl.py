@@ -1550,6 +1550,9 @@ def make_log_callbacks():
     return StepLog(), ProgressBarOnly()
 
 
+STOP_SIGNALS = ("SIGINT", "SIGTERM")  # what StageGuard stops for, saving a checkpoint first
+
+
 class StageGuard:
     """Stops the stage cleanly: on SIGINT/SIGTERM after saving a checkpoint to resume from; on non-finite LoRA
     weights (a diverged loss) without saving them. Checked after every optimizer step, before any save."""
@@ -1558,7 +1561,8 @@ class StageGuard:
         import signal
 
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.signal_name: str | None = None
+        self.signal_name: str | None = None  # the stop signal this process received
+        self.stop_signal: str | None = None  # the one the stage stopped for, on whichever process it arrived
         self.non_finite_step: int | None = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
@@ -1580,12 +1584,23 @@ class StageGuard:
 
         class Guard(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
-                # one device sync per step; nothing to check if nothing trains
-                finite = not guard.params or torch.stack([torch.isfinite(p).all() for p in guard.params]).all().item()
-                if not finite:
+                # Every process decides on the same flags, so all stop after the same step: a signal reaches the
+                # processes at slightly different points of their steps, and one that stopped a step earlier than
+                # the others would leave them waiting in the next step's gradient exchange. One device sync per
+                # step (and, with several processes, one tiny all-reduce).
+                device = guard.params[0].device if guard.params else "cpu"
+                non_finite = (~torch.stack([torch.isfinite(p).all() for p in guard.params]).all() if guard.params
+                              else torch.tensor(False, device=device))
+                received = STOP_SIGNALS.index(guard.signal_name) + 1 if guard.signal_name else 0
+                flags = torch.stack([non_finite.float(), torch.tensor(float(received), device=device)])
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                non_finite, received = flags.tolist()
+                if non_finite:
                     guard.non_finite_step = state.global_step
                     control.should_save, control.should_training_stop = False, True
-                elif guard.signal_name:
+                elif received:
+                    guard.stop_signal = STOP_SIGNALS[int(received) - 1]
                     control.should_save, control.should_training_stop = True, True
 
         return Guard()
@@ -1934,9 +1949,10 @@ def train_stage(cfg: StageConfig) -> dict:
             f"Nothing was saved as the stage. Lower lr (now {cfg.lr:g}) or max_grad_norm; "
             + (f"the last good checkpoint is {last} (the same command resumes from it)." if last
                else "no earlier checkpoint exists (set save_steps to keep some)."))
-    if guard.signal_name:
-        code = 130 if guard.signal_name == "SIGINT" else 143
-        raise StageStopped(f"stopped by {guard.signal_name} at step {trainer.state.global_step}/"
+    stop_signal = guard.stop_signal or guard.signal_name  # or one that came after the last step
+    if stop_signal:
+        code = 130 if stop_signal == "SIGINT" else 143
+        raise StageStopped(f"stopped by {stop_signal} at step {trainer.state.global_step}/"
                            f"{trainer.state.max_steps}; checkpoint saved in {work_dir}. Run the same command to "
                            "resume.", code)
     final_eval = eval_loss(trainer, eval_ds, "final_eval")

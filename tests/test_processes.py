@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import REPO, assert_continued, metrics, wait_for
@@ -238,3 +239,46 @@ def test_sigterm_to_every_process_saves_a_checkpoint_and_the_same_command_resume
     m = metrics(tmp_path / "stage1")
     assert m["global_steps"] == 40 and m["resumed_from_step"] == int(checkpoints[-1].name.split("-")[1])
     assert {v["final_tensors_sha256"] for v in m["processes"]} == {m["saved_adapter_tensors_sha256"]}
+
+
+def training_processes(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training processes `accelerate launch` started (its children with RANK set)."""
+    ranks = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            env = (stat.parent / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        rank = [e.split(b"=", 1)[1] for e in env if e.startswith(b"RANK=")]
+        if ppid == launcher_pid and rank:
+            ranks[int(rank[0])] = int(stat.parent.name)
+    return ranks
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tiny_model_path, tmp_path):
+    """The processes decide to stop together. A signal reaches them at different points of their steps (under load,
+    one can be a step ahead); here only one process gets it at all. Each stopping alone would leave the other
+    waiting in its next gradient exchange until the launcher kills it, with no checkpoint of that step."""
+    import signal
+
+    args = ["configs/demo/stage1.yaml", "--set", f"output_dir={tmp_path / 'stage1'}", "--set", "max_steps=40",
+            "--set", "save_steps=100", "--set", "logging_steps=2", "--set", "batch_size=2", "--set", "lr=1e-4",
+            "--set", "eval_questions=0", "--set", "tensorboard=false"]
+    log = tmp_path / "one.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(launch_command("train_qlora_qwen3vl.py", *args), cwd=REPO, env=LAUNCH_ENV,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_for(lambda: "step 6/40" in log.read_text(), proc, timeout=300)
+    ranks = training_processes(proc.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGTERM)  # rank 1 only: rank 0 hears of it through the step's shared decision
+    try:
+        proc.wait(timeout=120)  # seconds when they stop together; without it they hang
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Stopped: stopped by SIGTERM at step" in text, text[-3000:]  # said by rank 0, which got no signal
+    checkpoints = tq.complete_checkpoints(tmp_path / "stage1.partial")
+    assert checkpoints and 6 <= int(checkpoints[-1].name.split("-")[1]) < 40, text[-3000:]
