@@ -36,6 +36,10 @@ from typing import Any, Literal
 
 import yaml
 
+from curriculum import speed
+from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
+
+speed.quiet_optional_backend_warnings()  # before bitsandbytes and Liger import: their optional backends' warnings
 # peft calls a transformers method that transformers 5 renamed; the warning is about peft, not about you.
 warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*", category=FutureWarning)
 
@@ -56,26 +60,6 @@ IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and paddin
 
 QUESTION_TYPES = ("single_choice", "numeric", "multi_label")
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-class ConfigError(ValueError):
-    """A problem the user fixes in the YAML, the command line or the data; printed without a traceback."""
-
-
-class CurriculumError(RuntimeError):
-    """The adapter about to train is not the one it must be (frozen, duplicated, fresh, altered); exit 1."""
-
-
-class StageStopped(Exception):
-    """Training stopped before the end on purpose (a signal); a checkpoint to resume from was saved."""
-
-    def __init__(self, message: str, exit_code: int):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class DiskFull(RuntimeError):
-    """The disk filled up while writing a checkpoint or the stage; what was saved before is intact. Exit 4."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,19 +220,21 @@ class StageConfig:
     checkpointed_layers: float = 1.0
     """With gradient_checkpointing, the fraction of the language model's decoder layers that recompute (evenly
     spread): 1.0 all, 0.5 every other. Lower is faster and takes more memory."""
-    answer_only_logits: bool = True
+    answer_only_logits: Literal["auto", True, False] = "auto"
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
-    position: the same loss, without a (batch x length x 151,936) fp32 tensor. Off: the model's own loss."""
+    position: the same loss, without a (batch x length x 151,936) fp32 tensor. false: the model's own loss.
+    auto/true for this and the three speed patches below: auto steps aside, with a log line naming the versions
+    and the cost, when the installed libraries are not the ones it was written for; true makes that an error."""
     liger_kernels: Literal["auto", True, False] = "auto"
     """Liger's fused RoPE, RMSNorm and SwiGLU kernels (Triton) in place of Qwen3-VL's (SwiGLU around the 4-bit MLP
     projections, which stay as they are): on an H100, +20% samples/s at 448x448 images and +43% at 896x896 from
-    RoPE and RMSNorm, the same loss to bf16 rounding (bench/results). auto: on when there is a GPU and the
-    liger-kernel package (requirements.txt); true: required, an error without them; false: never."""
-    fused_lora_forward: bool = True
+    RoPE and RMSNorm, the same loss to bf16 rounding (bench/results). auto: on when there is a GPU and a
+    liger-kernel that supports the installed transformers (requirements.txt); true: required; false: never."""
+    fused_lora_forward: Literal["auto", True, False] = "auto"
     """LoRA layers on the 4-bit base add their update inside the B matmul (one GEMM, the scaling folded into B)
     and skip peft's defensive copy of the base layer's output; the same result to rounding (tests). false:
     peft's own forward."""
-    batched_vision_attention: bool = True
+    batched_vision_attention: Literal["auto", True, False] = "auto"
     """The vision tower attends all images of one size in one attention call, instead of transformers' one call per
     image (its path without FlashAttention), which leaves the GPU waiting on the CPU at small images and large
     batches. The same result to rounding (tests). false: transformers' own."""
@@ -467,6 +453,7 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
     for key in ("eval_steps", "save_steps", "dataloader_num_workers"):
         if getattr(cfg, key) < 0:
             problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    problems += speed.plan_speed_patches(cfg)[1]  # a patch set to true that the installed libraries cannot take
     if cfg.min_pixels > cfg.max_pixels:
         problems.append(f"min_pixels ({cfg.min_pixels}) must not exceed max_pixels ({cfg.max_pixels})")
     for key in ("train_file", "eval_file", "test_file"):
@@ -1028,163 +1015,6 @@ def training_device() -> Any:
     return "cpu"
 
 
-def keep_4bit_layers_differentiable(model) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the first
-    no-grad forward (our first_eval_loss). From then on it computes them with a kernel that has no backward,
-    and gradients silently stop flowing through the frozen layers. Keep the trainable layout."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def apply_gradient_checkpointing(model, cfg: StageConfig) -> int:
-    """Non-reentrant checkpointing on `checkpointed_layers` of the language model's decoder layers (evenly
-    spread), none on the others; returns how many layers recompute. The vision tower is not trained (LoRA targets
-    the language model) and runs without autograd, so it has nothing to recompute."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not cfg.gradient_checkpointing:
-        base.gradient_checkpointing_disable()
-        return 0
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = base.model.language_model.layers
-    n = round(cfg.checkpointed_layers * len(layers))
-    chosen = {math.floor(i * len(layers) / n) for i in range(n)} if n else set()
-    for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = i in chosen  # read by transformers' GradientCheckpointingLayer per call
-    return len(chosen)
-
-
-def apply_fused_kernels(model, cfg: StageConfig) -> bool:
-    """Liger's fused RoPE, RMSNorm and SwiGLU for Qwen3-VL (liger_kernels); returns whether they are in use. Its
-    fused cross-entropy stays off (the answer-only loss already skips the prompt's logits). Its SwiGLU is bound to
-    each decoder layer's MLP as Liger binds it for other models (the module's own, 4-bit, projections stay; only
-    silu(gate) * up becomes one kernel); Liger's qwen3_vl entry point does not offer it for a loaded model."""
-    import torch
-
-    available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
-    qwen3_vl = getattr(model.config, "model_type", None) == "qwen3_vl"
-    if cfg.liger_kernels is False or (cfg.liger_kernels == "auto" and not (available and qwen3_vl)):
-        return False
-    if not available:
-        raise ConfigError("liger_kernels: true needs a GPU and the liger-kernel package (pip install -r "
-                          "requirements.txt); or set liger_kernels: auto")
-    if not qwen3_vl:
-        raise ConfigError(f"liger_kernels: true is for Qwen3-VL; {cfg.model_name_or_path} is "
-                          f"{getattr(model.config, 'model_type', '?')}")
-
-    from liger_kernel.transformers import LigerSwiGLUMLP, apply_liger_kernel_to_qwen3_vl
-
-    apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, swiglu=False, cross_entropy=False,
-                                   fused_linear_cross_entropy=False, model=model)
-    text_config = getattr(model.config, "text_config", model.config)
-    if text_config.hidden_act in ("silu", "swish"):  # LigerSwiGLUMLP.forward: down(silu_mul(gate(x), up(x)))
-        for layer in model.model.language_model.layers:
-            layer.mlp.forward = types.MethodType(LigerSwiGLUMLP.forward, layer.mlp)
-    return True
-
-
-def fused_lora_4bit_forward(self, x, *args, **kwargs):
-    """peft's LoRA forward on a 4-bit layer (peft.tuners.lora.bnb.Linear4bit.forward), for its common case, in fewer
-    passes over the output: result + (x A^T)(s B)^T as one addmm (the add happens in the GEMM's epilogue, the
-    scaling s on the small B instead of on the output) and without peft's `result.clone()`, which guards an
-    in-place add that peft no longer does (the base output is not saved for backward either). Anything else
-    (adapters off, merged, several or mixed adapters, DoRA and other variants, a LoRA bias) goes to peft's own."""
-    import torch
-
-    name = "default"
-    if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [name]
-            or name in getattr(self, "lora_variant", {}) or getattr(self, "lora_bias", {}).get(name)
-            or self.lora_B[name].bias is not None):
-        return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-    autocast = torch.is_autocast_enabled()  # without it, as peft: the LoRA product in the adapter's dtype
-    h = lora_A(self.lora_dropout[name](x if autocast else x.to(lora_A.weight.dtype)))
-    scaled_B = lora_B.weight * self.scaling[name]  # (out, r): tiny
-    if not autocast:  # ... and the sum in the base layer's
-        h, scaled_B = h.to(result.dtype), scaled_B.to(result.dtype)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_B.t())
-    return out.view(result.shape)
-
-
-def image_groups(cu_seqlens) -> list[tuple[int, Any]]:
-    """The images of a vision batch grouped by token count: (length, index of their tokens, or None when every image
-    has that length). Computed once per forward (one device-to-host copy) and kept on the cu_seqlens tensor, which
-    the vision model passes unchanged to each of its blocks."""
-    import torch
-
-    cached = getattr(cu_seqlens, "_image_groups", None)
-    if cached is not None:
-        return cached
-    bounds = cu_seqlens.tolist()
-    starts_by_length: dict[int, list[int]] = {}
-    for start, end in zip(bounds, bounds[1:], strict=False):
-        starts_by_length.setdefault(end - start, []).append(start)
-    if len(starts_by_length) == 1:
-        groups = [(next(iter(starts_by_length)), None)]
-    else:
-        groups = [(length, (torch.tensor(starts, device=cu_seqlens.device)[:, None]
-                            + torch.arange(length, device=cu_seqlens.device)).flatten())
-                  for length, starts in starts_by_length.items()]
-    cu_seqlens._image_groups = groups
-    return groups
-
-
-def batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None,
-                                     **kwargs):
-    """Qwen3VLVisionAttention.forward (transformers 5.x) with the images of one size attended in one
-    scaled_dot_product_attention call (batch = images) rather than one call each. Bound per module by
-    batch_vision_attention where the model runs SDPA."""
-    import torch
-    import torch.nn.functional as F
-    from transformers.models.qwen3_vl import modeling_qwen3_vl
-
-    n = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    cos, sin = position_embeddings
-    q, k = modeling_qwen3_vl.apply_rotary_pos_emb_vision(q, k, cos, sin)  # looked up now: Liger may replace it
-    out = None
-    for length, index in image_groups(cu_seqlens):
-        qs, ks, vs = ((t if index is None else t[index]).reshape(-1, length, self.num_heads, t.shape[-1])
-                      .transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling).transpose(1, 2).reshape(-1, *v.shape[1:])
-        if index is None:
-            out = o
-        else:
-            out = torch.empty_like(v) if out is None else out
-            out[index] = o
-    return self.proj(out.reshape(n, -1))
-
-
-def batch_vision_attention(model, cfg: StageConfig) -> int:
-    """batched_vision_attention: bind batched_vision_attention_forward to the vision tower's attention modules that
-    run SDPA (transformers' default; FlashAttention and eager keep their own); returns how many."""
-    if not cfg.batched_vision_attention:
-        return 0
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
-
-    modules = [m for m in model.modules() if isinstance(m, Qwen3VLVisionAttention)
-               and m.config._attn_implementation == "sdpa"]
-    for module in modules:
-        module.forward = types.MethodType(batched_vision_attention_forward, module)
-    return len(modules)
-
-
-def fuse_lora_updates(model, cfg: StageConfig) -> int:
-    """fused_lora_forward: bind fused_lora_4bit_forward to every LoRA layer on a 4-bit base layer; returns how many.
-    Layers with an accelerate hook (a model dispatched over several devices) keep peft's forward."""
-    if not cfg.fused_lora_forward:
-        return 0
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:  # peft defines it only when bitsandbytes imports
-        return 0
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit) and not hasattr(m, "_hf_hook")]
-    for layer in layers:
-        layer.forward = types.MethodType(fused_lora_4bit_forward, layer)
-    return len(layers)
-
-
 def load_quantized_base(model_path: str, cfg: StageConfig):
     """The frozen base in 4 bit, prepared for k-bit training exactly once (this is the only place that does it)."""
     import torch
@@ -1195,9 +1025,7 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
     model = from_pretrained_checked(
         AutoModelForImageTextToText, model_path, cfg, quantization_config=bnb_config(cfg.quantization),
         dtype=getattr(torch, cfg.quantization.compute_dtype), device_map={"": training_device()})
-    keep_4bit_layers_differentiable(model)
-    fused = apply_fused_kernels(model, cfg)
-    batched = batch_vision_attention(model, cfg)
+    speed.keep_4bit_layers_differentiable(model)
     if cfg.fp32_upcast:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     else:
@@ -1205,20 +1033,23 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
         # compute the norms already compute in fp32 inside, and the up-cast costs ~40% of the speed.
         for param in model.parameters():
             param.requires_grad_(False)
-    checkpointed = apply_gradient_checkpointing(model, cfg)  # set up here, once; the Trainer is not asked to
+    checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # here, once; the Trainer is not asked to
     log(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
         f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype}, storage "
-        f"{quant_storage_dtype(cfg.quantization)}, Liger kernels {'on' if fused else 'off'}, vision attention "
-        f"{'batched by image size' if batched else 'one call per image'}, fp32 up-cast "
-        f"{cfg.fp32_upcast}, gradient checkpointing on {checkpointed} decoder layers)")
+        f"{quant_storage_dtype(cfg.quantization)}, fp32 up-cast {cfg.fp32_upcast}, gradient checkpointing on "
+        f"{checkpointed} decoder layers)")
     return model
 
 
-def new_adapter(model, lora: LoraSettings):
-    """Stage 1: a fresh LoRA adapter (B = 0, so the model starts exactly as the base)."""
+def new_adapter(model, lora: LoraSettings, seed: int):
+    """Stage 1: a fresh LoRA adapter (B = 0, so the model starts exactly as the base). A is drawn from the random
+    generator seeded right here: every process must start from the same adapter, whatever drew random numbers
+    before (on a fresh machine the main process alone builds the tiny model first)."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
     log("Creating a new LoRA adapter (stage 1)")
+    set_seed(seed)
     return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
 
@@ -1875,10 +1706,8 @@ def train_stage(cfg: StageConfig) -> dict:
     if cfg.prev_checkpoint:
         model = continue_adapter(model, cfg.prev_checkpoint)
     else:
-        model = new_adapter(model, cfg.lora)
-    fused = fuse_lora_updates(model, cfg)
-    log(f"LoRA forward: fused (the update inside the B matmul) on {fused} 4-bit layers" if fused
-        else "LoRA forward: peft's own")
+        model = new_adapter(model, cfg.lora, cfg.seed)
+    patches = speed.apply_speed_patches(model, cfg, speed.plan_speed_patches(cfg)[0], log)
     process_views = check_adapter_on_every_process(model, cfg)
     trainable = process_views[0]["trainable_params"]
     start_file_sha = sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS) if cfg.prev_checkpoint else None
@@ -1894,12 +1723,14 @@ def train_stage(cfg: StageConfig) -> dict:
 
     # what the interrupted run measured before its first step and the batch it chose, kept for the resumed run
     resumed = json.loads((work_dir / STAGE_START).read_text()) if resume_from else None
+    # cfg itself stays as written (resume compares it); run_cfg holds what auto resolved to
+    run_cfg = dataclasses.replace(cfg, answer_only_logits=patches["answer_only_logits"].on)
     batch_size = cfg.batch_size
     if batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
         batch_size = resumed["batch_size_chosen"]
     elif batch_size == "auto":
-        batch_size = choose_batch_size(model, train_ds, processor, cfg)
-    run_cfg = dataclasses.replace(cfg, batch_size=batch_size)  # cfg itself stays as written (resume compares it)
+        batch_size = choose_batch_size(model, train_ds, processor, run_cfg)
+    run_cfg = dataclasses.replace(run_cfg, batch_size=batch_size)
 
     trainer = build_trainer(model, processor, train_ds, eval_ds, run_cfg, work_dir)
     guard = StageGuard(model)
@@ -2007,6 +1838,8 @@ def train_stage(cfg: StageConfig) -> dict:
         "start_adapter_file_sha256": start_file_sha,
         "start_adapter_tensors_sha256": start_tensor_sha,
         "optimizer_state": cfg.optimizer_state,
+        "speed_patches": speed.describe_speed_patches(patches),
+        "versions": speed.versions("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"),
         "bad_records_skipped": {"train": train_ds.bad_records, "eval": eval_ds.bad_records if eval_ds else []},
         "processes": process_views,  # what each process held before the first step and after the last
         "distributed": "fsdp" if fsdp_enabled() else "ddp" if world > 1 else None,

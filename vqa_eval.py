@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import train_qlora_qwen3vl as tq
+from curriculum import speed
 
 PREFIXES = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?(?:answer|option|choice)s?\s*(?:is|are|:)?\s*[:\-]?\s*", re.I)
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
@@ -430,7 +431,7 @@ def load_for_eval(cfg: tq.StageConfig, adapter: str | None):
     model = tq.load_quantized_base(model_path, cfg)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
-        tq.fuse_lora_updates(model, cfg)
+    speed.apply_speed_patches(model, cfg, log=tq.log)
     return model, processor
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_qlora_qwen3vl as tq  # noqa: E402
+from curriculum import speed  # noqa: E402
 
 # name -> (image side in pixels, config keys). "defaults" is what a user gets without setting anything; "-bsN"
 # fixes the batch size instead of letting batch_size: auto choose it.
@@ -104,7 +105,7 @@ def stage_config(ckpt: str, train_file: Path, px: int, steps: int, keys: dict) -
 
 
 def apply_liger(model, processor, train_file: Path, px: int, cfg: tq.StageConfig) -> dict:
-    """The trainer's apply_fused_kernels on the loaded model, with the loss on one fixed batch before and after
+    """speed.apply_liger_kernels on the loaded model, with the loss on one fixed batch before and after
     (the kernels must not change what is computed beyond bf16 rounding)."""
     import torch
 
@@ -119,8 +120,10 @@ def apply_liger(model, processor, train_file: Path, px: int, cfg: tq.StageConfig
             return tq.answer_only_loss(model, batch)[0].item()
 
     before = loss()
-    if not tq.apply_fused_kernels(model.get_base_model(), cfg):
-        return {"liger_kernels": "off (no GPU or no liger-kernel package)"}
+    why = speed.liger_problem()
+    if why:
+        return {"liger_kernels": f"off: {why}"}
+    speed.apply_liger_kernels(model)
     after = loss()
     return {"liger_kernels": "on", "loss_before": round(before, 5), "loss_after": round(after, 5),
             "abs_diff": round(abs(after - before), 5)}
@@ -135,11 +138,13 @@ def set_variant_forwards(model, cfg: tq.StageConfig, swiglu: bool) -> None:
     for module in model.modules():
         if isinstance(module, (Linear4bit, Qwen3VLVisionAttention)):
             module.__dict__.pop("forward", None)  # back to the class's (peft's, transformers') forward
-    tq.fuse_lora_updates(model, cfg)
-    tq.batch_vision_attention(model, cfg)
+    if cfg.fused_lora_forward is not False:
+        speed.fuse_lora_updates(model)
+    if cfg.batched_vision_attention is not False:
+        speed.batch_vision_attention(model)
     for layer in model.get_base_model().model.language_model.layers:
         mlp = layer.mlp.__dict__
-        if "forward" in mlp:  # Liger's SwiGLU, bound by apply_fused_kernels: kept to bind again
+        if "forward" in mlp:  # Liger's SwiGLU, bound by apply_liger_kernels: kept to bind again
             mlp["_liger_forward"] = mlp["forward"]
         if swiglu and "_liger_forward" in mlp:
             mlp["forward"] = mlp["_liger_forward"]
@@ -231,8 +236,9 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     if profile_dir is not None:  # two more steps, profiled after the timed ones
         cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps + 2)
     set_variant_forwards(model, cfg, swiglu)
+    cfg = dataclasses.replace(cfg, answer_only_logits=cfg.answer_only_logits is not False)  # auto: on, as trained
     dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
-    checkpointed = tq.apply_gradient_checkpointing(model, cfg)
+    checkpointed = speed.apply_gradient_checkpointing(model, cfg)
     if cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
         cfg = dataclasses.replace(cfg, batch_size=tq.choose_batch_size(model, dataset, processor, cfg))
     for module in model.modules():  # lora.dropout per variant, on the one adapter
@@ -404,8 +410,8 @@ def generation_identity_fp32(ckpt: str, train_file: Path, px: int, n: int) -> di
     cfg.quantization.compute_dtype = "float32"
     processor = tq.load_processor(ckpt, cfg)
     processor.image_processor.size = {"shortest_edge": px * px, "longest_edge": px * px}
-    model = tq.new_adapter(tq.load_quantized_base(ckpt, cfg), cfg.lora)
-    tq.fuse_lora_updates(model, cfg)
+    model = tq.new_adapter(tq.load_quantized_base(ckpt, cfg), cfg.lora, cfg.seed)
+    speed.fuse_lora_updates(model)
     records = tq.load_records(train_file)[:n]
     out = run_generation(model, processor, records, cfg, (("batched", n, n, 8), ("one_at_a_time", n, 1, 8)))
     del model
@@ -445,8 +451,7 @@ def main() -> None:
         sync()
         t = time.perf_counter()
         # loaded without the fused kernels, which are patched in (for good) before the first variant that uses them
-        model = tq.new_adapter(tq.load_quantized_base(args.ckpt, dataclasses.replace(cfg, liger_kernels=False)),
-                               cfg.lora)
+        model = tq.new_adapter(tq.load_quantized_base(args.ckpt, cfg), cfg.lora, cfg.seed)
         load_s = time.perf_counter() - t
         liger = None
         for name in sorted(names, key=lambda n: VARIANTS[n][1].get("liger_kernels") is not False):  # "off" first

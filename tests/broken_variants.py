@@ -17,7 +17,7 @@ import train_qlora_qwen3vl as tq  # noqa: E402
 def fresh_adapter_instead(model, prev_checkpoint):
     # The classic mistake: get_peft_model again, so stage 2 starts from B = 0, as if stage 1 never ran.
     saved = tq.read_adapter_lora(prev_checkpoint)
-    return tq.new_adapter(model, tq.LoraSettings(**saved))
+    return tq.new_adapter(model, tq.LoraSettings(**saved), seed=0)
 
 
 def frozen_reload(model, prev_checkpoint):

@@ -3,19 +3,25 @@
     python tests/faults.py oom CONFIG.yaml [--set ...]                 # the first training step runs out of GPU memory
     python tests/faults.py fill-disk-at-step N CONFIG.yaml [--set ...]  # after step N, fill the output disk
     python tests/faults.py empty-adapter-save CONFIG.yaml [--set ...]   # the save writes an adapter with no tensors
+    python tests/faults.py speed-patches-do-not-fit CONFIG.yaml [--set ...]
+        # the libraries the speed patches replace are stood in for by ones they were not written for
     accelerate launch ... tests/faults.py last-process-reads DIR CONFIG.yaml [--set ...]
         # the last process continues the adapter in DIR instead of prev_checkpoint (a stale copy on one machine)
 """
 
 import os
 import sys
+import types
 from pathlib import Path
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import train_qlora_qwen3vl as tq  # noqa: E402
+from curriculum import speed  # noqa: E402
 
 
 def out_of_memory(*args, **kwargs):
@@ -43,6 +49,52 @@ def fill_disk_after(step: int):
     return FillDisk()
 
 
+# Stand-ins for the library pieces the speed patches replace (tests/test_speed_guards.py); each takes a
+# pytest.MonkeyPatch.
+
+
+def liger_qwen3_vl_missing(mp):
+    """Liger's Qwen3-VL module fails to import as with liger-kernel 0.8.5 over transformers 5.24: its output class
+    is not defined (Liger defines it only where transformers has Qwen3VLCausalLMOutputWithPast)."""
+    from liger_kernel.transformers.model import output_classes
+
+    mp.setattr(speed, "gpu_available", lambda: True)  # the check goes past "no GPU" to the import
+    mp.delattr(output_classes, "LigerQwen3VLCausalLMOutputWithPast")
+    mp.delitem(sys.modules, "liger_kernel.transformers.model.qwen3_vl", raising=False)  # imported anew
+
+
+def vision_attention_changed(mp):
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    own = modeling_qwen3_vl.Qwen3VLVisionAttention.forward
+
+    def forward(self, hidden_states, cu_seqlens, rotary_pos_emb=None, position_embeddings=None, **kwargs):
+        return own(self, hidden_states, cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+
+    mp.setattr(modeling_qwen3_vl.Qwen3VLVisionAttention, "forward", forward)
+
+
+def peft_without_4bit_lora(mp):
+    """peft's bnb module without the LoRA layer class for 4-bit weights (everything else of it stays)."""
+    import peft.tuners.lora.bnb as bnb
+
+    stand_in = types.ModuleType(bnb.__name__)
+    stand_in.__dict__.update({k: v for k, v in vars(bnb).items() if k not in ("Linear4bit", "__name__")})
+    mp.setitem(sys.modules, bnb.__name__, stand_in)
+
+
+def trainer_compute_loss_changed(mp):
+    from transformers import Trainer
+
+    own = Trainer.compute_loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, loss_kwargs=None):
+        return own(self, model, inputs, return_outputs, num_items_in_batch)
+
+    mp.setattr(Trainer, "compute_loss", compute_loss)
+
+
+
 if __name__ == "__main__":
     fault, argv = sys.argv[1], sys.argv[2:]
     if fault == "oom":
@@ -68,6 +120,11 @@ if __name__ == "__main__":
             save_file({}, str(Path(output_dir) / tq.ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
         transformers.Trainer.save_model = save_empty
+    elif fault == "speed-patches-do-not-fit":
+        mp = pytest.MonkeyPatch()  # never undone: the whole run sees the stand-ins
+        for stand_in in (liger_qwen3_vl_missing, vision_attention_changed, peft_without_4bit_lora,
+                         trainer_compute_loss_changed):
+            stand_in(mp)
     elif fault == "last-process-reads":
         other, argv = argv[0], argv[1:]
         if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:

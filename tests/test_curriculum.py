@@ -179,7 +179,7 @@ def test_gradients_are_the_same_after_an_evaluation_pass(tiny_model_path, tmp_pa
 
     def lora_grads(evaluate_first: bool) -> dict:
         torch.manual_seed(0)
-        model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora)
+        model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
         with torch.no_grad():  # make B non-zero so that A's gradients depend on what flows through the base
             for name, p in model.named_parameters():
                 if "lora_B" in name:

@@ -5,7 +5,6 @@ Plain: peft's prepare_model_for_kbit_training (fp32 up-cast) and the model's own
 Speed itself is measured on the GPU by bench/speed.py, never here.
 """
 
-import dataclasses
 import math
 import types
 
@@ -14,6 +13,7 @@ import torch
 from conftest import REPO
 
 import train_qlora_qwen3vl as tq
+from curriculum import speed
 
 
 def test_answer_positions_pick_the_tokens_before_each_trained_label():
@@ -45,10 +45,11 @@ def batch(processor, n=3):
 def loss_and_grads(tiny_model_path, adapter, inputs, **settings):
     cfg = tq.StageConfig(output_dir="o", train_file="t", **settings)
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), adapter)
-    tq.fuse_lora_updates(model, cfg)
+    if cfg.fused_lora_forward is not False:
+        speed.fuse_lora_updates(model)
     model.train()
     torch.manual_seed(0)  # the same LoRA dropout masks in both runs
-    if cfg.answer_only_logits:
+    if cfg.answer_only_logits is not False:
         loss, _ = tq.answer_only_loss(model, inputs)
     else:
         loss = model(**inputs).loss
@@ -112,8 +113,8 @@ def test_fused_lora_forward_is_bound_to_every_4bit_lora_layer_and_leaves_the_res
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), trained_adapter)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     decoder_layers = model.get_base_model().model.language_model.layers
-    assert tq.fuse_lora_updates(model, cfg) == len(layers) == 4 * len(decoder_layers)  # q, k, v, o
-    assert all(m.forward.__func__ is tq.fused_lora_4bit_forward for m in layers)
+    assert speed.fuse_lora_updates(model) == len(layers) == 4 * len(decoder_layers)  # q, k, v, o
+    assert all(m.forward.__func__ is speed.fused_lora_4bit_forward for m in layers)
     layer, x = layers[0], torch.randn(2, 3, layers[0].in_features)
     model.eval()
     with torch.no_grad():
@@ -122,7 +123,6 @@ def test_fused_lora_forward_is_bound_to_every_4bit_lora_layer_and_leaves_the_res
         assert not torch.allclose(with_update, base)  # the trained adapter changes the output ...
         with model.disable_adapter():  # ... and peft's own forward runs when the adapter is off
             assert torch.equal(layer(x), base)
-    assert tq.fuse_lora_updates(model, dataclasses.replace(cfg, fused_lora_forward=False)) == 0
 
 
 def test_checkpointed_layers_choose_an_even_spread(tiny_model_path):
@@ -131,10 +131,10 @@ def test_checkpointed_layers_choose_an_even_spread(tiny_model_path):
     flags = [layer.gradient_checkpointing for layer in model.model.language_model.layers]
     assert sum(flags) == round(len(flags) / 2) and flags[0]
     cfg.checkpointed_layers = 0.0
-    assert tq.apply_gradient_checkpointing(model, cfg) == 0
+    assert speed.apply_gradient_checkpointing(model, cfg) == 0
     assert not any(layer.gradient_checkpointing for layer in model.model.language_model.layers)
     cfg.gradient_checkpointing = False
-    assert tq.apply_gradient_checkpointing(model, cfg) == 0
+    assert speed.apply_gradient_checkpointing(model, cfg) == 0
 
 
 def test_batch_size_for_budget_fits_the_line_through_two_measured_steps():
@@ -211,12 +211,13 @@ def test_liger_kernels_are_used_only_where_they_can_run(tiny_model_path, tmp_pat
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}"])
-    model = tq.load_quantized_base(tiny_model_path, cfg)  # liger_kernels: auto, on a CPU: off, and it says so
-    assert cfg.liger_kernels == "auto" and not tq.apply_fused_kernels(model, cfg)
-    assert type(model.model.language_model.norm).__name__ == "Qwen3VLTextRMSNorm"
+    model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
+    decisions = speed.apply_speed_patches(model, cfg, log=lambda line: None)  # auto, on a CPU: off, saying why
+    assert cfg.liger_kernels == "auto" and decisions["liger_kernels"].note.startswith("off: no GPU")
+    assert type(model.get_base_model().model.language_model.norm).__name__ == "Qwen3VLTextRMSNorm"
     forced = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "liger_kernels=true"])
-    with pytest.raises(tq.ConfigError, match="liger_kernels: true needs a GPU and the liger-kernel package"):
-        tq.load_quantized_base(tiny_model_path, forced)
+    with pytest.raises(tq.ConfigError, match="liger_kernels: true, but Liger kernels .* cannot run here: no GPU"):
+        tq.validate_config(forced)
 
 
 @pytest.mark.parametrize("sizes", [[(64, 64), (64, 64), (64, 64)], [(64, 64), (96, 64), (64, 64), (128, 128)]])
@@ -235,7 +236,7 @@ def test_batched_vision_attention_gives_the_vision_tower_s_own_output(tiny_model
     model.eval()
     with torch.no_grad():
         own = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
-        assert tq.batch_vision_attention(model, dataclasses.replace(cfg, batched_vision_attention=True)) == len(
+        assert speed.batch_vision_attention(model) == len(
             model.model.visual.blocks)
         batched = model.model.visual(enc["pixel_values"], grid_thw=enc["image_grid_thw"])
     pairs = [(own.pooler_output, batched.pooler_output),
@@ -258,7 +259,7 @@ def test_batched_generation_answers_as_one_question_at_a_time(tiny_model_path, p
     cfg = tq.StageConfig(output_dir="o", train_file="t", max_pixels=50176,
                          quantization=tq.QuantizationSettings(compute_dtype="float32"))
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), trained_adapter)
-    tq.fuse_lora_updates(model, cfg)
+    speed.fuse_lora_updates(model)
     generate, scores = model.generate, []
 
     def generate_keeping_scores(*args, **kwargs):  # every step's logits, (steps, batch, vocab)

@@ -181,7 +181,7 @@ def test_the_fsdp_save_writes_the_file_peft_writes(tiny_model_path, tmp_path):
 
     cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'unused'}"])
     processor = tq.load_processor(tiny_model_path, cfg)
-    model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora)
+    model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

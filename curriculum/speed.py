@@ -1,0 +1,426 @@
+"""Speed patches of library internals, each behind a config key, each guarded.
+
+A patch replaces a piece of transformers, peft, bitsandbytes or Liger that it was written against. Libraries move,
+so before anything loads each patch checks that what it replaces is still what it was written for (the names, the
+signatures it relies on). `plan_speed_patches` makes that decision once per stage:
+
+- `auto` (the default): a patch that cannot apply steps aside, with one log line naming it, the versions and the
+  cost, and `stage_metrics.json` records it under `speed_patches`;
+- `true`: the same is a config error, before the model loads;
+- `false`: the library's own code, always.
+
+The recipe calls `plan_speed_patches` in its validation, `prepare_base_for_training` when the 4-bit base has
+loaded, and `apply_speed_patches` once the adapter is on the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import logging
+import math
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from curriculum.errors import ConfigError
+
+
+def quiet_optional_backend_warnings() -> None:
+    """Drop two import-time warnings that read like a broken install and are not one:
+    - bitsandbytes on a CPU with AVX512-BF16 tries the optional `kernels` package for a faster *inference* GEMV and
+      warns when it is missing. Training never uses that path (prepare_base_for_training keeps the trainable layout).
+    - Liger looks for kernels for other hardware (Ascend NPUs, CuTe DSL) and warns for each one it cannot import; the
+      Triton kernels used on NVIDIA GPUs are unaffected."""
+
+    def drop(logger: str, fragment: str) -> None:
+        logging.getLogger(logger).addFilter(lambda record: fragment not in str(record.msg))
+
+    drop("bitsandbytes.backends.cpu.ops", "kernels-community")
+    drop("liger_kernel.backends.registry", "could not be imported")
+
+
+def versions(*packages: str) -> str:
+    """'liger-kernel 0.8.5, transformers 5.22.2': the installed versions, for the log line of a patch that stepped
+    aside."""
+    found = []
+    for name in packages:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return ", ".join(found)
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parameter_names(function) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What each patch needs of the installed libraries: None when it can apply, else why not
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Qwen3VLVisionAttention.forward as batched_vision_attention_forward was written for (transformers 5.x)
+VISION_ATTENTION_PARAMETERS = ["self", "hidden_states", "cu_seqlens", "position_embeddings", "max_seqlen", "kwargs"]
+# peft's LoRA-on-4-bit forward, and the per-adapter attributes fused_lora_4bit_forward reads
+LORA_4BIT_FORWARD_PARAMETERS = ["self", "x", "args", "kwargs"]
+LORA_LAYER_ATTRIBUTES = ("lora_A", "lora_B", "scaling", "lora_dropout")
+# Trainer.compute_loss, which AnswerOnlyLossTrainer overrides
+COMPUTE_LOSS_PARAMETERS = ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]
+
+
+def liger_problem() -> str | None:
+    """Liger's Qwen3-VL entry point imports its own output class, which it defines only for the transformers
+    versions it supports; importing it here is what it would do at the first call."""
+    if not gpu_available():
+        return "no GPU (Liger's kernels are Triton, GPU only)"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "the liger-kernel package is not installed (pip install -r requirements.txt)"
+    try:
+        import liger_kernel.transformers as liger
+
+        importlib.import_module("liger_kernel.transformers.model.qwen3_vl")
+    except Exception as err:  # any import failure means the same: this pair of versions does not work together
+        return f"{versions('liger-kernel', 'transformers')} do not work together ({first_line(err)})"
+    missing = [n for n in ("apply_liger_kernel_to_qwen3_vl", "LigerSwiGLUMLP") if not hasattr(liger, n)]
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    missing += [f"transformers' {n}" for n in ("apply_rotary_pos_emb", "apply_rotary_pos_emb_vision",
+                                               "Qwen3VLTextRMSNorm") if not hasattr(modeling_qwen3_vl, n)]
+    if missing:
+        return f"{versions('liger-kernel', 'transformers')}: {', '.join(missing)} not found"
+    return None
+
+
+def vision_attention_problem() -> str | None:
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    attention = getattr(modeling_qwen3_vl, "Qwen3VLVisionAttention", None)
+    if attention is None or not hasattr(modeling_qwen3_vl, "apply_rotary_pos_emb_vision"):
+        return f"{versions('transformers')} has no Qwen3VLVisionAttention or apply_rotary_pos_emb_vision"
+    found = parameter_names(attention.forward)
+    if found != VISION_ATTENTION_PARAMETERS:
+        return (f"{versions('transformers')}: Qwen3VLVisionAttention.forward takes ({', '.join(found[1:])}), the "
+                f"replacement was written for ({', '.join(VISION_ATTENTION_PARAMETERS[1:])})")
+    return None
+
+
+def fused_lora_problem() -> str | None:
+    try:
+        from peft.tuners.lora import LoraLayer
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError as err:  # peft defines Linear4bit only when bitsandbytes imports
+        return f"{versions('peft', 'bitsandbytes')}: no LoRA layer for 4-bit weights ({first_line(err)})"
+    found = parameter_names(Linear4bit.forward)
+    if found != LORA_4BIT_FORWARD_PARAMETERS:
+        return f"{versions('peft')}: Linear4bit.forward takes ({', '.join(found[1:])}), not (x, *args, **kwargs)"
+    known = set(getattr(LoraLayer, "adapter_layer_names", ())) | set(getattr(LoraLayer, "other_param_names", ()))
+    missing = [n for n in LORA_LAYER_ATTRIBUTES if n not in known]
+    missing += [n for n in ("disable_adapters", "merged", "active_adapters") if not hasattr(Linear4bit, n)]
+    if missing:
+        return f"{versions('peft')}: LoRA layers no longer have {', '.join(missing)}"
+    return None
+
+
+def answer_only_logits_problem() -> str | None:
+    from transformers import Trainer, TrainingArguments
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration
+
+    found = parameter_names(Trainer.compute_loss)
+    if found != COMPUTE_LOSS_PARAMETERS:
+        return (f"{versions('transformers')}: Trainer.compute_loss takes ({', '.join(found[1:])}), the override "
+                f"was written for ({', '.join(COMPUTE_LOSS_PARAMETERS[1:])})")
+    if "logits_to_keep" not in inspect.signature(Qwen3VLForConditionalGeneration.forward).parameters:
+        return f"{versions('transformers')}: Qwen3-VL's forward takes no logits_to_keep"
+    if not hasattr(TrainingArguments, "average_tokens_across_devices"):
+        return f"{versions('transformers')}: TrainingArguments has no average_tokens_across_devices"
+    return None
+
+
+def partial_checkpointing_problem() -> str | None:
+    """checkpointed_layers < 1 switches layers one by one through the flag that transformers'
+    GradientCheckpointingLayer reads at every call."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:
+        return f"{versions('transformers')} has no GradientCheckpointingLayer"
+    decoder_layer = getattr(modeling_qwen3_vl, "Qwen3VLTextDecoderLayer", None)
+    if decoder_layer is None or not issubclass(decoder_layer, GradientCheckpointingLayer):
+        return f"{versions('transformers')}: Qwen3-VL's decoder layers are not GradientCheckpointingLayers"
+    if "self.gradient_checkpointing" not in inspect.getsource(GradientCheckpointingLayer.__call__):
+        return f"{versions('transformers')}: GradientCheckpointingLayer no longer reads a per-layer flag"
+    return None
+
+
+def cpu_training_layout_problem() -> str | None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the first
+    no-grad forward, unless the layer's `support_avx512bf16_for_cpu` is off (prepare_base_for_training turns it
+    off). A bitsandbytes that repacks under another switch would silently stop the gradients on such a CPU."""
+    if gpu_available():
+        return None
+    import bitsandbytes
+
+    source = inspect.getsource(bitsandbytes.nn.Linear4bit.forward)
+    if "avx512" in source and "support_avx512bf16_for_cpu" not in source:
+        return (f"{versions('bitsandbytes')} repacks 4-bit weights for CPU inference under a switch this trainer "
+                "does not know; training on this CPU could silently stop the gradients. Use bitsandbytes==0.50.2 "
+                "(requirements.txt) or a GPU")
+    return None
+
+
+@dataclass(frozen=True)
+class SpeedPatch:
+    key: str  # the config key that switches it
+    name: str  # in log lines
+    cost: str  # what stepping aside costs, measured (bench/RESULTS.md)
+    problem: Callable[[], str | None]  # why it cannot apply with the installed libraries; None when it can
+
+
+SPEED_PATCHES = (
+    SpeedPatch("liger_kernels", "Liger kernels (RoPE, RMSNorm, SwiGLU)",
+               "about 20% fewer samples/s at 448x448 images and 43% at 896x896 (H100)", liger_problem),
+    SpeedPatch("batched_vision_attention", "batched vision attention",
+               "the vision tower makes one attention call per image (about 6% fewer samples/s at 448x448, H100)",
+               vision_attention_problem),
+    SpeedPatch("fused_lora_forward", "fused LoRA forward",
+               "peft's own LoRA forward, one more pass over each layer's output", fused_lora_problem),
+    SpeedPatch("answer_only_logits", "answer-only logits",
+               "the model's own loss over every position's 151,936 logits (more memory, a smaller batch)",
+               answer_only_logits_problem),
+)
+
+
+@dataclass(frozen=True)
+class PatchDecision:
+    on: bool
+    note: str  # "on", "off (liger_kernels: false)", "off: <why>; <cost>"
+
+
+def plan_speed_patches(cfg) -> tuple[dict[str, PatchDecision], list[str]]:
+    """Decide every speed patch from the config and the installed libraries, before the model loads. Returns the
+    decisions by config key, and the problems (a patch set to true that cannot apply), one line each, naming the key.
+    Also checks what checkpointed_layers < 1 and training on a CPU rely on."""
+    decisions, problems = {}, []
+    for patch in SPEED_PATCHES:
+        setting = getattr(cfg, patch.key)
+        if setting is False:
+            decisions[patch.key] = PatchDecision(False, f"off ({patch.key}: false)")
+            continue
+        why = patch.problem()
+        if why is None:
+            decisions[patch.key] = PatchDecision(True, "on")
+        elif setting is True:
+            problems.append(f"{patch.key}: true, but {patch.name} cannot run here: {why}. Set {patch.key}: auto to "
+                            "go on without it")
+        else:
+            decisions[patch.key] = PatchDecision(False, f"off: {why}; cost: {patch.cost}")
+    if cfg.gradient_checkpointing and cfg.checkpointed_layers < 1:
+        why = partial_checkpointing_problem()
+        if why:
+            problems.append(f"checkpointed_layers: {cfg.checkpointed_layers:g} needs per-layer checkpointing: {why}. "
+                            "Set checkpointed_layers: 1.0")
+    why = cpu_training_layout_problem()
+    if why:
+        problems.append(f"training on the CPU: {why}")
+    return decisions, problems
+
+
+def describe_speed_patches(decisions: dict[str, PatchDecision]) -> dict[str, str]:
+    """For stage_metrics.json: {config key: 'on' | 'off...'}."""
+    return {key: d.note for key, d in decisions.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The 4-bit base: made trainable, with gradient checkpointing on the chosen layers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def keep_4bit_layers_differentiable(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the first
+    no-grad forward (our first_eval_loss). From then on it computes them with a kernel that has no backward,
+    and gradients silently stop flowing through the frozen layers. Keep the trainable layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def apply_gradient_checkpointing(model, cfg) -> int:
+    """Non-reentrant checkpointing on `checkpointed_layers` of the language model's decoder layers (evenly
+    spread), none on the others; returns how many layers recompute. The vision tower is not trained (LoRA targets
+    the language model) and runs without autograd, so it has nothing to recompute."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not cfg.gradient_checkpointing:
+        base.gradient_checkpointing_disable()
+        return 0
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = base.model.language_model.layers
+    n = round(cfg.checkpointed_layers * len(layers))
+    chosen = {math.floor(i * len(layers) / n) for i in range(n)} if n else set()
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i in chosen  # read by transformers' GradientCheckpointingLayer per call
+    return len(chosen)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The patches bound once the adapter is on the model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def apply_liger_kernels(model) -> None:
+    """Liger's fused RoPE, RMSNorm and SwiGLU for Qwen3-VL. Its fused cross-entropy stays off (the answer-only loss
+    already skips the prompt's logits). Its SwiGLU is bound to each decoder layer's MLP as Liger binds it for other
+    models (the module's own, 4-bit, projections stay; only silu(gate) * up becomes one kernel); Liger's qwen3_vl
+    entry point does not offer it for a loaded model."""
+    from liger_kernel.transformers import LigerSwiGLUMLP, apply_liger_kernel_to_qwen3_vl
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    apply_liger_kernel_to_qwen3_vl(rope=True, rms_norm=True, swiglu=False, cross_entropy=False,
+                                   fused_linear_cross_entropy=False, model=base)
+    text_config = getattr(base.config, "text_config", base.config)
+    if text_config.hidden_act in ("silu", "swish"):  # LigerSwiGLUMLP.forward: down(silu_mul(gate(x), up(x)))
+        for layer in base.model.language_model.layers:
+            layer.mlp.forward = types.MethodType(LigerSwiGLUMLP.forward, layer.mlp)
+
+
+def fused_lora_4bit_forward(self, x, *args, **kwargs):
+    """peft's LoRA forward on a 4-bit layer (peft.tuners.lora.bnb.Linear4bit.forward), for its common case, in fewer
+    passes over the output: result + (x A^T)(s B)^T as one addmm (the add happens in the GEMM's epilogue, the
+    scaling s on the small B instead of on the output) and without peft's `result.clone()`, which guards an
+    in-place add that peft no longer does (the base output is not saved for backward either). Anything else
+    (adapters off, merged, several or mixed adapters, DoRA and other variants, a LoRA bias) goes to peft's own."""
+    import torch
+
+    name = "default"
+    if (args or kwargs or self.disable_adapters or self.merged or list(self.active_adapters) != [name]
+            or name in getattr(self, "lora_variant", {}) or getattr(self, "lora_bias", {}).get(name)
+            or self.lora_B[name].bias is not None):
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+    autocast = torch.is_autocast_enabled()  # without it, as peft: the LoRA product in the adapter's dtype
+    h = lora_A(self.lora_dropout[name](x if autocast else x.to(lora_A.weight.dtype)))
+    scaled_B = lora_B.weight * self.scaling[name]  # (out, r): tiny
+    if not autocast:  # ... and the sum in the base layer's
+        h, scaled_B = h.to(result.dtype), scaled_B.to(result.dtype)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_B.t())
+    return out.view(result.shape)
+
+
+def fuse_lora_updates(model) -> int:
+    """Bind fused_lora_4bit_forward to every LoRA layer on a 4-bit base layer; returns how many. Layers with an
+    accelerate hook (a model dispatched over several devices) keep peft's forward."""
+    from peft.tuners.lora.bnb import Linear4bit
+
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit) and not hasattr(m, "_hf_hook")]
+    for layer in layers:
+        layer.forward = types.MethodType(fused_lora_4bit_forward, layer)
+    return len(layers)
+
+
+def image_groups(cu_seqlens) -> list[tuple[int, Any]]:
+    """The images of a vision batch grouped by token count: (length, index of their tokens, or None when every image
+    has that length). Computed once per forward (one device-to-host copy) and kept on the cu_seqlens tensor, which
+    the vision model passes unchanged to each of its blocks."""
+    import torch
+
+    cached = getattr(cu_seqlens, "_image_groups", None)
+    if cached is not None:
+        return cached
+    bounds = cu_seqlens.tolist()
+    starts_by_length: dict[int, list[int]] = {}
+    for start, end in zip(bounds, bounds[1:], strict=False):
+        starts_by_length.setdefault(end - start, []).append(start)
+    if len(starts_by_length) == 1:
+        groups = [(next(iter(starts_by_length)), None)]
+    else:
+        groups = [(length, (torch.tensor(starts, device=cu_seqlens.device)[:, None]
+                            + torch.arange(length, device=cu_seqlens.device)).flatten())
+                  for length, starts in starts_by_length.items()]
+    cu_seqlens._image_groups = groups
+    return groups
+
+
+def batched_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None,
+                                     **kwargs):
+    """Qwen3VLVisionAttention.forward (transformers 5.x) with the images of one size attended in one
+    scaled_dot_product_attention call (batch = images) rather than one call each. Bound per module by
+    batch_vision_attention where the model runs SDPA."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    n = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    cos, sin = position_embeddings
+    q, k = modeling_qwen3_vl.apply_rotary_pos_emb_vision(q, k, cos, sin)  # looked up now: Liger may replace it
+    out = None
+    for length, index in image_groups(cu_seqlens):
+        qs, ks, vs = ((t if index is None else t[index]).reshape(-1, length, self.num_heads, t.shape[-1])
+                      .transpose(1, 2) for t in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, ks, vs, scale=self.scaling).transpose(1, 2).reshape(-1, *v.shape[1:])
+        if index is None:
+            out = o
+        else:
+            out = torch.empty_like(v) if out is None else out
+            out[index] = o
+    return self.proj(out.reshape(n, -1))
+
+
+def batch_vision_attention(model) -> int:
+    """Bind batched_vision_attention_forward to the vision tower's attention modules that run SDPA (transformers'
+    default; FlashAttention and eager keep their own); returns how many."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
+
+    modules = [m for m in model.modules() if isinstance(m, Qwen3VLVisionAttention)
+               and m.config._attn_implementation == "sdpa"]
+    for module in modules:
+        module.forward = types.MethodType(batched_vision_attention_forward, module)
+    return len(modules)
+
+
+def apply_speed_patches(model, cfg, decisions: dict[str, PatchDecision] | None = None,
+                        log: Callable[[str], None] = print) -> dict[str, PatchDecision]:
+    """Bind the patches that the plan turned on, to a model that already carries its adapter; one log line per
+    patch (`Speed patch <name>: ...`). Returns the decisions, with what binding found (a model that is not Qwen3-VL
+    gets no Liger kernels; one that runs FlashAttention keeps its own vision attention)."""
+    if decisions is None:
+        decisions, problems = plan_speed_patches(cfg)
+        if problems:
+            raise ConfigError("\n".join(problems))
+    decisions = dict(decisions)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model_type = getattr(base.config, "model_type", "?")
+    if decisions["liger_kernels"].on and model_type != "qwen3_vl":
+        if cfg.liger_kernels is True:
+            raise ConfigError(f"liger_kernels: true is for Qwen3-VL; {cfg.model_name_or_path} is {model_type}")
+        decisions["liger_kernels"] = PatchDecision(False, f"off: the model is {model_type}, not qwen3_vl")
+    if decisions["liger_kernels"].on:
+        apply_liger_kernels(model)
+    if decisions["batched_vision_attention"].on:
+        bound = batch_vision_attention(model)
+        if not bound:
+            decisions["batched_vision_attention"] = PatchDecision(
+                False, "off: the vision tower does not run SDPA (FlashAttention or eager keep their own)")
+        else:
+            decisions["batched_vision_attention"] = PatchDecision(True, f"on ({bound} vision attention modules)")
+    if decisions["fused_lora_forward"].on:
+        decisions["fused_lora_forward"] = PatchDecision(True, f"on ({fuse_lora_updates(model)} 4-bit LoRA layers)")
+    for patch in SPEED_PATCHES:
+        log(f"Speed patch {patch.name}: {decisions[patch.key].note}")
+    return decisions

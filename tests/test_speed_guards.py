@@ -1,0 +1,124 @@
+"""Every speed patch checks, before the model loads, that what it replaces is what it was written for.
+
+Each test puts a stand-in in place of the library piece a patch relies on (a module without the expected name, a
+method with another signature) and shows the guard fire: with `auto` the patch steps aside and says why, naming the
+versions; with `true` it is a config error that names the key. The last test trains a stage with every guard firing.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import REPO, run_script, stage_args
+from faults import (
+    liger_qwen3_vl_missing,
+    peft_without_4bit_lora,
+    trainer_compute_loss_changed,
+    vision_attention_changed,
+)
+
+import train_qlora_qwen3vl as tq
+from curriculum import speed
+
+
+def config(tmp_path, *overrides: str) -> tq.StageConfig:
+    return tq.load_config(REPO / "configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'out'}", *overrides])
+
+
+def test_the_pinned_stack_takes_every_patch(monkeypatch):
+    """requirements.txt's versions work together: Liger's Qwen3-VL entry point imports (it did not with
+    transformers 5.24), and every signature the patches replace is the one they were written for."""
+    monkeypatch.setattr(speed, "gpu_available", lambda: True)  # Liger's check goes past "no GPU" to the imports
+    for patch in speed.SPEED_PATCHES:
+        assert patch.problem() is None, patch.key
+    assert speed.partial_checkpointing_problem() is None
+
+
+STAND_INS = {  # what each stand-in makes the guard say
+    "liger_kernels": (liger_qwen3_vl_missing, r"liger-kernel \S+, transformers \S+ do not work together "
+                                              r"\(ImportError: cannot import name 'LigerQwen3VLCausalLMOutput"),
+    "batched_vision_attention": (vision_attention_changed, r"Qwen3VLVisionAttention.forward takes \(hidden_states, "
+                                                           r"cu_seqlens, rotary_pos_emb"),
+    "fused_lora_forward": (peft_without_4bit_lora, r"peft \S+, bitsandbytes \S+: no LoRA layer for 4-bit weights"),
+    "answer_only_logits": (trainer_compute_loss_changed, r"Trainer.compute_loss takes \(.*loss_kwargs\)"),
+}
+
+
+@pytest.mark.parametrize("key", list(STAND_INS))
+def test_a_patch_that_no_longer_fits_steps_aside_under_auto_and_is_an_error_under_true(key, monkeypatch, tmp_path):
+    stand_in, reason = STAND_INS[key]
+    stand_in(monkeypatch)
+    decisions, problems = speed.plan_speed_patches(config(tmp_path))
+    assert not decisions[key].on
+    assert decisions[key].note.startswith("off: ")
+    assert "cost: " in decisions[key].note
+    assert re.search(reason, decisions[key].note), decisions[key].note
+    assert problems == []  # auto: a note, not a problem
+    tq.validate_config(config(tmp_path, "batch_size=4"))  # ... so the stage goes on
+    with pytest.raises(tq.ConfigError, match=rf"{key}: true, but .* cannot run here: .*Set {key}: auto"):
+        tq.validate_config(config(tmp_path, "batch_size=4", f"{key}=true"))
+
+
+def test_partial_checkpointing_needs_the_per_layer_flag(monkeypatch, tmp_path):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    own = GradientCheckpointingLayer.__call__
+
+    def call_without_the_flag(self, *args, **kwargs):  # a transformers that checkpoints by another switch
+        return own(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientCheckpointingLayer, "__call__", call_without_the_flag)
+    tq.validate_config(config(tmp_path, "gradient_checkpointing=true"))  # all layers: no per-layer switching
+    with pytest.raises(tq.ConfigError, match="checkpointed_layers: 0.5 needs per-layer checkpointing: .*no longer "
+                                             "reads a per-layer flag"):
+        tq.validate_config(config(tmp_path, "gradient_checkpointing=true", "checkpointed_layers=0.5"))
+
+
+def test_training_on_a_cpu_is_refused_when_bitsandbytes_repacks_under_another_switch(monkeypatch, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("the guard is for training on the CPU; this machine has a GPU")
+    import bitsandbytes
+
+    def forward(self, x):  # repacks for avx512 under a switch the trainer does not know
+        if self.use_avx512_inference_layout:
+            return x
+        return x
+
+    monkeypatch.setattr(bitsandbytes.nn.Linear4bit, "forward", forward)
+    with pytest.raises(tq.ConfigError, match="training on the CPU: bitsandbytes .* repacks 4-bit weights"):
+        tq.validate_config(config(tmp_path, "batch_size=4"))
+
+
+def test_a_stage_trains_with_every_guard_firing(tmp_path, tiny_model_path):
+    """The stand-ins above, all at once, in a real stage: it trains with the libraries' own code, logs one line per
+    patch that stepped aside, and records them in stage_metrics.json."""
+    result = run_script("tests/faults.py", "speed-patches-do-not-fit", *stage_args(1, tmp_path), "--set",
+                        "max_steps=3", "--set", "eval_questions=0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for key, (_, reason) in STAND_INS.items():
+        name = next(p.name for p in speed.SPEED_PATCHES if p.key == key)
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f"Speed patch {name}: "))
+        assert re.search(reason, line), line
+    recorded = json.loads((tmp_path / "stage1" / tq.STAGE_METRICS).read_text())["speed_patches"]
+    assert all(recorded[key].startswith("off: ") for key in STAND_INS), recorded
+
+
+def test_transformers_adapter_api_works_on_a_finished_stage(curriculum, tiny_model_path):
+    """A user who loads a finished stage with transformers (not peft) can use its adapter API: transformers 5.24
+    refused every call with peft 0.21 ("please use a version >= 0.22.0")."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    root, _ = curriculum
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_path, dtype=torch.float32)
+    model.load_adapter(str(root / "stage1"))
+    assert model.active_adapters() == ["default"]
+    saved = load_file(str(root / "stage1" / tq.ADAPTER_WEIGHTS))  # peft's names: base_model.model.<name>.weight
+    loaded = {n.replace(".default.", "."): p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    assert sorted(loaded) == sorted(n.removeprefix("base_model.model.") for n in saved)
+    assert all(torch.equal(loaded[n.removeprefix("base_model.model.")], t) for n, t in saved.items())
+    model.disable_adapters()
+    model.enable_adapters()
+    assert model.active_adapters() == ["default"]
