@@ -1161,7 +1161,8 @@ def check_adapter_on_every_process(model, cfg: StageConfig) -> list[dict]:
     if failed:  # one process: its message as it is; several: each failing process named
         raise CurriculumError(failed[0]["error"] if len(views) == 1
                               else "\n".join(f"process {v['process']}: {v['error']}" for v in failed))
-    hint = "Every process must read the same prev_checkpoint; on several machines, put it on a shared disk"
+    hint = ("Every process must read the same prev_checkpoint; on several machines, put it on a shared disk"
+            if cfg.prev_checkpoint else "A new adapter is drawn from `seed` on every process; they must all use one")
     check_processes_agree(views, "start_tensors_sha256", "weights before the first step", hint)
     check_processes_agree(views, "trainable_params", "trainable parameters", hint)
     return [{k: v for k, v in view.items() if k != "error"} for view in views]

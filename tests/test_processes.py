@@ -53,6 +53,28 @@ def ddp_curriculum(tmp_path_factory, tiny_model_path):
     return root, logs
 
 
+def test_a_new_adapter_starts_the_same_on_every_process_when_the_model_is_built_on_first_use(tmp_path):
+    """On a fresh machine the main process builds the tiny model (drawing random numbers) while the other waits; the
+    adapters were then initialised from different random states and the run stopped ("the processes hold different
+    adapters"). A copy of the project without models/ is that fresh machine."""
+    import shutil
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    for name in ("train_qlora_qwen3vl.py", "vqa_eval.py", "tiny_qwen3vl.py"):
+        shutil.copy(REPO / name, fresh)
+    for name in ("curriculum", "configs", "data/stage1"):
+        shutil.copytree(REPO / name, fresh / name, ignore=shutil.ignore_patterns("__pycache__"))
+    assert not (fresh / "models").exists()
+    args = ["configs/demo/stage1.yaml", "--set", "output_dir=models/stage1", "--set", "max_steps=2",
+            "--set", "eval_questions=0", "--set", "eval_file=null", "--set", "tensorboard=false"]
+    result = subprocess.run(launch_command("train_qlora_qwen3vl.py", *args), cwd=fresh, env=LAUNCH_ENV,
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Building the tiny random Qwen3-VL" in result.stdout
+    assert f"All {PROCESSES} processes hold the same adapter" in result.stdout
+
+
 def test_stage_2_continues_the_adapter_of_stage_1_on_two_processes(ddp_curriculum):
     root, _ = ddp_curriculum
     assert_continued(root / "stage1", root / "stage2")
