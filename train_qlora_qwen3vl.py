@@ -1468,6 +1468,22 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
     return answer_loss(outputs.logits, targets, num_items_in_batch), outputs
 
 
+def one_gpu_per_process(args, world: int) -> None:
+    """One process sees several GPUs (a plain `python train_qlora_qwen3vl.py` on a machine with two): the Trainer
+    would wrap the model in nn.DataParallel, which copies the whole 4-bit model to every GPU at every step, runs
+    slower than one GPU and reports half the batch it trains. Train on this process's GPU; `accelerate launch`
+    (configs/accelerate/ddp.yaml) is the way to use them all. The Trainer reads the count from `args._n_gpu`."""
+    if world > 1 or args.n_gpu <= 1:
+        return
+    if not hasattr(args, "_n_gpu"):
+        raise ConfigError(f"{args.n_gpu} GPUs are visible to one process and this transformers version would train "
+                          "on them with nn.DataParallel; set CUDA_VISIBLE_DEVICES to one GPU, or use accelerate launch "
+                          "--config_file configs/accelerate/ddp.yaml")
+    log(f"{args.n_gpu} GPUs visible to one process: training on GPU {training_device()} only (not nn.DataParallel); to "
+        "train on all of them: accelerate launch --config_file configs/accelerate/ddp.yaml train_qlora_qwen3vl.py ...")
+    args._n_gpu = 1
+
+
 def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_dir: Path):
     import torch
     from transformers import Trainer, TrainingArguments
@@ -1502,6 +1518,7 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
         ddp_find_unused_parameters=False, disable_tqdm=False, save_total_limit=2,
         prediction_loss_only=True,  # evaluation needs the loss only; never gather every batch's logits
     )
+    one_gpu_per_process(args, world)
     pad_id = processor.tokenizer.pad_token_id
     trainer_class = AnswerOnlyLossTrainer if cfg.answer_only_logits else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,

@@ -304,3 +304,20 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tiny_mo
     assert "Stopped: stopped by SIGTERM at step" in text, text[-3000:]  # said by rank 0, which got no signal
     checkpoints = tq.complete_checkpoints(tmp_path / "stage1.partial")
     assert checkpoints and 6 <= int(checkpoints[-1].name.split("-")[1]) < 40, text[-3000:]
+
+
+def test_one_process_that_sees_several_gpus_trains_on_one_not_with_data_parallel(tmp_path):
+    """On the two H200s a plain `python train_qlora_qwen3vl.py` trained through nn.DataParallel: a batch of 2 x 96
+    split over both GPUs, 30 GiB on the first, the rate reported for 96. TrainingArguments counts the visible GPUs
+    into `_n_gpu`, which the Trainer reads for DataParallel and the batch size."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=96, use_cpu=True,
+                             report_to="none")
+    assert args.n_gpu == 0 and hasattr(args, "_n_gpu")  # the attribute the pinned transformers keeps the count in
+    args._n_gpu = 2  # what it sets where one process sees two GPUs
+    assert args.train_batch_size == 192
+    tq.one_gpu_per_process(args, world=2)  # under accelerate launch each process already has one GPU: untouched
+    assert args.n_gpu == 2
+    tq.one_gpu_per_process(args, world=1)
+    assert args.n_gpu == 1 and args.train_batch_size == 96
