@@ -453,7 +453,7 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
     for key in ("eval_steps", "save_steps", "dataloader_num_workers"):
         if getattr(cfg, key) < 0:
             problems.append(f"{key} must be >= 0, got {getattr(cfg, key)}")
-    problems += speed.plan_speed_patches(cfg)[1]  # a patch set to true that the installed libraries cannot take
+    problems += speed.plan_speed_patches(cfg, fsdp_enabled())[1]  # a patch set to true that cannot apply here
     if cfg.min_pixels > cfg.max_pixels:
         problems.append(f"min_pixels ({cfg.min_pixels}) must not exceed max_pixels ({cfg.max_pixels})")
     for key in ("train_file", "eval_file", "test_file"):
@@ -1725,7 +1725,7 @@ def train_stage(cfg: StageConfig) -> dict:
         model = continue_adapter(model, cfg.prev_checkpoint)
     else:
         model = new_adapter(model, cfg.lora, cfg.seed)
-    patches = speed.apply_speed_patches(model, cfg, speed.plan_speed_patches(cfg)[0], log)
+    patches = speed.apply_speed_patches(model, cfg, speed.plan_speed_patches(cfg, fsdp_enabled())[0], log)
     process_views = check_adapter_on_every_process(model, cfg)
     trainable = process_views[0]["trainable_params"]
     start_file_sha = sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS) if cfg.prev_checkpoint else None

@@ -23,6 +23,7 @@ stage() {  # RUN CONFIG S [--set ...]
   local run=$1 config=$2 s=$3; shift 3
   [ -f "/tmp/exp4/$run/stage$s/stage_metrics.json" ] && { echo "== $run stage $s: kept from an earlier call"; return; }
   time_for 150 "$run stage $s" || { failed+=("$run stage $s (no time)"); return; }
+  mkdir -p "$out/$run"
   mapfile -t args < <(exp4_stage_args "$s" "$run" "$@")
   launch "$config" "${args[@]}" > "$out/$run/stage$s.log" 2>&1
   report_stage $? "$out/$run/stage$s.log" "$run" "$s" || failed+=("$run stage $s")
@@ -34,13 +35,16 @@ stage_stopped_and_resumed() {  # RUN CONFIG S: SIGTERM to the process group afte
   time_for 240 "$run stage $s stopped and resumed" || { failed+=("$run stage $s (no time)"); return; }
   mapfile -t args < <(exp4_stage_args "$s" "$run")
   local log="$out/$run/stage${s}_stopped.log"
-  setsid bash -c "$(declare -f launch); launch $config $(printf '%q ' "${args[@]}")" > "$log" 2>&1 &
+  # the launcher itself leads the new process group (a shell in between would exit at SIGTERM before it)
+  setsid python3 -m accelerate.commands.launch --config_file "configs/accelerate/$config.yaml" --num_processes 2 \
+    train_qlora_qwen3vl.py "${args[@]}" > "$log" 2>&1 &
   local leader=$!
-  for _ in $(seq 600); do grep -q "^step 4/" "$log" && break; kill -0 $leader 2>/dev/null || break; sleep 0.5; done
+  touch "$log"
+  for _ in $(seq 600); do tr '\r' '\n' < "$log" | grep -q "^step 4/" && break; kill -0 $leader 2>/dev/null || break; sleep 0.5; done
   kill -TERM -- -"$leader"
   wait $leader; local code=$?
   echo "== $run stage $s: SIGTERM to the process group after step 4: exit $code"
-  grep -aE "Received|Stopped|checkpoint|error" "$log" | tail -6
+  tr '\r' '\n' < "$log" | grep -aE "Received|Stopped|checkpoint|error" | tail -6
   ls -d "/tmp/exp4/$run/stage$s.partial"/checkpoint-* || failed+=("$run stage $s: no checkpoint after SIGTERM")
   stage "$run" "$config" "$s"
   grep -a "^Resuming stage" "$out/$run/stage$s.log" || failed+=("$run stage $s did not resume")
@@ -57,7 +61,9 @@ for mode in "$@"; do
   mkdir -p "$out/$mode"
   case $mode in
     ddp) stage ddp ddp 1; stage_stopped_and_resumed ddp ddp 2; verify ddp ;;
-    fsdp) stage fsdp fsdp_qlora 1 --set batch_size=32; stage fsdp fsdp_qlora 2 --set batch_size=32; verify fsdp ;;
+    fsdp) stage fsdp fsdp_qlora 1 --set batch_size=32; stage fsdp fsdp_qlora 2 --set batch_size=32; verify fsdp
+          [ -f /tmp/exp4/fsdp/stage1/stage_metrics.json ] || { time_for 90 "fsdp stage 1 again, CUDA_LAUNCH_BLOCKING" &&
+            CUDA_LAUNCH_BLOCKING=1 stage fsdp-blocking fsdp_qlora 1 --set batch_size=32 --set max_steps=2; } ;;
     *) echo "unknown mode $mode"; exit 2 ;;
   esac
 done

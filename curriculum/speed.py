@@ -212,17 +212,23 @@ class PatchDecision:
     note: str  # "on", "off (liger_kernels: false)", "off: <why>; <cost>"
 
 
-def plan_speed_patches(cfg) -> tuple[dict[str, PatchDecision], list[str]]:
+# Measured: FSDP-QLoRA with 2 processes on 2 H200s stopped in the first evaluation with "Triton Error [CUDA]: an
+# illegal memory access was encountered" inside Liger's RMSNorm kernel (bench/RESULTS.md, 2026-11-30); DDP and one
+# GPU run it cleanly.
+LIGER_UNDER_FSDP = "under FSDP, liger-kernel 0.8.5's RMSNorm kernel hit an illegal memory access (2 H200s, 2026-11-30)"
+
+
+def plan_speed_patches(cfg, fsdp: bool = False) -> tuple[dict[str, PatchDecision], list[str]]:
     """Decide every speed patch from the config and the installed libraries, before the model loads. Returns the
     decisions by config key, and the problems (a patch set to true that cannot apply), one line each, naming the key.
-    Also checks what checkpointed_layers < 1 and training on a CPU rely on."""
+    Also checks what checkpointed_layers < 1 and training on a CPU rely on. `fsdp`: launched with an FSDP config."""
     decisions, problems = {}, []
     for patch in SPEED_PATCHES:
         setting = getattr(cfg, patch.key)
         if setting is False:
             decisions[patch.key] = PatchDecision(False, f"off ({patch.key}: false)")
             continue
-        why = patch.problem()
+        why = patch.problem() or (LIGER_UNDER_FSDP if fsdp and patch.key == "liger_kernels" else None)
         if why is None:
             decisions[patch.key] = PatchDecision(True, "on")
         elif setting is True:
