@@ -55,6 +55,5 @@ report_stage() {  # EXIT_CODE LOG RUN S
   tr '\r' '\n' < "$log" | grep -aE "^(step|Speed patch|Batch size|Effective|first_eval_loss|final_eval_loss|Saved|error|Stopped|Resuming)|✓|All [0-9]+ processes|Loaded 4-bit" | tail -30
   cp "/tmp/exp4/$run/stage$s/stage_metrics.json" "${log%.log}_metrics.json" 2>/dev/null || true
   [ "$code" -eq 0 ] || return 1
-  # Liger must be on; under FSDP it steps aside (curriculum/speed.py: LIGER_UNDER_FSDP)
-  grep -q "Speed patch Liger kernels (RoPE, RMSNorm, SwiGLU): on" "$log" || [[ $run == fsdp* ]]
+  grep -q "Speed patch Liger kernels (RoPE, RMSNorm, SwiGLU): on" "$log"
 }

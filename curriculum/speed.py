@@ -212,10 +212,11 @@ class PatchDecision:
     note: str  # "on", "off (liger_kernels: false)", "off: <why>; <cost>"
 
 
-# Measured: FSDP-QLoRA with 2 processes on 2 H200s stopped in the first evaluation with "Triton Error [CUDA]: an
-# illegal memory access was encountered" inside Liger's RMSNorm kernel (bench/RESULTS.md, 2026-11-30); DDP and one
-# GPU run it cleanly.
-LIGER_UNDER_FSDP = "under FSDP, liger-kernel 0.8.5's RMSNorm kernel hit an illegal memory access (2 H200s, 2026-11-30)"
+# Measured: FSDP-QLoRA with 2 processes on 2 H200s stopped in the first evaluation with "an illegal memory access was
+# encountered"; with CUDA_LAUNCH_BLOCKING=1 it is fused_lora_4bit_forward reading lora_B.weight, a sharded flat
+# parameter that only lora_B's own forward (which it skips) gathers first (bench/RESULTS.md, 2026-11-30).
+FUSED_LORA_UNDER_FSDP = ("under FSDP the LoRA weights are sharded and gathered by each LoRA module's own forward, "
+                         "which the fused forward skips (an illegal memory access on 2 H200s, 2026-11-30)")
 
 
 def plan_speed_patches(cfg, fsdp: bool = False) -> tuple[dict[str, PatchDecision], list[str]]:
@@ -228,7 +229,7 @@ def plan_speed_patches(cfg, fsdp: bool = False) -> tuple[dict[str, PatchDecision
         if setting is False:
             decisions[patch.key] = PatchDecision(False, f"off ({patch.key}: false)")
             continue
-        why = patch.problem() or (LIGER_UNDER_FSDP if fsdp and patch.key == "liger_kernels" else None)
+        why = patch.problem() or (FUSED_LORA_UNDER_FSDP if fsdp and patch.key == "fused_lora_forward" else None)
         if why is None:
             decisions[patch.key] = PatchDecision(True, "on")
         elif setting is True:
