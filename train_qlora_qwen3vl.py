@@ -384,6 +384,80 @@ def extra_adapters(adapter_dir: str | os.PathLike) -> list[str]:
     return sorted(p.parent.name for p in Path(adapter_dir).glob(f"*/{ADAPTER_CONFIG}"))
 
 
+def adapter_tensor_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
+    """Name -> shape of each tensor in the adapter's safetensors file, from the file's header (no weights read)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), framework="numpy") as f:
+        return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def adapter_file_problems(adapter_dir: str | os.PathLike, expected: LoraSettings | None = None,
+                          expected_source: str = "") -> list[str]:
+    """Why the adapter saved in `adapter_dir` cannot load as the LoRA its adapter_config.json describes, one line
+    each, none if it can. Reads the JSON and the tensor shapes, no weights and no model: a hand-edited config is
+    named in a second, not as a size mismatch from deep inside the model load. With `expected` (the LoRA settings
+    from `expected_source`, e.g. the stage's resolved_config.yaml) the tensors are held against those too."""
+    adapter_dir = Path(adapter_dir)
+    try:
+        saved = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    except FileNotFoundError:
+        return [f"no {ADAPTER_CONFIG}"]
+    except ValueError as err:  # not JSON, or not even text
+        return [f"{ADAPTER_CONFIG} is not valid JSON ({err})"]
+    if not isinstance(saved, dict):
+        return [f"{ADAPTER_CONFIG} holds a JSON {type(saved).__name__}, not an object"]
+    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
+        return [f"no {ADAPTER_WEIGHTS}"]
+    try:
+        shapes = adapter_tensor_shapes(adapter_dir)
+    except Exception as err:  # safetensors raises its own error types for a corrupt header or a cut-short file
+        return [f"{ADAPTER_WEIGHTS} is unreadable (truncated or corrupt?): {' '.join(str(err).split())}"]
+
+    # peft names a tensor <module path>.lora_A.weight (shape r x in) and <module path>.lora_B.weight (out x r)
+    ranks_by_module: dict[str, dict[str, int]] = {}
+    problems = []
+    for name, shape in shapes.items():
+        for part, rank_dim in (("lora_A", 0), ("lora_B", 1)):
+            if f".{part}." in name:
+                if len(shape) < 2:
+                    problems.append(f"{ADAPTER_WEIGHTS}: {name} has shape {shape}, not a matrix")
+                    continue
+                ranks_by_module.setdefault(name.split(f".{part}.")[0], {})[part] = shape[rank_dim]
+    if not ranks_by_module:
+        return problems or [f"{ADAPTER_WEIGHTS} holds no LoRA tensors"]
+    problems += [f"{ADAPTER_WEIGHTS}: {module} has {' and '.join(pair)} only"
+                 for module, pair in ranks_by_module.items() if len(pair) != 2][:3]
+    problems += [f"{ADAPTER_WEIGHTS}: {module} has lora_A of rank {pair['lora_A']} and lora_B of rank "
+                 f"{pair['lora_B']}" for module, pair in ranks_by_module.items()
+                 if len(pair) == 2 and pair["lora_A"] != pair["lora_B"]][:3]
+    ranks = sorted({rank for pair in ranks_by_module.values() for rank in pair.values()})
+    tensor_rank = " and ".join(map(str, ranks))
+    modules = list(ranks_by_module)
+    adapted = sorted({module.rsplit(".", 1)[-1] for module in modules})  # q_proj, ...: what the YAML names
+
+    def same_targets(targets: list[str]) -> bool:
+        """Each target adapts a module and each module is a target's, matched as peft matches a list of targets: a
+        module is targeted when its path is the target or ends with '.' + the target."""
+        matched = [(m, t) for m in modules for t in targets if m == t or m.endswith("." + t)]
+        return {t for _, t in matched} == set(targets) and {m for m, _ in matched} == set(modules)
+
+    r, targets = saved.get("r"), saved.get("target_modules")
+    if not isinstance(r, int) or r < 1:
+        problems.append(f"{ADAPTER_CONFIG} has no valid r (got {r!r})")
+    elif ranks != [r] and not saved.get("rank_pattern"):  # a rank_pattern gives modules their own ranks
+        problems.append(f"{ADAPTER_CONFIG} says r={r}, the tensors have rank {tensor_rank}")
+    if isinstance(targets, list) and not same_targets(targets):  # a string is a regex, left to peft
+        problems.append(f"{ADAPTER_CONFIG} targets {','.join(sorted(targets))}, the tensors adapt {','.join(adapted)}")
+    if expected is not None:
+        if ranks != [expected.r]:
+            problems.append(f"{expected_source} says lora.r={expected.r}, the tensors have rank {tensor_rank}")
+        if not same_targets(list(expected.target_modules)):
+            problems.append(f"{expected_source} says lora.target_modules="
+                            f"{','.join(sorted(expected.target_modules))}, the tensors adapt {','.join(adapted)}")
+    return problems
+
+
 def curriculum_stage_dirs(root: str | os.PathLike) -> list[Path]:
     """The finished stage directories under `root` (those with stage_metrics.json), in their recorded stage order."""
     stages = [p.parent for p in Path(root).glob(f"*/{STAGE_METRICS}")]
@@ -472,7 +546,11 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
         elif not (prev / ADAPTER_CONFIG).is_file() or not (prev / ADAPTER_WEIGHTS).is_file():
             problems.append(f"prev_checkpoint: {prev} holds no LoRA adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
         else:
-            problems += [f"prev_checkpoint: {line}" for line in lora_mismatches(cfg.lora, read_adapter_lora(prev))]
+            # A damaged adapter is refused here, naming the file, rather than as a size mismatch inside the load.
+            file_problems = adapter_file_problems(prev)
+            problems += [f"prev_checkpoint: {prev}: {line}" for line in file_problems]
+            if not file_problems:  # (an adapter_config.json that does not read has no settings to compare)
+                problems += [f"prev_checkpoint: {line}" for line in lora_mismatches(cfg.lora, read_adapter_lora(prev))]
             nested = extra_adapters(prev)
             if nested:
                 problems.append(f"prev_checkpoint: {prev} holds more than one adapter (also: {', '.join(nested)})")

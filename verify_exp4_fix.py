@@ -1,12 +1,14 @@
 """Prove that a saved curriculum stage continued the same LoRA adapter, and say plainly what is wrong if not.
 
     python verify_exp4_fix.py models/exp4_curriculum/stage2 [--config configs/exp4_stage2.yaml]
-                              [--base PATH_OR_ID] [--tolerance 0.10] [--skip-load] [--json]
+                              [--base PATH_OR_ID] [--tolerance 0.10] [--skip-load] [--json] [--debug]
     python verify_exp4_fix.py --curriculum models/exp4_curriculum     # every stage, in order
     python verify_exp4_fix.py --script train_qlora_qwen3vl.py          # the static check alone
 
 Each check prints one line: `✓ name: ...`, `✗ name: ...` (with the reason) or `- name: not run (...)`.
 Exit 0 when no check failed, 1 when any failed, 2 on bad usage. A check that cannot run is never a pass.
+Each check runs on its own: a stage damaged in a way that makes one check raise fails that check, with the error in
+one line (the traceback with --debug), and the other checks still run.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ import ast
 import contextlib
 import io
 import json
+import math
+import os
 import sys
-from dataclasses import asdict, dataclass
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import train_qlora_qwen3vl as tq
@@ -25,10 +31,12 @@ import train_qlora_qwen3vl as tq
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
 FORBIDDEN_IN_CONTINUE_BRANCH = ("merge_and_unload", "prepare_model_for_kbit_training", "get_peft_model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+NO_METRICS = f"no readable {tq.STAGE_METRICS} (see stage record)"
 
 
 class UsageError(Exception):
-    """Bad command line, missing directory or unreadable files: exit 2."""
+    """Bad command line, a missing directory, or a --config or --script that does not read: exit 2. (A stage's own
+    files that do not read are a damaged stage: a failed check.)"""
 
 
 @dataclass
@@ -37,10 +45,18 @@ class Check:
     status: str
     detail: str
     stage_dir: str = ""
+    traceback: str = ""
+    """Where the check raised (a damage no check foresaw); printed with --debug only."""
 
     def line(self) -> str:
         mark = {PASS: "✓", FAIL: "✗", NOT_RUN: "-"}[self.status]
         return f"{mark} {self.name}: " + (f"not run ({self.detail})" if self.status == NOT_RUN else self.detail)
+
+
+def one_line(err: Exception, limit: int = 300) -> str:
+    """An exception as one line of the report: its type and message, whitespace folded, cut at `limit`."""
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -48,24 +64,38 @@ class Check:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def read_stage(stage_dir: Path) -> tuple[dict | None, tq.StageConfig | None]:
-    """The stage's metrics and resolved config, if it recorded them (a stage made elsewhere may not have)."""
-    metrics = config = None
+@dataclass
+class StageRecord:
+    """What a stage recorded: its metrics and resolved config, None where absent or unreadable (then `problems`
+    says why; a stage made elsewhere may have neither file)."""
+    metrics: dict | None
+    config: tq.StageConfig | None
+    problems: list[str] = field(default_factory=list)
+
+
+def read_stage(stage_dir: Path) -> StageRecord:
+    """The stage's metrics and resolved config; a file that does not read is a problem of the stage, not an error."""
+    record = StageRecord(None, None)
     if (stage_dir / tq.STAGE_METRICS).is_file():
         try:
             metrics = json.loads((stage_dir / tq.STAGE_METRICS).read_text())
-        except json.JSONDecodeError as err:
-            raise UsageError(f"{stage_dir / tq.STAGE_METRICS}: not valid JSON ({err.msg})") from None
+        except ValueError as err:  # not JSON, or not even text
+            record.problems.append(f"{tq.STAGE_METRICS} is not valid JSON ({err})")
+        else:
+            if isinstance(metrics, dict):
+                record.metrics = metrics
+            else:
+                record.problems.append(f"{tq.STAGE_METRICS} holds a JSON {type(metrics).__name__}, not an object")
     if (stage_dir / tq.RESOLVED_CONFIG).is_file():
         try:
-            config = tq.load_config(stage_dir / tq.RESOLVED_CONFIG)
+            record.config = tq.load_config(stage_dir / tq.RESOLVED_CONFIG)
         except tq.ConfigError as err:
-            raise UsageError(str(err)) from None
-    return metrics, config
+            record.problems.append(" ".join(str(err).split()))
+    return record
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The checks; each returns a Check and never raises for a broken stage
+# The checks; each returns a Check, and one that raises anyway (damage it did not foresee) fails alone: run_isolated
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -83,15 +113,18 @@ def check_adapter_files(stage_dir: Path) -> Check:
             if (stage_dir / "model.safetensors").is_file() or (stage_dir / "config.json").is_file() else ""
         return Check(name, FAIL, f"no {tq.ADAPTER_CONFIG} in {stage_dir}{hint}")
     try:
-        json.loads((stage_dir / tq.ADAPTER_CONFIG).read_text())
-    except json.JSONDecodeError as err:
-        return Check(name, FAIL, f"{tq.ADAPTER_CONFIG} is not valid JSON ({err.msg})")
+        saved_config = json.loads((stage_dir / tq.ADAPTER_CONFIG).read_text())
+    except ValueError as err:  # not JSON, or not even text
+        return Check(name, FAIL, f"{tq.ADAPTER_CONFIG} is not valid JSON ({err})")
+    if not isinstance(saved_config, dict):
+        return Check(name, FAIL, f"{tq.ADAPTER_CONFIG} holds a JSON {type(saved_config).__name__}, not an object")
     if not (stage_dir / tq.ADAPTER_WEIGHTS).is_file():
         return Check(name, FAIL, f"no {tq.ADAPTER_WEIGHTS} in {stage_dir}")
     try:
         tensors = tq.read_adapter_file(stage_dir)
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} is unreadable (truncated or corrupt?): {err}")
+        return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} is unreadable (truncated or corrupt?): "
+                                 f"{' '.join(str(err).split())}")
     if not tensors:
         return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} holds no tensors: an empty adapter was saved (as the Trainer "
                                  "does under FSDP with peft's own filter)")
@@ -101,6 +134,45 @@ def check_adapter_files(stage_dir: Path) -> Check:
                                  f"{not_lora[:2]} (a merged or full model, not an adapter)")
     return Check(name, PASS, f"{tq.ADAPTER_CONFIG} and {tq.ADAPTER_WEIGHTS} ({len(tensors)} LoRA tensors, "
                              "safetensors only)")
+
+
+def check_adapter_shapes(stage_dir: Path, saved_config: tq.StageConfig | None) -> Check:
+    """The tensors' ranks and modules against adapter_config.json and the stage's resolved_config.yaml: the cheap
+    way to name a hand-edited or mixed-up config, which the model load reports only as a size mismatch."""
+    name = "adapter shapes"
+    problems = tq.adapter_file_problems(stage_dir, saved_config.lora if saved_config else None, tq.RESOLVED_CONFIG)
+    if problems:
+        return Check(name, FAIL, "; ".join(problems))
+    saved = tq.read_adapter_lora(stage_dir)
+    against = f"{tq.ADAPTER_CONFIG} and {tq.RESOLVED_CONFIG}" if saved_config else tq.ADAPTER_CONFIG
+    return Check(name, PASS, f"the tensors have rank {saved['r']} on {','.join(saved['target_modules'])}, as "
+                             f"{against} say")
+
+
+def check_stage_record(stage_dir: Path, record: StageRecord) -> Check:
+    """stage_metrics.json and resolved_config.yaml are there, read, and describe the same stage. The trainer writes
+    both with every finished stage, so one missing or from elsewhere is a damaged stage."""
+    name = "stage record"
+    if record.problems:
+        return Check(name, FAIL, "; ".join(record.problems))
+    metrics, config = record.metrics, record.config
+    if metrics is None and config is None:
+        return Check(name, NOT_RUN, f"no {tq.STAGE_METRICS} and no {tq.RESOLVED_CONFIG} (a stage made elsewhere?)")
+    if metrics is None:
+        return Check(name, FAIL, f"no {tq.STAGE_METRICS} beside {tq.RESOLVED_CONFIG}: the trainer writes both with "
+                                 "every finished stage (lost, or copied without it?)")
+    if config is None:
+        return Check(name, FAIL, f"no {tq.RESOLVED_CONFIG} beside {tq.STAGE_METRICS}: the trainer writes both with "
+                                 "every finished stage (lost, or copied without it?)")
+    recorded = {"stage": (metrics.get("stage"), config.stage),
+                "model_name_or_path": (metrics.get("model_name_or_path"), config.model_name_or_path),
+                "lora": (metrics.get("lora"), asdict(config.lora))}
+    differ = [f"{key}: {tq.STAGE_METRICS} says {in_metrics!r}, {tq.RESOLVED_CONFIG} says {in_config!r}"
+              for key, (in_metrics, in_config) in recorded.items() if in_metrics != in_config]
+    if differ:
+        return Check(name, FAIL, "; ".join(differ) + f" (a {tq.STAGE_METRICS} from another stage?)")
+    return Check(name, PASS, f"stage {config.stage}: {tq.STAGE_METRICS} and {tq.RESOLVED_CONFIG} agree on stage, "
+                             "base model and LoRA settings")
 
 
 def check_lora_config(stage_dir: Path, expected: tq.LoraSettings | None, source: str) -> Check:
@@ -121,7 +193,7 @@ def lora_b_all_zero(tensors: dict) -> bool:
 def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     name = "lineage"
     if metrics is None:
-        return Check(name, NOT_RUN, f"no {tq.STAGE_METRICS} in the stage")
+        return Check(name, NOT_RUN, NO_METRICS)
     tensors = tq.read_adapter_file(stage_dir)
     if lora_b_all_zero(tensors):
         return Check(name, FAIL, "every LoRA B matrix is zero: an untrained, fresh adapter was saved")
@@ -159,11 +231,11 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
 def check_continuity(metrics: dict | None, tolerance: float) -> Check:
     name = "continuity"
     if metrics is None:
-        return Check(name, NOT_RUN, f"no {tq.STAGE_METRICS} in the stage")
+        return Check(name, NOT_RUN, NO_METRICS)
     if not metrics.get("prev_checkpoint"):
         return Check(name, NOT_RUN, "stage 1 has no previous stage")
-    prev_metrics, _ = read_stage(Path(metrics["prev_checkpoint"])) if Path(metrics["prev_checkpoint"]).is_dir() \
-        else (None, None)
+    prev_dir = Path(metrics["prev_checkpoint"])
+    prev_metrics = read_stage(prev_dir).metrics if prev_dir.is_dir() else None
     prev_final = (prev_metrics or {}).get("final_eval_loss", metrics.get("previous_final_eval_loss"))
     first = metrics.get("first_eval_loss")
     if first is None or prev_final is None:
@@ -176,11 +248,24 @@ def check_continuity(metrics: dict | None, tolerance: float) -> Check:
     return Check(name, PASS, detail)
 
 
+def is_missing_local_path(name_or_path: str | None) -> bool:
+    """A base named by a local path that is not there. A hub id (`org/name`, one slash at most) may be fetched or
+    cached elsewhere, so it is left to the load."""
+    if not name_or_path:
+        return False
+    looks_local = os.path.isabs(name_or_path) or name_or_path.startswith(("./", "../")) or name_or_path.count("/") > 1
+    return looks_local and not Path(name_or_path).exists()
+
+
 def check_base_model(metrics: dict | None, config: tq.StageConfig | None, base: str | None) -> Check:
     name = "base model"
     if metrics is None:
-        return Check(name, NOT_RUN, f"no {tq.STAGE_METRICS} in the stage")
+        return Check(name, NOT_RUN, NO_METRICS)
     problems = []
+    if is_missing_local_path(base or metrics.get("model_name_or_path")):
+        problems.append(f"base {base} (--base) does not exist" if base else
+                        f"the stage trained on {metrics.get('model_name_or_path')}, which no longer exists (moved? "
+                        "pass --base with where it is now)")
     if base and base != metrics.get("model_name_or_path"):
         problems.append(f"--base {base} but the stage trained on {metrics.get('model_name_or_path')}")
     if config is not None:
@@ -210,7 +295,7 @@ def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: t
             model_path = tq.resolve_model_path(model_name)
             model = tq.load_quantized_base(model_path, config)
         except Exception as err:  # no GPU for an 8B, no local copy of a hub id, ...
-            return Check(name, NOT_RUN, f"base {model_name} could not be loaded here: {type(err).__name__}: {err}")
+            return Check(name, NOT_RUN, f"base {model_name} could not be loaded here: {one_line(err)}")
         model = tq.continue_adapter(model, str(stage_dir))
     try:
         count = tq.check_adapter_trainable(model, config.lora)
@@ -299,44 +384,80 @@ def check_training_script(script: Path) -> Check:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def run_isolated(name: str, check: Callable[[], Check]) -> Check:
+    """Run one check on its own. If it raises (the stage is damaged in a way the check does not foresee, such as
+    an adapter the model load refuses), that check fails with the error in one line and the others still run."""
+    try:
+        return check()
+    except UsageError:
+        raise
+    except Exception as err:
+        return Check(name, FAIL, f"{one_line(err)} (--debug shows the traceback)", traceback=traceback.format_exc())
+
+
 def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tolerance: float,
                  skip_load: bool, script: Path) -> list[Check]:
     if not stage_dir.is_dir():
         raise UsageError(f"stage directory not found: {stage_dir}")
-    metrics, saved_config = read_stage(stage_dir)
+    record = read_stage(stage_dir)
+    metrics, saved_config = record.metrics, record.config
     config, source = saved_config, f"{stage_dir / tq.RESOLVED_CONFIG}"
     if config_path:
         try:
             config, source = tq.load_config(config_path), config_path
         except tq.ConfigError as err:
             raise UsageError(str(err)) from None
-    checks = [check_adapter_files(stage_dir)]
-    if checks[0].status == FAIL:  # nothing else can be read from a stage without a readable adapter
-        rest = ["LoRA config", "lineage", "continuity", "base model", "reopened for training"]
-        checks += [Check(n, NOT_RUN, "the adapter files are broken") for n in rest]
-    else:
-        checks += [check_lora_config(stage_dir, config.lora if config else None, source),
-                   check_lineage(stage_dir, metrics), check_continuity(metrics, tolerance),
-                   check_base_model(metrics, config if config_path else None, base)]
-        checks.append(Check("reopened for training", NOT_RUN, "--skip-load") if skip_load
-                      else check_reopened_for_training(stage_dir, metrics, config, base))
-    checks.append(check_training_script(script))
+    adapter_files = run_isolated("adapter files", lambda: check_adapter_files(stage_dir))
+
+    def needs_adapter(name: str, check: Callable[[], Check]) -> Check:
+        # Nothing about the adapter can be read from a stage whose adapter files are broken; the rest still runs.
+        return Check(name, NOT_RUN, "the adapter files are broken") if adapter_files.status == FAIL \
+            else run_isolated(name, check)
+
+    checks = [
+        adapter_files,
+        needs_adapter("adapter shapes", lambda: check_adapter_shapes(stage_dir, saved_config)),
+        run_isolated("stage record", lambda: check_stage_record(stage_dir, record)),
+        needs_adapter("LoRA config", lambda: check_lora_config(stage_dir, config.lora if config else None, source)),
+        needs_adapter("lineage", lambda: check_lineage(stage_dir, metrics)),
+        run_isolated("continuity", lambda: check_continuity(metrics, tolerance)),
+        run_isolated("base model", lambda: check_base_model(metrics, config if config_path else None, base)),
+        Check("reopened for training", NOT_RUN, "--skip-load") if skip_load else
+        needs_adapter("reopened for training", lambda: check_reopened_for_training(stage_dir, metrics, config, base)),
+        run_isolated("training script", lambda: check_training_script(script)),
+    ]
     for c in checks:
         c.stage_dir = str(stage_dir)
     return checks
 
 
+TRAINER_WORK_DIRS = (".partial", ".saving", ".replaced")  # <output_dir>.partial etc.: the trainer's, not stages
+
+
 def curriculum_stages(root: Path) -> list[Path]:
+    """The stage directories under `root`, in their recorded stage order. Every directory holding a stage's files
+    counts, so a stage that lost its stage_metrics.json, or holds one that does not read, is reported, not skipped."""
     if not root.is_dir():
         raise UsageError(f"curriculum directory not found: {root}")
-    stages = tq.curriculum_stage_dirs(root)
+    stage_files = (tq.STAGE_METRICS, tq.RESOLVED_CONFIG, tq.ADAPTER_CONFIG)
+    stages = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.endswith(TRAINER_WORK_DIRS)
+              and any((d / f).is_file() for f in stage_files)]
     if not stages:
         raise UsageError(f"{root} holds no stage directories (with {tq.STAGE_METRICS})")
-    return stages
+
+    def recorded_stage(stage_dir: Path) -> float:
+        record = read_stage(stage_dir)
+        number = (record.metrics or {}).get("stage", record.config.stage if record.config else None)
+        return number if isinstance(number, int) else math.inf  # no readable stage number: after the others
+
+    return sorted(stages, key=recorded_stage)
 
 
 def check_same_lora_across(stages: list[Path]) -> Check:
-    configs = {str(s): tq.read_adapter_lora(s) for s in stages if (s / tq.ADAPTER_CONFIG).is_file()}
+    configs = {}
+    for stage in stages:  # an adapter_config.json that does not read is its own stage's failed check
+        with contextlib.suppress(ValueError, AttributeError):
+            configs[str(stage)] = tq.read_adapter_lora(stage)
     if len({json.dumps(c, sort_keys=True) for c in configs.values()}) > 1:
         return Check("LoRA config across stages", FAIL, "differs: " + "; ".join(f"{k}: {v}" for k, v in
                                                                                  configs.items()))
@@ -353,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=0.10, help="continuity tolerance (default 0.10)")
     parser.add_argument("--skip-load", action="store_true", help="run only the checks that need no model")
     parser.add_argument("--json", action="store_true", help="print a machine-readable report")
+    parser.add_argument("--debug", action="store_true", help="with a check that raised, print where (its traceback)")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -363,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
             stages = curriculum_stages(Path(args.curriculum))
             checks = [c for s in stages for c in verify_stage(s, None, args.base, args.tolerance, args.skip_load,
                                                               script)]
-            checks.append(check_same_lora_across(stages))
+            checks.append(run_isolated("LoRA config across stages", lambda: check_same_lora_across(stages)))
         elif args.stage_dir:
             checks = verify_stage(Path(args.stage_dir), args.config, args.base, args.tolerance, args.skip_load,
                                   script)
@@ -378,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     failed = sum(c.status == FAIL for c in checks)
     if args.json:
-        print(json.dumps({"ok": failed == 0, "checks": [asdict(c) for c in checks]}, indent=2))
+        reported = [{k: v for k, v in asdict(c).items() if k != "traceback" or args.debug} for c in checks]
+        print(json.dumps({"ok": failed == 0, "checks": reported}, indent=2))
     else:
         current = None
         for c in checks:
@@ -386,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                 current = c.stage_dir
                 print(f"== {current}")
             print(c.line())
+            if args.debug and c.traceback:
+                print("    " + c.traceback.rstrip().replace("\n", "\n    "))
         counts = {s: sum(c.status == s for c in checks) for s in (PASS, FAIL, NOT_RUN)}
         print(f"verify: {counts[PASS]} passed, {counts[FAIL]} failed, {counts[NOT_RUN]} not run")
     return 1 if failed else 0

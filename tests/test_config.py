@@ -3,8 +3,10 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
+from safetensors.numpy import save_file
 
 import train_qlora_qwen3vl as tq
 
@@ -131,7 +133,10 @@ def fake_adapter(path: Path, r=4, alpha=8, dropout=0.05, targets=("q_proj", "k_p
     path.mkdir(parents=True, exist_ok=True)
     (path / tq.ADAPTER_CONFIG).write_text(json.dumps({"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
                                                       "target_modules": list(targets)}))
-    (path / tq.ADAPTER_WEIGHTS).write_bytes(b"")
+    # tensors that fit the config (validate_config holds the two against each other), one layer's worth
+    tensors = {f"base_model.model.model.language_model.layers.0.self_attn.{t}.{part}.weight": np.zeros(shape, "float32")
+               for t in targets for part, shape in (("lora_A", (r, 8)), ("lora_B", (8, r)))}
+    save_file(tensors, str(path / tq.ADAPTER_WEIGHTS))
     return path
 
 
@@ -146,6 +151,19 @@ def test_prev_checkpoint_with_other_lora_config_is_refused(tmp_path):
         tq.validate_config(stage2_config(tmp_path, prev))
     assert "lora.r: the YAML says 4, the saved adapter has 8" in str(err.value)
     assert "lora.target_modules" in str(err.value)
+
+
+def test_prev_checkpoint_whose_config_does_not_fit_its_tensors_is_refused(tmp_path):
+    prev = fake_adapter(tmp_path / "stage1", r=4)
+    (prev / tq.ADAPTER_CONFIG).write_text(json.dumps({"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+                                                      "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+    cfg = stage2_config(tmp_path, prev, "lora:\n  r: 8\n  alpha: 16\n")  # the YAML agrees with the edited config
+    with pytest.raises(tq.ConfigError, match=f"prev_checkpoint: {prev}: adapter_config.json says r=8, the tensors "
+                                             "have rank 4"):
+        tq.validate_config(cfg)
+    (prev / tq.ADAPTER_CONFIG).write_text('{"r": 8,')
+    with pytest.raises(tq.ConfigError, match=f"prev_checkpoint: {prev}: adapter_config.json is not valid JSON"):
+        tq.validate_config(cfg)
 
 
 def test_prev_checkpoint_with_matching_config_passes(tmp_path):

@@ -151,14 +151,17 @@ def test_base_model_mismatch_is_reported(curriculum, tmp_path):
 
 
 def test_unloadable_base_is_not_run_never_passed(curriculum, tmp_path):
+    """A hub id that cannot be loaded here (offline, or no GPU for an 8B) is not run; a local path that is gone is a
+    failed check (tests/test_damaged_stage.py)."""
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "elsewhere")
-    cfg_text = (stage / tq.RESOLVED_CONFIG).read_text().replace("tiny-qwen3vl", str(tmp_path / "no-such-model"))
+    cfg_text = (stage / tq.RESOLVED_CONFIG).read_text().replace("tiny-qwen3vl", "no-such-org/no-such-model")
     (stage / tq.RESOLVED_CONFIG).write_text(cfg_text)
     m = metrics(stage)
-    m["model_name_or_path"] = str(tmp_path / "no-such-model")
+    m["model_name_or_path"] = "no-such-org/no-such-model"
     (stage / tq.STAGE_METRICS).write_text(json.dumps(m))
-    code, out = verify(str(stage))
+    result = run_script("verify_exp4_fix.py", str(stage), env_extra={"HF_HUB_OFFLINE": "1"})
+    code, out = result.returncode, result.stdout
     assert code == 0 and "- reopened for training: not run (base " in out and "could not be loaded here" in out
     assert "1 not run" in out
 
@@ -217,10 +220,10 @@ def test_bad_usage_exits_2(tmp_path):
     assert verify()[0] == 2
     assert verify("--curriculum", str(tmp_path))[0] == 2
     assert verify("--bogus-flag")[0] == 2
-    (tmp_path / "s").mkdir()
-    (tmp_path / "s" / tq.STAGE_METRICS).write_text("{broken")
-    code, out = verify(str(tmp_path / "s"))
-    assert code == 2 and "not valid JSON" in out
+    (tmp_path / "broken.yaml").write_text("lora: [unclosed")
+    code, out = verify(str(tmp_path), "--config", str(tmp_path / "broken.yaml"))
+    assert code == 2 and "YAML syntax error" in out
+    # (a stage's own stage_metrics.json that does not read is a damaged stage, exit 1: tests/test_damaged_stage.py)
 
 
 def test_curriculum_with_differing_lora_configs_is_rejected(curriculum, tmp_path):
