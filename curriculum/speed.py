@@ -236,7 +236,8 @@ def plan_speed_patches(cfg, fsdp: bool = False) -> tuple[dict[str, PatchDecision
             problems.append(f"{patch.key}: true, but {patch.name} cannot run here: {why}. Set {patch.key}: auto to "
                             "go on without it")
         else:
-            decisions[patch.key] = PatchDecision(False, f"off: {why}; cost: {patch.cost}")
+            cost = "" if why.startswith("no GPU") else f"; cost: {patch.cost}"  # a CPU run loses nothing by it
+            decisions[patch.key] = PatchDecision(False, f"off: {why}{cost}")
     if cfg.gradient_checkpointing and cfg.checkpointed_layers < 1:
         why = partial_checkpointing_problem()
         if why:

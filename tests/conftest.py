@@ -13,6 +13,17 @@ sys.path.insert(0, str(REPO / "tests"))
 
 import train_qlora_qwen3vl as tq  # noqa: E402  (after the path is set)
 
+# Test tiers: `python -m pytest -q -m "not slow"` runs the pure functions, config and metrics in about a minute; the
+# slow tier loads the tiny model or runs the CLI (stages, faults, several processes). CI runs both.
+SLOW_FIXTURES = {"tiny_model_path", "processor", "curriculum", "ddp_curriculum", "trained_adapter"}
+SLOW_MODULES = {"test_curriculum", "test_faults", "test_processes", "test_damaged_stage", "test_eval_e2e"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:

@@ -215,30 +215,6 @@ def test_main_prints_config_errors_without_traceback(tmp_path, minimal, capsys):
     assert "Traceback" not in err
 
 
-def all_keys(cls, prefix=""):
-    import dataclasses
-
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        if dataclasses.is_dataclass(default):
-            yield from all_keys(type(default), f"{prefix}{f.name}.")
-        else:
-            yield f"{prefix}{f.name}", default, f.default is dataclasses.MISSING and f.default_factory is \
-                dataclasses.MISSING
-
-
-def test_readme_documents_every_config_key_with_its_default():
-    readme = (REPO / "README.md").read_text()
-    for key, default, required in all_keys(tq.StageConfig):
-        rows = [ln for ln in readme.splitlines() if ln.startswith(f"| `{key}` |")]
-        assert len(rows) == 1, f"README has no row for config key {key}"
-        shown = "**required**" if required else "`" + (
-            "null" if default is None else str(default).lower() if isinstance(default, bool)
-            else "[" + ", ".join(default) + "]" if isinstance(default, list) else str(default)) + "`"
-        assert rows[0].split("|")[2].strip() == shown, f"{key}: README shows {rows[0].split('|')[2]}, code {shown}"
-
-
 def checkpoint_with_custom_code(tmp_path, tiny_model_path, model_type=None) -> Path:
     """The tiny model, plus an `auto_map` to Python code that leaves a mark when it runs."""
     import shutil
