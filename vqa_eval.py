@@ -443,8 +443,8 @@ def evaluate_forgetting(root: Path, limit: int | None) -> dict:
     model, processor = load_for_eval(cfg, str(stages[0][0]))
     for stage_dir, m in stages[1:]:
         model.load_adapter(str(stage_dir), adapter_name=f"stage{m['stage']}")
-    splits = {m["stage"]: tq.load_records(m["final_eval_file"], cfg.system_prompt, cfg.allow_images_outside_data_dir)
-              for _, m in stages}
+    splits = {m["stage"]: tq.load_records(m["final_eval_file"], cfg.system_prompt, cfg.allow_images_outside_data_dir,
+                                          cfg.columns, tq.dataset_image_dir(cfg)) for _, m in stages}
     if limit:
         splits = {k: v[:limit] for k, v in splits.items()}
     result = {"trained": ["base"] + [m["stage"] for _, m in stages], "evaluated": list(splits),
@@ -479,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="stage YAML: its base, adapter (output_dir) and splits")
     parser.add_argument("--split", choices=["train", "eval", "test"], default="eval")
-    parser.add_argument("--data", help="evaluate on this JSONL instead of a split of the config")
+    parser.add_argument("--data", help="evaluate on this split (JSONL or a dataset) instead of one of the config's")
     parser.add_argument("--adapter", help="adapter directory (default: the config's output_dir)")
     parser.add_argument("--no-adapter", action="store_true", help="the base model alone: the zero point")
     parser.add_argument("--limit", type=int, help="only the first N questions")
@@ -501,12 +501,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give a CONFIG.yaml, or --forgetting ROOT")
         cfg = tq.load_config(args.config, args.set)
         data = args.data or {"train": cfg.train_file, "eval": cfg.eval_file, "test": cfg.test_file}[args.split]
-        if not data or not Path(data).is_file():
+        if not data or not Path(data).exists():
             raise tq.ConfigError(f"no {args.split} split: set {args.split}_file in {args.config} or pass --data")
         adapter = None if args.no_adapter else (args.adapter or cfg.output_dir)
         if adapter and not (Path(adapter) / tq.ADAPTER_WEIGHTS).is_file():
             raise tq.ConfigError(f"no adapter in {adapter} (train the stage first, or pass --adapter/--no-adapter)")
-        records = tq.load_records(data, cfg.system_prompt, cfg.allow_images_outside_data_dir)[:args.limit]
+        records = tq.load_records(data, cfg.system_prompt, cfg.allow_images_outside_data_dir, cfg.columns,
+                                  tq.dataset_image_dir(cfg))[:args.limit]
         model, processor = load_for_eval(cfg, adapter)
         metrics, predictions = evaluate_records(model, processor, records, cfg)
     except tq.ConfigError as err:
