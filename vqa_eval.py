@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -271,8 +272,12 @@ def evaluate_records(model, processor, records: list[tq.Record], cfg: tq.StageCo
     predictions = []
     for rec, text in zip(records, raw, strict=True):
         gold, pred = gold_answer(rec), parse_answer(text, rec.type, rec.options)
-        predictions.append({"id": rec.id, "type": rec.type, "gold": gold, "raw_output": text, "parsed": pred,
-                            "correct": is_correct(pred, gold, rec.type)})
+        # what was asked, as the model read it: the chat template's text (the image as its placeholder token) and
+        # the image's file (absolute), so that an answer can be reproduced without this code
+        prompt = processor.apply_chat_template(rec.prompt_messages, add_generation_prompt=True, tokenize=False)
+        image = os.path.abspath(rec.image) if rec.image else None
+        predictions.append({"id": rec.id, "type": rec.type, "image": image, "prompt": prompt, "raw_output": text,
+                            "parsed": pred, "gold": gold, "correct": is_correct(pred, gold, rec.type)})
     rows = [{"type": p["type"], "gold": p["gold"], "pred": p["parsed"]} for p in predictions]
     return compute_metrics(rows, cfg.numeric_tolerance), predictions
 
