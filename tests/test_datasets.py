@@ -175,3 +175,14 @@ def test_check_summarises_a_parquet_and_a_dataset_folder(tmp_path):
                  "Check passed: config and data are valid (no model loaded, nothing trained)"):
         assert line in result.stdout
     assert len(list((tmp_path / "curriculum" / ".cache" / "dataset_images").iterdir())) == N
+
+
+def test_columns_rename_jsonl_keys_too(tmp_path):
+    rows = [{**{k: v for k, v in r.items() if k != "question"}, "q": r["question"]} for r in shipped_rows(3)]
+    (tmp_path / "images").symlink_to(JSONL.parent / "images")
+    path = tmp_path / "renamed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    records = tq.load_records(path, columns=tq.DataColumns(question="q"))
+    assert [r.prompt_messages for r in records] == [r.prompt_messages for r in tq.load_records(JSONL)[:3]]
+    with pytest.raises(tq.ConfigError, match=r"renamed.jsonl:1: missing field\(s\) question"):
+        tq.load_records(path)
