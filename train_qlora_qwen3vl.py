@@ -1424,6 +1424,33 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")  # a dataset folder's data, beside its images
+
+
+def split_sha256(path: str | os.PathLike) -> str:
+    """A split's SHA-256: of the file, or, for a dataset folder, of its table files by relative path (not its
+    image files: as for JSONL, images are checked, not hashed)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TABLE_SUFFIXES):
+        h.update(f"{file.relative_to(path)}\0{sha256_file(file)}\n".encode())
+    return h.hexdigest()
+
+
+def previous_stage_dir(stage_dir: str | os.PathLike, recorded: str | None) -> Path | None:
+    """Where the stage that `stage_dir` continued is now: the path it recorded, or else, for a curriculum moved as
+    a whole, the folder of that name beside `stage_dir`. None when neither holds an adapter. (Whether it is the
+    right adapter is for its SHA-256 to say.)"""
+    if not recorded:
+        return None
+    for candidate in (Path(recorded), Path(stage_dir).parent / Path(recorded).name):
+        if (candidate / ADAPTER_WEIGHTS).is_file():
+            return candidate
+    return None
+
+
 def adapter_tensors_sha256(tensors: dict) -> str:
     """A hash of adapter weights by name and float32 value: equal for a file and the model it was loaded into."""
     import torch
@@ -1951,6 +1978,58 @@ def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> N
                               "were trained; nothing was saved as the stage")
 
 
+def _loss(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def model_card(cfg: StageConfig, metrics: dict, accuracy_table: str | None) -> str:
+    """The stage folder's README.md, in place of peft's empty template: the base, the stage and its lineage, the
+    data by SHA-256, the losses and the dev accuracy by question type."""
+    lora, q = cfg.lora, cfg.quantization
+    front = ["---", f"base_model: {cfg.model_name_or_path}", "library_name: peft", "pipeline_tag: image-text-to-text",
+             "tags:", f"- base_model:adapter:{cfg.model_name_or_path}", "- lora", "- qlora", "- qwen3-vl",
+             "- curriculum", "---", ""]
+    if metrics.get("prev_checkpoint"):
+        lineage = [f"Continues the adapter saved by the previous stage in `{cfg.prev_checkpoint}` (recorded as "
+                   f"`{metrics['prev_checkpoint']}`), reopened for training: the same LoRA weights, trained further.",
+                   "", f"- started from: adapter file sha256 `{metrics.get('start_adapter_file_sha256')}`, tensors "
+                   f"sha256 `{metrics.get('start_adapter_tensors_sha256')}`"]
+    else:
+        lineage = ["A new adapter (B = 0 at the start, so it began as the base model).", ""]
+    lineage.append(f"- saved: adapter file sha256 `{metrics.get('saved_adapter_file_sha256')}`, tensors sha256 "
+                   f"`{metrics.get('saved_adapter_tensors_sha256')}`")
+    data = ["| split | file | SHA-256 |", "|---|---|---|"] + [f"| {key} | `{entry['path']}` | `{entry['sha256']}` |"
+                                                            for key, entry in (metrics.get("data_files") or {}).items()]
+    continued = [f"| first_eval_loss, before the first step, on the dev split the previous stage ended on | "
+                 f"{_loss(metrics.get('first_eval_loss'))} |",
+                 f"| previous stage's final_eval_loss there | {_loss(metrics.get('previous_final_eval_loss'))} |"]
+    losses = ["| loss | value |", "|---|---|", *(continued if metrics.get("prev_checkpoint") else []),
+              f"| before the first step, on `{cfg.eval_file}` | {_loss(metrics.get('first_eval_loss_own_split'))} |",
+              f"| final_eval_loss (on `{cfg.eval_file}`) | {_loss(metrics.get('final_eval_loss'))} |",
+              f"| train_loss, the mean over the stage | {_loss(metrics.get('train_loss'))} |"]
+    n = (metrics.get("dev_metrics") or {}).get("overall", {}).get("n")
+    accuracy = [f"Greedy answers to {n} questions of `{cfg.eval_file}`, parsed and scored as vqa_eval.py does:", "",
+                accuracy_table] if accuracy_table else ["Not measured (no eval_file, or eval_questions: 0)."]
+    return "\n".join(front + [
+        f"# Stage {cfg.stage}: a LoRA adapter for `{cfg.model_name_or_path}`", "",
+        f"Stage {cfg.stage} of a curriculum, trained by `train_qlora_qwen3vl.py` with QLoRA: the base frozen in "
+        f"4-bit {q.quant_type} (compute {q.compute_dtype}, double quant {q.double_quant}), one LoRA adapter "
+        f"(r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, on {', '.join(lora.target_modules)}) trained "
+        f"for {metrics.get('global_steps')} optimizer steps at effective batch {metrics.get('effective_batch_size')}, "
+        f"lr {cfg.lr:g}. Every setting is in `{RESOLVED_CONFIG}`; every number below is in `{STAGE_METRICS}`.", "",
+        "## Base model", "", f"`{cfg.model_name_or_path}`, as the config names it (`{ADAPTER_CONFIG}` records the "
+        "same), so the folder names its base wherever it is moved.", "",
+        "## Lineage", "", *lineage, "",
+        "## Data", "", f"{metrics.get('train_samples')} training samples.", "", *data, "",
+        "## Losses", "", *losses, "",
+        "## Dev accuracy by question type", "", *accuracy, "",
+        "## Use", "", "```",
+        "python verify_exp4_fix.py THIS_FOLDER                                 # prove the lineage, reopen it",
+        "python train_qlora_qwen3vl.py NEXT_STAGE.yaml --set prev_checkpoint=THIS_FOLDER   # continue it",
+        "python export_merged.py THIS_FOLDER MERGED_FOLDER --check 20           # a merged bf16 model to serve",
+        "```", ""])
+
+
 def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predictions: list | None,
                staging: Path) -> Path:
     """Write the stage atomically: adapter (safetensors only), processor, resolved config, metrics, predictions,
@@ -1958,6 +2037,9 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     out = Path(cfg.output_dir)
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed: start it clean
+    # The base as the user named it (a hub id, or a path as given), not where this machine found it (peft writes
+    # that: the tiny model's absolute path), so that a moved stage folder still names its base.
+    model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
     if fsdp_enabled():
         save_adapter_under_fsdp(trainer, model, processor, staging)
     else:
@@ -1979,6 +2061,8 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))
     import vqa_eval  # evaluation and plots live beside the trainer
 
+    accuracy = vqa_eval.metrics_table(metrics["dev_metrics"]) if metrics.get("dev_metrics") else None
+    (staging / "README.md").write_text(model_card(cfg, metrics, accuracy))  # in place of peft's empty template
     if predictions is not None:
         vqa_eval.write_predictions(predictions, staging / "predictions_dev.jsonl")
     for plot in vqa_eval.write_stage_plots(staging):
@@ -2005,6 +2089,10 @@ def train_stage(cfg: StageConfig) -> dict:
     train_ds = load_split(cfg.train_file, processor, cfg, "train")
     eval_ds = load_split(cfg.eval_file, processor, cfg, "eval") if cfg.eval_file else None
     prev_metrics = previous_stage_metrics(cfg.prev_checkpoint)
+    # what the stage trained and was measured on, by content (for the model card); one process hashes them
+    data_files = ({key: {"path": getattr(cfg, key), "sha256": split_sha256(getattr(cfg, key))}
+                   for key in ("train_file", "eval_file", "test_file") if getattr(cfg, key)}
+                  if is_main_process() else None)
     # first_eval_loss is measured on the split the previous stage ended on, so the two numbers compare.
     prev_eval_file = (prev_metrics or {}).get("final_eval_file")
     if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).exists():  # a file, or a dataset folder
@@ -2133,6 +2221,7 @@ def train_stage(cfg: StageConfig) -> dict:
         "previous_final_eval_loss": (prev_metrics or {}).get("final_eval_loss"),
         "final_eval_loss": final_eval,
         "final_eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
+        "data_files": data_files,
         "dev_metrics": dev_metrics,
         "train_loss_history": [{"step": e["step"], "loss": e["loss"]}
                                for e in trainer.state.log_history if "loss" in e],

@@ -320,7 +320,7 @@ def stage_chain(stage_dir: Path) -> list[tuple[Path, dict]]:
     while current is not None and (current / tq.STAGE_METRICS).is_file():
         m = json.loads((current / tq.STAGE_METRICS).read_text())
         chain.append((current, m))
-        current = Path(m["prev_checkpoint"]) if m.get("prev_checkpoint") else None
+        current = tq.previous_stage_dir(current, m.get("prev_checkpoint"))
     return chain[::-1]
 
 
