@@ -58,6 +58,7 @@ OPTIMIZER_MOMENTS = "optimizer_moments.safetensors"
 STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run must not measure again
 IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and padding positions)
 
+SPLIT_FILE_SUFFIXES = (".jsonl", ".parquet", ".arrow")  # JSONL, or a Hugging Face dataset (also: a folder)
 QUESTION_TYPES = ("single_choice", "numeric", "multi_label")
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -146,15 +147,41 @@ class QuantizationSettings:
 
 
 @dataclass
+class DataColumns:
+    """Where each field of a record is, by column name (a Hugging Face dataset) or key (a JSONL line)."""
+
+    id: str = "id"
+    """The record's id, named in errors and predictions."""
+    question: str = "question"
+    """The question text."""
+    type: str = "type"
+    """single_choice, numeric or multi_label."""
+    options: str = "options"
+    """The answer options (a list of strings; empty or null for numeric)."""
+    answer: str = "answer"
+    """The gold answer: a letter, a number, or letters (a list, or in a table column also text: `A, C`)."""
+    image: str = "image"
+    """The image: an `Image` column (its bytes or its file), or a path relative to the data file."""
+    messages: str = "messages"
+    """Chat records instead: the conversation, the assistant's answer last."""
+    images: str = "images"
+    """Chat records: the list of (at most one) image."""
+
+
+@dataclass
 class StageConfig:
     output_dir: str
     """Where this stage's adapter, processor, resolved config and stage_metrics.json are written."""
     train_file: str
-    """JSONL training split; image paths inside it are relative to this file."""
+    """Training split: a JSONL file, or a Hugging Face dataset (a .parquet or .arrow file, or a folder that
+    `datasets` loads); image paths inside it are relative to its folder."""
     eval_file: str | None = None
-    """JSONL dev split: evaluated before the first step, every `eval_steps`, and at the end."""
+    """Dev split (JSONL or a dataset, as train_file): evaluated before the first step, every `eval_steps`, and at
+    the end."""
     test_file: str | None = None
-    """JSONL test split, for `python vqa_eval.py CONFIG --split test` (never used in training)."""
+    """Test split (JSONL or a dataset), for `python vqa_eval.py CONFIG --split test` (never used in training)."""
+    columns: DataColumns = field(default_factory=DataColumns)
+    """The splits' column (or key) names, where they differ from ours: `columns: {question: q, image: img}`."""
     stage: int = 1
     """Curriculum stage number: 1 makes a new adapter, >= 2 continues `prev_checkpoint`."""
     model_name_or_path: str = "Qwen/Qwen3-VL-8B-Instruct"
@@ -532,8 +559,15 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
         problems.append(f"min_pixels ({cfg.min_pixels}) must not exceed max_pixels ({cfg.max_pixels})")
     for key in ("train_file", "eval_file", "test_file"):
         value = getattr(cfg, key)
-        if value is not None and not Path(value).is_file():
+        if value is not None and not Path(value).exists():
             problems.append(f"{key}: file not found: {value}")
+        elif value is not None and Path(value).is_file() and Path(value).suffix not in SPLIT_FILE_SUFFIXES:
+            problems.append(f"{key}: {value} is not a split the trainer reads: a .jsonl, .parquet or .arrow file, or "
+                            "a dataset folder")
+    named = dataclasses.asdict(cfg.columns)
+    for column in sorted({c for c in named.values() if list(named.values()).count(c) > 1}):
+        problems.append(f"columns: '{column}' is named for {', '.join(k for k, c in named.items() if c == column)}; "
+                        "each field has a column of its own")
     if cfg.stage >= 2 and not cfg.prev_checkpoint:
         problems.append(f"stage {cfg.stage} needs prev_checkpoint: the adapter of stage {cfg.stage - 1} to continue")
     if cfg.stage == 1 and cfg.prev_checkpoint and not cfg.continue_at_stage_1:
@@ -613,8 +647,9 @@ def _image_path(base_dir: Path, image: str, source: str, allow_outside: bool) ->
     return path
 
 
-def _vqa_record(obj: dict, base_dir: Path, source: str, allow_outside: bool) -> tuple[str, str | None, str, str]:
-    """Check a VQA record's fields; return (type, image path, user text, answer text)."""
+def _vqa_record(obj: dict, source: str, image_of) -> tuple[str, str | None, str, str]:
+    """Check a VQA record's fields; return (type, image path, user text, answer text). `image_of(cell, source)`
+    turns the image field into a path (and checks it)."""
     missing = [k for k in ("id", "question", "type", "answer") if k not in obj]
     if missing:
         raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
@@ -630,11 +665,11 @@ def _vqa_record(obj: dict, base_dir: Path, source: str, allow_outside: bool) -> 
             raise ConfigError(f"{source}: answer {answer!r} is not among the options' letters {', '.join(letters)}")
     elif isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
         raise ConfigError(f"{source}: a numeric answer must be a number, got {answer!r}")
-    image = _image_path(base_dir, obj["image"], source, allow_outside) if obj.get("image") else None
+    image = image_of(obj["image"], source) if obj.get("image") else None
     return qtype, image, format_question(obj["question"], qtype, options), format_answer(answer, qtype)
 
 
-def _chat_record(obj: dict, base_dir: Path, source: str, allow_outside: bool) -> tuple[str | None, list, str]:
+def _chat_record(obj: dict, source: str, image_of) -> tuple[str | None, list, str]:
     """The chat format other tools write: {"messages": [...], "images": [...]}, `<image>` in the user text."""
     messages, images = obj["messages"], obj.get("images") or []
     if not messages or messages[-1].get("role") != "assistant":
@@ -653,15 +688,41 @@ def _chat_record(obj: dict, base_dir: Path, source: str, allow_outside: bool) ->
             prompt.append({"role": msg["role"], "content": content})
         else:
             prompt.append({"role": msg["role"], "content": [{"type": "text", "text": text}]})
-    image = _image_path(base_dir, images[0], source, allow_outside) if images else None
+    image = image_of(images[0], source) if images else None
     return image, prompt, str(messages[-1]["content"]).strip()
 
 
-def read_records(path: str | os.PathLike, system_prompt: str | None = None,
-                 allow_outside: bool = False) -> tuple[list[Record], list[str]]:
-    """Parse a JSONL split: (the valid Records, one `file:line: problem` per invalid line). Images not opened."""
-    path = Path(path)
+def record_from_fields(obj: dict, source: str, default_id: Any, system_prompt: str | None, image_of) -> Record:
+    """One JSONL line or dataset row, its fields under our names, as a Record; a ConfigError naming `source`."""
+    if "messages" in obj:
+        image, prompt, answer = _chat_record(obj, source, image_of)
+        return Record(str(obj.get("id", default_id)), "chat", image, prompt, answer, source)
+    qtype, image, text, answer = _vqa_record(obj, source, image_of)
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
+    prompt = ([{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt
+              else []) + [{"role": "user", "content": content}]
+    return Record(str(obj["id"]), qtype, image, prompt, answer, source, obj.get("options"))
+
+
+def fields_by_our_names(row: dict, columns: DataColumns) -> dict:
+    """A line's or row's fields under the names the checks use, found under the names `columns:` gives them."""
+    ours_by_theirs = {theirs: ours for ours, theirs in dataclasses.asdict(columns).items()}
+    return {ours_by_theirs[k]: v for k, v in row.items() if k in ours_by_theirs}
+
+
+def read_records(path: str | os.PathLike, system_prompt: str | None = None, allow_outside: bool = False,
+                 columns: DataColumns | None = None, image_dir: Path | None = None) -> tuple[list[Record], list[str]]:
+    """Parse a split: (the valid Records, one `file:line: problem` per invalid line). Images not opened. A path
+    that is not a .jsonl file is a Hugging Face dataset (read_dataset_records; its images stored as bytes are
+    written to `image_dir`)."""
+    path, columns = Path(path), columns or DataColumns()
+    if path.suffix != ".jsonl":
+        return read_dataset_records(path, system_prompt, allow_outside, columns, image_dir)
     base_dir, records, problems = path.parent, [], []
+
+    def image_of(image: str, source: str) -> str:
+        return _image_path(base_dir, image, source, allow_outside)
+
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -673,18 +734,97 @@ def read_records(path: str | os.PathLike, system_prompt: str | None = None,
                 raise ConfigError(f"{source}: not valid JSON ({err.msg})") from None
             if not isinstance(obj, dict):
                 raise ConfigError(f"{source}: expected a JSON object")
-            if "messages" in obj:
-                image, prompt, answer = _chat_record(obj, base_dir, source, allow_outside)
-                records.append(Record(str(obj.get("id", line_no)), "chat", image, prompt, answer, source))
-                continue
-            qtype, image, text, answer = _vqa_record(obj, base_dir, source, allow_outside)
+            records.append(record_from_fields(fields_by_our_names(obj, columns), source, line_no, system_prompt,
+                                              image_of))
         except ConfigError as err:
             problems.append(str(err))
-            continue
-        content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
-        prompt = ([{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt
-                  else []) + [{"role": "user", "content": content}]
-        records.append(Record(str(obj["id"]), qtype, image, prompt, answer, source, obj.get("options")))
+    return records, problems
+
+
+def open_dataset(path: Path):
+    """A split of a Hugging Face dataset: a .parquet or .arrow file, a folder written by `save_to_disk`, or a folder
+    `load_dataset` reads (parquet files, or `imagefolder` images with a metadata.jsonl). One split only."""
+    import datasets
+
+    try:
+        if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            dataset = datasets.load_from_disk(str(path))
+        elif path.is_dir():
+            dataset = datasets.load_dataset(str(path))
+        elif path.suffix in (".parquet", ".arrow"):
+            dataset = datasets.load_dataset(path.suffix[1:], data_files=str(path))
+        else:
+            raise ConfigError(f"{path}: not a split the trainer reads: a .jsonl, .parquet or .arrow file, or a "
+                              "dataset folder")
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - datasets and pyarrow raise many types for a file they cannot read
+        raise ConfigError(f"{path}: cannot be read as a Hugging Face dataset ({type(err).__name__}: {err})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if len(dataset) != 1:
+            raise ConfigError(f"{path} holds the splits {', '.join(dataset)}; name one split's file or folder")
+        dataset = next(iter(dataset.values()))
+    return dataset
+
+
+def write_image_bytes(data: bytes, image_dir: Path, name: str | None) -> str:
+    """An image stored inside a dataset, as a file: written once under `image_dir`, named by its SHA-256 (an image
+    met again, in this split or another, is the same file), through a temporary name so that a reader never sees
+    half of it."""
+    target = image_dir / f"{hashlib.sha256(data).hexdigest()}{Path(name).suffix.lower() if name else ''}"
+    if not target.is_file():
+        image_dir.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+        partial.write_bytes(data)
+        partial.replace(target)
+    return str(target)
+
+
+def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: bool, columns: DataColumns,
+                         image_dir: Path | None) -> tuple[list[Record], list[str]]:
+    """read_records for a Hugging Face dataset: the same checks, problems named `file:row N` (N counts from 0, as
+    `dataset[N]`). An image cell holds bytes (an `Image` column written by `datasets`), which become a file in
+    `image_dir`, so that the image checks, the cache of checked images and the dataloader workers treat it as a
+    JSONL image; or a path (an `Image` column of files, or text), checked as a JSONL image path."""
+    dataset = open_dataset(path)
+    names = dataclasses.asdict(columns)
+    if names["messages"] not in dataset.column_names:
+        lacking = [f"'{names[k]}' (columns.{k})" for k in ("id", "question", "type", "answer")
+                   if names[k] not in dataset.column_names]
+        if lacking:
+            raise ConfigError(f"{path}: no column {', '.join(lacking)}; its columns are "
+                              f"{', '.join(dataset.column_names)}. Name yours under `columns:` in the config")
+    base_dir = path if path.is_dir() else path.parent
+    stored = set()  # the images stored in the dataset, as the files they were written to
+
+    def image_of(cell: Any, source: str) -> str | None:
+        if isinstance(cell, dict) and cell.get("bytes"):
+            if image_dir is None:
+                raise ValueError("image_dir is needed to read images stored in a dataset")
+            image = write_image_bytes(cell["bytes"], image_dir, cell.get("path"))
+            stored.add(image)
+            return image
+        cell = cell.get("path") if isinstance(cell, dict) else cell
+        if cell is None:  # an Image cell with neither bytes nor a file: no image
+            return None
+        if not isinstance(cell, str):
+            raise ConfigError(f"{source}: the image is neither an image nor a path: {type(cell).__name__}")
+        return _image_path(base_dir, cell, source, allow_outside)
+
+    records, problems = [], []
+    # arrow rows as stored: images as {bytes, path}, not decoded here (a broken one is found by the image check)
+    rows = (cells for batch in dataset.with_format("arrow").iter(batch_size=1000) for cells in batch.to_pylist())
+    for row, cells in enumerate(rows):
+        source = f"{path}:row {row}"
+        obj = fields_by_our_names({k: v for k, v in cells.items() if v is not None}, columns)
+        if obj.get("type") == "multi_label" and isinstance(obj.get("answer"), str):
+            obj["answer"] = [a.strip() for a in obj["answer"].split(",")]  # a table column holds one type
+        try:
+            records.append(record_from_fields(obj, source, row, system_prompt, image_of))
+        except ConfigError as err:
+            problems.append(str(err))
+    if stored:
+        log(f"{path}: {len(stored)} images stored in the dataset, read from their files in {image_dir}")
     return records, problems
 
 
@@ -695,10 +835,10 @@ def bad_records_error(path: str | os.PathLike, problems: list[str], shown: int =
                        "Fix them, or set on_bad_record: skip to train without them.")
 
 
-def load_records(path: str | os.PathLike, system_prompt: str | None = None,
-                 allow_outside: bool = False) -> list[Record]:
-    """Parse a JSONL split into Records; any problem is an error naming every bad file:line."""
-    records, problems = read_records(path, system_prompt, allow_outside)
+def load_records(path: str | os.PathLike, system_prompt: str | None = None, allow_outside: bool = False,
+                 columns: DataColumns | None = None, image_dir: Path | None = None) -> list[Record]:
+    """Parse a split (JSONL or a dataset) into Records; any problem is an error naming every bad file:line."""
+    records, problems = read_records(path, system_prompt, allow_outside, columns, image_dir)
     if problems:
         raise bad_records_error(path, problems)
     if not records:
@@ -824,6 +964,12 @@ def image_check_cache(cfg: StageConfig) -> Path | None:
     """Where the images that decoded cleanly are remembered: beside the stages of the curriculum, so every stage
     and rerun shares it."""
     return Path(cfg.output_dir).resolve().parent / ".cache" / IMAGE_CHECK_CACHE if cfg.cache_image_checks else None
+
+
+def dataset_image_dir(cfg: StageConfig) -> Path:
+    """Where images stored inside a dataset (an `Image` column's bytes) are written as files: beside the stages of
+    the curriculum, as the image check cache, named by content so that every stage and rerun shares them."""
+    return Path(cfg.output_dir).resolve().parent / ".cache" / "dataset_images"
 
 
 def inspect_images(records: list[Record], split: str = "", cache: Path | None = None) -> tuple[dict, list[str]]:
@@ -1001,7 +1147,8 @@ def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
 
 def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset:
     """Records parsed and every image decoded once; bad records stop the run (listed) or are skipped (counted)."""
-    records, problems = read_records(path, cfg.system_prompt, cfg.allow_images_outside_data_dir)
+    records, problems = read_records(path, cfg.system_prompt, cfg.allow_images_outside_data_dir, cfg.columns,
+                                     dataset_image_dir(cfg))
     sizes, image_problems = inspect_images(records, split, image_check_cache(cfg))
     problems += image_problems
     if problems and cfg.on_bad_record == "error":
@@ -1184,6 +1331,33 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")  # a dataset folder's data, beside its images
+
+
+def split_sha256(path: str | os.PathLike) -> str:
+    """A split's SHA-256: of the file, or, for a dataset folder, of its table files by relative path (not its
+    image files: as for JSONL, images are checked, not hashed)."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TABLE_SUFFIXES):
+        h.update(f"{file.relative_to(path)}\0{sha256_file(file)}\n".encode())
+    return h.hexdigest()
+
+
+def previous_stage_dir(stage_dir: str | os.PathLike, recorded: str | None) -> Path | None:
+    """Where the stage that `stage_dir` continued is now: the path it recorded, or else, for a curriculum moved as
+    a whole, the folder of that name beside `stage_dir`. None when neither holds an adapter. (Whether it is the
+    right adapter is for its SHA-256 to say.)"""
+    if not recorded:
+        return None
+    for candidate in (Path(recorded), Path(stage_dir).parent / Path(recorded).name):
+        if (candidate / ADAPTER_WEIGHTS).is_file():
+            return candidate
+    return None
 
 
 def adapter_tensors_sha256(tensors: dict) -> str:
@@ -1731,6 +1905,58 @@ def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> N
                               "were trained; nothing was saved as the stage")
 
 
+def _loss(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def model_card(cfg: StageConfig, metrics: dict, accuracy_table: str | None) -> str:
+    """The stage folder's README.md, in place of peft's empty template: the base, the stage and its lineage, the
+    data by SHA-256, the losses and the dev accuracy by question type."""
+    lora, q = cfg.lora, cfg.quantization
+    front = ["---", f"base_model: {cfg.model_name_or_path}", "library_name: peft", "pipeline_tag: image-text-to-text",
+             "tags:", f"- base_model:adapter:{cfg.model_name_or_path}", "- lora", "- qlora", "- qwen3-vl",
+             "- curriculum", "---", ""]
+    if metrics.get("prev_checkpoint"):
+        lineage = [f"Continues the adapter saved by the previous stage in `{cfg.prev_checkpoint}` (recorded as "
+                   f"`{metrics['prev_checkpoint']}`), reopened for training: the same LoRA weights, trained further.",
+                   "", f"- started from: adapter file sha256 `{metrics.get('start_adapter_file_sha256')}`, tensors "
+                   f"sha256 `{metrics.get('start_adapter_tensors_sha256')}`"]
+    else:
+        lineage = ["A new adapter (B = 0 at the start, so it began as the base model).", ""]
+    lineage.append(f"- saved: adapter file sha256 `{metrics.get('saved_adapter_file_sha256')}`, tensors sha256 "
+                   f"`{metrics.get('saved_adapter_tensors_sha256')}`")
+    data = ["| split | file | SHA-256 |", "|---|---|---|"] + [f"| {key} | `{entry['path']}` | `{entry['sha256']}` |"
+                                                            for key, entry in (metrics.get("data_files") or {}).items()]
+    continued = [f"| first_eval_loss, before the first step, on the dev split the previous stage ended on | "
+                 f"{_loss(metrics.get('first_eval_loss'))} |",
+                 f"| previous stage's final_eval_loss there | {_loss(metrics.get('previous_final_eval_loss'))} |"]
+    losses = ["| loss | value |", "|---|---|", *(continued if metrics.get("prev_checkpoint") else []),
+              f"| before the first step, on `{cfg.eval_file}` | {_loss(metrics.get('first_eval_loss_own_split'))} |",
+              f"| final_eval_loss (on `{cfg.eval_file}`) | {_loss(metrics.get('final_eval_loss'))} |",
+              f"| train_loss, the mean over the stage | {_loss(metrics.get('train_loss'))} |"]
+    n = (metrics.get("dev_metrics") or {}).get("overall", {}).get("n")
+    accuracy = [f"Greedy answers to {n} questions of `{cfg.eval_file}`, parsed and scored as vqa_eval.py does:", "",
+                accuracy_table] if accuracy_table else ["Not measured (no eval_file, or eval_questions: 0)."]
+    return "\n".join(front + [
+        f"# Stage {cfg.stage}: a LoRA adapter for `{cfg.model_name_or_path}`", "",
+        f"Stage {cfg.stage} of a curriculum, trained by `train_qlora_qwen3vl.py` with QLoRA: the base frozen in "
+        f"4-bit {q.quant_type} (compute {q.compute_dtype}, double quant {q.double_quant}), one LoRA adapter "
+        f"(r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, on {', '.join(lora.target_modules)}) trained "
+        f"for {metrics.get('global_steps')} optimizer steps at effective batch {metrics.get('effective_batch_size')}, "
+        f"lr {cfg.lr:g}. Every setting is in `{RESOLVED_CONFIG}`; every number below is in `{STAGE_METRICS}`.", "",
+        "## Base model", "", f"`{cfg.model_name_or_path}`, as the config names it (`{ADAPTER_CONFIG}` records the "
+        "same), so the folder names its base wherever it is moved.", "",
+        "## Lineage", "", *lineage, "",
+        "## Data", "", f"{metrics.get('train_samples')} training samples.", "", *data, "",
+        "## Losses", "", *losses, "",
+        "## Dev accuracy by question type", "", *accuracy, "",
+        "## Use", "", "```",
+        "python verify_exp4_fix.py THIS_FOLDER                                 # prove the lineage, reopen it",
+        "python train_qlora_qwen3vl.py NEXT_STAGE.yaml --set prev_checkpoint=THIS_FOLDER   # continue it",
+        "python export_merged.py THIS_FOLDER MERGED_FOLDER --check 20           # a merged bf16 model to serve",
+        "```", ""])
+
+
 def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predictions: list | None,
                staging: Path) -> Path:
     """Write the stage atomically: adapter (safetensors only), processor, resolved config, metrics, predictions,
@@ -1738,6 +1964,9 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     out = Path(cfg.output_dir)
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed: start it clean
+    # The base as the user named it (a hub id, or a path as given), not where this machine found it (peft writes
+    # that: the tiny model's absolute path), so that a moved stage folder still names its base.
+    model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
     if fsdp_enabled():
         save_adapter_under_fsdp(trainer, model, processor, staging)
     else:
@@ -1759,6 +1988,8 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))
     import vqa_eval  # evaluation and plots live beside the trainer
 
+    accuracy = vqa_eval.metrics_table(metrics["dev_metrics"]) if metrics.get("dev_metrics") else None
+    (staging / "README.md").write_text(model_card(cfg, metrics, accuracy))  # in place of peft's empty template
     if predictions is not None:
         vqa_eval.write_predictions(predictions, staging / "predictions_dev.jsonl")
     for plot in vqa_eval.write_stage_plots(staging):
@@ -1785,9 +2016,13 @@ def train_stage(cfg: StageConfig) -> dict:
     train_ds = load_split(cfg.train_file, processor, cfg, "train")
     eval_ds = load_split(cfg.eval_file, processor, cfg, "eval") if cfg.eval_file else None
     prev_metrics = previous_stage_metrics(cfg.prev_checkpoint)
+    # what the stage trained and was measured on, by content (for the model card); one process hashes them
+    data_files = ({key: {"path": getattr(cfg, key), "sha256": split_sha256(getattr(cfg, key))}
+                   for key in ("train_file", "eval_file", "test_file") if getattr(cfg, key)}
+                  if is_main_process() else None)
     # first_eval_loss is measured on the split the previous stage ended on, so the two numbers compare.
     prev_eval_file = (prev_metrics or {}).get("final_eval_file")
-    if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).is_file():
+    if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).exists():  # a file, or a dataset folder
         continuity_ds = load_split(prev_eval_file, processor, cfg, "previous stage's eval")
     else:
         continuity_ds = eval_ds
@@ -1913,6 +2148,7 @@ def train_stage(cfg: StageConfig) -> dict:
         "previous_final_eval_loss": (prev_metrics or {}).get("final_eval_loss"),
         "final_eval_loss": final_eval,
         "final_eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
+        "data_files": data_files,
         "dev_metrics": dev_metrics,
         "train_loss_history": [{"step": e["step"], "loss": e["loss"]}
                                for e in trainer.state.log_history if "loss" in e],

@@ -207,12 +207,13 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     on = f" on {len(views)} processes" if len(views) > 1 else ""
     if not metrics.get("prev_checkpoint"):
         return Check(name, PASS, f"stage {metrics.get('stage')}: a new adapter, trained{on} (B matrices non-zero)")
-    prev = Path(metrics["prev_checkpoint"])
+    prev = tq.previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
     start_sha = metrics.get("start_adapter_file_sha256")
     if not start_sha:
         return Check(name, FAIL, "the stage recorded no hash of the adapter it started from")
-    if not (prev / tq.ADAPTER_WEIGHTS).is_file():
-        return Check(name, NOT_RUN, f"previous stage {prev} is gone; cannot compare")
+    if prev is None:
+        return Check(name, NOT_RUN, f"previous stage {metrics['prev_checkpoint']} is gone (and is not beside this "
+                                    "stage); cannot compare")
     prev_sha = tq.sha256_file(prev / tq.ADAPTER_WEIGHTS)
     if start_sha != prev_sha:
         return Check(name, FAIL, f"started from weights {start_sha[:12]}..., but {prev} holds {prev_sha[:12]}...: "
@@ -228,14 +229,14 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     return Check(name, PASS, f"started from exactly {prev}'s adapter (sha256 {prev_sha[:12]}...) and trained it{on}")
 
 
-def check_continuity(metrics: dict | None, tolerance: float) -> Check:
+def check_continuity(stage_dir: Path, metrics: dict | None, tolerance: float) -> Check:
     name = "continuity"
     if metrics is None:
         return Check(name, NOT_RUN, NO_METRICS)
     if not metrics.get("prev_checkpoint"):
         return Check(name, NOT_RUN, "stage 1 has no previous stage")
-    prev_dir = Path(metrics["prev_checkpoint"])
-    prev_metrics = read_stage(prev_dir).metrics if prev_dir.is_dir() else None
+    prev = tq.previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
+    prev_metrics = read_stage(prev).metrics if prev else None
     prev_final = (prev_metrics or {}).get("final_eval_loss", metrics.get("previous_final_eval_loss"))
     first = metrics.get("first_eval_loss")
     if first is None or prev_final is None:
@@ -420,7 +421,7 @@ def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tol
         run_isolated("stage record", lambda: check_stage_record(stage_dir, record)),
         needs_adapter("LoRA config", lambda: check_lora_config(stage_dir, config.lora if config else None, source)),
         needs_adapter("lineage", lambda: check_lineage(stage_dir, metrics)),
-        run_isolated("continuity", lambda: check_continuity(metrics, tolerance)),
+        run_isolated("continuity", lambda: check_continuity(stage_dir, metrics, tolerance)),
         run_isolated("base model", lambda: check_base_model(metrics, config if config_path else None, base)),
         Check("reopened for training", NOT_RUN, "--skip-load") if skip_load else
         needs_adapter("reopened for training", lambda: check_reopened_for_training(stage_dir, metrics, config, base)),

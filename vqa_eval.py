@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -272,8 +273,12 @@ def evaluate_records(model, processor, records: list[tq.Record], cfg: tq.StageCo
     predictions = []
     for rec, text in zip(records, raw, strict=True):
         gold, pred = gold_answer(rec), parse_answer(text, rec.type, rec.options)
-        predictions.append({"id": rec.id, "type": rec.type, "gold": gold, "raw_output": text, "parsed": pred,
-                            "correct": is_correct(pred, gold, rec.type)})
+        # what was asked, as the model read it: the chat template's text (the image as its placeholder token) and
+        # the image's file (absolute), so that an answer can be reproduced without this code
+        prompt = processor.apply_chat_template(rec.prompt_messages, add_generation_prompt=True, tokenize=False)
+        image = os.path.abspath(rec.image) if rec.image else None
+        predictions.append({"id": rec.id, "type": rec.type, "image": image, "prompt": prompt, "raw_output": text,
+                            "parsed": pred, "gold": gold, "correct": is_correct(pred, gold, rec.type)})
     rows = [{"type": p["type"], "gold": p["gold"], "pred": p["parsed"]} for p in predictions]
     return compute_metrics(rows, cfg.numeric_tolerance), predictions
 
@@ -316,7 +321,7 @@ def stage_chain(stage_dir: Path) -> list[tuple[Path, dict]]:
     while current is not None and (current / tq.STAGE_METRICS).is_file():
         m = json.loads((current / tq.STAGE_METRICS).read_text())
         chain.append((current, m))
-        current = Path(m["prev_checkpoint"]) if m.get("prev_checkpoint") else None
+        current = tq.previous_stage_dir(current, m.get("prev_checkpoint"))
     return chain[::-1]
 
 
@@ -444,8 +449,8 @@ def evaluate_forgetting(root: Path, limit: int | None) -> dict:
     model, processor = load_for_eval(cfg, str(stages[0][0]))
     for stage_dir, m in stages[1:]:
         model.load_adapter(str(stage_dir), adapter_name=f"stage{m['stage']}")
-    splits = {m["stage"]: tq.load_records(m["final_eval_file"], cfg.system_prompt, cfg.allow_images_outside_data_dir)
-              for _, m in stages}
+    splits = {m["stage"]: tq.load_records(m["final_eval_file"], cfg.system_prompt, cfg.allow_images_outside_data_dir,
+                                          cfg.columns, tq.dataset_image_dir(cfg)) for _, m in stages}
     if limit:
         splits = {k: v[:limit] for k, v in splits.items()}
     result = {"trained": ["base"] + [m["stage"] for _, m in stages], "evaluated": list(splits),
@@ -480,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", help="stage YAML: its base, adapter (output_dir) and splits")
     parser.add_argument("--split", choices=["train", "eval", "test"], default="eval")
-    parser.add_argument("--data", help="evaluate on this JSONL instead of a split of the config")
+    parser.add_argument("--data", help="evaluate on this split (JSONL or a dataset) instead of one of the config's")
     parser.add_argument("--adapter", help="adapter directory (default: the config's output_dir)")
     parser.add_argument("--no-adapter", action="store_true", help="the base model alone: the zero point")
     parser.add_argument("--limit", type=int, help="only the first N questions")
@@ -502,12 +507,13 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give a CONFIG.yaml, or --forgetting ROOT")
         cfg = tq.load_config(args.config, args.set)
         data = args.data or {"train": cfg.train_file, "eval": cfg.eval_file, "test": cfg.test_file}[args.split]
-        if not data or not Path(data).is_file():
+        if not data or not Path(data).exists():
             raise tq.ConfigError(f"no {args.split} split: set {args.split}_file in {args.config} or pass --data")
         adapter = None if args.no_adapter else (args.adapter or cfg.output_dir)
         if adapter and not (Path(adapter) / tq.ADAPTER_WEIGHTS).is_file():
             raise tq.ConfigError(f"no adapter in {adapter} (train the stage first, or pass --adapter/--no-adapter)")
-        records = tq.load_records(data, cfg.system_prompt, cfg.allow_images_outside_data_dir)[:args.limit]
+        records = tq.load_records(data, cfg.system_prompt, cfg.allow_images_outside_data_dir, cfg.columns,
+                                  tq.dataset_image_dir(cfg))[:args.limit]
         model, processor = load_for_eval(cfg, adapter)
         metrics, predictions = evaluate_records(model, processor, records, cfg)
     except tq.ConfigError as err:

@@ -5,9 +5,11 @@ parser agree: if the trainer taught one format and the parser expected another, 
 """
 
 import json
+from pathlib import Path
 
 from conftest import REPO, metrics, run_script
 
+import train_qlora_qwen3vl as tq
 import vqa_eval as ev
 
 MEMORISE = """\
@@ -49,7 +51,8 @@ def test_memorised_questions_are_answered_through_the_full_path(tmp_path, tiny_m
     assert m["overall"]["n"] == 8 and m["overall"]["accuracy"] >= 0.9, m
     assert {"single_choice", "numeric", "multi_label"} <= m.keys()
     predictions = [json.loads(ln) for ln in (tmp_path / "stage" / "predictions_dev.jsonl").read_text().splitlines()]
-    assert len(predictions) == 8 and set(predictions[0]) == {"id", "type", "gold", "raw_output", "parsed", "correct"}
+    assert len(predictions) == 8 and set(predictions[0]) == {"id", "type", "image", "prompt", "raw_output", "parsed",
+                                                             "gold", "correct"}
     assert sum(p["correct"] for p in predictions) == round(m["overall"]["accuracy"] * 8)
     assert "Dev accuracy after stage 1 (8 questions, by generation)" in result.stdout
     # the same adapter through the evaluation command gives the same answers
@@ -84,6 +87,25 @@ def test_stage_writes_metrics_predictions_and_plots(curriculum):
             assert (stage_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(ev.stage_chain(root / "stage3")) == 3
     assert list((root / "tensorboard" / "stage2").glob("events.out.tfevents.*"))
+
+
+def test_predictions_say_what_was_asked_and_what_came_back(curriculum, processor):
+    """Each line carries the prompt as the model read it (chat template; the image as its placeholder, and its
+    file) and the raw generated text beside the parsed answer, so an answer can be reproduced outside the code."""
+    root, _ = curriculum
+    cfg = tq.load_config(root / "stage2" / tq.RESOLVED_CONFIG)
+    records = {r.id: r for r in tq.load_records(REPO / "data/stage2/dev.jsonl")}
+    lines = [json.loads(ln) for ln in (root / "stage2" / "predictions_dev.jsonl").read_text().splitlines()]
+    assert len(lines) == 40
+    for p in lines:
+        rec = records[p["id"]]
+        # the very text the answer was generated from (GenerationInputs renders it with prompt_and_images)
+        assert p["prompt"] == tq.prompt_and_images(processor, rec, cfg.min_pixels, cfg.max_pixels)[0]
+        assert p["prompt"].count("<|image_pad|>") == 1 and p["image"] == rec.image  # the pixels are not in it
+        assert Path(p["image"]).is_absolute()
+        assert rec.prompt_messages[-1]["content"][-1]["text"] in p["prompt"]
+        assert p["prompt"].endswith("<|im_start|>assistant\n")
+        assert p["parsed"] == ev.parse_answer(p["raw_output"], p["type"], rec.options)
 
 
 def test_forgetting_matrix(curriculum):
