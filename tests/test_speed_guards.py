@@ -122,3 +122,16 @@ def test_transformers_adapter_api_works_on_a_finished_stage(curriculum, tiny_mod
     model.disable_adapters()
     model.enable_adapters()
     assert model.active_adapters() == ["default"]
+
+
+def test_under_fsdp_the_fused_lora_forward_steps_aside(tmp_path):
+    """On 2 H200s FSDP-QLoRA stopped with an illegal memory access: the fused forward reads lora_B.weight, which under
+    FSDP is a sharded flat parameter that only lora_B's own forward gathers (bench/RESULTS.md). A CPU cannot run FSDP
+    over 4-bit weights; what it can check is that the plan keeps the fused forward off there."""
+    decisions, problems = speed.plan_speed_patches(config(tmp_path), fsdp=True)
+    assert not decisions["fused_lora_forward"].on and "under FSDP" in decisions["fused_lora_forward"].note
+    assert problems == []
+    assert speed.plan_speed_patches(config(tmp_path), fsdp=False)[0]["fused_lora_forward"].on
+    _, problems = speed.plan_speed_patches(config(tmp_path, "fused_lora_forward=true"), fsdp=True)
+    assert any(p.startswith("fused_lora_forward: true, but fused LoRA forward cannot run here: under FSDP")
+               for p in problems), problems
