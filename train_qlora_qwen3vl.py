@@ -38,6 +38,17 @@ import yaml
 
 from curriculum import speed
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
+from curriculum.processes import (
+    check_processes_agree,
+    fsdp_enabled,
+    gather_from_processes,
+    gpu_available,
+    is_main_process,
+    log,
+    processes,
+    runtime,
+    training_device,
+)
 
 speed.quiet_optional_backend_warnings()  # before bitsandbytes and Liger import: their optional backends' warnings
 # peft calls a transformers method that transformers 5 renamed; the warning is about peft, not about you.
@@ -60,59 +71,6 @@ IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and paddin
 
 QUESTION_TYPES = ("single_choice", "numeric", "multi_label")
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Processes: one, or several started by `accelerate launch` (DDP or FSDP); the same code path for both
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def is_main_process() -> bool:
-    """True in the process that writes files and prints: the only one, or rank 0 of those the launcher started
-    (the launcher sets RANK before the script runs, so this holds from the first line on)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def log(*args, **kwargs) -> None:
-    """print, on the main process only: with N processes every line would otherwise appear N times."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
-
-
-def fsdp_enabled() -> bool:
-    """Launched with an FSDP accelerate config (accelerate tells its processes through this variable)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def processes():
-    """accelerate's view of the processes: index, count, barriers. A single process is a world of one."""
-    import torch
-    from accelerate import PartialState
-
-    # cpu=True on a machine without a GPU: without it accelerate sees no processes to join there (as the Trainer
-    # does with use_cpu)
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def gather_from_processes(item: Any) -> list:
-    """`item` from every process, in process order, on every process (a one-item list with a single process)."""
-    from accelerate.utils import gather_object
-
-    return gather_object([item])
-
-
-def check_processes_agree(views: list[dict], key: str, what: str, hint: str) -> None:
-    """Every process must hold the same adapter. Raised on every process alike (they all see the same views),
-    so none is left waiting for the others."""
-    if len({v[key] for v in views}) > 1:
-        held = ", ".join(f"process {v['process']}: {str(v[key])[:16]}" for v in views)
-        raise CurriculumError(f"the processes hold different adapters ({what}: {held}). {hint}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1084,15 +1042,6 @@ def bnb_config(q: QuantizationSettings):
                               bnb_4bit_quant_storage=getattr(torch, quant_storage_dtype(q)))
 
 
-def training_device() -> Any:
-    """This process's device: its own GPU under `accelerate launch` (LOCAL_RANK), else GPU 0, else the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return int(os.environ.get("LOCAL_RANK", "0"))
-    return "cpu"
-
-
 def load_quantized_base(model_path: str, cfg: StageConfig):
     """The frozen base in 4 bit, prepared for k-bit training exactly once (this is the only place that does it)."""
     import torch
@@ -1994,6 +1943,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, overrides)
         validate_config(cfg, training=not check)
         log("Resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        log(runtime())
         if check:
             check_data(cfg)
         else:
@@ -2013,7 +1963,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_code
     except Exception as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
-            where = f"process {os.environ['RANK']}: " if "RANK" in os.environ else ""  # one GPU can run out alone
+            where = f"process {runtime().rank}: " if runtime().world_size > 1 else ""  # one GPU can run out alone
             print(f"error: {where}out of GPU memory. Lower memory_budget_gib (with batch_size: auto) or batch_size "
                   "(and raise grad_accum to keep the effective batch), lower max_pixels (fewer image tokens), set "
                   "gradient_checkpointing: true, or lower "

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO
 
 import train_qlora_qwen3vl as tq
-from curriculum import speed
+from curriculum import processes, speed
 
 
 def test_answer_positions_pick_the_tokens_before_each_trained_label():
@@ -178,6 +178,8 @@ def test_batch_size_auto_checks_the_extrapolated_batch(monkeypatch):
 
     monkeypatch.setattr(tq, "measure_step_memory", fake_measure)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    on_a_gpu = processes.Runtime(rank=0, local_rank=0, world_size=1, fsdp=False, gpu=True)
+    monkeypatch.setattr(processes, "runtime", lambda: on_a_gpu)  # never the cached one, read under the stand-in
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=80 * gib))

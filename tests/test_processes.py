@@ -1,6 +1,7 @@
 """Several processes (issue 7): the same script under `accelerate launch`, two CPU processes over gloo, with the
 shipped DDP config file. Stage 1 and stage 2 of the demo curriculum, then the faults the checks must catch."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from conftest import REPO, assert_continued, metrics, wait_for
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
 import vqa_eval
+from curriculum import processes
 
 PROCESSES, BATCH, ACCUM, EVAL_QUESTIONS = 2, 8, 2, 9
 
@@ -177,7 +179,8 @@ def test_planned_steps_count_a_last_short_accumulation_as_a_step():
 
 
 def test_fsdp_settings_are_checked_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    plain = processes.runtime()
+    monkeypatch.setattr(processes, "runtime", lambda: dataclasses.replace(plain, fsdp=True))  # as under FSDP
     cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'out'}"])
     assert tq.quant_storage_dtype(cfg.quantization) == "bfloat16"  # auto: the compute dtype under FSDP
     bad = tq.load_config("configs/demo/stage2.yaml", [f"output_dir={tmp_path / 'out'}",
@@ -189,7 +192,7 @@ def test_fsdp_settings_are_checked_before_loading(tmp_path, monkeypatch):
     assert "quantization.quant_storage: FSDP shards only floating-point tensors" in str(err.value)
     assert "optimizer_state: resume is not supported under FSDP" in str(err.value)
     assert "batch_size: auto measures a step of the whole model, and FSDP shards it" in str(err.value)
-    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setattr(processes, "runtime", lambda: plain)
     assert tq.quant_storage_dtype(cfg.quantization) == "uint8"
 
 
