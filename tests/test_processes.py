@@ -15,7 +15,7 @@ from conftest import REPO, assert_continued, metrics, wait_for
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
 import vqa_eval
-from curriculum import processes
+from curriculum import faults, processes
 
 PROCESSES, BATCH, ACCUM, EVAL_QUESTIONS = 2, 8, 2, 9
 
@@ -256,7 +256,7 @@ def test_sigterm_to_every_process_saves_a_checkpoint_and_the_same_command_resume
     text = log.read_text()
     assert "Received SIGTERM: saving a checkpoint after this step" in text
     assert "Stopped: stopped by SIGTERM at step" in text and "killed by signal" not in text, text[-3000:]
-    checkpoints = tq.complete_checkpoints(tmp_path / "stage1.partial")
+    checkpoints = faults.complete_checkpoints(tmp_path / "stage1.partial")
     assert checkpoints and 6 <= int(checkpoints[-1].name.split("-")[1]) < 40  # saved where it stopped
     result = launch("train_qlora_qwen3vl.py", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -305,7 +305,7 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tiny_mo
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert "Stopped: stopped by SIGTERM at step" in text, text[-3000:]  # said by rank 0, which got no signal
-    checkpoints = tq.complete_checkpoints(tmp_path / "stage1.partial")
+    checkpoints = faults.complete_checkpoints(tmp_path / "stage1.partial")
     assert checkpoints and 6 <= int(checkpoints[-1].name.split("-")[1]) < 40, text[-3000:]
 
 
