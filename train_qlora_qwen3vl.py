@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import errno
 import hashlib
 import importlib.util
 import json
@@ -37,7 +36,29 @@ from typing import Any, Literal
 import yaml
 
 from curriculum import speed
+from curriculum.batch_size import choose_batch_size
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
+from curriculum.faults import (
+    STAGE_START,
+    StageGuard,
+    complete_checkpoints,
+    disk_full_error,
+    end_dataloader_workers_at_exit,
+    interrupted_run,
+    is_disk_full,
+    leave_stop_signals_to_the_trainer,
+)
+from curriculum.processes import (
+    check_processes_agree,
+    fsdp_enabled,
+    gather_from_processes,
+    gpu_available,
+    is_main_process,
+    log,
+    processes,
+    runtime,
+    training_device,
+)
 
 speed.quiet_optional_backend_warnings()  # before bitsandbytes and Liger import: their optional backends' warnings
 # peft calls a transformers method that transformers 5 renamed; the warning is about peft, not about you.
@@ -55,65 +76,11 @@ STAGE_METRICS = "stage_metrics.json"
 IMAGE_CHECK_CACHE = "image_checks.json"
 RESOLVED_CONFIG = "resolved_config.yaml"
 OPTIMIZER_MOMENTS = "optimizer_moments.safetensors"
-STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run must not measure again
 IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and padding positions)
 
 SPLIT_FILE_SUFFIXES = (".jsonl", ".parquet", ".arrow")  # JSONL, or a Hugging Face dataset (also: a folder)
 QUESTION_TYPES = ("single_choice", "numeric", "multi_label")
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Processes: one, or several started by `accelerate launch` (DDP or FSDP); the same code path for both
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def is_main_process() -> bool:
-    """True in the process that writes files and prints: the only one, or rank 0 of those the launcher started
-    (the launcher sets RANK before the script runs, so this holds from the first line on)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def log(*args, **kwargs) -> None:
-    """print, on the main process only: with N processes every line would otherwise appear N times."""
-    if is_main_process():
-        print(*args, **kwargs, flush=True)
-
-
-def fsdp_enabled() -> bool:
-    """Launched with an FSDP accelerate config (accelerate tells its processes through this variable)."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-
-
-def gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def processes():
-    """accelerate's view of the processes: index, count, barriers. A single process is a world of one."""
-    import torch
-    from accelerate import PartialState
-
-    # cpu=True on a machine without a GPU: without it accelerate sees no processes to join there (as the Trainer
-    # does with use_cpu)
-    return PartialState(cpu=not torch.cuda.is_available())
-
-
-def gather_from_processes(item: Any) -> list:
-    """`item` from every process, in process order, on every process (a one-item list with a single process)."""
-    from accelerate.utils import gather_object
-
-    return gather_object([item])
-
-
-def check_processes_agree(views: list[dict], key: str, what: str, hint: str) -> None:
-    """Every process must hold the same adapter. Raised on every process alike (they all see the same views),
-    so none is left waiting for the others."""
-    if len({v[key] for v in views}) > 1:
-        held = ", ".join(f"process {v['process']}: {str(v[key])[:16]}" for v in views)
-        raise CurriculumError(f"the processes hold different adapters ({what}: {held}). {hint}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1086,43 +1053,6 @@ class VQADataset:
         return encode_example(self.processor, self.records[i], self.min_pixels, self.max_pixels)
 
 
-def leave_stop_signals_to_the_trainer() -> None:
-    """In a dataloader worker process, ignore SIGINT and SIGTERM (once per worker). Ctrl-C in a terminal, and
-    torchrun or a cluster scheduler passing on SIGTERM, signal the whole process group. A worker that dies of it
-    crashes the training step before StageGuard can save its checkpoint. The training process alone decides to
-    stop; it ends its workers itself."""
-    import signal
-
-    import torch
-
-    global _signals_left_to_trainer
-    if _signals_left_to_trainer or torch.utils.data.get_worker_info() is None:
-        return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _signals_left_to_trainer = True
-
-
-_signals_left_to_trainer = False  # per process: set in each dataloader worker by its first sample
-
-
-def end_dataloader_workers_at_exit() -> None:
-    """In the training process: at exit, kill the dataloader workers still running. They ignore SIGTERM (above),
-    so after a crash, multiprocessing's own exit handler, which terminates them and then waits for them, would
-    wait forever. Registered after multiprocessing's handler, so it runs before it."""
-    import atexit
-    import multiprocessing.util  # registers its exit handler now if not yet, so that ours runs first
-
-    global _workers_ended_at_exit
-    if _workers_ended_at_exit:
-        return
-    atexit.register(lambda: [child.kill() for child in multiprocessing.active_children()])
-    _workers_ended_at_exit = True
-
-
-_workers_ended_at_exit = False
-
-
 def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
     """Right-pad to the longest sample: ids with pad, labels with -100, masks with 0; concatenate image patches."""
     import torch
@@ -1229,15 +1159,6 @@ def bnb_config(q: QuantizationSettings):
                               bnb_4bit_use_double_quant=q.double_quant,
                               bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
                               bnb_4bit_quant_storage=getattr(torch, quant_storage_dtype(q)))
-
-
-def training_device() -> Any:
-    """This process's device: its own GPU under `accelerate launch` (LOCAL_RANK), else GPU 0, else the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return int(os.environ.get("LOCAL_RANK", "0"))
-    return "cpu"
 
 
 def load_quantized_base(model_path: str, cfg: StageConfig):
@@ -1474,127 +1395,6 @@ def load_optimizer_moments(model, optimizer, path: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def batch_size_for_budget(peaks: dict[int, float], budget_bytes: float, step: int, most: int) -> int:
-    """The largest multiple of `step` (at most `most`) whose peak memory, on the straight line through the two
-    measured (batch size, peak bytes) points, is within the budget. Activations grow linearly with the batch;
-    the weights are the fixed part. A step that ran out of memory measured infinity."""
-    (b1, p1), (b2, p2) = sorted(peaks.items())
-    if not p1 <= budget_bytes:
-        needs = f"needs {p1 / 2**30:.1f} GiB at peak" if math.isfinite(p1) else "ran out of GPU memory"
-        raise ConfigError(f"memory_budget_gib: a batch of {b1} already {needs}, over the budget "
-                          f"({budget_bytes / 2**30:.1f} GiB usable); set batch_size to a smaller number, lower "
-                          "max_pixels, or raise the budget")
-    if not math.isfinite(p2):
-        return b1
-    per_sample = max((p2 - p1) / (b2 - b1), 1.0)
-    fits = int((budget_bytes - (p1 - per_sample * b1)) // per_sample)
-    return max(b1, min(fits // step * step, most))
-
-
-def measure_step_memory(model, dataset, pad_id: int, batch_sizes: list[int], cfg: StageConfig,
-                        encoded: dict | None = None) -> dict[int, float]:
-    """Peak GPU memory of one training step at each batch size, as the Trainer runs it (autocast to the compute
-    dtype, the same loss), on the longest samples (repeated if there are fewer), so a real batch never needs
-    more. A step that runs out of memory measures infinity. `encoded` ({index: sample}) keeps the samples
-    encoded from call to call: every batch starts with the same longest ones."""
-    import torch
-
-    encoded = {} if encoded is None else encoded
-    lengths = dataset.lengths or [0] * len(dataset)
-    order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
-    device = next(p for p in model.parameters() if p.requires_grad).device
-    model.train()
-    peaks = {}
-    for size in batch_sizes:
-        picks = [order[i % len(order)] for i in range(size)]
-        for i in picks:
-            if i not in encoded:
-                encoded[i] = dataset[i]
-        batch = collate_batch([encoded[i] for i in picks], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        try:
-            with torch.autocast("cuda", dtype=getattr(torch, cfg.quantization.compute_dtype)):
-                loss = answer_only_loss(model, batch)[0] if cfg.answer_only_logits else model(**batch).loss
-            loss.backward()
-            peaks[size] = torch.cuda.max_memory_allocated()
-            del loss
-        except torch.cuda.OutOfMemoryError:
-            peaks[size] = math.inf
-        model.zero_grad(set_to_none=True)
-        del batch
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return peaks
-
-
-AUTO_BATCH_STEP = 4  # batch_size: auto tries 4 and 8 and chooses a multiple of 4
-MIN_STEPS_PER_EPOCH = 10  # batch_size: auto never makes an epoch shorter than this many optimizer steps
-
-
-def auto_batch_limit(n_train: int, cfg: StageConfig, num_processes: int) -> int:
-    """The largest batch_size: auto may choose on data of n_train samples: an epoch keeps at least
-    MIN_STEPS_PER_EPOCH optimizer steps, because a small stage trained in two or three huge steps barely moves
-    (and its warm-up and schedule lose their meaning)."""
-    per_process = n_train // (num_processes * cfg.grad_accum * MIN_STEPS_PER_EPOCH)
-    return max(AUTO_BATCH_STEP, per_process // AUTO_BATCH_STEP * AUTO_BATCH_STEP)
-
-
-def next_batch_to_measure(peaks: dict[int, float], usable: float, limit: int) -> int | None:
-    """The next batch size worth a measured step: on the line through the largest measured batch within the budget
-    and the smallest over it (halfway after running out of memory), or through the two largest within it while
-    none is over. None when that gains nothing over the largest batch already known to fit."""
-    under = sorted(b for b, p in peaks.items() if p <= usable)
-    over = sorted(b for b, p in peaks.items() if p > usable)
-    lo = under[-1]
-    if over and not math.isfinite(peaks[over[0]]):
-        size = (lo + over[0]) // 2 // AUTO_BATCH_STEP * AUTO_BATCH_STEP
-    elif over:
-        size = batch_size_for_budget({lo: peaks[lo], over[0]: peaks[over[0]]}, usable, AUTO_BATCH_STEP,
-                                     most=over[0] - AUTO_BATCH_STEP)
-    else:
-        size = batch_size_for_budget({b: peaks[b] for b in under[-2:]}, usable, AUTO_BATCH_STEP, most=10**6)
-    size = min(size, limit)
-    return size if size > lo else None
-
-
-def choose_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
-    """batch_size: auto (see there). Every process measures its own GPU; all use the smallest choice, so they step
-    together."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("batch_size: auto chooses the batch by measuring GPU memory, and there is no GPU; set "
-                          "batch_size to a number")
-    gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-    budget = min(cfg.memory_budget_gib, gpu_gib)
-    if budget < cfg.memory_budget_gib:
-        log(f"memory_budget_gib={cfg.memory_budget_gib:g} is more than this GPU's {gpu_gib:.1f} GiB; using that")
-    usable = 0.9 * budget * 2**30  # headroom for the allocator's fragmentation and evaluation
-    limit = auto_batch_limit(len(dataset), cfg, processes().num_processes)
-    pad_id = processor.tokenizer.pad_token_id
-    encoded: dict = {}  # each longest sample is encoded once, however many batch sizes are measured
-    peaks = measure_step_memory(model, dataset, pad_id, [AUTO_BATCH_STEP, 2 * AUTO_BATCH_STEP], cfg, encoded)
-    fit = batch_size_for_budget(peaks, usable, AUTO_BATCH_STEP, most=10**6)  # also: the smallest must fit
-    # The line is extrapolated from small batches, and activations can grow faster than it: measure the size it
-    # gives, and go on between the largest batch that fitted and the smallest that did not.
-    for _ in range(3):
-        size = next_batch_to_measure(peaks, usable, limit)
-        if size is None:
-            break
-        peaks |= measure_step_memory(model, dataset, pad_id, [size], cfg, encoded)
-    size = max(b for b, p in peaks.items() if p <= usable and b <= limit)
-    chosen = min(gather_from_processes(size))
-    measured = ", ".join(f"{p / 2**30:.1f} GiB at {b}" if math.isfinite(p) else f"out of memory at {b}"
-                         for b, p in sorted(peaks.items()))
-    capped = (f"; memory allows about {fit}, capped at {limit} so that an epoch keeps {MIN_STEPS_PER_EPOCH} "
-              "optimizer steps" if fit > limit else "")
-    log(f"Batch size {chosen} chosen (batch_size: auto, memory_budget_gib={budget:g}): a training step on the "
-        f"longest samples measured {measured}{capped}")
-    return chosen
-
-
 def planned_steps(n_train: int, cfg: StageConfig, num_processes: int) -> int:
     """Optimizer steps of the stage. An epoch is ceil(n / (batch_size x processes)) batches on each process (the
     last one filled up from the start), and a last, shorter accumulation still makes a step, as in the Trainer."""
@@ -1634,62 +1434,6 @@ def make_log_callbacks():
     return StepLog(), ProgressBarOnly()
 
 
-STOP_SIGNALS = ("SIGINT", "SIGTERM")  # what StageGuard stops for, saving a checkpoint first
-
-
-class StageGuard:
-    """Stops the stage cleanly: on SIGINT/SIGTERM after saving a checkpoint to resume from; on non-finite LoRA
-    weights (a diverged loss) without saving them. Checked after every optimizer step, before any save."""
-
-    def __init__(self, model):
-        import signal
-
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.signal_name: str | None = None  # the stop signal this process received
-        self.stop_signal: str | None = None  # the one the stage stopped for, on whichever process it arrived
-        self.non_finite_step: int | None = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, signum, frame):
-        import signal
-
-        if self.signal_name:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        log(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
-            "(send it again to stop at once)")
-
-    def callback(self):
-        import torch
-        from transformers import TrainerCallback
-
-        guard = self
-
-        class Guard(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                # Every process decides on the same flags, so all stop after the same step: a signal reaches the
-                # processes at slightly different points of their steps, and one that stopped a step earlier than
-                # the others would leave them waiting in the next step's gradient exchange. One device sync per
-                # step (and, with several processes, one tiny all-reduce).
-                device = guard.params[0].device if guard.params else "cpu"
-                non_finite = (~torch.stack([torch.isfinite(p).all() for p in guard.params]).all() if guard.params
-                              else torch.tensor(False, device=device))
-                received = STOP_SIGNALS.index(guard.signal_name) + 1 if guard.signal_name else 0
-                flags = torch.stack([non_finite.float(), torch.tensor(float(received), device=device)])
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-                non_finite, received = flags.tolist()
-                if non_finite:
-                    guard.non_finite_step = state.global_step
-                    control.should_save, control.should_training_stop = False, True
-                elif received:
-                    guard.stop_signal = STOP_SIGNALS[int(received) - 1]
-                    control.should_save, control.should_training_stop = True, True
-
-        return Guard()
-
-
 def answer_positions(labels):
     """Positions whose *next* token is trained (a causal LM predicts token t+1 at position t), as one index set
     for the whole batch (the union over rows, which any transformers version's `logits_to_keep` accepts), and the
@@ -1718,6 +1462,17 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
     keep, targets = answer_positions(inputs.pop("labels"))
     outputs = model(**inputs, logits_to_keep=keep)
     return answer_loss(outputs.logits, targets, num_items_in_batch), outputs
+
+
+def auto_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
+    """batch_size: auto (curriculum/batch_size.py), measured on the batches and the loss the Trainer trains with
+    (build_trainer)."""
+    pad_id = processor.tokenizer.pad_token_id
+
+    def step_loss(model, batch: dict):
+        return answer_only_loss(model, batch)[0] if cfg.answer_only_logits else model(**batch).loss
+
+    return choose_batch_size(model, dataset, cfg, lambda examples: collate_batch(examples, pad_id), step_loss)
 
 
 def one_gpu_per_process(args, world: int) -> None:
@@ -1787,66 +1542,6 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
         trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out.parent / "tensorboard"
                                                                                   / out.name))))
     return trainer
-
-
-def complete_checkpoints(work_dir: Path, remove_cut_short: bool = False) -> list[Path]:
-    """`checkpoint-N` folders the Trainer finished writing, oldest first. It writes trainer_state.json last, so a
-    folder without a readable one was cut short (a kill or a full disk mid-save) and must not be resumed from;
-    with `remove_cut_short` such folders are deleted (freeing their space)."""
-    done = []
-    for ckpt in sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])):
-        try:
-            json.loads((ckpt / "trainer_state.json").read_text())
-            done.append(ckpt)
-        except (OSError, ValueError):
-            if remove_cut_short:
-                log(f"Removing {ckpt}: it was not completely written")
-                shutil.rmtree(ckpt, ignore_errors=True)
-    return done
-
-
-def interrupted_run(work_dir: Path, cfg: StageConfig) -> str | None:
-    """The last checkpoint of an interrupted run of this very stage config, to resume from; None to start anew."""
-    if not work_dir.is_dir():
-        return None
-    done = complete_checkpoints(work_dir)  # cut-short ones are removed below, once this run is known to resume
-    start_file = work_dir / STAGE_START
-    if not done or not start_file.is_file():
-        shutil.rmtree(work_dir)  # started, but nothing to resume from: no checkpoint was written
-        return None
-    saved = json.loads(start_file.read_text())["config"]
-    now = config_to_dict(cfg)
-    differ = [k for k in now if k != "overwrite" and saved.get(k) != now[k]]
-    if differ:
-        raise ConfigError(f"{work_dir} holds an interrupted run of this stage with other settings "
-                          f"({', '.join(differ)}); restore them to resume it, or delete {work_dir} to start over")
-    complete_checkpoints(work_dir, remove_cut_short=True)
-    return str(done[-1])
-
-
-def is_disk_full(err: BaseException, path: Path) -> bool:
-    """True if `err` came from a full disk. torch.save reports it only as 'unexpected pos', so a write error on
-    a disk with under 1 MiB free counts too."""
-    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    if "No space left on device" in str(err) or "os error 28" in str(err):
-        return True
-    existing = next((p for p in [path, *path.parents] if p.exists()), None)
-    return existing is not None and shutil.disk_usage(existing).free < 1 << 20
-
-
-def disk_full_error(writing: str, work_dir: Path, cfg: StageConfig) -> DiskFull:
-    """Clear what was cut short (freeing its space) and say what is intact and how to go on."""
-    staging = Path(f"{cfg.output_dir}.saving")
-    shutil.rmtree(staging, ignore_errors=True)
-    done = complete_checkpoints(work_dir, remove_cut_short=True)
-    intact = [d for d in (cfg.prev_checkpoint, cfg.output_dir) if d and (Path(d) / STAGE_METRICS).is_file()]
-    resume = (f"it resumes from {done[-1]}" if done else "it starts the stage over (no checkpoint was complete; "
-              "save_steps keeps some)")
-    return DiskFull(f"no space left on device while writing {writing}. The partial files were removed; "
-                    f"{', '.join(intact + [str(p) for p in done]) or 'nothing saved before'} "
-                    f"{'is' if len(intact) + len(done) == 1 else 'are'} intact. Free space on that disk and run the "
-                    f"same command: {resume}.")
 
 
 def before_first_step(measure):
@@ -2031,7 +1726,8 @@ def train_stage(cfg: StageConfig) -> dict:
 
     work_dir = Path(f"{cfg.output_dir}.partial")  # intermediate checkpoints; removed once the stage is saved
     with processes().main_process_first():  # the main process tidies work_dir; the others then read the same
-        resume_from = interrupted_run(work_dir, cfg)  # before the long model load: a mismatch is reported at once
+        # before the long model load: a mismatch is reported at once
+        resume_from = interrupted_run(work_dir, config_to_dict(cfg))
 
     model = load_quantized_base(model_path, cfg)
     if cfg.prev_checkpoint:
@@ -2060,7 +1756,7 @@ def train_stage(cfg: StageConfig) -> dict:
     if batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
         batch_size = resumed["batch_size_chosen"]
     elif batch_size == "auto":
-        batch_size = choose_batch_size(model, train_ds, processor, run_cfg)
+        batch_size = auto_batch_size(model, train_ds, processor, run_cfg)
     run_cfg = dataclasses.replace(run_cfg, batch_size=batch_size)
 
     trainer = build_trainer(model, processor, train_ds, eval_ds, run_cfg, work_dir)
@@ -2099,7 +1795,7 @@ def train_stage(cfg: StageConfig) -> dict:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except Exception as err:
         if is_disk_full(err, work_dir):
-            raise disk_full_error(f"a checkpoint in {work_dir}", work_dir, cfg) from err
+            raise disk_full_error(f"a checkpoint in {work_dir}", work_dir, cfg, STAGE_METRICS) from err
         raise
     train_seconds = time.time() - start["t0"]
     first_eval, first_own = start["first_eval_loss"], start["first_eval_loss_own_split"]
@@ -2181,7 +1877,7 @@ def train_stage(cfg: StageConfig) -> dict:
         out = save_stage(trainer, model, processor, cfg, metrics, predictions, staging)
     except Exception as err:
         if is_disk_full(err, staging):
-            raise disk_full_error(f"the stage to {staging}", work_dir, cfg) from err
+            raise disk_full_error(f"the stage to {staging}", work_dir, cfg, STAGE_METRICS) from err
         raise
     if trainer.is_world_process_zero():
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -2230,6 +1926,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, overrides)
         validate_config(cfg, training=not check)
         log("Resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        log(runtime())
         if check:
             check_data(cfg)
         else:
@@ -2249,7 +1946,7 @@ def main(argv: list[str] | None = None) -> int:
         return stop.exit_code
     except Exception as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
-            where = f"process {os.environ['RANK']}: " if "RANK" in os.environ else ""  # one GPU can run out alone
+            where = f"process {runtime().rank}: " if runtime().world_size > 1 else ""  # one GPU can run out alone
             print(f"error: {where}out of GPU memory. Lower memory_budget_gib (with batch_size: auto) or batch_size "
                   "(and raise grad_accum to keep the effective batch), lower max_pixels (fewer image tokens), set "
                   "gradient_checkpointing: true, or lower "

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import train_qlora_qwen3vl as tq
 from curriculum import speed
+from curriculum.processes import gather_from_processes, is_main_process, log, processes
 
 PREFIXES = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?(?:answer|option|choice)s?\s*(?:is|are|:)?\s*[:\-]?\s*", re.I)
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
@@ -265,11 +266,11 @@ def merge_answers(parts: list[list[tuple[int, str]]], n: int) -> list[str]:
 def evaluate_records(model, processor, records: list[tq.Record], cfg: tq.StageConfig) -> tuple[dict, list[dict]]:
     """Generate, parse and score. Returns (metrics, predictions) with one prediction row per record. With several
     processes (DDP), each answers every N-th question and all answers are gathered on every process."""
-    state = tq.processes()
+    state = processes()
     mine = list(range(state.process_index, len(records), state.num_processes))
     answers = generate_answers(model, processor, [records[i] for i in mine], cfg, cfg.eval_batch_size,
-                               cfg.max_new_tokens, progress=tq.is_main_process())
-    raw = merge_answers(tq.gather_from_processes(list(zip(mine, answers, strict=True))), len(records))
+                               cfg.max_new_tokens, progress=is_main_process())
+    raw = merge_answers(gather_from_processes(list(zip(mine, answers, strict=True))), len(records))
     predictions = []
     for rec, text in zip(records, raw, strict=True):
         gold, pred = gold_answer(rec), parse_answer(text, rec.type, rec.options)
@@ -436,7 +437,7 @@ def load_for_eval(cfg: tq.StageConfig, adapter: str | None):
     model = tq.load_quantized_base(model_path, cfg)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
-    speed.apply_speed_patches(model, cfg, log=tq.log)
+    speed.apply_speed_patches(model, cfg, log=log)
     return model, processor
 
 

@@ -240,7 +240,7 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
     checkpointed = speed.apply_gradient_checkpointing(model, cfg)
     if cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
-        cfg = dataclasses.replace(cfg, batch_size=tq.choose_batch_size(model, dataset, processor, cfg))
+        cfg = dataclasses.replace(cfg, batch_size=tq.auto_batch_size(model, dataset, processor, cfg))
     for module in model.modules():  # lora.dropout per variant, on the one adapter
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
             module.lora_dropout["default"].p = cfg.lora.dropout

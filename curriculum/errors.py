@@ -1,4 +1,4 @@
-"""The errors the recipe turns into exit codes (main() in train_qlora_qwen3vl.py); shared by the helpers."""
+"""The errors the recipe turns into exit codes (its main()); shared by the helpers."""
 
 
 class ConfigError(ValueError):

@@ -9,7 +9,6 @@
         # the last process continues the adapter in DIR instead of prev_checkpoint (a stale copy on one machine)
 """
 
-import os
 import sys
 import types
 from pathlib import Path
@@ -22,6 +21,7 @@ import transformers  # noqa: E402
 
 import train_qlora_qwen3vl as tq  # noqa: E402
 from curriculum import speed  # noqa: E402
+from curriculum.processes import runtime  # noqa: E402
 
 
 def out_of_memory(*args, **kwargs):
@@ -127,7 +127,7 @@ if __name__ == "__main__":
             stand_in(mp)
     elif fault == "last-process-reads":
         other, argv = argv[0], argv[1:]
-        if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:
+        if runtime().rank == runtime().world_size - 1:
             continue_adapter, check_matches = tq.continue_adapter, tq.check_loaded_adapter_matches
             # This process faithfully loads and checks *its* copy; only the comparison across processes can see it.
             tq.continue_adapter = lambda model, prev: continue_adapter(model, other)

@@ -10,6 +10,7 @@ from conftest import REPO, STEPS, assert_continued, metrics, run_script, run_sta
 from safetensors.torch import load_file
 
 import train_qlora_qwen3vl as tq
+from curriculum.processes import gpu_available
 
 
 def test_stage1_learns_enough_that_a_restart_would_show(curriculum):
@@ -88,7 +89,7 @@ def test_check_validates_and_summarises_the_data_without_training(tmp_path):
                         "--set", "batch_size=auto")  # training would need a GPU for it; checking the data does not
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout
-    assert tq.gpu_available() or "Note: batch_size: auto measures GPU memory" in out
+    assert gpu_available() or "Note: batch_size: auto measures GPU memory" in out
     for line in ("train: 200 samples (", "train images: 200 decoded, ", "eval: 40 samples (", "train lengths: ",
                  "Check passed: config and data are valid (no model loaded, nothing trained)"):
         assert line in out

@@ -13,7 +13,7 @@ import torch
 from conftest import REPO
 
 import train_qlora_qwen3vl as tq
-from curriculum import speed
+from curriculum import batch_size, processes, speed
 
 
 def test_answer_positions_pick_the_tokens_before_each_trained_label():
@@ -140,26 +140,26 @@ def test_checkpointed_layers_choose_an_even_spread(tiny_model_path):
 def test_batch_size_for_budget_fits_the_line_through_two_measured_steps():
     gib = 2**30
     peaks = {8: 7 * gib, 16: 9 * gib}  # 5 GiB of weights, then 0.25 GiB per sample
-    assert tq.batch_size_for_budget(peaks, 20 * gib, 8, most=10_000) == 56  # 5 + 60 x 0.25 = 20 -> 60 -> 56
-    assert tq.batch_size_for_budget(peaks, 20 * gib, 8, most=40) == 40  # never more than the data
-    assert tq.batch_size_for_budget(peaks, 8 * gib, 8, most=10_000) == 8  # 12 fit: rounded down to a multiple
+    assert batch_size.batch_size_for_budget(peaks, 20 * gib, 8, most=10_000) == 56  # 5 + 60 x 0.25 = 20 -> 60 -> 56
+    assert batch_size.batch_size_for_budget(peaks, 20 * gib, 8, most=40) == 40  # never more than the data
+    assert batch_size.batch_size_for_budget(peaks, 8 * gib, 8, most=10_000) == 8  # 12 fit: rounded down to a multiple
     with pytest.raises(tq.ConfigError, match="a batch of 8 already needs 7.0 GiB"):
-        tq.batch_size_for_budget(peaks, 6 * gib, 8, most=10_000)
+        batch_size.batch_size_for_budget(peaks, 6 * gib, 8, most=10_000)
 
 
 def test_a_batch_that_ran_out_of_memory_is_over_any_budget():
     gib = 2**30
-    assert tq.batch_size_for_budget({4: 9 * gib, 8: math.inf}, 20 * gib, 4, most=10_000) == 4
+    assert batch_size.batch_size_for_budget({4: 9 * gib, 8: math.inf}, 20 * gib, 4, most=10_000) == 4
     with pytest.raises(tq.ConfigError, match="a batch of 4 already ran out of GPU memory"):
-        tq.batch_size_for_budget({4: math.inf, 8: math.inf}, 20 * gib, 4, most=10_000)
+        batch_size.batch_size_for_budget({4: math.inf, 8: math.inf}, 20 * gib, 4, most=10_000)
 
 
 def test_auto_batch_keeps_ten_optimizer_steps_per_epoch():
     cfg = tq.StageConfig(output_dir="x", train_file="x", grad_accum=2)
-    assert tq.auto_batch_limit(10_000, cfg, 1) == 500  # 10000 / (2 x 10)
-    assert tq.auto_batch_limit(10_000, cfg, 4) == 124  # 125 per process, a multiple of 4
-    assert tq.auto_batch_limit(200, cfg, 1) == 8  # 10, rounded down
-    assert tq.auto_batch_limit(20, cfg, 1) == 4  # never below the smallest batch tried
+    assert batch_size.auto_batch_limit(10_000, cfg, 1) == 500  # 10000 / (2 x 10)
+    assert batch_size.auto_batch_limit(10_000, cfg, 4) == 124  # 125 per process, a multiple of 4
+    assert batch_size.auto_batch_limit(200, cfg, 1) == 8  # 10, rounded down
+    assert batch_size.auto_batch_limit(20, cfg, 1) == 4  # never below the smallest batch tried
 
 
 def test_batch_size_auto_checks_the_extrapolated_batch(monkeypatch):
@@ -172,27 +172,27 @@ def test_batch_size_auto_checks_the_extrapolated_batch(monkeypatch):
 
     measured = []
 
-    def fake_measure(model, dataset, pad_id, sizes, cfg, encoded=None):
+    def fake_measure(model, dataset, sizes, cfg, collate, step_loss, encoded=None):
         measured.extend(sizes)
         return {b: (math.inf if peak(b) > 40 * gib else peak(b)) for b in sizes}
 
-    monkeypatch.setattr(tq, "measure_step_memory", fake_measure)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(batch_size, "measure_step_memory", fake_measure)
+    on_a_gpu = processes.Runtime(rank=0, local_rank=0, world_size=1, fsdp=False, gpu=True)
+    monkeypatch.setattr(processes, "runtime", lambda: on_a_gpu)  # never the cached one, read under the stand-in
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=80 * gib))
-    processor = types.SimpleNamespace(tokenizer=types.SimpleNamespace(pad_token_id=0))
     cfg = tq.StageConfig(output_dir="x", train_file="x", memory_budget_gib=20)
-    chosen = tq.choose_batch_size(None, [None] * 100_000, processor, cfg)
+    chosen = batch_size.choose_batch_size(None, [None] * 100_000, cfg, None, None)
     assert measured[:2] == [4, 8] and 3 <= len(measured) <= 5  # the extrapolated size was measured
     assert peak(chosen) <= 0.9 * 20 * gib and chosen % 4 == 0
     assert peak(chosen + 8) > 0.9 * 20 * gib  # and not far below what fits
     # data for 200 samples: an epoch keeps 10 steps
-    assert tq.choose_batch_size(None, [None] * 200, processor, cfg) == 20
+    assert batch_size.choose_batch_size(None, [None] * 200, cfg, None, None) == 20
     # a budget over the GPU's memory is cut to it
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=12 * gib))
-    assert peak(tq.choose_batch_size(None, [None] * 100_000, processor, cfg)) <= 0.9 * 12 * gib
+    assert peak(batch_size.choose_batch_size(None, [None] * 100_000, cfg, None, None)) <= 0.9 * 12 * gib
 
 
 def test_batch_size_auto_needs_a_gpu(tmp_path):
@@ -202,7 +202,7 @@ def test_batch_size_auto_needs_a_gpu(tmp_path):
     with pytest.raises(tq.ConfigError, match="batch_size: auto measures GPU memory.*set batch_size to a number"):
         tq.validate_config(cfg)
     with pytest.raises(tq.ConfigError, match="there is no GPU"):
-        tq.choose_batch_size(None, None, None, cfg)
+        batch_size.choose_batch_size(None, None, cfg, None, None)
     with pytest.raises(tq.ConfigError, match="batch_size: expected int, got str 'big'; or 'big' is not one of 'auto'"):
         tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "batch_size=big"])
 

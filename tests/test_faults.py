@@ -13,6 +13,7 @@ from conftest import REPO, metrics, run_script, stage_args, wait_for
 from safetensors.torch import load_file
 
 import train_qlora_qwen3vl as tq
+from curriculum import faults
 
 STEPS = 12
 
@@ -88,7 +89,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     assert code == 130
     assert "Received SIGINT: saving a checkpoint after this step" in text and "Traceback" not in text
     assert "Stopped: stopped by SIGINT at step" in text and not out.exists()
-    assert tq.complete_checkpoints(out.with_name("stage.partial"))  # something to resume from
+    assert faults.complete_checkpoints(out.with_name("stage.partial"))  # something to resume from
 
 
 def test_interrupted_run_with_other_settings_is_not_resumed_or_deleted(tmp_path):

@@ -1,6 +1,7 @@
 """Several processes (issue 7): the same script under `accelerate launch`, two CPU processes over gloo, with the
 shipped DDP config file. Stage 1 and stage 2 of the demo curriculum, then the faults the checks must catch."""
 
+import dataclasses
 import json
 import math
 import os
@@ -14,6 +15,7 @@ from conftest import REPO, assert_continued, metrics, wait_for
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
 import vqa_eval
+from curriculum import faults, processes
 
 PROCESSES, BATCH, ACCUM, EVAL_QUESTIONS = 2, 8, 2, 9
 
@@ -177,7 +179,8 @@ def test_planned_steps_count_a_last_short_accumulation_as_a_step():
 
 
 def test_fsdp_settings_are_checked_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    plain = processes.runtime()
+    monkeypatch.setattr(processes, "runtime", lambda: dataclasses.replace(plain, fsdp=True))  # as under FSDP
     cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'out'}"])
     assert tq.quant_storage_dtype(cfg.quantization) == "bfloat16"  # auto: the compute dtype under FSDP
     bad = tq.load_config("configs/demo/stage2.yaml", [f"output_dir={tmp_path / 'out'}",
@@ -189,7 +192,7 @@ def test_fsdp_settings_are_checked_before_loading(tmp_path, monkeypatch):
     assert "quantization.quant_storage: FSDP shards only floating-point tensors" in str(err.value)
     assert "optimizer_state: resume is not supported under FSDP" in str(err.value)
     assert "batch_size: auto measures a step of the whole model, and FSDP shards it" in str(err.value)
-    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setattr(processes, "runtime", lambda: plain)
     assert tq.quant_storage_dtype(cfg.quantization) == "uint8"
 
 
@@ -253,7 +256,7 @@ def test_sigterm_to_every_process_saves_a_checkpoint_and_the_same_command_resume
     text = log.read_text()
     assert "Received SIGTERM: saving a checkpoint after this step" in text
     assert "Stopped: stopped by SIGTERM at step" in text and "killed by signal" not in text, text[-3000:]
-    checkpoints = tq.complete_checkpoints(tmp_path / "stage1.partial")
+    checkpoints = faults.complete_checkpoints(tmp_path / "stage1.partial")
     assert checkpoints and 6 <= int(checkpoints[-1].name.split("-")[1]) < 40  # saved where it stopped
     result = launch("train_qlora_qwen3vl.py", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -302,7 +305,7 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tiny_mo
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert "Stopped: stopped by SIGTERM at step" in text, text[-3000:]  # said by rank 0, which got no signal
-    checkpoints = tq.complete_checkpoints(tmp_path / "stage1.partial")
+    checkpoints = faults.complete_checkpoints(tmp_path / "stage1.partial")
     assert checkpoints and 6 <= int(checkpoints[-1].name.split("-")[1]) < 40, text[-3000:]
 
 

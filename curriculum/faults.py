@@ -1,0 +1,168 @@
+"""Faults a stage survives: a stop signal (a checkpoint first, then the same command resumes), a diverged loss,
+a full disk, dataloader workers caught in the signal or left behind at exit."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+from pathlib import Path
+
+from curriculum.errors import ConfigError, DiskFull
+from curriculum.processes import log
+
+STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run must not measure again
+
+
+def leave_stop_signals_to_the_trainer() -> None:
+    """In a dataloader worker process, ignore SIGINT and SIGTERM (once per worker). Ctrl-C in a terminal, and
+    torchrun or a cluster scheduler passing on SIGTERM, signal the whole process group. A worker that dies of it
+    crashes the training step before StageGuard can save its checkpoint. The training process alone decides to
+    stop; it ends its workers itself."""
+    import signal
+
+    import torch
+
+    global _signals_left_to_trainer
+    if _signals_left_to_trainer or torch.utils.data.get_worker_info() is None:
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _signals_left_to_trainer = True
+
+
+_signals_left_to_trainer = False  # per process: set in each dataloader worker by its first sample
+
+
+def end_dataloader_workers_at_exit() -> None:
+    """In the training process: at exit, kill the dataloader workers still running. They ignore SIGTERM (above),
+    so after a crash, multiprocessing's own exit handler, which terminates them and then waits for them, would
+    wait forever. Registered after multiprocessing's handler, so it runs before it."""
+    import atexit
+    import multiprocessing.util  # registers its exit handler now if not yet, so that ours runs first
+
+    global _workers_ended_at_exit
+    if _workers_ended_at_exit:
+        return
+    atexit.register(lambda: [child.kill() for child in multiprocessing.active_children()])
+    _workers_ended_at_exit = True
+
+
+_workers_ended_at_exit = False
+
+
+STOP_SIGNALS = ("SIGINT", "SIGTERM")  # what StageGuard stops for, saving a checkpoint first
+
+
+class StageGuard:
+    """Stops the stage cleanly: on SIGINT/SIGTERM after saving a checkpoint to resume from; on non-finite LoRA
+    weights (a diverged loss) without saving them. Checked after every optimizer step, before any save."""
+
+    def __init__(self, model):
+        import signal
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.signal_name: str | None = None  # the stop signal this process received
+        self.stop_signal: str | None = None  # the one the stage stopped for, on whichever process it arrived
+        self.non_finite_step: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        import signal
+
+        if self.signal_name:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
+            "(send it again to stop at once)")
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        guard = self
+
+        class Guard(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                # Every process decides on the same flags, so all stop after the same step: a signal reaches the
+                # processes at slightly different points of their steps, and one that stopped a step earlier than
+                # the others would leave them waiting in the next step's gradient exchange. One device sync per
+                # step (and, with several processes, one tiny all-reduce).
+                device = guard.params[0].device if guard.params else "cpu"
+                non_finite = (~torch.stack([torch.isfinite(p).all() for p in guard.params]).all() if guard.params
+                              else torch.tensor(False, device=device))
+                received = STOP_SIGNALS.index(guard.signal_name) + 1 if guard.signal_name else 0
+                flags = torch.stack([non_finite.float(), torch.tensor(float(received), device=device)])
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                non_finite, received = flags.tolist()
+                if non_finite:
+                    guard.non_finite_step = state.global_step
+                    control.should_save, control.should_training_stop = False, True
+                elif received:
+                    guard.stop_signal = STOP_SIGNALS[int(received) - 1]
+                    control.should_save, control.should_training_stop = True, True
+
+        return Guard()
+
+
+def complete_checkpoints(work_dir: Path, remove_cut_short: bool = False) -> list[Path]:
+    """`checkpoint-N` folders the Trainer finished writing, oldest first. It writes trainer_state.json last, so a
+    folder without a readable one was cut short (a kill or a full disk mid-save) and must not be resumed from;
+    with `remove_cut_short` such folders are deleted (freeing their space)."""
+    done = []
+    for ckpt in sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1])):
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            done.append(ckpt)
+        except (OSError, ValueError):
+            if remove_cut_short:
+                log(f"Removing {ckpt}: it was not completely written")
+                shutil.rmtree(ckpt, ignore_errors=True)
+    return done
+
+
+def interrupted_run(work_dir: Path, config: dict) -> str | None:
+    """The last checkpoint of an interrupted run of this very stage config (`config`, as resolved_config.yaml
+    holds it), to resume from; None to start anew."""
+    if not work_dir.is_dir():
+        return None
+    done = complete_checkpoints(work_dir)  # cut-short ones are removed below, once this run is known to resume
+    start_file = work_dir / STAGE_START
+    if not done or not start_file.is_file():
+        shutil.rmtree(work_dir)  # started, but nothing to resume from: no checkpoint was written
+        return None
+    saved = json.loads(start_file.read_text())["config"]
+    differ = [k for k in config if k != "overwrite" and saved.get(k) != config[k]]
+    if differ:
+        raise ConfigError(f"{work_dir} holds an interrupted run of this stage with other settings "
+                          f"({', '.join(differ)}); restore them to resume it, or delete {work_dir} to start over")
+    complete_checkpoints(work_dir, remove_cut_short=True)
+    return str(done[-1])
+
+
+def is_disk_full(err: BaseException, path: Path) -> bool:
+    """True if `err` came from a full disk. torch.save reports it only as 'unexpected pos', so a write error on
+    a disk with under 1 MiB free counts too."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if "No space left on device" in str(err) or "os error 28" in str(err):
+        return True
+    existing = next((p for p in [path, *path.parents] if p.exists()), None)
+    return existing is not None and shutil.disk_usage(existing).free < 1 << 20
+
+
+def disk_full_error(writing: str, work_dir: Path, cfg, stage_metrics: str) -> DiskFull:
+    """Clear what was cut short (freeing its space) and say what is intact and how to go on. `cfg` is the stage
+    config; a finished stage is a folder that holds `stage_metrics`."""
+    staging = Path(f"{cfg.output_dir}.saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    done = complete_checkpoints(work_dir, remove_cut_short=True)
+    intact = [d for d in (cfg.prev_checkpoint, cfg.output_dir) if d and (Path(d) / stage_metrics).is_file()]
+    resume = (f"it resumes from {done[-1]}" if done else "it starts the stage over (no checkpoint was complete; "
+              "save_steps keeps some)")
+    return DiskFull(f"no space left on device while writing {writing}. The partial files were removed; "
+                    f"{', '.join(intact + [str(p) for p in done]) or 'nothing saved before'} "
+                    f"{'is' if len(intact) + len(done) == 1 else 'are'} intact. Free space on that disk and run the "
+                    f"same command: {resume}.")
