@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from curriculum.errors import ConfigError
+from curriculum.processes import gpu_available  # the environment as read once (processes.runtime)
 
 
 def quiet_optional_backend_warnings() -> None:
@@ -53,12 +54,6 @@ def versions(*packages: str) -> str:
         except importlib.metadata.PackageNotFoundError:
             found.append(f"{name} (not installed)")
     return ", ".join(found)
-
-
-def gpu_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def parameter_names(function) -> list[str]:
