@@ -1,22 +1,56 @@
 #!/usr/bin/env bash
-# Speed and memory on one GPU: the yardstick (../shared/bench/hf_baseline_qlora.py, carried as .gpu/) and the
-# project's training path (bench/speed.py) in the same run, then the table (bench/report.py).
-# Run on the GPU machine from the repo root, with .gpu/ (bash ../shared/tools/gpu_bnb.sh; and
-# python tiny_qwen3vl.py .gpu/q8b_processor --shape 8b --processor-only) and .whl/ carried along.
-#   bash bench/gpu_speed.sh OUT_DIR [VARIANT ...]
+# Speed and memory on one GPU, three ways in one device call, on the same random 8B-shaped Qwen3-VL: the yardstick
+# (../shared/bench/hf_baseline_qlora.py, the textbook HF QLoRA loop), Unsloth (the fastest peer,
+# ../shared/bench/unsloth/) and the project's training path (bench/speed.py); then one table (bench/report.py).
+#
+# Prepare here, from the repo root:
+#   bash bench/gpu_wheels.sh                                  # .whl (the README's pins) and .gpu (bitsandbytes, yardstick)
+#   mkdir -p .unsloth && cp ../shared/bench/unsloth/* .unsloth/ && bash .unsloth/make_bundle.sh
+# Device call (carry .whl .gpu .unsloth):
+#   bash bench/gpu_speed.sh OUT [VARIANT ...]                 # variants: bench/speed.py's VARIANTS
+#
+# The yardstick and the project run over the README's pinned pure-Python libraries (bench/gpu_env.sh); Unsloth
+# 2026.10.9 accepts transformers <= 5.17, so it runs over the GPU machine's own stack, as its bench prescribes.
+# Each part has a time limit and the whole ends within BUDGET seconds (default 540): what did not fit is marked
+# skipped in the table instead of the call being cut off.
 set -uo pipefail
-out=${1:?output dir}; shift
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/.gpu/bnb:${PYTHONPATH:-} TOKENIZERS_PARALLELISM=false
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PYTHONPATH
-fi
+out=$(mkdir -p "${1:?output dir}" && cd "$1" && pwd); shift
+variants=("$@")
+[ ${#variants[@]} -gt 0 ] || variants=(W448-defaults W896-defaults W448-offload-bs96 W448-offload-budget11
+                                       W896-offload-budget11)
+T0=$(date +%s)
+BUDGET=${BUDGET:-540}
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+exec > >(tee -a "$out/gpu_speed.log") 2>&1
+source bench/gpu_env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)"
-# The yardstick writes the random 8B checkpoint to /tmp/q8b, then runs the textbook loop at batch 4.
-python3 .gpu/hf_baseline_qlora.py --image 448 896 --batch 4 --steps 10 --json "$out/yardstick.json" 2>&1 | grep -v Warning
-cp .gpu/q8b_processor/* /tmp/q8b/
-python3 bench/speed.py --ckpt /tmp/q8b --out "$out" ${SPEED_ARGS:-} ${1:+--variants "$@"} 2>&1 \
-  | grep -vE "it/s\]|s/it\]|Warning|warn|^\s*$" | tee "$out/speed.log" | grep -E '^\{|rror|Traceback|File "' 
+
+echo "== yardstick ($(left) s left)"  # writes the random 8B checkpoint to /tmp/q8b on first use
+timeout -k 10 "${YARDSTICK_S:-170}" python3 .gpu/hf_baseline_qlora.py --image 448 896 --batch 4 --steps 10 \
+  --json "$out/yardstick.json" 2>&1 | grep -v Warning
+cp .gpu/q8b_processor/* /tmp/q8b/ || { echo "FATAL: no checkpoint at /tmp/q8b"; exit 1; }
+
+unsloth_s=${UNSLOTH_S:-200}
+if [ -d .unsloth/whl ] && [ "$(left)" -gt $(( unsloth_s + 150 )) ]; then
+  echo "== Unsloth ($(left) s left, ${unsloth_s} s for it)"
+  [ -d /tmp/usite/unsloth ] || python3 -m pip install -q --no-index --no-deps --no-compile --upgrade \
+    --target /tmp/usite .unsloth/whl/*.whl
+  mkdir -p /tmp/unsloth_work
+  # offline, no download counter, as .unsloth/run.sh runs it; the machine's transformers, not /tmp/site's
+  ( cd /tmp/unsloth_work && env PYTHONPATH="/tmp/usite:$OLDPWD/.gpu/bnb" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+      HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1 UNSLOTH_DISABLE_STATISTICS=1 \
+      UNSLOTH_FORCE_SINGLE_COMPILE_WORKER=0 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_work/unsloth_compiled_cache \
+      timeout -k 10 "$unsloth_s" python3 "$OLDPWD/.unsloth/unsloth_bench.py" --ckpt /tmp/q8b --image 448 896 \
+      --batch ${UNSLOTH_BATCHES:-16 32 64} --skip 896:32 896:64 --steps 8 --warmup 3 --deadline $(( unsloth_s - 45 )) \
+      --json "$out/unsloth.json" 2>&1 | grep -E '^\{|rror|Traceback' | cut -c1-400 )
+else
+  echo "SKIPPED: Unsloth (no .unsloth/whl carried, or no time left)"
+fi
+
+echo "== the project: ${variants[*]} ($(left) s left)"
+timeout -k 10 $(( $(left) - 15 )) python3 bench/speed.py --ckpt /tmp/q8b --out "$out" --variants "${variants[@]}" \
+  --steps 8 --generation 0 --no-pipeline --deadline $(( $(left) - 75 )) --profile ${PROFILE:-W448-defaults} \
+  2>&1 | grep -vE "it/s\]|s/it\]|Warning|warn|^\s*$" > "$out/speed.log"
+grep -E '^\{|rror|Traceback|File "' "$out/speed.log" | cut -c1-600
 python3 bench/report.py "$out" | tee "$out/table.md"
+echo "== done after $(( $(date +%s) - T0 )) s"

@@ -1,45 +1,74 @@
-"""The speed table: bench/speed.py's variants as ratios to the yardstick measured in the same device call.
+"""The speed table of one device call: the yardstick, Unsloth and the project's variants, side by side.
 
-    python bench/report.py OUT    # reads OUT/yardstick.json and OUT/speed.json, prints Markdown
+    python bench/report.py OUT    # reads OUT/yardstick.json, OUT/unsloth.json (if there), OUT/speed.json
+
+Ratios: "× yardstick" against the textbook loop at the same image size; "× Unsloth ≤ mem" against the fastest Unsloth
+row of the same image size whose peak memory is at most this row's (the rate Unsloth reaches within the same memory;
+"–" when no Unsloth row fits). "model TFLOP/s" counts 4 x N per token (forward and input gradients over the N
+parameters of the decoder layers; LoRA gives the frozen base no weight gradients, and recomputation is not counted),
+and "of peak" divides it by the H200's measured bf16 matmul peak.
 """
 
 import json
 import sys
 from pathlib import Path
 
+BF16_PEAK_TFLOPS = 790  # measured bf16 matmul rate of one H200 (the issue on speed)
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    return data["results"] if isinstance(data, dict) else data
+
+
+def best_unsloth_within(unsloth: list[dict], px: int, peak: float) -> dict | None:
+    fits = [u for u in unsloth if u.get("image_px") == px and u.get("samples_per_s") and u["peak_GiB"] <= peak]
+    return max(fits, key=lambda u: u["samples_per_s"], default=None)
+
 
 def table(out: Path) -> str:
-    yard = {r["image_px"]: r for r in json.loads((out / "yardstick.json").read_text())}
+    yard = {r["image_px"]: r for r in read_rows(out / "yardstick.json") if r.get("samples_per_s")}
+    # Unsloth's plain loop with the same LoRA dropout as the others (its sweep also has dropout-0 and SFTTrainer rows)
+    unsloth = [r for r in read_rows(out / "unsloth.json")
+               if r.get("impl", "unsloth") == "unsloth" and r.get("lora_dropout", 0.05) > 0 and r.get("image_px")]
     speed = json.loads((out / "speed.json").read_text())
-    rows = ["| workload / variant | batch | ckpt layers | samples/s | tokens/s | peak GiB | × yardstick | "
-            "first step s | input pipeline samples/s |", "|---|---|---|---|---|---|---|---|---|"]
-    for px, y in sorted(yard.items()):
-        rows.append(f"| W{px} yardstick (textbook HF loop) | {y['batch']} | all | {y['samples_per_s']} | "
-                    f"{y['tokens_per_s']} | {y['peak_GiB']} | 1.00 | – | – |")
-        for r in speed["results"]:
-            if r.get("image_px") != px:
+    ours = [r for r in speed["results"] if r.get("image_px") and "variant" in r]
+    n_params = next((r["language_params"] for r in ours if r.get("language_params")), None)
+
+    def flops(r: dict) -> str:
+        if not n_params or not r.get("tokens_per_s"):
+            return "– | –"
+        tflops = 4 * n_params * r["tokens_per_s"] / 1e12
+        return f"{tflops:.0f} | {tflops / BF16_PEAK_TFLOPS:.0%}"
+
+    rows = ["| image | who | batch | samples/s | peak GiB | × yardstick | × Unsloth ≤ mem | model TFLOP/s | of peak | "
+            "GPU idle |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for px in sorted({r["image_px"] for r in ours} | set(yard)):
+        y = yard.get(px)
+        def ratio(r: dict, y: dict | None = y) -> str:
+            return f"{r['samples_per_s'] / y['samples_per_s']:.2f}" if y else "–"
+
+        if y:
+            rows.append(f"| W{px} | yardstick (textbook HF loop) | {y['batch']} | {y['samples_per_s']} | "
+                        f"{y['peak_GiB']} | 1.00 | – | {flops(y)} | – |")
+        for u in sorted((u for u in unsloth if u.get("image_px") == px), key=lambda u: u["batch"]):
+            if u.get("error") or not u.get("samples_per_s"):
+                rows.append(f"| W{px} | Unsloth | {u['batch']} | {u.get('error') or 'no result'} | | | | | | |")
                 continue
-            if r.get("oom"):
-                rows.append(f"| {r['variant']} | {r['batch']} | | out of memory | | | | | |")
+            rows.append(f"| W{px} | Unsloth | {u['batch']} | {u['samples_per_s']} | {u['peak_GiB']} | {ratio(u)} | "
+                        f"– | {flops(u)} | – |")
+        for r in (r for r in ours if r["image_px"] == px):
+            if r.get("skipped") or r.get("oom") or r.get("error"):
+                why = "skipped (deadline)" if r.get("skipped") else "out of memory" if r.get("oom") else r["error"]
+                rows.append(f"| W{px} | {r['variant']} | {r.get('batch', '')} | {why} | | | | | | |")
                 continue
-            rows.append(f"| {r['variant']} | {r['batch']} | {r['checkpointed_layers']} | {r['samples_per_s']} | "
-                        f"{r['tokens_per_s']} | {r['peak_GiB']} | {r['samples_per_s'] / y['samples_per_s']:.2f} | "
-                        f"{r['first_step_s']} | {r['pipeline_samples_per_s']} |")
-    for r in speed["results"]:
-        if r["variant"] == "generation":
-            rows.append(f"\nGeneration at 448x448: {r['questions']} questions batched {r['batch']} at a time in "
-                        f"{r['batched_s']} s, {r['one_at_a_time_questions']} one at a time in {r['one_at_a_time_s']} "
-                        f"s: {r['speedup']}x faster per question batched; identical answers "
-                        f"{r['identical_answers']} (first token's argmax differs on "
-                        f"{r['first_token_argmax_differs']}, where the top two logits were "
-                        f"{r['top2_margin_where_it_differs']} apart; median gap {r['top2_margin_median']}).")
-            for label, t in r.get("timing", {}).items():
-                rows.append(f"- {label}: {t['seconds']} s = prefill {t['prefill_s']} s + {t['decode_steps']} decode "
-                            f"steps (median {t['decode_step_median_s']} s) + {t['outside_generate_s']} s outside "
-                            "generate (inputs not yet prepared, decoding the answers)")
-        if r["variant"] == "generation-fp32":
-            rows.append(f"\nThe same with float32 compute, {r['questions']} questions: identical answers "
-                        f"{r['identical_answers']}, first-token logits within {r['first_token_max_abs_logit_diff']}.")
+            u = best_unsloth_within(unsloth, px, r["peak_GiB"])
+            vs_unsloth = f"{r['samples_per_s'] / u['samples_per_s']:.2f} (bs {u['batch']})" if u else "–"
+            idle = f"{r['gpu_idle_share']:.0%}" if "gpu_idle_share" in r else "–"
+            rows.append(f"| W{px} | {r['variant']} | {r['batch']} | {r['samples_per_s']} | {r['peak_GiB']} | "
+                        f"{ratio(r)} | {vs_unsloth} | {flops(r)} | {idle} |")
     return f"GPU: {speed['gpu']}\n\n" + "\n".join(rows)
 
 

@@ -66,7 +66,20 @@ VARIANTS = {
     "W896-defaults-pervision": (896, dict(batched_vision_attention=False)),
     "W896-defaults-peftlora": (896, dict(fused_lora_forward=False)),
     "W896-defaults-noswiglu": (896, dict(_swiglu=False)),
+    # the layer inputs kept in pinned CPU memory between forward and backward (speed.offload_checkpointed_activations;
+    # _offload: a bench-only switch until it is a config key)
+    "W448-offload": (448, dict(_offload=True)),
+    "W448-offload-bs96": (448, dict(batch_size=96, _offload=True)),
+    "W448-offload-bs64": (448, dict(batch_size=64, _offload=True)),
+    "W448-offload-budget11": (448, dict(memory_budget_gib=11, _offload=True)),
+    "W896-offload": (896, dict(_offload=True)),
+    "W896-offload-bs24": (896, dict(batch_size=24, _offload=True)),
+    "W896-offload-budget8": (896, dict(memory_budget_gib=8, _offload=True)),
+    "W896-offload-budget11": (896, dict(memory_budget_gib=11, _offload=True)),
+    "W896-budget11": (896, dict(memory_budget_gib=11)),
+    "W896-budget8": (896, dict(memory_budget_gib=8)),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
+    "smoke-W64-offload": (64, dict(batch_size=2, _offload=True)),
     "smoke-W64-textbook": (64, dict(batch_size=2, **TEXTBOOK)),
 }
 
@@ -219,6 +232,11 @@ def profiler_callback(out: Path, name: str, at_step: int):
                 wall = time.perf_counter() - self.t0  # against the GPU's busy time below: how long it sat idle
                 self.prof.__exit__(None, None, None)
                 averages = self.prof.key_averages()
+                # GPU busy: the kernels' and copies' own time (one stream does the work, so they do not overlap)
+                busy = sum(e.self_device_time_total for e in averages if e.device_type.name == "CUDA") / 1e6 / 2
+                (out / f"profile_{name}.json").write_text(json.dumps(
+                    {"profiled_step_s": round(wall / 2, 4), "gpu_busy_step_s": round(busy, 4),
+                     "gpu_idle_share": round(max(0.0, 1 - busy / (wall / 2)), 3)}))
                 text = (f"== {name}: two steps, {wall:.3f} s wall\n"
                         + averages.table(sort_by="self_cpu_time_total", row_limit=30)
                         + "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=25))
@@ -229,7 +247,8 @@ def profiler_callback(out: Path, name: str, at_step: int):
 
 
 def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmup: int, load_s: float,
-                profile_dir: Path | None = None, swiglu: bool = True) -> dict:
+                profile_dir: Path | None = None, swiglu: bool = True, offload: bool = False,
+                pipeline: bool = True) -> dict:
     import torch
 
     timed_steps = cfg.max_steps
@@ -238,7 +257,8 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     set_variant_forwards(model, cfg, swiglu)
     cfg = dataclasses.replace(cfg, answer_only_logits=cfg.answer_only_logits is not False)  # auto: on, as trained
     dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
-    checkpointed = speed.apply_gradient_checkpointing(model, cfg)
+    checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # also puts torch's checkpoint function back
+    offloaded = speed.offload_checkpointed_activations(model) if offload else 0
     if cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
         cfg = dataclasses.replace(cfg, batch_size=tq.auto_batch_size(model, dataset, processor, cfg))
     for module in model.modules():  # lora.dropout per variant, on the one adapter
@@ -272,7 +292,7 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     result = {
         "variant": name, "image_px": px, "batch": cfg.batch_size, "memory_budget_gib": cfg.memory_budget_gib,
         "seq_len": sample_len,
-        "checkpointed_layers": checkpointed, "fp32_upcast": cfg.fp32_upcast,
+        "checkpointed_layers": checkpointed, "offloaded_layers": offloaded, "fp32_upcast": cfg.fp32_upcast,
         "answer_only_logits": cfg.answer_only_logits, "lora_dropout": cfg.lora.dropout,
         "liger_kernels": cfg.liger_kernels,
         "liger_swiglu": "forward" in model.get_base_model().model.language_model.layers[0].mlp.__dict__,
@@ -285,12 +305,26 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
         "first_step_s": round(first_step_s, 2), "load_s": round(load_s, 1),
         "dataloader_workers": cfg.dataloader_num_workers,
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
+        # what one token costs the GPU in model FLOPs: 2 x N forward + 2 x N input gradients (the base's weights get
+        # no gradient); the recomputation of checkpointed layers is not counted (it is overhead, not model work)
+        "language_params": language_params(model),
     }
+    if profile_dir is not None and (profile_dir / f"profile_{name}.json").is_file():
+        result.update(json.loads((profile_dir / f"profile_{name}.json").read_text()))
     del trainer
     gc.collect()
     torch.cuda.empty_cache()
-    result["pipeline_samples_per_s"] = round(pipeline_rate(dataset, cfg, 12), 1)
+    if pipeline:
+        result["pipeline_samples_per_s"] = round(pipeline_rate(dataset, cfg, 12), 1)
     return result
+
+
+def language_params(model) -> int:
+    """Parameters of the language model's decoder layers (4-bit weights counted by their logical shape)."""
+    layers = model.get_base_model().model.language_model.layers
+    return sum(m.in_features * m.out_features for m in layers.modules()
+               if hasattr(m, "in_features") and hasattr(m, "out_features") and not hasattr(m, "base_layer")
+               and "lora" not in type(m).__name__.lower() and m.in_features > 64 and m.out_features > 64)
 
 
 def timed_generate(model, calls: list, first_scores: list):
@@ -431,9 +465,13 @@ def main() -> None:
     p.add_argument("--generation", type=int, default=32, help="questions for the generation comparison (0: skip)")
     p.add_argument("--generation-fp32", type=int, default=0,
                    help="questions for the same comparison with float32 compute, at the end (0: skip)")
+    p.add_argument("--deadline", type=float, default=0,
+                   help="seconds from the start after which no new variant starts (0: none)")
+    p.add_argument("--no-pipeline", action="store_true", help="skip the input pipeline's own rate")
     p.add_argument("--profile", nargs="*", default=[],
                    help="variants to profile (torch.profiler, two steps after the timed ones); generation: one batch")
     args = p.parse_args()
+    t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     warmup = 3
@@ -456,14 +494,26 @@ def main() -> None:
         liger = None
         for name in sorted(names, key=lambda n: VARIANTS[n][1].get("liger_kernels") is not False):  # "off" first
             px, keys = VARIANTS[name]
+            if args.deadline and time.time() - t_start > args.deadline:
+                print(json.dumps({"variant": name, "skipped": f"past the deadline of {args.deadline:.0f} s"}))
+                results.append({"variant": name, "image_px": px, "skipped": True})
+                continue
             if keys.get("liger_kernels") is not False and liger is None:
                 liger = apply_liger(model, processor, data[448], 448, stage_config(args.ckpt, data[px], px, 1, {}))
                 print(json.dumps({"liger": liger}), flush=True)
                 results.append({"variant": "liger-check", **liger})
             cfg = stage_config(args.ckpt, data[px], px, warmup + args.steps, dict(keys))
             processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-            r = run_variant(model, processor, name, px, cfg, warmup, load_s, out if name in args.profile else None,
-                            swiglu=keys.get("_swiglu", True) and keys.get("liger_kernels") is not False)
+            try:
+                r = run_variant(model, processor, name, px, cfg, warmup, load_s,
+                                out if name in args.profile else None,
+                                swiglu=keys.get("_swiglu", True) and keys.get("liger_kernels") is not False,
+                                offload=keys.get("_offload", False), pipeline=not args.no_pipeline)
+            except Exception as err:  # noqa: BLE001 - one variant's failure is its row; the others still run
+                import traceback
+
+                traceback.print_exc()
+                r = {"variant": name, "image_px": px, "error": speed.first_line(err)[:200]}
             print(json.dumps(r), flush=True)
             results.append(r)
             json.dump({"gpu": gpu_name(), "results": results}, open(out / "speed.json", "w"),

@@ -274,3 +274,36 @@ def test_batched_generation_answers_as_one_question_at_a_time(tiny_model_path, p
     assert batched == one_at_a_time
     assert torch.allclose(batched_scores, torch.cat(scores, dim=1), atol=1e-3), \
         (batched_scores - torch.cat(scores, dim=1)).abs().max()
+
+
+def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(tiny_model_path, processor):
+    """The layer inputs kept in CPU memory and the layer recomputed from them: the same numbers as torch's own
+    checkpointing, LoRA dropout included (the recomputation replays the forward's random state)."""
+    inputs = batch(processor)
+    fp32 = tq.QuantizationSettings(compute_dtype="float32")
+    runs = {}
+    for offload in (False, True):
+        cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=fp32, fused_lora_forward=False)
+        model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
+        with torch.no_grad():  # a nonzero B, as after training, so that every LoRA gradient is nonzero
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        assert any(m.p > 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))  # masks to replay
+        layers = model.get_base_model().model.language_model.layers
+        calls = []
+        if offload:
+            assert speed.offload_checkpointed_activations(model) == len(layers)
+            offloaded = layers[0]._gradient_checkpointing_func
+            layers[0]._gradient_checkpointing_func = lambda *a, f=offloaded: calls.append(1) or f(*a)
+        model.train()
+        torch.manual_seed(0)
+        loss, _ = tq.answer_only_loss(model, inputs)
+        loss.backward()
+        runs[offload] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert calls == ([1] if offload else [])
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-6)
+    assert runs[True][1].keys() == runs[False][1].keys() and len(runs[False][1]) > 0
+    for name, grad in runs[False][1].items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(runs[True][1][name], grad, rtol=1e-4, atol=1e-7), name
