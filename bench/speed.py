@@ -66,20 +66,19 @@ VARIANTS = {
     "W896-defaults-pervision": (896, dict(batched_vision_attention=False)),
     "W896-defaults-peftlora": (896, dict(fused_lora_forward=False)),
     "W896-defaults-noswiglu": (896, dict(_swiglu=False)),
-    # the layer inputs kept in pinned CPU memory between forward and backward (speed.offload_checkpointed_activations;
-    # _offload: a bench-only switch until it is a config key)
-    "W448-offload": (448, dict(_offload=True)),
-    "W448-offload-bs96": (448, dict(batch_size=96, _offload=True)),
-    "W448-offload-bs64": (448, dict(batch_size=64, _offload=True)),
-    "W448-offload-budget11": (448, dict(memory_budget_gib=11, _offload=True)),
-    "W896-offload": (896, dict(_offload=True)),
-    "W896-offload-bs24": (896, dict(batch_size=24, _offload=True)),
-    "W896-offload-budget8": (896, dict(memory_budget_gib=8, _offload=True)),
-    "W896-offload-budget11": (896, dict(memory_budget_gib=11, _offload=True)),
+    # the layer inputs kept in pinned CPU memory between forward and backward (offload_activations)
+    "W448-offload": (448, dict(offload_activations=True)),
+    "W448-offload-bs96": (448, dict(batch_size=96, offload_activations=True)),
+    "W448-offload-bs64": (448, dict(batch_size=64, offload_activations=True)),
+    "W448-offload-budget11": (448, dict(memory_budget_gib=11, offload_activations=True)),
+    "W896-offload": (896, dict(offload_activations=True)),
+    "W896-offload-bs24": (896, dict(batch_size=24, offload_activations=True)),
+    "W896-offload-budget8": (896, dict(memory_budget_gib=8, offload_activations=True)),
+    "W896-offload-budget11": (896, dict(memory_budget_gib=11, offload_activations=True)),
     "W896-budget11": (896, dict(memory_budget_gib=11)),
     "W896-budget8": (896, dict(memory_budget_gib=8)),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
-    "smoke-W64-offload": (64, dict(batch_size=2, _offload=True)),
+    "smoke-W64-offload": (64, dict(batch_size=2, offload_activations=True)),
     "smoke-W64-textbook": (64, dict(batch_size=2, **TEXTBOOK)),
 }
 
@@ -247,8 +246,7 @@ def profiler_callback(out: Path, name: str, at_step: int):
 
 
 def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmup: int, load_s: float,
-                profile_dir: Path | None = None, swiglu: bool = True, offload: bool = False,
-                pipeline: bool = True) -> dict:
+                profile_dir: Path | None = None, swiglu: bool = True, pipeline: bool = True) -> dict:
     import torch
 
     timed_steps = cfg.max_steps
@@ -258,7 +256,7 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     cfg = dataclasses.replace(cfg, answer_only_logits=cfg.answer_only_logits is not False)  # auto: on, as trained
     dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
     checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # also puts torch's checkpoint function back
-    offloaded = speed.offload_checkpointed_activations(model) if offload else 0
+    offloaded = speed.offload_checkpointed_activations(model) if cfg.offload_activations else 0
     if cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
         cfg = dataclasses.replace(cfg, batch_size=tq.auto_batch_size(model, dataset, processor, cfg))
     for module in model.modules():  # lora.dropout per variant, on the one adapter
@@ -508,7 +506,7 @@ def main() -> None:
                 r = run_variant(model, processor, name, px, cfg, warmup, load_s,
                                 out if name in args.profile else None,
                                 swiglu=keys.get("_swiglu", True) and keys.get("liger_kernels") is not False,
-                                offload=keys.get("_offload", False), pipeline=not args.no_pipeline)
+                                pipeline=not args.no_pipeline)
             except Exception as err:  # noqa: BLE001 - one variant's failure is its row; the others still run
                 import traceback
 

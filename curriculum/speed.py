@@ -164,6 +164,18 @@ def partial_checkpointing_problem() -> str | None:
     return None
 
 
+def offload_problem() -> str | None:
+    """offload_activations binds OffloadedCheckpoint as each decoder layer's `_gradient_checkpointing_func`, which
+    transformers' GradientCheckpointingLayer calls as func(run, hidden_states) with the other inputs bound in run."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    source = inspect.getsource(GradientCheckpointingLayer.__call__)
+    if "self._gradient_checkpointing_func(partial(super().__call__, **kwargs), *args)" not in source:
+        return (f"{versions('transformers')}: GradientCheckpointingLayer no longer calls "
+                "_gradient_checkpointing_func(partial(forward, **kwargs), *args)")
+    return None
+
+
 def cpu_training_layout_problem() -> str | None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the first
     no-grad forward, unless the layer's `support_avx512bf16_for_cpu` is off (prepare_base_for_training turns it
@@ -239,6 +251,15 @@ def plan_speed_patches(cfg, fsdp: bool = False) -> tuple[dict[str, PatchDecision
         if why:
             problems.append(f"checkpointed_layers: {cfg.checkpointed_layers:g} needs per-layer checkpointing: {why}. "
                             "Set checkpointed_layers: 1.0")
+    if cfg.offload_activations:
+        why = ("it offloads what gradient checkpointing keeps; set gradient_checkpointing: true"
+               if not cfg.gradient_checkpointing else
+               "not tested under FSDP; use it with one GPU or DDP" if fsdp else offload_problem())
+        if why:
+            problems.append(f"offload_activations: true cannot run here: {why}. Or set offload_activations: false")
+        decisions["offload_activations"] = PatchDecision(True, "on")
+    else:
+        decisions["offload_activations"] = PatchDecision(False, "off (offload_activations: false)")
     why = cpu_training_layout_problem()
     if why:
         problems.append(f"training on the CPU: {why}")
@@ -552,6 +573,12 @@ def apply_speed_patches(model, cfg, decisions: dict[str, PatchDecision] | None =
             decisions["batched_vision_attention"] = PatchDecision(True, f"on ({bound} vision attention modules)")
     if decisions["fused_lora_forward"].on:
         decisions["fused_lora_forward"] = PatchDecision(True, f"on ({fuse_lora_updates(model)} 4-bit LoRA layers)")
+    if decisions["offload_activations"].on:
+        n = offload_checkpointed_activations(model)
+        where = "pinned CPU memory" if gpu_available() else "a copy (a CPU run: nothing to save)"
+        decisions["offload_activations"] = PatchDecision(True, f"on ({n} checkpointed decoder layers keep their "
+                                                               f"inputs in {where})")
     for patch in SPEED_PATCHES:
         log(f"Speed patch {patch.name}: {decisions[patch.key].note}")
+    log(f"Speed patch activation offload: {decisions['offload_activations'].note}")
     return decisions

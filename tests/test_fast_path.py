@@ -295,7 +295,7 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(tiny_model_pa
         if offload:
             assert speed.offload_checkpointed_activations(model) == len(layers)
             offloaded = layers[0]._gradient_checkpointing_func
-            layers[0]._gradient_checkpointing_func = lambda *a, f=offloaded: calls.append(1) or f(*a)
+            layers[0]._gradient_checkpointing_func = lambda *a, f=offloaded, c=calls: c.append(1) or f(*a)
         model.train()
         torch.manual_seed(0)
         loss, _ = tq.answer_only_loss(model, inputs)

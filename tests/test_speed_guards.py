@@ -135,3 +135,45 @@ def test_under_fsdp_the_fused_lora_forward_steps_aside(tmp_path):
     _, problems = speed.plan_speed_patches(config(tmp_path, "fused_lora_forward=true"), fsdp=True)
     assert any(p.startswith("fused_lora_forward: true, but fused LoRA forward cannot run here: under FSDP")
                for p in problems), problems
+
+
+OFFLOAD = ("offload_activations=true", "gradient_checkpointing=true")
+
+
+def test_activation_offload_is_checked_before_the_model_loads(monkeypatch, tmp_path):
+    """offload_activations needs checkpointing to offload from, is refused under FSDP (not tested there), and needs
+    transformers to call the checkpoint function as it was written for."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    assert speed.offload_problem() is None  # the pinned stack
+    tq.validate_config(config(tmp_path, "batch_size=4", *OFFLOAD))
+    decisions, _ = speed.plan_speed_patches(config(tmp_path, *OFFLOAD))
+    assert decisions["offload_activations"].on
+    with pytest.raises(tq.ConfigError, match="offload_activations: true cannot run here: .*gradient_checkpointing: "
+                                             "true"):
+        tq.validate_config(config(tmp_path, "batch_size=4", "offload_activations=true",
+                                  "gradient_checkpointing=false"))
+    _, problems = speed.plan_speed_patches(config(tmp_path, *OFFLOAD), fsdp=True)
+    assert any("offload_activations: true cannot run here: not tested under FSDP" in p for p in problems)
+
+    def checkpoint_everything(self, *args, **kwargs):  # a transformers that calls the function another way
+        return self._gradient_checkpointing_func(super(GradientCheckpointingLayer, self).__call__, *args, **kwargs)
+
+    monkeypatch.setattr(GradientCheckpointingLayer, "__call__", checkpoint_everything)
+    with pytest.raises(tq.ConfigError, match=r"offload_activations: true cannot run here: transformers \S+: "
+                                             r"GradientCheckpointingLayer no longer calls"):
+        tq.validate_config(config(tmp_path, "batch_size=4", *OFFLOAD))
+    tq.validate_config(config(tmp_path, "batch_size=4"))  # off: nothing to check
+
+
+def test_a_stage_with_activation_offload_says_so_and_records_it(tmp_path, tiny_model_path):
+    out = tmp_path / "stage1"
+    proc = run_script("train_qlora_qwen3vl.py", *stage_args(1, tmp_path, str(out)), "--set", "max_steps=2",
+                      *(arg for setting in OFFLOAD for arg in ("--set", setting)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n_layers = json.loads((REPO / "models/tiny-qwen3vl/config.json").read_text())["text_config"]["num_hidden_layers"]
+    line = (f"Speed patch activation offload: on ({n_layers} checkpointed decoder layers keep their inputs in a copy "
+            "(a CPU run: nothing to save))")
+    assert line in proc.stdout + proc.stderr
+    recorded = json.loads((out / "stage_metrics.json").read_text())["speed_patches"]["offload_activations"]
+    assert recorded == line.split(": ", 1)[1]
