@@ -41,7 +41,7 @@ if [ -d .unsloth/whl ] && [ "$(left)" -gt $(( unsloth_s + 150 )) ]; then
       HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1 UNSLOTH_DISABLE_STATISTICS=1 \
       UNSLOTH_FORCE_SINGLE_COMPILE_WORKER=0 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_work/unsloth_compiled_cache \
       timeout -k 10 "$unsloth_s" python3 "$OLDPWD/.unsloth/unsloth_bench.py" --ckpt /tmp/q8b --image 448 896 \
-      --batch ${UNSLOTH_BATCHES:-16 32 64} --skip 896:32 896:64 --steps 8 --warmup 3 --deadline $(( unsloth_s - 45 )) \
+      --batch ${UNSLOTH_BATCHES:-16 32 64} --skip ${UNSLOTH_SKIP:-896:32 896:64} --steps 8 --warmup 3 --deadline $(( unsloth_s - 45 )) \
       --json "$out/unsloth.json" 2>&1 | grep -E '^\{|rror|Traceback' | cut -c1-400 )
 else
   echo "SKIPPED: Unsloth (no .unsloth/whl carried, or no time left)"

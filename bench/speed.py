@@ -76,6 +76,7 @@ VARIANTS = {
     "W896-offload-budget8": (896, dict(memory_budget_gib=8, offload_activations=True)),
     "W896-offload-budget11": (896, dict(memory_budget_gib=11, offload_activations=True)),
     "W896-budget11": (896, dict(memory_budget_gib=11)),
+    "W448-budget11": (448, dict(memory_budget_gib=11)),
     "W896-budget8": (896, dict(memory_budget_gib=8)),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
     "smoke-W64-offload": (64, dict(batch_size=2, offload_activations=True)),
