@@ -37,7 +37,7 @@ import yaml
 
 from curriculum import speed
 from curriculum.batch_size import choose_batch_size
-from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
+from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped, out_of_memory_message
 from curriculum.faults import (
     STAGE_START,
     StageGuard,
@@ -1932,25 +1932,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train_stage(cfg)
     # These reach every process alike (the checks compare across processes), so the main process says them once.
-    except ConfigError as err:
+    except (ConfigError, CurriculumError, DiskFull) as err:  # exit 2, 1 and 4 (curriculum/errors.py)
         log(f"error: {err}", file=sys.stderr)
-        return 2
-    except CurriculumError as err:
-        log(f"error: {err}", file=sys.stderr)
-        return 1
-    except DiskFull as err:
-        log(f"error: {err}", file=sys.stderr)
-        return 4
+        return err.exit_code
     except StageStopped as stop:
         log(f"Stopped: {stop}", file=sys.stderr)
         return stop.exit_code
     except Exception as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
             where = f"process {runtime().rank}: " if runtime().world_size > 1 else ""  # one GPU can run out alone
-            print(f"error: {where}out of GPU memory. Lower memory_budget_gib (with batch_size: auto) or batch_size "
-                  "(and raise grad_accum to keep the effective batch), lower max_pixels (fewer image tokens), set "
-                  "gradient_checkpointing: true, or lower "
-                  f"eval_batch_size if it happened during evaluation.\n({str(err).splitlines()[0]})", file=sys.stderr)
+            print(out_of_memory_message(err, where), file=sys.stderr)
             return 3
         raise
     return 0
