@@ -17,7 +17,6 @@ Layout: config -> data -> model -> train -> evaluate -> save, each a section bel
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import importlib.util
 import json
@@ -26,8 +25,6 @@ import os
 import shutil
 import sys
 import time
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +56,7 @@ from curriculum.processes import (
     runtime,
     training_device,
 )
+from curriculum.typed_yaml import apply_overrides, read_yaml_dataclass  # noqa: F401 (tests: tq.apply_overrides)
 
 speed.quiet_optional_backend_warnings()  # before bitsandbytes and Liger import: their optional backends' warnings
 # peft calls a transformers method that transformers 5 renamed; the warning is about peft, not about you.
@@ -262,103 +260,10 @@ class StageConfig:
     """4-bit quantization of the frozen base."""
 
 
-def _closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(valid)})"
-
-
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    """Return `value` if it fits `annotation` (ints are accepted as floats), else raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        problems = []
-        for inner in [a for a in args if a is not type(None)]:  # the first that fits (`int | Literal["auto"]`)
-            try:
-                return _check_type(value, inner, where)
-            except ConfigError as err:
-                problems.append(str(err).removeprefix(f"{where}: "))
-        raise ConfigError(f"{where}: " + "; or ".join(problems))
-    if origin is Literal:
-        if not any(value == a and type(value) is type(a) for a in args):  # 1 is not True here
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
-            raise ConfigError(f"{where}: expected a list of {args[0].__name__}, got {value!r}")
-        return list(value)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):
-        try:  # YAML 1.1 reads `1e-4` (no dot) as a string; accept what is plainly a number
-            return float(value)
-        except ValueError:
-            pass
-    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
-        raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build_dataclass(cls: type, data: dict, where: str) -> Any:
-    """Turn a YAML mapping into `cls`, rejecting unknown keys and wrong types, naming each by its dotted path."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    problems, values = [], {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            problems.append(f"unknown key '{path}'{_closest(str(key), list(fields))}")
-            continue
-        try:
-            if dataclasses.is_dataclass(hints[key]):
-                values[key] = _build_dataclass(hints[key], value, path)
-            else:
-                values[key] = _check_type(value, hints[key], path)
-        except ConfigError as err:
-            problems.append(str(err))
-    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    problems += [f"missing required key '{f'{where}.' if where else ''}{n}'" for n in missing]
-    if problems:
-        raise ConfigError("\n".join(problems))
-    return cls(**values)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `--set a.b=value` overrides (values parsed as YAML: `--set lr=1e-4`, `--set lora.r=8`)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set lr=1e-4")
-        dotted, raw = item.split("=", 1)
-        *parents, leaf = dotted.strip().split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-    return data
-
-
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> StageConfig:
-    """Read a stage YAML (safely: no object construction), apply overrides, type-check every key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {getattr(err, 'problem', err)}") from None
-    try:
-        return _build_dataclass(StageConfig, apply_overrides(data, list(overrides)), "")
-    except ConfigError as err:
-        raise ConfigError(f"{path}:\n" + "\n".join(f"  - {line}" for line in str(err).splitlines())) from None
+    """Read a stage YAML (safely: no object construction), apply overrides, type-check every key
+    (curriculum/typed_yaml.py): one error listing every unknown key, with the closest valid one, and wrong type."""
+    return read_yaml_dataclass(StageConfig, path, overrides)
 
 
 def config_to_dict(cfg: StageConfig) -> dict:
