@@ -47,11 +47,13 @@ from curriculum.faults import (
 )
 from curriculum.processes import (
     check_processes_agree,
+    fsdp_config_problems,
     fsdp_enabled,
     gather_from_processes,
     gpu_available,
     is_main_process,
     log,
+    one_gpu_per_process,
     processes,
     runtime,
     training_device,
@@ -401,15 +403,7 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
     if cfg.fp32_upcast is False and cfg.quantization.compute_dtype == "float16":
         problems.append("quantization.compute_dtype: float16 needs fp32_upcast: true (fp16 norms overflow); "
                         "or use bfloat16")
-    if fsdp_enabled() and cfg.quantization.quant_storage not in ("auto", cfg.quantization.compute_dtype):
-        problems.append(f"quantization.quant_storage: FSDP shards only floating-point tensors; use auto or "
-                        f"{cfg.quantization.compute_dtype} (the compute dtype), not {cfg.quantization.quant_storage}")
-    if fsdp_enabled() and cfg.batch_size == "auto":
-        problems.append("batch_size: auto measures a step of the whole model, and FSDP shards it (the measure would "
-                        "not hold); set batch_size to a number under FSDP")
-    if fsdp_enabled() and cfg.optimizer_state == "resume":
-        problems.append("optimizer_state: resume is not supported under FSDP (its optimizer state is sharded); use "
-                        "fresh, or train this stage with DDP or one GPU")
+    problems += fsdp_config_problems(cfg)  # what FSDP cannot do, when launched with it
     if not 0 <= cfg.lora.dropout < 1:
         problems.append(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     if not cfg.lora.target_modules:
@@ -1378,22 +1372,6 @@ def auto_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
         return answer_only_loss(model, batch)[0] if cfg.answer_only_logits else model(**batch).loss
 
     return choose_batch_size(model, dataset, cfg, lambda examples: collate_batch(examples, pad_id), step_loss)
-
-
-def one_gpu_per_process(args, world: int) -> None:
-    """One process sees several GPUs (a plain `python train_qlora_qwen3vl.py` on a machine with two): the Trainer
-    would wrap the model in nn.DataParallel, which copies the whole 4-bit model to every GPU at every step, runs
-    slower than one GPU and reports half the batch it trains. Train on this process's GPU; `accelerate launch`
-    (configs/accelerate/ddp.yaml) is the way to use them all. The Trainer reads the count from `args._n_gpu`."""
-    if world > 1 or args.n_gpu <= 1:
-        return
-    if not hasattr(args, "_n_gpu"):
-        raise ConfigError(f"{args.n_gpu} GPUs are visible to one process and this transformers version would train "
-                          "on them with nn.DataParallel; set CUDA_VISIBLE_DEVICES to one GPU, or use accelerate launch "
-                          "--config_file configs/accelerate/ddp.yaml")
-    log(f"{args.n_gpu} GPUs visible to one process: training on GPU {training_device()} only (not nn.DataParallel); to "
-        "train on all of them: accelerate launch --config_file configs/accelerate/ddp.yaml train_qlora_qwen3vl.py ...")
-    args._n_gpu = 1
 
 
 def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_dir: Path):
