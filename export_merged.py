@@ -30,7 +30,15 @@ from pathlib import Path
 
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
-import vqa_eval
+from curriculum.adapter_files import ADAPTER_WEIGHTS, sha256_file
+from curriculum.answer_loss import answer_positions
+from curriculum.base_model import from_pretrained_checked, load_processor, resolve_model_path
+from curriculum.data_files import dataset_image_dir, load_records
+from curriculum.errors import ConfigError
+from curriculum.evaluation import generate_answers
+from curriculum.processes import training_device
+from curriculum.records import Record
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 EXPORT_DTYPE = "bfloat16"
 # bfloat16 keeps 8 significant bits, so one rounding step of a logit is 1/128 to 1/256 of it; merging rounds every
@@ -44,21 +52,21 @@ def stage_config(stage_dir: Path) -> tq.StageConfig:
     """The stage's own resolved config, with output_dir pointing at where the stage is now (it may have moved)."""
     adapter = vf.check_adapter_files(stage_dir) if stage_dir.is_dir() else None
     if adapter is None or adapter.status != vf.PASS:
-        raise tq.ConfigError(f"{stage_dir}: not a stage folder with a LoRA adapter"
-                             + (f" ({adapter.detail})" if adapter else ""))
-    if not (stage_dir / tq.RESOLVED_CONFIG).is_file():
-        raise tq.ConfigError(f"{stage_dir}: no {tq.RESOLVED_CONFIG}, so the base and the settings are unknown")
-    return dataclasses.replace(tq.load_config(stage_dir / tq.RESOLVED_CONFIG), output_dir=str(stage_dir))
+        raise ConfigError(f"{stage_dir}: not a stage folder with a LoRA adapter"
+                          + (f" ({adapter.detail})" if adapter else ""))
+    if not (stage_dir / RESOLVED_CONFIG).is_file():
+        raise ConfigError(f"{stage_dir}: no {RESOLVED_CONFIG}, so the base and the settings are unknown")
+    return dataclasses.replace(tq.load_config(stage_dir / RESOLVED_CONFIG), output_dir=str(stage_dir))
 
 
 def refuse_quantized_base(model_path: str, cfg: tq.StageConfig) -> None:
     """A base checkpoint stored quantized (bitsandbytes, GPTQ, AWQ, ...) cannot take a merge without losing it."""
     from transformers import AutoConfig
 
-    quantization = getattr(tq.from_pretrained_checked(AutoConfig, model_path, cfg), "quantization_config", None)
+    quantization = getattr(from_pretrained_checked(AutoConfig, model_path, cfg), "quantization_config", None)
     if quantization:
         method = (quantization if isinstance(quantization, dict) else quantization.to_dict()).get("quant_method")
-        raise tq.ConfigError(
+        raise ConfigError(
             f"the base {model_path} is stored quantized ({method}). Merging into it would round every merged weight "
             "W + BA back to the quantized grid, and the adapter's update, far smaller than one 4-bit step, would "
             "mostly be lost. Export from the unquantized (bf16) checkpoint it was made from: --base PATH_OR_ID")
@@ -68,11 +76,11 @@ def load_bf16(model_path: str, cfg: tq.StageConfig):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    return tq.from_pretrained_checked(AutoModelForImageTextToText, model_path, cfg, dtype=getattr(torch, EXPORT_DTYPE),
-                                      device_map={"": tq.training_device()})
+    return from_pretrained_checked(AutoModelForImageTextToText, model_path, cfg, dtype=getattr(torch, EXPORT_DTYPE),
+                                   device_map={"": training_device()})
 
 
-def answer_logits(model, processor, records: list[tq.Record], answers: list[str], cfg: tq.StageConfig) -> list:
+def answer_logits(model, processor, records: list[Record], answers: list[str], cfg: tq.StageConfig) -> list:
     """Each question's logits (float32, on the CPU) at the positions that predict the answer given (and its end
     token), as the model reads prompt and answer in one forward pass."""
     import torch
@@ -81,7 +89,7 @@ def answer_logits(model, processor, records: list[tq.Record], answers: list[str]
     for rec, answer in zip(records, answers, strict=True):
         example = tq.encode_example(processor, dataclasses.replace(rec, answer=answer), cfg.min_pixels, cfg.max_pixels)
         batch = tq.collate_batch([example], processor.tokenizer.pad_token_id)
-        keep, _ = tq.answer_positions(batch.pop("labels"))
+        keep, _ = answer_positions(batch.pop("labels"))
         device = next(model.parameters()).device
         with torch.no_grad():
             logits = model(**{k: v.to(device) for k, v in batch.items()}, logits_to_keep=keep.to(device)).logits
@@ -109,24 +117,24 @@ def compare_question(row: dict, tolerance: float = LOGIT_TOLERANCE) -> list[str]
     return problems
 
 
-def check_merged(model_path: str, stage_dir: Path, merged_dir: Path, records: list[tq.Record],
+def check_merged(model_path: str, stage_dir: Path, merged_dir: Path, records: list[Record],
                  cfg: tq.StageConfig) -> list[dict]:
     """Per question: the adapter model's and the merged folder's answers and logits, compared (compare_question)."""
     import torch
     from peft import PeftModel
 
-    processor = tq.load_processor(model_path, cfg)
+    processor = load_processor(model_path, cfg)
     adapter_model = PeftModel.from_pretrained(load_bf16(model_path, cfg), str(stage_dir))
-    answers = vqa_eval.generate_answers(adapter_model, processor, records, cfg, cfg.eval_batch_size,
-                                        cfg.max_new_tokens, progress=False)
+    answers = generate_answers(adapter_model, processor, records, cfg, cfg.eval_batch_size, cfg.max_new_tokens,
+                               progress=False)
     with_adapter = answer_logits(adapter_model, processor, records, answers, cfg)
     with adapter_model.disable_adapter():
         base = answer_logits(adapter_model, processor, records, answers, cfg)
     del adapter_model
-    merged_processor = tq.load_processor(str(merged_dir), cfg)
+    merged_processor = load_processor(str(merged_dir), cfg)
     merged = load_bf16(str(merged_dir), cfg)
-    merged_answers = vqa_eval.generate_answers(merged, merged_processor, records, cfg, cfg.eval_batch_size,
-                                               cfg.max_new_tokens, progress=False)
+    merged_answers = generate_answers(merged, merged_processor, records, cfg, cfg.eval_batch_size,
+                                      cfg.max_new_tokens, progress=False)
     along = answer_logits(merged, merged_processor, records, answers, cfg)
     rows = []
     for rec, a, m, la, lm, lb in zip(records, answers, merged_answers, with_adapter, along, base, strict=True):
@@ -144,21 +152,21 @@ def export(stage_dir: Path, out_dir: Path, base: str | None, check: int, data: s
 
     cfg = stage_config(stage_dir)
     if out_dir.exists():
-        raise tq.ConfigError(f"{out_dir} exists; choose a new OUT_DIR (an export never overwrites)")
-    metrics = json.loads((stage_dir / tq.STAGE_METRICS).read_text()) if (stage_dir / tq.STAGE_METRICS).is_file() \
+        raise ConfigError(f"{out_dir} exists; choose a new OUT_DIR (an export never overwrites)")
+    metrics = json.loads((stage_dir / STAGE_METRICS).read_text()) if (stage_dir / STAGE_METRICS).is_file() \
         else {}
     split = data or next((p for p in (metrics.get("final_eval_file"), cfg.eval_file) if p and Path(p).exists()), None)
     if check and not split:
-        raise tq.ConfigError(f"{stage_dir} has no dev split to check on; pass --data SPLIT, or --check 0")
-    records = tq.load_records(split, cfg.system_prompt, cfg.allow_images_outside_data_dir, cfg.columns,
-                              tq.dataset_image_dir(cfg))[:check] if check else []
+        raise ConfigError(f"{stage_dir} has no dev split to check on; pass --data SPLIT, or --check 0")
+    records = load_records(split, cfg.system_prompt, cfg.allow_images_outside_data_dir, cfg.columns,
+                           dataset_image_dir(cfg))[:check] if check else []
     base = base or cfg.model_name_or_path
-    model_path = tq.resolve_model_path(base)
+    model_path = resolve_model_path(base)
     refuse_quantized_base(model_path, cfg)
 
     staging = Path(f"{out_dir}.exporting")
     shutil.rmtree(staging, ignore_errors=True)  # left by an export that was stopped
-    processor = tq.load_processor(model_path, cfg)  # with the stage's pixel budget: served images resized as trained
+    processor = load_processor(model_path, cfg)  # with the stage's pixel budget: served images resized as trained
     model = PeftModel.from_pretrained(load_bf16(model_path, cfg), str(stage_dir))
     merged = model.merge_and_unload(safe_merge=True)  # safe_merge: refuse a merge that makes a weight NaN or inf
     merged.save_pretrained(str(staging))
@@ -169,7 +177,7 @@ def export(stage_dir: Path, out_dir: Path, base: str | None, check: int, data: s
     rows = check_merged(model_path, stage_dir, staging, records, cfg) if check else []
     failed = [r for r in rows if r["problems"]]
     report = {"stage_dir": str(stage_dir.resolve()), "base": base, "dtype": EXPORT_DTYPE,
-              "adapter_file_sha256": tq.sha256_file(stage_dir / tq.ADAPTER_WEIGHTS), "split": split,
+              "adapter_file_sha256": sha256_file(stage_dir / ADAPTER_WEIGHTS), "split": split,
               "questions": len(rows), "identical_answers": sum(r["merged_answer"] == r["adapter_answer"] for r in rows),
               "logit_tolerance": LOGIT_TOLERANCE, "passed": not failed, "per_question": rows}
     (staging / CHECK_FILE).write_text(json.dumps(report, indent=2))
@@ -204,9 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if exc.code == 0 else 2
     try:
         if args.check < 0:
-            raise tq.ConfigError(f"--check must be >= 0, got {args.check}")
+            raise ConfigError(f"--check must be >= 0, got {args.check}")
         return export(Path(args.stage_dir), Path(args.out_dir), args.base, args.check, args.data)
-    except tq.ConfigError as err:
+    except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

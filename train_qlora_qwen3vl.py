@@ -11,14 +11,14 @@ with a fresh LoRA adapter; a later stage reopens the previous stage's adapter *f
 second time and never stacks a second adapter on top. Before the first step the script proves it:
 only LoRA parameters train, and their count equals the count computed from the model's shapes.
 
-Layout: config -> data -> model -> train -> evaluate -> save, each a section below; `main()` last.
+Layout: config -> data -> model and adapter -> train -> save, each a section below; `train_stage()` and
+`main()` last. The helpers it calls live in curriculum/ (reading data files, adapter files and hashes, evaluation,
+speed patches, faults, processes), none of which imports this file back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import hashlib
 import importlib.util
 import json
 import math
@@ -26,8 +26,6 @@ import os
 import shutil
 import sys
 import time
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,52 +33,54 @@ from typing import Any, Literal
 
 import yaml
 
-from curriculum import speed
+# torch, transformers and peft are imported inside the functions that use them, not here: `--help`, a config error
+# and the scripts and tests that import this file for its config do not wait seconds for them.
+from curriculum import adapter_files, faults, speed, stage_folder
+from curriculum.adapter_files import ADAPTER_WEIGHTS, OPTIMIZER_MOMENTS
+from curriculum.answer_loss import IGNORE_INDEX, answer_only_loss, answer_only_loss_trainer
+from curriculum.base_model import load_processor, resolve_model_path
 from curriculum.batch_size import choose_batch_size
-from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
-from curriculum.faults import (
-    STAGE_START,
-    StageGuard,
-    complete_checkpoints,
-    disk_full_error,
-    end_dataloader_workers_at_exit,
-    interrupted_run,
-    is_disk_full,
-    leave_stop_signals_to_the_trainer,
-)
+from curriculum.data_files import check_split, split_config_problems, split_hashes
+from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped, out_of_memory_message
+from curriculum.evaluation import evaluate_dev_split, write_predictions
+from curriculum.faults import STAGE_START
+from curriculum.plots import write_stage_plots
 from curriculum.processes import (
     check_processes_agree,
+    fsdp_config_problems,
     fsdp_enabled,
     gather_from_processes,
     gpu_available,
     is_main_process,
     log,
+    one_gpu_per_process,
     processes,
     runtime,
     training_device,
 )
+from curriculum.records import Record, answer_token_ids, prompt_and_images
+from curriculum.scoring import metrics_table
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
+from curriculum.trainer_callbacks import before_first_step, make_log_callbacks, tensorboard_callback
+from curriculum.typed_yaml import read_yaml_dataclass
+
+# isort: off
+# Read as tq.NAME by the tests (they lived here before curriculum/ did); the recipe itself does not use them.
+from curriculum.adapter_files import (ADAPTER_CONFIG, adapter_file_problems, expected_lora_param_count,  # noqa: F401
+                                      file_adapter_sha256, loaded_adapter_sha256, read_adapter_file, read_adapter_lora,
+                                      save_adapter_under_fsdp, sha256_file)
+from curriculum.answer_loss import answer_loss, answer_positions  # noqa: F401
+from curriculum.base_model import TINY_MODEL_NAME, from_pretrained_checked  # noqa: F401
+from curriculum.data_files import (IMAGE_CHECK_CACHE, drop_overlong, image_token_count, inspect_images,  # noqa: F401
+                                   load_records, read_records, sample_lengths)
+from curriculum.records import format_answer, format_question, with_image_settings  # noqa: F401
+from curriculum.stage_folder import previous_stage_dir  # noqa: F401
+from curriculum.typed_yaml import apply_overrides  # noqa: F401
+# isort: on
 
 speed.quiet_optional_backend_warnings()  # before bitsandbytes and Liger import: their optional backends' warnings
 # peft calls a transformers method that transformers 5 renamed; the warning is about peft, not about you.
 warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*", category=FutureWarning)
-
-REPO_DIR = Path(__file__).resolve().parent
-# `model_name_or_path: tiny-qwen3vl` names the random tiny Qwen3-VL that the demo and the tests use;
-# it is built here on first use (tiny_qwen3vl.py) and then loaded like any local checkpoint.
-TINY_MODEL_NAME = "tiny-qwen3vl"
-TINY_MODEL_DIR = REPO_DIR / "models" / TINY_MODEL_NAME
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-STAGE_METRICS = "stage_metrics.json"
-IMAGE_CHECK_CACHE = "image_checks.json"
-RESOLVED_CONFIG = "resolved_config.yaml"
-OPTIMIZER_MOMENTS = "optimizer_moments.safetensors"
-IGNORE_INDEX = -100  # label value that the loss skips (prompt, image and padding positions)
-
-SPLIT_FILE_SUFFIXES = (".jsonl", ".parquet", ".arrow")  # JSONL, or a Hugging Face dataset (also: a folder)
-QUESTION_TYPES = ("single_choice", "numeric", "multi_label")
-OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -267,208 +267,14 @@ class StageConfig:
     """4-bit quantization of the frozen base."""
 
 
-def _closest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(valid)})"
-
-
-def _check_type(value: Any, annotation: Any, where: str) -> Any:
-    """Return `value` if it fits `annotation` (ints are accepted as floats), else raise ConfigError."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        problems = []
-        for inner in [a for a in args if a is not type(None)]:  # the first that fits (`int | Literal["auto"]`)
-            try:
-                return _check_type(value, inner, where)
-            except ConfigError as err:
-                problems.append(str(err).removeprefix(f"{where}: "))
-        raise ConfigError(f"{where}: " + "; or ".join(problems))
-    if origin is Literal:
-        if not any(value == a and type(value) is type(a) for a in args):  # 1 is not True here
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
-            raise ConfigError(f"{where}: expected a list of {args[0].__name__}, got {value!r}")
-        return list(value)
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str):
-        try:  # YAML 1.1 reads `1e-4` (no dot) as a string; accept what is plainly a number
-            return float(value)
-        except ValueError:
-            pass
-    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
-        raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _build_dataclass(cls: type, data: dict, where: str) -> Any:
-    """Turn a YAML mapping into `cls`, rejecting unknown keys and wrong types, naming each by its dotted path."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    problems, values = [], {}
-    for key, value in data.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in fields:
-            problems.append(f"unknown key '{path}'{_closest(str(key), list(fields))}")
-            continue
-        try:
-            if dataclasses.is_dataclass(hints[key]):
-                values[key] = _build_dataclass(hints[key], value, path)
-            else:
-                values[key] = _check_type(value, hints[key], path)
-        except ConfigError as err:
-            problems.append(str(err))
-    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    problems += [f"missing required key '{f'{where}.' if where else ''}{n}'" for n in missing]
-    if problems:
-        raise ConfigError("\n".join(problems))
-    return cls(**values)
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply `--set a.b=value` overrides (values parsed as YAML: `--set lr=1e-4`, `--set lora.r=8`)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set lr=1e-4")
-        dotted, raw = item.split("=", 1)
-        *parents, leaf = dotted.strip().split(".")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
-    return data
-
-
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> StageConfig:
-    """Read a stage YAML (safely: no object construction), apply overrides, type-check every key."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: YAML syntax error: {getattr(err, 'problem', err)}") from None
-    try:
-        return _build_dataclass(StageConfig, apply_overrides(data, list(overrides)), "")
-    except ConfigError as err:
-        raise ConfigError(f"{path}:\n" + "\n".join(f"  - {line}" for line in str(err).splitlines())) from None
+    """Read a stage YAML (safely: no object construction), apply overrides, type-check every key
+    (curriculum/typed_yaml.py): one error listing every unknown key, with the closest valid one, and wrong type."""
+    return read_yaml_dataclass(StageConfig, path, overrides)
 
 
 def config_to_dict(cfg: StageConfig) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def read_adapter_lora(adapter_dir: str | os.PathLike) -> dict:
-    """The LoRA settings that a saved adapter was trained with, in this config's names."""
-    saved = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
-    targets = saved.get("target_modules")
-    return {"r": saved.get("r"), "alpha": saved.get("lora_alpha"), "dropout": saved.get("lora_dropout"),
-            "target_modules": sorted(targets) if isinstance(targets, list) else targets}
-
-
-def extra_adapters(adapter_dir: str | os.PathLike) -> list[str]:
-    """Names of adapters saved beside `default`: peft writes each one into a sub-directory named after it."""
-    return sorted(p.parent.name for p in Path(adapter_dir).glob(f"*/{ADAPTER_CONFIG}"))
-
-
-def adapter_tensor_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]]:
-    """Name -> shape of each tensor in the adapter's safetensors file, from the file's header (no weights read)."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(adapter_dir) / ADAPTER_WEIGHTS), framework="numpy") as f:
-        return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
-
-
-def adapter_file_problems(adapter_dir: str | os.PathLike, expected: LoraSettings | None = None,
-                          expected_source: str = "") -> list[str]:
-    """Why the adapter saved in `adapter_dir` cannot load as the LoRA its adapter_config.json describes, one line
-    each, none if it can. Reads the JSON and the tensor shapes, no weights and no model: a hand-edited config is
-    named in a second, not as a size mismatch from deep inside the model load. With `expected` (the LoRA settings
-    from `expected_source`, e.g. the stage's resolved_config.yaml) the tensors are held against those too."""
-    adapter_dir = Path(adapter_dir)
-    try:
-        saved = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    except FileNotFoundError:
-        return [f"no {ADAPTER_CONFIG}"]
-    except ValueError as err:  # not JSON, or not even text
-        return [f"{ADAPTER_CONFIG} is not valid JSON ({err})"]
-    if not isinstance(saved, dict):
-        return [f"{ADAPTER_CONFIG} holds a JSON {type(saved).__name__}, not an object"]
-    if not (adapter_dir / ADAPTER_WEIGHTS).is_file():
-        return [f"no {ADAPTER_WEIGHTS}"]
-    try:
-        shapes = adapter_tensor_shapes(adapter_dir)
-    except Exception as err:  # safetensors raises its own error types for a corrupt header or a cut-short file
-        return [f"{ADAPTER_WEIGHTS} is unreadable (truncated or corrupt?): {' '.join(str(err).split())}"]
-
-    # peft names a tensor <module path>.lora_A.weight (shape r x in) and <module path>.lora_B.weight (out x r)
-    ranks_by_module: dict[str, dict[str, int]] = {}
-    problems = []
-    for name, shape in shapes.items():
-        for part, rank_dim in (("lora_A", 0), ("lora_B", 1)):
-            if f".{part}." in name:
-                if len(shape) < 2:
-                    problems.append(f"{ADAPTER_WEIGHTS}: {name} has shape {shape}, not a matrix")
-                    continue
-                ranks_by_module.setdefault(name.split(f".{part}.")[0], {})[part] = shape[rank_dim]
-    if not ranks_by_module:
-        return problems or [f"{ADAPTER_WEIGHTS} holds no LoRA tensors"]
-    problems += [f"{ADAPTER_WEIGHTS}: {module} has {' and '.join(pair)} only"
-                 for module, pair in ranks_by_module.items() if len(pair) != 2][:3]
-    problems += [f"{ADAPTER_WEIGHTS}: {module} has lora_A of rank {pair['lora_A']} and lora_B of rank "
-                 f"{pair['lora_B']}" for module, pair in ranks_by_module.items()
-                 if len(pair) == 2 and pair["lora_A"] != pair["lora_B"]][:3]
-    ranks = sorted({rank for pair in ranks_by_module.values() for rank in pair.values()})
-    tensor_rank = " and ".join(map(str, ranks))
-    modules = list(ranks_by_module)
-    adapted = sorted({module.rsplit(".", 1)[-1] for module in modules})  # q_proj, ...: what the YAML names
-
-    def same_targets(targets: list[str]) -> bool:
-        """Each target adapts a module and each module is a target's, matched as peft matches a list of targets: a
-        module is targeted when its path is the target or ends with '.' + the target."""
-        matched = [(m, t) for m in modules for t in targets if m == t or m.endswith("." + t)]
-        return {t for _, t in matched} == set(targets) and {m for m, _ in matched} == set(modules)
-
-    r, targets = saved.get("r"), saved.get("target_modules")
-    if not isinstance(r, int) or r < 1:
-        problems.append(f"{ADAPTER_CONFIG} has no valid r (got {r!r})")
-    elif ranks != [r] and not saved.get("rank_pattern"):  # a rank_pattern gives modules their own ranks
-        problems.append(f"{ADAPTER_CONFIG} says r={r}, the tensors have rank {tensor_rank}")
-    if isinstance(targets, list) and not same_targets(targets):  # a string is a regex, left to peft
-        problems.append(f"{ADAPTER_CONFIG} targets {','.join(sorted(targets))}, the tensors adapt {','.join(adapted)}")
-    if expected is not None:
-        if ranks != [expected.r]:
-            problems.append(f"{expected_source} says lora.r={expected.r}, the tensors have rank {tensor_rank}")
-        if not same_targets(list(expected.target_modules)):
-            problems.append(f"{expected_source} says lora.target_modules="
-                            f"{','.join(sorted(expected.target_modules))}, the tensors adapt {','.join(adapted)}")
-    return problems
-
-
-def curriculum_stage_dirs(root: str | os.PathLike) -> list[Path]:
-    """The finished stage directories under `root` (those with stage_metrics.json), in their recorded stage order."""
-    stages = [p.parent for p in Path(root).glob(f"*/{STAGE_METRICS}")]
-    return sorted(stages, key=lambda p: json.loads((p / STAGE_METRICS).read_text()).get("stage", 0))
-
-
-def lora_mismatches(expected: LoraSettings, saved: dict) -> list[str]:
-    """Differences between the YAML's LoRA settings and a saved adapter's, one line each."""
-    want = {"r": expected.r, "alpha": expected.alpha, "dropout": expected.dropout,
-            "target_modules": sorted(expected.target_modules)}
-    return [f"lora.{k}: the YAML says {want[k]!r}, the saved adapter has {saved[k]!r}"
-            for k in want if want[k] != saved[k]]
 
 
 def validate_config(cfg: StageConfig, training: bool = True) -> None:
@@ -501,15 +307,7 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
     if cfg.fp32_upcast is False and cfg.quantization.compute_dtype == "float16":
         problems.append("quantization.compute_dtype: float16 needs fp32_upcast: true (fp16 norms overflow); "
                         "or use bfloat16")
-    if fsdp_enabled() and cfg.quantization.quant_storage not in ("auto", cfg.quantization.compute_dtype):
-        problems.append(f"quantization.quant_storage: FSDP shards only floating-point tensors; use auto or "
-                        f"{cfg.quantization.compute_dtype} (the compute dtype), not {cfg.quantization.quant_storage}")
-    if fsdp_enabled() and cfg.batch_size == "auto":
-        problems.append("batch_size: auto measures a step of the whole model, and FSDP shards it (the measure would "
-                        "not hold); set batch_size to a number under FSDP")
-    if fsdp_enabled() and cfg.optimizer_state == "resume":
-        problems.append("optimizer_state: resume is not supported under FSDP (its optimizer state is sharded); use "
-                        "fresh, or train this stage with DDP or one GPU")
+    problems += fsdp_config_problems(cfg)  # what FSDP cannot do, when launched with it
     if not 0 <= cfg.lora.dropout < 1:
         problems.append(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout}")
     if not cfg.lora.target_modules:
@@ -529,40 +327,15 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
     problems += speed.plan_speed_patches(cfg, fsdp_enabled())[1]  # a patch set to true that cannot apply here
     if cfg.min_pixels > cfg.max_pixels:
         problems.append(f"min_pixels ({cfg.min_pixels}) must not exceed max_pixels ({cfg.max_pixels})")
-    for key in ("train_file", "eval_file", "test_file"):
-        value = getattr(cfg, key)
-        if value is not None and not Path(value).exists():
-            problems.append(f"{key}: file not found: {value}")
-        elif value is not None and Path(value).is_file() and Path(value).suffix not in SPLIT_FILE_SUFFIXES:
-            problems.append(f"{key}: {value} is not a split the trainer reads: a .jsonl, .parquet or .arrow file, or "
-                            "a dataset folder")
-    named = dataclasses.asdict(cfg.columns)
-    for column in sorted({c for c in named.values() if list(named.values()).count(c) > 1}):
-        problems.append(f"columns: '{column}' is named for {', '.join(k for k, c in named.items() if c == column)}; "
-                        "each field has a column of its own")
+    problems += split_config_problems(cfg)  # the split files exist and are readable, no column named twice
     if cfg.stage >= 2 and not cfg.prev_checkpoint:
         problems.append(f"stage {cfg.stage} needs prev_checkpoint: the adapter of stage {cfg.stage - 1} to continue")
     if cfg.stage == 1 and cfg.prev_checkpoint and not cfg.continue_at_stage_1:
         problems.append("stage 1 makes a new adapter: remove prev_checkpoint, set stage: 2 to continue it, or set "
                         "continue_at_stage_1: true to continue it as stage 1")
     if cfg.prev_checkpoint:
-        prev = Path(cfg.prev_checkpoint)
-        if not prev.is_dir():
-            problems.append(f"prev_checkpoint: directory not found: {prev}")
-        elif not (prev / ADAPTER_CONFIG).is_file() or not (prev / ADAPTER_WEIGHTS).is_file():
-            problems.append(f"prev_checkpoint: {prev} holds no LoRA adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS})")
-        else:
-            # A damaged adapter is refused here, naming the file, rather than as a size mismatch inside the load.
-            file_problems = adapter_file_problems(prev)
-            problems += [f"prev_checkpoint: {prev}: {line}" for line in file_problems]
-            if not file_problems:  # (an adapter_config.json that does not read has no settings to compare)
-                problems += [f"prev_checkpoint: {line}" for line in lora_mismatches(cfg.lora, read_adapter_lora(prev))]
-            nested = extra_adapters(prev)
-            if nested:
-                problems.append(f"prev_checkpoint: {prev} holds more than one adapter (also: {', '.join(nested)})")
-            if cfg.optimizer_state == "resume" and not (prev / OPTIMIZER_MOMENTS).is_file():
-                problems.append(f"optimizer_state: resume, but {prev} has no {OPTIMIZER_MOMENTS}")
-        if prev.resolve() == Path(cfg.output_dir).resolve():
+        problems += adapter_files.prev_checkpoint_problems(Path(cfg.prev_checkpoint), cfg.lora, cfg.optimizer_state)
+        if Path(cfg.prev_checkpoint).resolve() == Path(cfg.output_dir).resolve():
             problems.append("output_dir must differ from prev_checkpoint: a stage never overwrites the one it "
                             "continues")
     elif cfg.optimizer_state == "resume":
@@ -575,257 +348,9 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data: record -> messages -> token ids + labels; pure functions, tested with the real tokenizer
+# Data: a split's lines -> Records (curriculum/records.py: the question as chat messages, the answer as the reply
+# text; curriculum/data_files.py: JSONL or a dataset, every image decoded once) -> token ids and labels
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Record:
-    """One question. `prompt_messages` end with the user turn; `answer` is the assistant's exact reply text."""
-    id: str
-    type: str
-    image: str | None
-    prompt_messages: list
-    answer: str
-    source: str  # "file:line", for error messages
-    options: list | None = None
-
-
-def format_question(question: str, qtype: str, options: list | None) -> str:
-    """The user text: the question, lettered options, and how to answer."""
-    if qtype == "numeric":
-        return f"{question}\nAnswer with a number."
-    lines = [question] + [f"{OPTION_LETTERS[i]}. {opt}" for i, opt in enumerate(options)]
-    if qtype == "single_choice":
-        return "\n".join(lines) + "\nAnswer with the option's letter."
-    return "\n".join(lines) + "\nAnswer with the letters of all correct options, separated by commas."
-
-
-def format_answer(answer: Any, qtype: str) -> str:
-    """The assistant's target text: `B`, `3`, `A, C`."""
-    if qtype == "multi_label":
-        return ", ".join(sorted(answer))
-    return str(answer).strip()
-
-
-def _image_path(base_dir: Path, image: str, source: str, allow_outside: bool) -> str:
-    """The image's path, relative to the JSONL file's folder; refused if it leads outside it (unless allowed).
-    The check is on the path as written (`..`, absolute paths), so a symlinked data folder still works."""
-    path = os.path.normpath(base_dir / image)
-    if not allow_outside and os.path.commonpath([os.path.abspath(path), os.path.abspath(base_dir)]) != \
-            os.path.abspath(base_dir):
-        raise ConfigError(f"{source}: image path {image!r} leads outside the data folder {base_dir}; move the "
-                          "image inside it, or set allow_images_outside_data_dir: true")
-    return path
-
-
-def _vqa_record(obj: dict, source: str, image_of) -> tuple[str, str | None, str, str]:
-    """Check a VQA record's fields; return (type, image path, user text, answer text). `image_of(cell, source)`
-    turns the image field into a path (and checks it)."""
-    missing = [k for k in ("id", "question", "type", "answer") if k not in obj]
-    if missing:
-        raise ConfigError(f"{source}: missing field(s) {', '.join(missing)}")
-    qtype, options, answer = obj["type"], obj.get("options"), obj["answer"]
-    if qtype not in QUESTION_TYPES:
-        raise ConfigError(f"{source}: unknown question type {qtype!r}; expected one of {', '.join(QUESTION_TYPES)}")
-    if qtype != "numeric":
-        if not isinstance(options, list) or not 2 <= len(options) <= len(OPTION_LETTERS):
-            raise ConfigError(f"{source}: a {qtype} question needs a list of 2 to 26 options")
-        letters = OPTION_LETTERS[:len(options)]
-        given = answer if qtype == "multi_label" else [answer]
-        if not isinstance(given, list) or not given or any(a not in letters for a in given):
-            raise ConfigError(f"{source}: answer {answer!r} is not among the options' letters {', '.join(letters)}")
-    elif isinstance(answer, bool) or not isinstance(answer, (int, float, str)):
-        raise ConfigError(f"{source}: a numeric answer must be a number, got {answer!r}")
-    image = image_of(obj["image"], source) if obj.get("image") else None
-    return qtype, image, format_question(obj["question"], qtype, options), format_answer(answer, qtype)
-
-
-def _chat_record(obj: dict, source: str, image_of) -> tuple[str | None, list, str]:
-    """The chat format other tools write: {"messages": [...], "images": [...]}, `<image>` in the user text."""
-    messages, images = obj["messages"], obj.get("images") or []
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ConfigError(f"{source}: the last message must be the assistant's answer")
-    if len(images) > 1:
-        raise ConfigError(f"{source}: one image per record is supported, got {len(images)}")
-    prompt = []
-    for msg in messages[:-1]:
-        text = msg.get("content", "")
-        if not isinstance(text, str):
-            raise ConfigError(f"{source}: message content must be a string in the chat format")
-        if "<image>" in text:
-            before, _, after = text.partition("<image>")
-            content = [c for c in ({"type": "text", "text": before} if before else None, {"type": "image"},
-                                   {"type": "text", "text": after} if after else None) if c]
-            prompt.append({"role": msg["role"], "content": content})
-        else:
-            prompt.append({"role": msg["role"], "content": [{"type": "text", "text": text}]})
-    image = image_of(images[0], source) if images else None
-    return image, prompt, str(messages[-1]["content"]).strip()
-
-
-def record_from_fields(obj: dict, source: str, default_id: Any, system_prompt: str | None, image_of) -> Record:
-    """One JSONL line or dataset row, its fields under our names, as a Record; a ConfigError naming `source`."""
-    if "messages" in obj:
-        image, prompt, answer = _chat_record(obj, source, image_of)
-        return Record(str(obj.get("id", default_id)), "chat", image, prompt, answer, source)
-    qtype, image, text, answer = _vqa_record(obj, source, image_of)
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": text}]
-    prompt = ([{"role": "system", "content": [{"type": "text", "text": system_prompt}]}] if system_prompt
-              else []) + [{"role": "user", "content": content}]
-    return Record(str(obj["id"]), qtype, image, prompt, answer, source, obj.get("options"))
-
-
-def fields_by_our_names(row: dict, columns: DataColumns) -> dict:
-    """A line's or row's fields under the names the checks use, found under the names `columns:` gives them."""
-    ours_by_theirs = {theirs: ours for ours, theirs in dataclasses.asdict(columns).items()}
-    return {ours_by_theirs[k]: v for k, v in row.items() if k in ours_by_theirs}
-
-
-def read_records(path: str | os.PathLike, system_prompt: str | None = None, allow_outside: bool = False,
-                 columns: DataColumns | None = None, image_dir: Path | None = None) -> tuple[list[Record], list[str]]:
-    """Parse a split: (the valid Records, one `file:line: problem` per invalid line). Images not opened. A path
-    that is not a .jsonl file is a Hugging Face dataset (read_dataset_records; its images stored as bytes are
-    written to `image_dir`)."""
-    path, columns = Path(path), columns or DataColumns()
-    if path.suffix != ".jsonl":
-        return read_dataset_records(path, system_prompt, allow_outside, columns, image_dir)
-    base_dir, records, problems = path.parent, [], []
-
-    def image_of(image: str, source: str) -> str:
-        return _image_path(base_dir, image, source, allow_outside)
-
-    for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        source = f"{path}:{line_no}"
-        try:
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConfigError(f"{source}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise ConfigError(f"{source}: expected a JSON object")
-            records.append(record_from_fields(fields_by_our_names(obj, columns), source, line_no, system_prompt,
-                                              image_of))
-        except ConfigError as err:
-            problems.append(str(err))
-    return records, problems
-
-
-def open_dataset(path: Path):
-    """A split of a Hugging Face dataset: a .parquet or .arrow file, a folder written by `save_to_disk`, or a folder
-    `load_dataset` reads (parquet files, or `imagefolder` images with a metadata.jsonl). One split only."""
-    import datasets
-
-    try:
-        if path.is_dir() and any((path / f).is_file() for f in ("state.json", "dataset_dict.json")):
-            dataset = datasets.load_from_disk(str(path))
-        elif path.is_dir():
-            dataset = datasets.load_dataset(str(path))
-        elif path.suffix in (".parquet", ".arrow"):
-            dataset = datasets.load_dataset(path.suffix[1:], data_files=str(path))
-        else:
-            raise ConfigError(f"{path}: not a split the trainer reads: a .jsonl, .parquet or .arrow file, or a "
-                              "dataset folder")
-    except ConfigError:
-        raise
-    except Exception as err:  # noqa: BLE001 - datasets and pyarrow raise many types for a file they cannot read
-        raise ConfigError(f"{path}: cannot be read as a Hugging Face dataset ({type(err).__name__}: {err})") from None
-    if isinstance(dataset, datasets.DatasetDict):
-        if len(dataset) != 1:
-            raise ConfigError(f"{path} holds the splits {', '.join(dataset)}; name one split's file or folder")
-        dataset = next(iter(dataset.values()))
-    return dataset
-
-
-def write_image_bytes(data: bytes, image_dir: Path, name: str | None) -> str:
-    """An image stored inside a dataset, as a file: written once under `image_dir`, named by its SHA-256 (an image
-    met again, in this split or another, is the same file), through a temporary name so that a reader never sees
-    half of it."""
-    target = image_dir / f"{hashlib.sha256(data).hexdigest()}{Path(name).suffix.lower() if name else ''}"
-    if not target.is_file():
-        image_dir.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        partial.write_bytes(data)
-        partial.replace(target)
-    return str(target)
-
-
-def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: bool, columns: DataColumns,
-                         image_dir: Path | None) -> tuple[list[Record], list[str]]:
-    """read_records for a Hugging Face dataset: the same checks, problems named `file:row N` (N counts from 0, as
-    `dataset[N]`). An image cell holds bytes (an `Image` column written by `datasets`), which become a file in
-    `image_dir`, so that the image checks, the cache of checked images and the dataloader workers treat it as a
-    JSONL image; or a path (an `Image` column of files, or text), checked as a JSONL image path."""
-    dataset = open_dataset(path)
-    names = dataclasses.asdict(columns)
-    if names["messages"] not in dataset.column_names:
-        lacking = [f"'{names[k]}' (columns.{k})" for k in ("id", "question", "type", "answer")
-                   if names[k] not in dataset.column_names]
-        if lacking:
-            raise ConfigError(f"{path}: no column {', '.join(lacking)}; its columns are "
-                              f"{', '.join(dataset.column_names)}. Name yours under `columns:` in the config")
-    base_dir = path if path.is_dir() else path.parent
-    stored = set()  # the images stored in the dataset, as the files they were written to
-
-    def image_of(cell: Any, source: str) -> str | None:
-        if isinstance(cell, dict) and cell.get("bytes"):
-            if image_dir is None:
-                raise ValueError("image_dir is needed to read images stored in a dataset")
-            image = write_image_bytes(cell["bytes"], image_dir, cell.get("path"))
-            stored.add(image)
-            return image
-        cell = cell.get("path") if isinstance(cell, dict) else cell
-        if cell is None:  # an Image cell with neither bytes nor a file: no image
-            return None
-        if not isinstance(cell, str):
-            raise ConfigError(f"{source}: the image is neither an image nor a path: {type(cell).__name__}")
-        return _image_path(base_dir, cell, source, allow_outside)
-
-    records, problems = [], []
-    # arrow rows as stored: images as {bytes, path}, not decoded here (a broken one is found by the image check)
-    rows = (cells for batch in dataset.with_format("arrow").iter(batch_size=1000) for cells in batch.to_pylist())
-    for row, cells in enumerate(rows):
-        source = f"{path}:row {row}"
-        obj = fields_by_our_names({k: v for k, v in cells.items() if v is not None}, columns)
-        if obj.get("type") == "multi_label" and isinstance(obj.get("answer"), str):
-            obj["answer"] = [a.strip() for a in obj["answer"].split(",")]  # a table column holds one type
-        try:
-            records.append(record_from_fields(obj, source, row, system_prompt, image_of))
-        except ConfigError as err:
-            problems.append(str(err))
-    if stored:
-        log(f"{path}: {len(stored)} images stored in the dataset, read from their files in {image_dir}")
-    return records, problems
-
-
-def bad_records_error(path: str | os.PathLike, problems: list[str], shown: int = 20) -> ConfigError:
-    listed = "\n".join(f"  {p}" for p in problems[:shown])
-    more = f"\n  ... and {len(problems) - shown} more" if len(problems) > shown else ""
-    return ConfigError(f"{len(problems)} bad record(s) in {path}:\n{listed}{more}\n"
-                       "Fix them, or set on_bad_record: skip to train without them.")
-
-
-def load_records(path: str | os.PathLike, system_prompt: str | None = None, allow_outside: bool = False,
-                 columns: DataColumns | None = None, image_dir: Path | None = None) -> list[Record]:
-    """Parse a split (JSONL or a dataset) into Records; any problem is an error naming every bad file:line."""
-    records, problems = read_records(path, system_prompt, allow_outside, columns, image_dir)
-    if problems:
-        raise bad_records_error(path, problems)
-    if not records:
-        raise ConfigError(f"{path}: no records")
-    return records
-
-
-def with_image_settings(messages: list, image_path: str | None, min_pixels: int, max_pixels: int) -> list:
-    """Messages with the image path and the pixel budget inside the image item, as qwen_vl_utils reads them."""
-    out = []
-    for msg in messages:
-        content = [dict(c, image=image_path, min_pixels=min_pixels, max_pixels=max_pixels)
-                   if c.get("type") == "image" else c for c in msg["content"]]
-        out.append({"role": msg["role"], "content": content})
-    return out
 
 
 def mask_prompt_tokens(input_ids: list[int], prompt_len: int) -> list[int]:
@@ -837,187 +362,6 @@ def mask_prompt_tokens(input_ids: list[int], prompt_len: int) -> list[int]:
     if not 0 < prompt_len < len(input_ids):
         raise ValueError(f"prompt of {prompt_len} tokens leaves no answer in a sample of {len(input_ids)}")
     return [IGNORE_INDEX] * prompt_len + list(input_ids[prompt_len:])
-
-
-def answer_token_ids(tokenizer, answer: str) -> list[int]:
-    """The assistant's reply as trained: the answer text and `<|im_end|>` (the stop token)."""
-    return tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-
-
-def image_token_count(width: int, height: int, min_pixels: int, max_pixels: int) -> int:
-    """Image tokens for an image of this size: one per 32x32 pixels after Qwen's resize (patch 16, merge 2)."""
-    from qwen_vl_utils import smart_resize
-
-    h, w = smart_resize(height, width, factor=32, min_pixels=min_pixels, max_pixels=max_pixels)
-    return (h // 32) * (w // 32)
-
-
-def _decode_image(path: str) -> tuple[tuple[int, int] | None, str | None]:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            img.load()  # the whole file: a header alone does not show truncation
-            return img.size, None
-    except FileNotFoundError:
-        return None, f"image not found: {path}"
-    except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return None, f"cannot read image {path}: {err}"
-
-
-def image_check_key(path: str) -> str | None:
-    """What identifies one version of an image file: its absolute path, byte size and modification time."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}"
-
-
-def read_image_check_cache(cache: Path | None) -> dict:
-    """{image_check_key: [w, h]} of the images that decoded cleanly before; empty without a cache or when it is
-    unreadable (it is only ever a shortcut: an image not in it is decoded again)."""
-    if cache is None or not cache.is_file():
-        return {}
-    try:
-        known = json.loads(cache.read_text())
-        return known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def write_image_check_cache(cache: Path, known: dict) -> None:
-    """Written by the main process, whole and then renamed into place, so a reader never sees half a file."""
-    if not is_main_process():
-        return
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        tmp.replace(cache)
-    except OSError as err:  # a full or read-only disk costs the shortcut, never the run
-        log(f"WARNING: could not write the image check cache {cache}: {err}")
-
-
-def check_images(paths: list[str], desc: str = "Decoding images", cache: Path | None = None) -> tuple[dict, dict]:
-    """Decode every image fully, in threads (PIL releases the GIL while decoding), so a missing, corrupt or
-    truncated image stops the run now rather than at step 9,000. Returns ({path: (w, h)}, {path: problem}).
-    With a cache file, images that decoded cleanly before (same path, size and modification time) are taken
-    from it, and the newly decoded ones are added."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import ImageFile
-    from tqdm.auto import tqdm
-
-    t = time.perf_counter()
-    known = read_image_check_cache(cache)
-    keys = {p: image_check_key(p) for p in paths}
-    sizes = {p: tuple(known[keys[p]]) for p in paths if keys[p] in known}
-    todo = [p for p in paths if p not in sizes]
-    # Some libraries set this to accept truncated files silently; a training set must not.
-    allowed, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-    try:
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            results = list(tqdm(pool.map(_decode_image, todo), total=len(todo), desc=desc, unit="img",
-                                disable=len(todo) < 500, leave=False))
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = allowed
-    decoded = {p: size for p, (size, _) in zip(todo, results, strict=True) if size}
-    problems = {p: why for p, (_, why) in zip(todo, results, strict=True) if why}
-    if cache is not None and decoded:
-        write_image_check_cache(cache, known | {keys[p]: list(size) for p, size in decoded.items() if keys[p]})
-    if cache is not None and paths:
-        log(f"{desc}: {len(todo)} decoded, {len(sizes)} known to decode cleanly ({cache}), "
-            f"{time.perf_counter() - t:.1f} s")
-    return sizes | decoded, problems
-
-
-def image_check_cache(cfg: StageConfig) -> Path | None:
-    """Where the images that decoded cleanly are remembered: beside the stages of the curriculum, so every stage
-    and rerun shares it."""
-    return Path(cfg.output_dir).resolve().parent / ".cache" / IMAGE_CHECK_CACHE if cfg.cache_image_checks else None
-
-
-def dataset_image_dir(cfg: StageConfig) -> Path:
-    """Where images stored inside a dataset (an `Image` column's bytes) are written as files: beside the stages of
-    the curriculum, as the image check cache, named by content so that every stage and rerun shares them."""
-    return Path(cfg.output_dir).resolve().parent / ".cache" / "dataset_images"
-
-
-def inspect_images(records: list[Record], split: str = "", cache: Path | None = None) -> tuple[dict, list[str]]:
-    """Every image of a split decoded once: ({path: (w, h)}, one `file:line: problem` per record with a bad one)."""
-    paths = sorted({r.image for r in records if r.image})
-    sizes, bad = check_images(paths, f"Decoding {split} images" if split else "Decoding images", cache)
-    return sizes, [f"{r.source}: {bad[r.image]}" for r in records if r.image in bad]
-
-
-def sample_lengths(records: list[Record], processor, cfg: StageConfig, sizes: dict | None = None) -> list[int]:
-    """Each record's length in tokens, image tokens included, computed from the image sizes (no pixels needed)."""
-    if sizes is None:
-        sizes, problems = inspect_images(records)
-        if problems:
-            raise ConfigError(problems[0])
-    lengths = []
-    for rec in records:
-        text = processor.apply_chat_template(rec.prompt_messages, add_generation_prompt=True, tokenize=False)
-        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        n += len(answer_token_ids(processor.tokenizer, rec.answer))
-        if rec.image:
-            n += image_token_count(*sizes[rec.image], cfg.min_pixels, cfg.max_pixels) - 1
-        lengths.append(n)
-    return lengths
-
-
-def describe_split(split: str, records: list[Record], sizes: dict, lengths: list[int], cfg: StageConfig) -> list[str]:
-    """The summary lines `--check` (and every stage) prints: types, image sizes, resizing, lengths. Resizing is
-    said here, once per split, rather than once per image."""
-    from qwen_vl_utils import smart_resize
-
-    counts = {t: sum(r.type == t for r in records) for t in sorted({r.type for r in records})}
-    lines = [f"{split}: {len(records)} samples ({', '.join(f'{n} {t}' for t, n in counts.items())})"]
-    used = sorted((sizes[path] for path in {r.image for r in records if r.image}), key=lambda wh: wh[0] * wh[1])
-    if used:
-        median = used[len(used) // 2]
-        lines.append(f"{split} images: {len(used)} decoded, {used[0][0]}x{used[0][1]} to {used[-1][0]}x{used[-1][1]} "
-                     f"(median {median[0]}x{median[1]})")
-        for label, hit, pixels in (("over max_pixels", [s for s in used if s[0] * s[1] > cfg.max_pixels],
-                                    cfg.max_pixels),
-                                   ("under min_pixels", [s for s in used if s[0] * s[1] < cfg.min_pixels],
-                                    cfg.min_pixels)):
-            if hit:
-                w, h = hit[-1] if label.startswith("over") else hit[0]
-                nh, nw = smart_resize(h, w, factor=32, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
-                lines.append(f"{split} images: {len(hit)} of {len(used)} are {label}={pixels} and are resized "
-                             f"(e.g. {w}x{h} -> {nw}x{nh})")
-    ordered = sorted(lengths)
-    lines.append(f"{split} lengths: {ordered[0]} to {ordered[-1]} tokens (median {ordered[len(ordered) // 2]}), "
-                 f"max_seq_len {cfg.max_seq_len}")
-    return lines
-
-
-def drop_overlong(records: list[Record], lengths: list[int], cfg: StageConfig, split: str) -> list[Record]:
-    """Never truncate through image tokens: an over-long sample is an error naming it, or skipped if configured."""
-    too_long = [(r, n) for r, n in zip(records, lengths, strict=True) if n > cfg.max_seq_len]
-    if too_long and cfg.on_overlong == "error":
-        first, n = too_long[0]
-        raise ConfigError(f"{first.source}: record {first.id!r} is {n} tokens, over max_seq_len={cfg.max_seq_len} "
-                          f"({len(too_long)} such in {split}); raise max_seq_len, lower max_pixels, or set "
-                          "on_overlong: skip")
-    if too_long:
-        log(f"Skipped {len(too_long)} {split} samples over max_seq_len={cfg.max_seq_len}: "
-            + ", ".join(r.id for r, _ in too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
-    keep = {id(r) for r, n in zip(records, lengths, strict=True) if n <= cfg.max_seq_len}
-    return [r for r in records if id(r) in keep]
-
-
-def prompt_and_images(processor, rec: Record, min_pixels: int, max_pixels: int) -> tuple[str, list]:
-    """A record's prompt as the model reads it (chat template, up to the assistant's turn) and its images, decoded
-    and resized: the same for training (encode_example) and for answering (vqa_eval.GenerationInputs)."""
-    from qwen_vl_utils import process_vision_info
-
-    messages = with_image_settings(rec.prompt_messages, rec.image, min_pixels, max_pixels)
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return text, process_vision_info(messages, image_patch_size=16)[0] if rec.image else []
 
 
 def encode_example(processor, rec: Record, min_pixels: int, max_pixels: int) -> dict:
@@ -1044,7 +388,7 @@ class VQADataset:
     """Records encoded on demand (in the dataloader's workers), so images are decoded in parallel with training."""
 
     def __init__(self, records: list[Record], processor, cfg: StageConfig):
-        end_dataloader_workers_at_exit()
+        faults.end_dataloader_workers_at_exit()
         self.records, self.processor = records, processor
         self.bad_records: list[str] = []  # `file:line: problem` of the records skipped (on_bad_record: skip)
         self.lengths: list[int] | None = None  # tokens per record, when load_split measured them
@@ -1054,7 +398,7 @@ class VQADataset:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        leave_stop_signals_to_the_trainer()
+        faults.leave_stop_signals_to_the_trainer()
         return encode_example(self.processor, self.records[i], self.min_pixels, self.max_pixels)
 
 
@@ -1081,72 +425,17 @@ def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
 
 
 def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset:
-    """Records parsed and every image decoded once; bad records stop the run (listed) or are skipped (counted)."""
-    records, problems = read_records(path, cfg.system_prompt, cfg.allow_images_outside_data_dir, cfg.columns,
-                                     dataset_image_dir(cfg))
-    sizes, image_problems = inspect_images(records, split, image_check_cache(cfg))
-    problems += image_problems
-    if problems and cfg.on_bad_record == "error":
-        raise bad_records_error(path, problems)
-    if problems:
-        records = [r for r in records if not r.image or r.image in sizes]  # bad lines never became records
-        log(f"Skipped {len(problems)} bad {split} record(s) (on_bad_record: skip):\n"
-            + "\n".join(f"  {p}" for p in problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
-    if not records:
-        raise ConfigError(f"{path}: no usable records")
-    lengths = sample_lengths(records, processor, cfg, sizes)
-    kept = drop_overlong(records, lengths, cfg, split)
-    if not kept:
-        raise ConfigError(f"{path}: every sample is over max_seq_len={cfg.max_seq_len}")
-    log(f"Loaded {split} from {path}:")
-    log("\n".join("  " + line for line in describe_split(split, records, sizes, lengths, cfg)))
-    dataset = VQADataset(kept, processor, cfg)
-    dataset.bad_records = problems
-    dataset.lengths = [n for r, n in zip(records, lengths, strict=True) if n <= cfg.max_seq_len]
+    """A split's records, each checked before training (curriculum/data_files.py: records parsed, every image decoded
+    once, lengths measured; bad or over-long records an error or skipped as configured), encoded on demand."""
+    records, lengths, skipped = check_split(path, processor, cfg, split)
+    dataset = VQADataset(records, processor, cfg)
+    dataset.bad_records, dataset.lengths = skipped, lengths
     return dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Model: 4-bit base once, k-bit preparation once, then a new adapter (stage 1) or the previous one, trainable
+# Model: 4-bit base once, k-bit preparation once, then a new adapter (stage 1) or the previous one, trainable; proved
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`tiny-qwen3vl` -> the local tiny model (built on first use); anything else is returned as given."""
-    if name_or_path != TINY_MODEL_NAME:
-        return name_or_path
-    with processes().main_process_first():  # one process builds it; the others wait, then find it built
-        if not (TINY_MODEL_DIR / "config.json").is_file():
-            from tiny_qwen3vl import build_random_qwen3vl
-
-            log(f"Building the tiny random Qwen3-VL at {TINY_MODEL_DIR} (first use, a few seconds)")
-            build_random_qwen3vl(TINY_MODEL_DIR, shape="tiny", seed=0)
-    return str(TINY_MODEL_DIR)
-
-
-def from_pretrained_checked(auto_class, model_path: str, cfg: StageConfig, **kwargs):
-    """`auto_class.from_pretrained` with trust_remote_code passed explicitly (off unless the config turns it on);
-    a checkpoint that needs its own code is then a config error, not a traceback."""
-    try:
-        return auto_class.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code, **kwargs)
-    except ValueError as err:
-        if "trust_remote_code" not in str(err):
-            raise
-        raise ConfigError(f"model_name_or_path: {model_path} ships its own Python code, which is not run unless "
-                          "trust_remote_code: true. Turn it on only if you trust that checkpoint.") from None
-
-
-def load_processor(model_path: str, cfg: StageConfig):
-    """The Qwen3-VL processor with the config's pixel budget set on the image processor itself.
-
-    Passing `max_pixels=` to the processor call is silently ignored by some transformers versions; the
-    image processor's `size` (shortest_edge = min pixels, longest_edge = max pixels) is always honoured.
-    """
-    from transformers import AutoProcessor
-
-    processor = from_pretrained_checked(AutoProcessor, model_path, cfg)
-    processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
-    return processor
 
 
 def quant_storage_dtype(q: QuantizationSettings) -> str:
@@ -1218,16 +507,6 @@ def continue_adapter(model, prev_checkpoint: str):
     return model
 
 
-def expected_lora_param_count(model, lora: LoraSettings) -> int:
-    """r x (in + out) for every module the config targets, from the model's own module shapes."""
-    targets = set(lora.target_modules)
-    total = 0
-    for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and hasattr(module, "in_features") and hasattr(module, "out_features"):
-            total += lora.r * (module.in_features + module.out_features)
-    return total
-
-
 def check_adapter_trainable(model, lora: LoraSettings) -> int:
     """Prove before the first step that exactly one adapter trains: only LoRA weights require grad, and
     their count is the one the module shapes and LoRA config imply (0 means a frozen reload, 2x a second
@@ -1239,90 +518,23 @@ def check_adapter_trainable(model, lora: LoraSettings) -> int:
     adapters = list(getattr(model, "peft_config", {}))
     if adapters != ["default"]:
         raise CurriculumError(f"expected exactly one adapter named 'default', found {adapters}")
-    count, expected = sum(trainable.values()), expected_lora_param_count(model, lora)
+    count, expected = sum(trainable.values()), adapter_files.expected_lora_param_count(model, lora)
     if count != expected:
         raise CurriculumError(f"{count:,} trainable parameters, but the LoRA config on this model's shapes "
                               f"implies {expected:,}: the adapter is frozen or duplicated")
     return count
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Lineage and optimizer moments: what a later stage and the verifier check
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-TABLE_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")  # a dataset folder's data, beside its images
-
-
-def split_sha256(path: str | os.PathLike) -> str:
-    """A split's SHA-256: of the file, or, for a dataset folder, of its table files by relative path (not its
-    image files: as for JSONL, images are checked, not hashed)."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    h = hashlib.sha256()
-    for file in sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in TABLE_SUFFIXES):
-        h.update(f"{file.relative_to(path)}\0{sha256_file(file)}\n".encode())
-    return h.hexdigest()
-
-
-def previous_stage_dir(stage_dir: str | os.PathLike, recorded: str | None) -> Path | None:
-    """Where the stage that `stage_dir` continued is now: the path it recorded, or else, for a curriculum moved as
-    a whole, the folder of that name beside `stage_dir`. None when neither holds an adapter. (Whether it is the
-    right adapter is for its SHA-256 to say.)"""
-    if not recorded:
-        return None
-    for candidate in (Path(recorded), Path(stage_dir).parent / Path(recorded).name):
-        if (candidate / ADAPTER_WEIGHTS).is_file():
-            return candidate
-    return None
-
-
-def adapter_tensors_sha256(tensors: dict) -> str:
-    """A hash of adapter weights by name and float32 value: equal for a file and the model it was loaded into."""
-    import torch
-
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def loaded_adapter_sha256(model) -> str:
-    from peft import get_peft_model_state_dict
-
-    return adapter_tensors_sha256(get_peft_model_state_dict(model))
-
-
 def check_loaded_adapter_matches(model, prev_checkpoint: str) -> str:
     """The LoRA weights now in the model are exactly those the previous stage saved; returns their hash."""
-    loaded = loaded_adapter_sha256(model)
-    if loaded != file_adapter_sha256(prev_checkpoint):
+    loaded = adapter_files.loaded_adapter_sha256(model)
+    if loaded != adapter_files.file_adapter_sha256(prev_checkpoint):
         raise CurriculumError(f"the adapter weights in memory differ from {prev_checkpoint}/{ADAPTER_WEIGHTS}: "
                               "this is not the adapter the previous stage saved")
     return loaded
 
 
-def read_adapter_file(adapter_dir: str | os.PathLike) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
-
-
-def file_adapter_sha256(adapter_dir: str | os.PathLike) -> str:
-    return adapter_tensors_sha256(read_adapter_file(adapter_dir))
-
-
-def check_adapter_on_every_process(model, cfg: StageConfig) -> list[dict]:
+def prove_adapter(model, cfg: StageConfig) -> list[dict]:
     """Before the first step, every process proves that it holds the adapter to train (only LoRA trains, in the
     expected count; at stage >= 2 the weights are the previous stage's), then all compare what they hold: one
     stale copy of prev_checkpoint on one machine stops the run on every process, not just on that one. Returns
@@ -1331,7 +543,7 @@ def check_adapter_on_every_process(model, cfg: StageConfig) -> list[dict]:
     try:
         view["trainable_params"] = check_adapter_trainable(model, cfg.lora)
         view["start_tensors_sha256"] = (check_loaded_adapter_matches(model, cfg.prev_checkpoint)
-                                        if cfg.prev_checkpoint else loaded_adapter_sha256(model))
+                                        if cfg.prev_checkpoint else adapter_files.loaded_adapter_sha256(model))
     except CurriculumError as err:
         view["error"] = str(err)
     views = gather_from_processes(view)
@@ -1343,60 +555,20 @@ def check_adapter_on_every_process(model, cfg: StageConfig) -> list[dict]:
             if cfg.prev_checkpoint else "A new adapter is drawn from `seed` on every process; they must all use one")
     check_processes_agree(views, "start_tensors_sha256", "weights before the first step", hint)
     check_processes_agree(views, "trainable_params", "trainable parameters", hint)
+    trainable = views[0]["trainable_params"]
+    if cfg.prev_checkpoint:
+        log("✓ Adapter is trainable and ready for continued training")
+    if is_main_process():
+        model.print_trainable_parameters()
+    log(f"Trainable parameters: {trainable:,} (LoRA only; equals r x (in + out) over the targeted modules)")
+    if len(views) > 1:
+        log(f"✓ All {len(views)} processes hold the same adapter (tensors sha256 "
+            f"{views[0]['start_tensors_sha256'][:16]}...), trainable, {trainable:,} parameters each")
     return [{k: v for k, v in view.items() if k != "error"} for view in views]
 
 
-def check_trained_adapter_on_every_process(model, start_views: list[dict]) -> list[dict]:
-    """After training, every process hashes the adapter it holds; they must agree (DDP keeps one copy per process
-    in step). Under FSDP each process holds a shard of the one copy, so there is nothing to compare (None)."""
-    final = None if fsdp_enabled() else loaded_adapter_sha256(model)
-    ends = gather_from_processes(final)
-    views = [dict(v, final_tensors_sha256=end) for v, end in zip(start_views, ends, strict=True)]
-    check_processes_agree(views, "final_tensors_sha256", "weights after the last step",
-                          "They trained apart instead of as one (the model was not wrapped in DDP); nothing was saved")
-    return views
-
-
-def processes_ended_apart_from(views: list[dict], saved_tensors_sha: str) -> bool:
-    """Whether a process ended training with an adapter other than the saved one (None, under FSDP: not hashed)."""
-    ends = {v.get("final_tensors_sha256") for v in views} - {None}
-    return bool(ends) and ends != {saved_tensors_sha}
-
-
-def unwrap_optimizer(optimizer):
-    return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
-
-
-def save_optimizer_moments(model, optimizer, path: Path) -> None:
-    """AdamW's moments per LoRA parameter, by parameter name, in safetensors (no pickle)."""
-    from safetensors.torch import save_file
-
-    state = unwrap_optimizer(optimizer).state
-    tensors = {}
-    for name, param in model.named_parameters():
-        for key, value in state.get(param, {}).items():
-            tensors[f"{name}::{key}"] = value.detach().to("cpu").reshape(value.shape).contiguous()
-    save_file(tensors, str(path))
-
-
-def load_optimizer_moments(model, optimizer, path: Path) -> int:
-    """Put the previous stage's moments into a fresh optimizer; the schedule and step counter stay new."""
-    from safetensors.torch import load_file
-
-    saved, opt = load_file(str(path)), unwrap_optimizer(optimizer)
-    loaded = 0
-    for name, param in model.named_parameters():
-        keys = {k.split("::", 1)[1]: v for k, v in saved.items() if k.split("::", 1)[0] == name}
-        if param.requires_grad and keys:
-            opt.state[param] = {k: (v if k == "step" else v.to(param.device)) for k, v in keys.items()}
-            loaded += 1
-    if loaded != sum(p.requires_grad for p in model.parameters()):
-        raise CurriculumError(f"{path}: moments for {loaded} of the trainable parameters; names do not match")
-    return loaded
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# Train, evaluate, save
+# Train: the Trainer with the answer-only loss; fit, with its faults handled; measure; save
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -1407,66 +579,6 @@ def planned_steps(n_train: int, cfg: StageConfig, num_processes: int) -> int:
         return cfg.max_steps
     per_epoch = math.ceil(math.ceil(n_train / (cfg.batch_size * num_processes)) / cfg.grad_accum)
     return math.ceil(per_epoch * cfg.epochs)
-
-
-def make_log_callbacks():
-    """One fixed-format, greppable line per logging interval: `step N/M | loss | lr | dt | mem`."""
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-    from transformers.trainer_callback import ProgressCallback
-
-    class StepLog(TrainerCallback):
-        def __init__(self):
-            self.t_last, self.step_last = time.time(), 0
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
-                return
-            now = time.time()
-            dt = (now - self.t_last) / max(state.global_step - self.step_last, 1)
-            self.t_last, self.step_last = now, state.global_step
-            mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if torch.cuda.is_available() else "cpu"
-            tqdm.write(f"step {state.global_step}/{state.max_steps} | loss {logs['loss']:.4f} | "
-                  f"lr {logs.get('learning_rate', 0):.2e} | dt {dt:.2f}s/step | mem {mem}")
-
-    class ProgressBarOnly(ProgressCallback):
-        """The Trainer's progress bar, without its dict of numbers at every log (StepLog prints those)."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            pass
-
-    return StepLog(), ProgressBarOnly()
-
-
-def answer_positions(labels):
-    """Positions whose *next* token is trained (a causal LM predicts token t+1 at position t), as one index set
-    for the whole batch (the union over rows, which any transformers version's `logits_to_keep` accepts), and the
-    target of each row at each of them (-100 where that row trains nothing there)."""
-    targets = labels[:, 1:]
-    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    return keep, targets[:, keep]
-
-
-def answer_loss(logits, targets, num_items_in_batch=None):
-    """Cross-entropy in fp32 over the trained positions: a mean over them, or a sum divided by the token count of
-    the whole accumulated batch when the Trainer gives one, exactly as transformers' causal-LM loss does."""
-    import torch.nn.functional as F
-
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (targets != IGNORE_INDEX).sum() if num_items_in_batch is None else num_items_in_batch
-    return loss / (count.to(loss.device) if hasattr(count, "to") else count)
-
-
-def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
-    """The model's forward with logits only at the answer positions (a few per sample instead of every one, of
-    151,936 each); the same loss as the model's own. Returns (loss, outputs). Goes through the model's (or the
-    DDP wrapper's) own forward, so gradient synchronisation and hooks behave as usual."""
-    inputs = dict(inputs)
-    keep, targets = answer_positions(inputs.pop("labels"))
-    outputs = model(**inputs, logits_to_keep=keep)
-    return answer_loss(outputs.logits, targets, num_items_in_batch), outputs
 
 
 def auto_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
@@ -1480,33 +592,10 @@ def auto_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
     return choose_batch_size(model, dataset, cfg, lambda examples: collate_batch(examples, pad_id), step_loss)
 
 
-def one_gpu_per_process(args, world: int) -> None:
-    """One process sees several GPUs (a plain `python train_qlora_qwen3vl.py` on a machine with two): the Trainer
-    would wrap the model in nn.DataParallel, which copies the whole 4-bit model to every GPU at every step, runs
-    slower than one GPU and reports half the batch it trains. Train on this process's GPU; `accelerate launch`
-    (configs/accelerate/ddp.yaml) is the way to use them all. The Trainer reads the count from `args._n_gpu`."""
-    if world > 1 or args.n_gpu <= 1:
-        return
-    if not hasattr(args, "_n_gpu"):
-        raise ConfigError(f"{args.n_gpu} GPUs are visible to one process and this transformers version would train "
-                          "on them with nn.DataParallel; set CUDA_VISIBLE_DEVICES to one GPU, or use accelerate launch "
-                          "--config_file configs/accelerate/ddp.yaml")
-    log(f"{args.n_gpu} GPUs visible to one process: training on GPU {training_device()} only (not nn.DataParallel); to "
-        "train on all of them: accelerate launch --config_file configs/accelerate/ddp.yaml train_qlora_qwen3vl.py ...")
-    args._n_gpu = 1
-
-
 def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_dir: Path):
     import torch
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
-
-    class AnswerOnlyLossTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = answer_only_loss(model, inputs, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the count spans processes
-            return (loss, outputs) if return_outputs else loss
 
     world = processes().num_processes
     total = planned_steps(len(train_ds), cfg, world)
@@ -1532,35 +621,15 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
     )
     one_gpu_per_process(args, world)
     pad_id = processor.tokenizer.pad_token_id
-    trainer_class = AnswerOnlyLossTrainer if cfg.answer_only_logits else Trainer
+    trainer_class = answer_only_loss_trainer(Trainer) if cfg.answer_only_logits else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=lambda examples: collate_batch(examples, pad_id), processing_class=processor)
+                            data_collator=lambda examples: collate_batch(examples, pad_id), processing_class=processor)
     trainer.remove_callback(ProgressCallback)
     for callback in make_log_callbacks():
         trainer.add_callback(callback)
-    # one folder per stage, side by side (`tensorboard --logdir <curriculum>/tensorboard`), written by one process
-    if cfg.tensorboard and is_main_process():
-        from torch.utils.tensorboard import SummaryWriter
-        from transformers.integrations import TensorBoardCallback
-
-        out = Path(cfg.output_dir)
-        trainer.add_callback(TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out.parent / "tensorboard"
-                                                                                  / out.name))))
+    if cfg.tensorboard and is_main_process():  # written by one process
+        trainer.add_callback(tensorboard_callback(cfg.output_dir))
     return trainer
-
-
-def before_first_step(measure):
-    """A callback that runs `measure()` once training begins: after the Trainer has wrapped the model for
-    training, before the first step. Evaluating before `trainer.train()` instead makes accelerate mark the model
-    as prepared (for evaluation, without DDP), and train() then skips the DDP wrap: every process silently trains
-    its own copy on its own shard of the data (accelerate 1.15; check_trained_adapter_on_every_process caught it)."""
-    from transformers import TrainerCallback
-
-    class BeforeFirstStep(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            measure()
-
-    return BeforeFirstStep()
 
 
 def eval_loss(trainer, dataset, prefix: str) -> float | None:
@@ -1569,31 +638,100 @@ def eval_loss(trainer, dataset, prefix: str) -> float | None:
     return trainer.evaluate(eval_dataset=dataset, metric_key_prefix=prefix)[f"{prefix}_loss"]
 
 
-def previous_stage_metrics(prev_checkpoint: str | None) -> dict | None:
-    if not prev_checkpoint or not (Path(prev_checkpoint) / STAGE_METRICS).is_file():
-        return None
-    return json.loads((Path(prev_checkpoint) / STAGE_METRICS).read_text())
+@dataclass
+class StageData:
+    """What a stage trains and measures on: every split parsed and checked before the model loads."""
+    train: VQADataset
+    eval: VQADataset | None
+    continuity: VQADataset | None  # first_eval_loss's split: the dev split the previous stage ended on, else eval
+    continuity_file: str | None
+    prev_metrics: dict  # the previous stage's stage_metrics.json ({} without one)
+    data_files: dict | None  # {train_file: {path, sha256}, ...}: what the stage saw, by content (main process only)
 
 
-def save_adapter_under_fsdp(trainer, model, processor, staging: Path) -> None:
-    """The adapter of an FSDP run, in peft's own file layout. accelerate gathers the full state dict (every process
-    takes part; the main one receives it), but peft's filter finds none of its LoRA weights under the names of a
-    model FSDP has wrapped, and the Trainer then writes an empty adapter (peft 0.21, accelerate 1.15)."""
-    import copy
+def load_stage_data(cfg: StageConfig, processor) -> StageData:
+    """Setup data: every split of the stage loaded and checked, and the split the previous stage ended on."""
+    train_ds = load_split(cfg.train_file, processor, cfg, "train")
+    eval_ds = load_split(cfg.eval_file, processor, cfg, "eval") if cfg.eval_file else None
+    prev_metrics = stage_folder.previous_stage_metrics(cfg.prev_checkpoint) or {}
+    hashes = split_hashes(cfg) if is_main_process() else None  # one process hashes them
+    # first_eval_loss is measured on the split the previous stage ended on, so the two numbers compare.
+    prev_eval_file = prev_metrics.get("final_eval_file")
+    if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).exists():  # a file, or a dataset folder
+        continuity = load_split(prev_eval_file, processor, cfg, "previous stage's eval"), prev_eval_file
+    else:
+        continuity = eval_ds, cfg.eval_file
+        if cfg.prev_checkpoint:
+            log(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
+    return StageData(train_ds, eval_ds, *continuity, prev_metrics, hashes)
 
-    from safetensors.torch import save_file
 
-    full = trainer.accelerator.get_state_dict(trainer.model)
-    if not trainer.is_world_process_zero():
-        return
-    staging.mkdir(parents=True, exist_ok=True)
-    tensors = {name.replace(".default.", "."): value.detach().to("cpu").contiguous()
-               for name, value in full.items() if "lora_" in name and ".default." in name}
-    save_file(tensors, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    config = copy.deepcopy(model.peft_config["default"])
-    config.inference_mode = True  # as peft's save_pretrained writes it
-    config.save_pretrained(str(staging))
-    processor.save_pretrained(str(staging))
+@dataclass
+class Fit:
+    """What training gave: the Trainer (its state and log history), its result, and what was measured around it."""
+    trainer: Any
+    result: Any  # the Trainer's TrainOutput
+    batch_size: int
+    first_eval_loss: float | None
+    first_eval_loss_own_split: float | None
+    train_seconds: float
+    resumed_at: int  # the step an interrupted run resumed from; 0 from the start
+
+
+def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work_dir: Path,
+        resume_from: str | None) -> Fit:
+    """Choose the batch (or keep a resumed run's), build the Trainer, carry the previous stage's optimizer moments
+    over if asked, measure the losses before the first step, train. A diverged loss, a stop signal or a full disk
+    ends the stage here, saying what to do."""
+    # what the interrupted run measured before its first step and the batch it chose, kept for the resumed run
+    resumed = json.loads((work_dir / STAGE_START).read_text()) if resume_from else None
+    # cfg itself stays as written (resume compares it); run_cfg holds what auto resolved to
+    run_cfg = dataclasses.replace(cfg, answer_only_logits=patches["answer_only_logits"].on)
+    batch_size = cfg.batch_size
+    if batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
+        batch_size = resumed["batch_size_chosen"]
+    elif batch_size == "auto":
+        batch_size = auto_batch_size(model, data.train, processor, run_cfg)
+    run_cfg = dataclasses.replace(run_cfg, batch_size=batch_size)
+
+    trainer = build_trainer(model, processor, data.train, data.eval, run_cfg, work_dir)
+    guard = faults.StageGuard(model)
+    trainer.add_callback(guard.callback())
+    if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
+        trainer.create_optimizer()
+        moments = Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS
+        n = adapter_files.load_optimizer_moments(model, trainer.optimizer, moments)
+        log(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
+
+    start = {"t0": time.time(), "batch_size_chosen": batch_size}
+
+    def measure_start() -> None:
+        """The losses before the first step (continuity with the previous stage), saved for a resumed run."""
+        start["first_eval_loss"] = eval_loss(trainer, data.continuity, "first_eval")
+        start["first_eval_loss_own_split"] = (eval_loss(trainer, data.eval, "first_own_eval")
+                                              if data.continuity is not data.eval else start["first_eval_loss"])
+        log(f"first_eval_loss {start['first_eval_loss']} (before the first step; previous stage ended at "
+            f"{data.prev_metrics.get('final_eval_loss')})")
+        if cfg.prev_checkpoint:
+            log(f"Stage {cfg.stage}: starting from the adapter saved by stage {data.prev_metrics.get('stage', '?')}")
+        if trainer.is_world_process_zero():
+            work_dir.mkdir(parents=True, exist_ok=True)
+            (work_dir / STAGE_START).write_text(json.dumps({"config": config_to_dict(cfg), **start}))
+        start["t0"] = time.time()  # train_seconds counts training only
+
+    if resumed:
+        start = resumed | {"t0": time.time()}
+        log(f"Resuming stage {cfg.stage} from {resume_from}: the step, optimizer, scheduler, RNG and data order "
+            "are restored")
+    else:
+        trainer.add_callback(before_first_step(measure_start))
+    resumed_at = int(Path(resume_from).name.rsplit("-", 1)[1]) if resume_from else 0  # checkpoint-<step>
+    with faults.disk_full_stops_the_stage(f"a checkpoint in {work_dir}", work_dir, work_dir, cfg):
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    train_seconds = time.time() - start["t0"]
+    guard.raise_if_stopped(trainer, work_dir, cfg.lr)
+    return Fit(trainer, result, batch_size, start["first_eval_loss"], start["first_eval_loss_own_split"],
+               train_seconds, resumed_at)
 
 
 def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> None:
@@ -1603,58 +741,6 @@ def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> N
     if saved != trainable:
         raise CurriculumError(f"the adapter written to {staging} holds {saved:,} LoRA parameters, but {trainable:,} "
                               "were trained; nothing was saved as the stage")
-
-
-def _loss(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
-
-
-def model_card(cfg: StageConfig, metrics: dict, accuracy_table: str | None) -> str:
-    """The stage folder's README.md, in place of peft's empty template: the base, the stage and its lineage, the
-    data by SHA-256, the losses and the dev accuracy by question type."""
-    lora, q = cfg.lora, cfg.quantization
-    front = ["---", f"base_model: {cfg.model_name_or_path}", "library_name: peft", "pipeline_tag: image-text-to-text",
-             "tags:", f"- base_model:adapter:{cfg.model_name_or_path}", "- lora", "- qlora", "- qwen3-vl",
-             "- curriculum", "---", ""]
-    if metrics.get("prev_checkpoint"):
-        lineage = [f"Continues the adapter saved by the previous stage in `{cfg.prev_checkpoint}` (recorded as "
-                   f"`{metrics['prev_checkpoint']}`), reopened for training: the same LoRA weights, trained further.",
-                   "", f"- started from: adapter file sha256 `{metrics.get('start_adapter_file_sha256')}`, tensors "
-                   f"sha256 `{metrics.get('start_adapter_tensors_sha256')}`"]
-    else:
-        lineage = ["A new adapter (B = 0 at the start, so it began as the base model).", ""]
-    lineage.append(f"- saved: adapter file sha256 `{metrics.get('saved_adapter_file_sha256')}`, tensors sha256 "
-                   f"`{metrics.get('saved_adapter_tensors_sha256')}`")
-    data = ["| split | file | SHA-256 |", "|---|---|---|"] + [f"| {key} | `{entry['path']}` | `{entry['sha256']}` |"
-                                                            for key, entry in (metrics.get("data_files") or {}).items()]
-    continued = [f"| first_eval_loss, before the first step, on the dev split the previous stage ended on | "
-                 f"{_loss(metrics.get('first_eval_loss'))} |",
-                 f"| previous stage's final_eval_loss there | {_loss(metrics.get('previous_final_eval_loss'))} |"]
-    losses = ["| loss | value |", "|---|---|", *(continued if metrics.get("prev_checkpoint") else []),
-              f"| before the first step, on `{cfg.eval_file}` | {_loss(metrics.get('first_eval_loss_own_split'))} |",
-              f"| final_eval_loss (on `{cfg.eval_file}`) | {_loss(metrics.get('final_eval_loss'))} |",
-              f"| train_loss, the mean over the stage | {_loss(metrics.get('train_loss'))} |"]
-    n = (metrics.get("dev_metrics") or {}).get("overall", {}).get("n")
-    accuracy = [f"Greedy answers to {n} questions of `{cfg.eval_file}`, parsed and scored as vqa_eval.py does:", "",
-                accuracy_table] if accuracy_table else ["Not measured (no eval_file, or eval_questions: 0)."]
-    return "\n".join(front + [
-        f"# Stage {cfg.stage}: a LoRA adapter for `{cfg.model_name_or_path}`", "",
-        f"Stage {cfg.stage} of a curriculum, trained by `train_qlora_qwen3vl.py` with QLoRA: the base frozen in "
-        f"4-bit {q.quant_type} (compute {q.compute_dtype}, double quant {q.double_quant}), one LoRA adapter "
-        f"(r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, on {', '.join(lora.target_modules)}) trained "
-        f"for {metrics.get('global_steps')} optimizer steps at effective batch {metrics.get('effective_batch_size')}, "
-        f"lr {cfg.lr:g}. Every setting is in `{RESOLVED_CONFIG}`; every number below is in `{STAGE_METRICS}`.", "",
-        "## Base model", "", f"`{cfg.model_name_or_path}`, as the config names it (`{ADAPTER_CONFIG}` records the "
-        "same), so the folder names its base wherever it is moved.", "",
-        "## Lineage", "", *lineage, "",
-        "## Data", "", f"{metrics.get('train_samples')} training samples.", "", *data, "",
-        "## Losses", "", *losses, "",
-        "## Dev accuracy by question type", "", *accuracy, "",
-        "## Use", "", "```",
-        "python verify_exp4_fix.py THIS_FOLDER                                 # prove the lineage, reopen it",
-        "python train_qlora_qwen3vl.py NEXT_STAGE.yaml --set prev_checkpoint=THIS_FOLDER   # continue it",
-        "python export_merged.py THIS_FOLDER MERGED_FOLDER --check 20           # a merged bf16 model to serve",
-        "```", ""])
 
 
 def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predictions: list | None,
@@ -1668,226 +754,76 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     # that: the tiny model's absolute path), so that a moved stage folder still names its base.
     model.peft_config["default"].base_model_name_or_path = cfg.model_name_or_path
     if fsdp_enabled():
-        save_adapter_under_fsdp(trainer, model, processor, staging)
+        adapter_files.save_adapter_under_fsdp(trainer, model, processor, staging)
     else:
         trainer.save_model(str(staging))  # adapter_config.json + adapter_model.safetensors + processor files
     if not trainer.is_world_process_zero():
         return out
     (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; resolved_config.yaml says it all
-    saved_tensors = read_adapter_file(staging)  # read once: counted here, hashed below
+    saved_tensors = adapter_files.read_adapter_file(staging)  # read once: counted here, hashed below
     check_saved_adapter(saved_tensors, metrics["trainable_params"], staging)
     if fsdp_enabled():  # sharded moments are not per-parameter tensors; validate_config refuses resume under FSDP
         log("Optimizer moments are not saved under FSDP (a later stage uses optimizer_state: fresh)")
     else:
-        save_optimizer_moments(model, trainer.optimizer, staging / OPTIMIZER_MOMENTS)
-    metrics["saved_adapter_file_sha256"] = sha256_file(staging / ADAPTER_WEIGHTS)
-    metrics["saved_adapter_tensors_sha256"] = adapter_tensors_sha256(saved_tensors)
-    if processes_ended_apart_from(metrics["processes"], metrics["saved_adapter_tensors_sha256"]):
+        adapter_files.save_optimizer_moments(model, trainer.optimizer, staging / OPTIMIZER_MOMENTS)
+    metrics["saved_adapter_file_sha256"] = adapter_files.sha256_file(staging / ADAPTER_WEIGHTS)
+    metrics["saved_adapter_tensors_sha256"] = adapter_files.adapter_tensors_sha256(saved_tensors)
+    if adapter_files.processes_ended_apart_from(metrics["processes"], metrics["saved_adapter_tensors_sha256"]):
         raise CurriculumError(f"the adapter written to {staging} differs from the one the processes trained")
     (staging / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))
-    import vqa_eval  # evaluation and plots live beside the trainer
-
-    accuracy = vqa_eval.metrics_table(metrics["dev_metrics"]) if metrics.get("dev_metrics") else None
-    (staging / "README.md").write_text(model_card(cfg, metrics, accuracy))  # in place of peft's empty template
+    accuracy = metrics_table(metrics["dev_metrics"]) if metrics.get("dev_metrics") else None
+    (staging / "README.md").write_text(stage_folder.model_card(cfg, metrics, accuracy))  # not peft's empty template
     if predictions is not None:
-        vqa_eval.write_predictions(predictions, staging / "predictions_dev.jsonl")
-    for plot in vqa_eval.write_stage_plots(staging):
+        write_predictions(predictions, staging / "predictions_dev.jsonl")
+    for plot in write_stage_plots(staging):
         log(f"Plot: {out / plot.name}")
-    if out.exists():  # only reachable with overwrite: true (validate_config refuses otherwise)
-        replaced = Path(f"{out}.replaced")  # the old stage is moved aside, not deleted, until the new one is in
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.replace(out, replaced)
-        os.replace(staging, out)
-        shutil.rmtree(replaced)
-    else:
-        os.replace(staging, out)
+    stage_folder.move_into_place(staging, out)  # an old stage there (overwrite: true) is kept until the new one is in
     return out
 
 
 def train_stage(cfg: StageConfig) -> dict:
-    """Load, prove the adapter is the one to train, measure, train, measure, save. Returns stage_metrics."""
-    import torch
+    """One stage: setup data -> setup model -> prove -> fit -> measure -> save. Returns its stage_metrics."""
     from transformers import set_seed
 
     set_seed(cfg.seed)
     model_path = resolve_model_path(cfg.model_name_or_path)
     processor = load_processor(model_path, cfg)
-    train_ds = load_split(cfg.train_file, processor, cfg, "train")
-    eval_ds = load_split(cfg.eval_file, processor, cfg, "eval") if cfg.eval_file else None
-    prev_metrics = previous_stage_metrics(cfg.prev_checkpoint)
-    # what the stage trained and was measured on, by content (for the model card); one process hashes them
-    data_files = ({key: {"path": getattr(cfg, key), "sha256": split_sha256(getattr(cfg, key))}
-                   for key in ("train_file", "eval_file", "test_file") if getattr(cfg, key)}
-                  if is_main_process() else None)
-    # first_eval_loss is measured on the split the previous stage ended on, so the two numbers compare.
-    prev_eval_file = (prev_metrics or {}).get("final_eval_file")
-    if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).exists():  # a file, or a dataset folder
-        continuity_ds = load_split(prev_eval_file, processor, cfg, "previous stage's eval")
-    else:
-        continuity_ds = eval_ds
-        if cfg.prev_checkpoint:
-            log(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
-
+    data = load_stage_data(cfg, processor)
     work_dir = Path(f"{cfg.output_dir}.partial")  # intermediate checkpoints; removed once the stage is saved
     with processes().main_process_first():  # the main process tidies work_dir; the others then read the same
         # before the long model load: a mismatch is reported at once
-        resume_from = interrupted_run(work_dir, config_to_dict(cfg))
+        resume_from = faults.interrupted_run(work_dir, config_to_dict(cfg))
 
+    # The curriculum: stage 1 wraps the base in a new adapter; a later stage reopens the previous stage's adapter
+    # for training. Either way, proved before the first step to be the one adapter that trains.
     model = load_quantized_base(model_path, cfg)
     if cfg.prev_checkpoint:
         model = continue_adapter(model, cfg.prev_checkpoint)
     else:
         model = new_adapter(model, cfg.lora, cfg.seed)
     patches = speed.apply_speed_patches(model, cfg, speed.plan_speed_patches(cfg, fsdp_enabled())[0], log)
-    process_views = check_adapter_on_every_process(model, cfg)
-    trainable = process_views[0]["trainable_params"]
-    start_file_sha = sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS) if cfg.prev_checkpoint else None
-    start_tensor_sha = process_views[0]["start_tensors_sha256"] if cfg.prev_checkpoint else None
-    if cfg.prev_checkpoint:
-        log("✓ Adapter is trainable and ready for continued training")
-    if is_main_process():
-        model.print_trainable_parameters()
-    log(f"Trainable parameters: {trainable:,} (LoRA only; equals r x (in + out) over the targeted modules)")
-    if len(process_views) > 1:
-        log(f"✓ All {len(process_views)} processes hold the same adapter (tensors sha256 "
-            f"{process_views[0]['start_tensors_sha256'][:16]}...), trainable, {trainable:,} parameters each")
+    process_views = prove_adapter(model, cfg)
 
-    # what the interrupted run measured before its first step and the batch it chose, kept for the resumed run
-    resumed = json.loads((work_dir / STAGE_START).read_text()) if resume_from else None
-    # cfg itself stays as written (resume compares it); run_cfg holds what auto resolved to
-    run_cfg = dataclasses.replace(cfg, answer_only_logits=patches["answer_only_logits"].on)
-    batch_size = cfg.batch_size
-    if batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
-        batch_size = resumed["batch_size_chosen"]
-    elif batch_size == "auto":
-        batch_size = auto_batch_size(model, train_ds, processor, run_cfg)
-    run_cfg = dataclasses.replace(run_cfg, batch_size=batch_size)
-
-    trainer = build_trainer(model, processor, train_ds, eval_ds, run_cfg, work_dir)
-    guard = StageGuard(model)
-    trainer.add_callback(guard.callback())
-    if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
-        trainer.create_optimizer()
-        n = load_optimizer_moments(model, trainer.optimizer, Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS)
-        log(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
-
-    start = {"t0": time.time(), "batch_size_chosen": batch_size}
-
-    def measure_start() -> None:
-        """The losses before the first step (continuity with the previous stage), saved for a resumed run."""
-        start["first_eval_loss"] = eval_loss(trainer, continuity_ds, "first_eval")
-        start["first_eval_loss_own_split"] = (eval_loss(trainer, eval_ds, "first_own_eval")
-                                              if continuity_ds is not eval_ds else start["first_eval_loss"])
-        log(f"first_eval_loss {start['first_eval_loss']} (before the first step; previous stage ended at "
-            f"{(prev_metrics or {}).get('final_eval_loss')})")
-        if cfg.prev_checkpoint:
-            log(f"Stage {cfg.stage}: starting from the adapter saved by stage "
-                f"{(prev_metrics or {}).get('stage', '?')}")
-        if trainer.is_world_process_zero():
-            work_dir.mkdir(parents=True, exist_ok=True)
-            (work_dir / STAGE_START).write_text(json.dumps({"config": config_to_dict(cfg), **start}))
-        start["t0"] = time.time()  # train_seconds counts training only
-
-    if resumed:
-        start = resumed | {"t0": time.time()}
-        log(f"Resuming stage {cfg.stage} from {resume_from}: the step, optimizer, scheduler, RNG and data order "
-            "are restored")
-    else:
-        trainer.add_callback(before_first_step(measure_start))
-    resumed_at = int(Path(resume_from).name.rsplit("-", 1)[1]) if resume_from else 0  # checkpoint-<step>
-    try:
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    except Exception as err:
-        if is_disk_full(err, work_dir):
-            raise disk_full_error(f"a checkpoint in {work_dir}", work_dir, cfg, STAGE_METRICS) from err
-        raise
-    train_seconds = time.time() - start["t0"]
-    first_eval, first_own = start["first_eval_loss"], start["first_eval_loss_own_split"]
-    if guard.non_finite_step is not None:
-        done = complete_checkpoints(work_dir)
-        last = done[-1] if done else None
-        raise CurriculumError(
-            f"the LoRA weights became non-finite (NaN/inf) at step {guard.non_finite_step}: the loss diverged. "
-            f"Nothing was saved as the stage. Lower lr (now {cfg.lr:g}) or max_grad_norm; "
-            + (f"the last good checkpoint is {last} (the same command resumes from it)." if last
-               else "no earlier checkpoint exists (set save_steps to keep some)."))
-    stop_signal = guard.stop_signal or guard.signal_name  # or one that came after the last step
-    if stop_signal:
-        code = 130 if stop_signal == "SIGINT" else 143
-        raise StageStopped(f"stopped by {stop_signal} at step {trainer.state.global_step}/"
-                           f"{trainer.state.max_steps}; checkpoint saved in {work_dir}. Run the same command to "
-                           "resume.", code)
-    final_eval = eval_loss(trainer, eval_ds, "final_eval")
+    fitted = fit(model, processor, data, cfg, patches, work_dir, resume_from)
+    final_eval = eval_loss(fitted.trainer, data.eval, "final_eval")
     log(f"final_eval_loss {final_eval}")
-    process_views = check_trained_adapter_on_every_process(model, process_views)
-    dev_metrics = predictions = None
-    if eval_ds is not None and cfg.eval_questions and fsdp_enabled():
-        log("Dev accuracy by generation is skipped under FSDP (the model is sharded across processes); measure it on "
-            f"one GPU: python vqa_eval.py {cfg.output_dir}/{RESOLVED_CONFIG}")
-    elif eval_ds is not None and cfg.eval_questions:
-        import vqa_eval
+    process_views = adapter_files.check_trained_adapter_on_every_process(model, process_views)
+    dev_metrics, predictions = evaluate_dev_split(model, processor, data.eval, cfg, len(process_views))
+    metrics = stage_folder.stage_metrics(cfg, data, fitted, process_views, patches, final_eval, dev_metrics)
 
-        records = eval_ds.records if cfg.eval_questions < 0 else eval_ds.records[:cfg.eval_questions]
-        dev_metrics, predictions = vqa_eval.evaluate_records(model, processor, records, cfg)
-        log(f"Dev accuracy after stage {cfg.stage} ({len(records)} questions, by generation"
-            f"{f' on {len(process_views)} processes' if len(process_views) > 1 else ''}):\n"
-            + vqa_eval.metrics_table(dev_metrics))
-
-    world = len(process_views)
-    metrics = {
-        "stage": cfg.stage,
-        "model_name_or_path": cfg.model_name_or_path,
-        "prev_checkpoint": str(Path(cfg.prev_checkpoint).resolve()) if cfg.prev_checkpoint else None,
-        "trainable_params": trainable,
-        "lora": dataclasses.asdict(cfg.lora),
-        "quantization": dataclasses.asdict(cfg.quantization),
-        "first_eval_loss": first_eval,
-        "first_eval_file": str(Path(prev_eval_file if continuity_ds is not eval_ds else cfg.eval_file).resolve())
-        if continuity_ds is not None else None,
-        "first_eval_loss_own_split": first_own,
-        "previous_final_eval_loss": (prev_metrics or {}).get("final_eval_loss"),
-        "final_eval_loss": final_eval,
-        "final_eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
-        "data_files": data_files,
-        "dev_metrics": dev_metrics,
-        "train_loss_history": [{"step": e["step"], "loss": e["loss"]}
-                               for e in trainer.state.log_history if "loss" in e],
-        "eval_loss_history": [{"step": e["step"], "loss": e["eval_loss"]}
-                              for e in trainer.state.log_history if "eval_loss" in e],
-        "train_loss": result.training_loss,
-        "global_steps": trainer.state.global_step,
-        "batch_size_chosen": batch_size if cfg.batch_size == "auto" else None,
-        "effective_batch_size": batch_size * cfg.grad_accum * world,
-        "num_processes": world,
-        "train_samples": len(train_ds),
-        "train_seconds": round(train_seconds, 2),
-        # steps of this run only: a resumed run timed only what it trained after the resume
-        "samples_per_second": round((trainer.state.global_step - resumed_at) * batch_size * cfg.grad_accum
-                                    * world / max(train_seconds, 1e-9), 3),
-        "resumed_from_step": resumed_at or None,
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
-        else None,
-        "start_adapter_file_sha256": start_file_sha,
-        "start_adapter_tensors_sha256": start_tensor_sha,
-        "optimizer_state": cfg.optimizer_state,
-        "speed_patches": speed.describe_speed_patches(patches),
-        "versions": speed.versions("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"),
-        "bad_records_skipped": {"train": train_ds.bad_records, "eval": eval_ds.bad_records if eval_ds else []},
-        "processes": process_views,  # what each process held before the first step and after the last
-        "distributed": "fsdp" if fsdp_enabled() else "ddp" if world > 1 else None,
-    }
     staging = Path(f"{cfg.output_dir}.saving")
-    try:
-        out = save_stage(trainer, model, processor, cfg, metrics, predictions, staging)
-    except Exception as err:
-        if is_disk_full(err, staging):
-            raise disk_full_error(f"the stage to {staging}", work_dir, cfg, STAGE_METRICS) from err
-        raise
-    if trainer.is_world_process_zero():
+    with faults.disk_full_stops_the_stage(f"the stage to {staging}", staging, work_dir, cfg):
+        out = save_stage(fitted.trainer, model, processor, cfg, metrics, predictions, staging)
+    if fitted.trainer.is_world_process_zero():
         shutil.rmtree(work_dir, ignore_errors=True)
         log(f"Saved stage {cfg.stage} to {out} (adapter sha256 {metrics['saved_adapter_file_sha256'][:16]}...)")
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def check_data(cfg: StageConfig) -> None:
@@ -1937,25 +873,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             train_stage(cfg)
     # These reach every process alike (the checks compare across processes), so the main process says them once.
-    except ConfigError as err:
+    except (ConfigError, CurriculumError, DiskFull) as err:  # exit 2, 1 and 4 (curriculum/errors.py)
         log(f"error: {err}", file=sys.stderr)
-        return 2
-    except CurriculumError as err:
-        log(f"error: {err}", file=sys.stderr)
-        return 1
-    except DiskFull as err:
-        log(f"error: {err}", file=sys.stderr)
-        return 4
+        return err.exit_code
     except StageStopped as stop:
         log(f"Stopped: {stop}", file=sys.stderr)
         return stop.exit_code
     except Exception as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here
             where = f"process {runtime().rank}: " if runtime().world_size > 1 else ""  # one GPU can run out alone
-            print(f"error: {where}out of GPU memory. Lower memory_budget_gib (with batch_size: auto) or batch_size "
-                  "(and raise grad_accum to keep the effective batch), lower max_pixels (fewer image tokens), set "
-                  "gradient_checkpointing: true, or lower "
-                  f"eval_batch_size if it happened during evaluation.\n({str(err).splitlines()[0]})", file=sys.stderr)
+            print(out_of_memory_message(err, where), file=sys.stderr)
             return 3
         raise
     return 0

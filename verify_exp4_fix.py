@@ -27,11 +27,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import train_qlora_qwen3vl as tq
+from curriculum.adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_file_problems,
+    adapter_tensors_sha256,
+    extra_adapters,
+    file_adapter_sha256,
+    lora_mismatches,
+    processes_ended_apart_from,
+    read_adapter_file,
+    read_adapter_lora,
+    sha256_file,
+)
+from curriculum.base_model import resolve_model_path
+from curriculum.errors import ConfigError, CurriculumError
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS, previous_stage_dir
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
 FORBIDDEN_IN_CONTINUE_BRANCH = ("merge_and_unload", "prepare_model_for_kbit_training", "get_peft_model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-NO_METRICS = f"no readable {tq.STAGE_METRICS} (see stage record)"
+NO_METRICS = f"no readable {STAGE_METRICS} (see stage record)"
 
 
 class UsageError(Exception):
@@ -76,20 +92,20 @@ class StageRecord:
 def read_stage(stage_dir: Path) -> StageRecord:
     """The stage's metrics and resolved config; a file that does not read is a problem of the stage, not an error."""
     record = StageRecord(None, None)
-    if (stage_dir / tq.STAGE_METRICS).is_file():
+    if (stage_dir / STAGE_METRICS).is_file():
         try:
-            metrics = json.loads((stage_dir / tq.STAGE_METRICS).read_text())
+            metrics = json.loads((stage_dir / STAGE_METRICS).read_text())
         except ValueError as err:  # not JSON, or not even text
-            record.problems.append(f"{tq.STAGE_METRICS} is not valid JSON ({err})")
+            record.problems.append(f"{STAGE_METRICS} is not valid JSON ({err})")
         else:
             if isinstance(metrics, dict):
                 record.metrics = metrics
             else:
-                record.problems.append(f"{tq.STAGE_METRICS} holds a JSON {type(metrics).__name__}, not an object")
-    if (stage_dir / tq.RESOLVED_CONFIG).is_file():
+                record.problems.append(f"{STAGE_METRICS} holds a JSON {type(metrics).__name__}, not an object")
+    if (stage_dir / RESOLVED_CONFIG).is_file():
         try:
-            record.config = tq.load_config(stage_dir / tq.RESOLVED_CONFIG)
-        except tq.ConfigError as err:
+            record.config = tq.load_config(stage_dir / RESOLVED_CONFIG)
+        except ConfigError as err:
             record.problems.append(" ".join(str(err).split()))
     return record
 
@@ -105,34 +121,34 @@ def check_adapter_files(stage_dir: Path) -> Check:
     if pickles:
         return Check(name, FAIL, f"pickled files refused, not loaded: {', '.join(pickles)} (weights must be "
                                  "safetensors)")
-    nested = tq.extra_adapters(stage_dir)
+    nested = extra_adapters(stage_dir)
     if nested:
         return Check(name, FAIL, f"{stage_dir} holds more than one adapter (also: {', '.join(nested)})")
-    if not (stage_dir / tq.ADAPTER_CONFIG).is_file():
+    if not (stage_dir / ADAPTER_CONFIG).is_file():
         hint = " (it holds a full model: merged instead of saved as an adapter?)" \
             if (stage_dir / "model.safetensors").is_file() or (stage_dir / "config.json").is_file() else ""
-        return Check(name, FAIL, f"no {tq.ADAPTER_CONFIG} in {stage_dir}{hint}")
+        return Check(name, FAIL, f"no {ADAPTER_CONFIG} in {stage_dir}{hint}")
     try:
-        saved_config = json.loads((stage_dir / tq.ADAPTER_CONFIG).read_text())
+        saved_config = json.loads((stage_dir / ADAPTER_CONFIG).read_text())
     except ValueError as err:  # not JSON, or not even text
-        return Check(name, FAIL, f"{tq.ADAPTER_CONFIG} is not valid JSON ({err})")
+        return Check(name, FAIL, f"{ADAPTER_CONFIG} is not valid JSON ({err})")
     if not isinstance(saved_config, dict):
-        return Check(name, FAIL, f"{tq.ADAPTER_CONFIG} holds a JSON {type(saved_config).__name__}, not an object")
-    if not (stage_dir / tq.ADAPTER_WEIGHTS).is_file():
-        return Check(name, FAIL, f"no {tq.ADAPTER_WEIGHTS} in {stage_dir}")
+        return Check(name, FAIL, f"{ADAPTER_CONFIG} holds a JSON {type(saved_config).__name__}, not an object")
+    if not (stage_dir / ADAPTER_WEIGHTS).is_file():
+        return Check(name, FAIL, f"no {ADAPTER_WEIGHTS} in {stage_dir}")
     try:
-        tensors = tq.read_adapter_file(stage_dir)
+        tensors = read_adapter_file(stage_dir)
     except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-        return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} is unreadable (truncated or corrupt?): "
+        return Check(name, FAIL, f"{ADAPTER_WEIGHTS} is unreadable (truncated or corrupt?): "
                                  f"{' '.join(str(err).split())}")
     if not tensors:
-        return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} holds no tensors: an empty adapter was saved (as the Trainer "
+        return Check(name, FAIL, f"{ADAPTER_WEIGHTS} holds no tensors: an empty adapter was saved (as the Trainer "
                                  "does under FSDP with peft's own filter)")
     not_lora = [k for k in tensors if "lora_A" not in k and "lora_B" not in k]
     if not_lora:
-        return Check(name, FAIL, f"{tq.ADAPTER_WEIGHTS} holds {len(not_lora)} non-LoRA tensors, e.g. "
+        return Check(name, FAIL, f"{ADAPTER_WEIGHTS} holds {len(not_lora)} non-LoRA tensors, e.g. "
                                  f"{not_lora[:2]} (a merged or full model, not an adapter)")
-    return Check(name, PASS, f"{tq.ADAPTER_CONFIG} and {tq.ADAPTER_WEIGHTS} ({len(tensors)} LoRA tensors, "
+    return Check(name, PASS, f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} ({len(tensors)} LoRA tensors, "
                              "safetensors only)")
 
 
@@ -140,11 +156,11 @@ def check_adapter_shapes(stage_dir: Path, saved_config: tq.StageConfig | None) -
     """The tensors' ranks and modules against adapter_config.json and the stage's resolved_config.yaml: the cheap
     way to name a hand-edited or mixed-up config, which the model load reports only as a size mismatch."""
     name = "adapter shapes"
-    problems = tq.adapter_file_problems(stage_dir, saved_config.lora if saved_config else None, tq.RESOLVED_CONFIG)
+    problems = adapter_file_problems(stage_dir, saved_config.lora if saved_config else None, RESOLVED_CONFIG)
     if problems:
         return Check(name, FAIL, "; ".join(problems))
-    saved = tq.read_adapter_lora(stage_dir)
-    against = f"{tq.ADAPTER_CONFIG} and {tq.RESOLVED_CONFIG}" if saved_config else tq.ADAPTER_CONFIG
+    saved = read_adapter_lora(stage_dir)
+    against = f"{ADAPTER_CONFIG} and {RESOLVED_CONFIG}" if saved_config else ADAPTER_CONFIG
     return Check(name, PASS, f"the tensors have rank {saved['r']} on {','.join(saved['target_modules'])}, as "
                              f"{against} say")
 
@@ -157,21 +173,21 @@ def check_stage_record(stage_dir: Path, record: StageRecord) -> Check:
         return Check(name, FAIL, "; ".join(record.problems))
     metrics, config = record.metrics, record.config
     if metrics is None and config is None:
-        return Check(name, NOT_RUN, f"no {tq.STAGE_METRICS} and no {tq.RESOLVED_CONFIG} (a stage made elsewhere?)")
+        return Check(name, NOT_RUN, f"no {STAGE_METRICS} and no {RESOLVED_CONFIG} (a stage made elsewhere?)")
     if metrics is None:
-        return Check(name, FAIL, f"no {tq.STAGE_METRICS} beside {tq.RESOLVED_CONFIG}: the trainer writes both with "
+        return Check(name, FAIL, f"no {STAGE_METRICS} beside {RESOLVED_CONFIG}: the trainer writes both with "
                                  "every finished stage (lost, or copied without it?)")
     if config is None:
-        return Check(name, FAIL, f"no {tq.RESOLVED_CONFIG} beside {tq.STAGE_METRICS}: the trainer writes both with "
+        return Check(name, FAIL, f"no {RESOLVED_CONFIG} beside {STAGE_METRICS}: the trainer writes both with "
                                  "every finished stage (lost, or copied without it?)")
     recorded = {"stage": (metrics.get("stage"), config.stage),
                 "model_name_or_path": (metrics.get("model_name_or_path"), config.model_name_or_path),
                 "lora": (metrics.get("lora"), asdict(config.lora))}
-    differ = [f"{key}: {tq.STAGE_METRICS} says {in_metrics!r}, {tq.RESOLVED_CONFIG} says {in_config!r}"
+    differ = [f"{key}: {STAGE_METRICS} says {in_metrics!r}, {RESOLVED_CONFIG} says {in_config!r}"
               for key, (in_metrics, in_config) in recorded.items() if in_metrics != in_config]
     if differ:
-        return Check(name, FAIL, "; ".join(differ) + f" (a {tq.STAGE_METRICS} from another stage?)")
-    return Check(name, PASS, f"stage {config.stage}: {tq.STAGE_METRICS} and {tq.RESOLVED_CONFIG} agree on stage, "
+        return Check(name, FAIL, "; ".join(differ) + f" (a {STAGE_METRICS} from another stage?)")
+    return Check(name, PASS, f"stage {config.stage}: {STAGE_METRICS} and {RESOLVED_CONFIG} agree on stage, "
                              "base model and LoRA settings")
 
 
@@ -179,7 +195,7 @@ def check_lora_config(stage_dir: Path, expected: tq.LoraSettings | None, source:
     name = "LoRA config"
     if expected is None:
         return Check(name, NOT_RUN, "no --config and no resolved config saved with the stage")
-    diffs = tq.lora_mismatches(expected, tq.read_adapter_lora(stage_dir))
+    diffs = lora_mismatches(expected, read_adapter_lora(stage_dir))
     if diffs:
         return Check(name, FAIL, "; ".join(d.replace("the YAML says", f"{source} says") for d in diffs))
     return Check(name, PASS, f"r={expected.r}, alpha={expected.alpha}, dropout={expected.dropout}, "
@@ -194,33 +210,33 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     name = "lineage"
     if metrics is None:
         return Check(name, NOT_RUN, NO_METRICS)
-    tensors = tq.read_adapter_file(stage_dir)
+    tensors = read_adapter_file(stage_dir)
     if lora_b_all_zero(tensors):
         return Check(name, FAIL, "every LoRA B matrix is zero: an untrained, fresh adapter was saved")
-    saved_sha = tq.adapter_tensors_sha256(tensors)
+    saved_sha = adapter_tensors_sha256(tensors)
     if metrics.get("saved_adapter_tensors_sha256") not in (None, saved_sha):
         return Check(name, FAIL, "the adapter on disk is not the one the stage saved (its hash changed since)")
     views = metrics.get("processes") or []  # several processes (DDP): each hashed the adapter it ended with
-    if tq.processes_ended_apart_from(views, saved_sha):
+    if processes_ended_apart_from(views, saved_sha):
         return Check(name, FAIL, f"the {len(views)} processes did not all end with the saved adapter: they trained "
                                  "apart, and the file holds only one of them")
     on = f" on {len(views)} processes" if len(views) > 1 else ""
     if not metrics.get("prev_checkpoint"):
         return Check(name, PASS, f"stage {metrics.get('stage')}: a new adapter, trained{on} (B matrices non-zero)")
-    prev = tq.previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
+    prev = previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
     start_sha = metrics.get("start_adapter_file_sha256")
     if not start_sha:
         return Check(name, FAIL, "the stage recorded no hash of the adapter it started from")
     if prev is None:
         return Check(name, NOT_RUN, f"previous stage {metrics['prev_checkpoint']} is gone (and is not beside this "
                                     "stage); cannot compare")
-    prev_sha = tq.sha256_file(prev / tq.ADAPTER_WEIGHTS)
+    prev_sha = sha256_file(prev / ADAPTER_WEIGHTS)
     if start_sha != prev_sha:
         return Check(name, FAIL, f"started from weights {start_sha[:12]}..., but {prev} holds {prev_sha[:12]}...: "
                                  "not the previous stage's adapter")
     # The file was right, but were its weights the ones in the model? (A fresh adapter made beside it is not.)
     loaded_sha = metrics.get("start_adapter_tensors_sha256")
-    if loaded_sha != tq.file_adapter_sha256(prev):
+    if loaded_sha != file_adapter_sha256(prev):
         return Check(name, FAIL, f"the weights in the model at the first step ({str(loaded_sha)[:12]}...) were not "
                                  f"{prev}'s adapter: not the previous stage's adapter (a fresh one?)")
     if saved_sha == metrics.get("start_adapter_tensors_sha256"):
@@ -235,7 +251,7 @@ def check_continuity(stage_dir: Path, metrics: dict | None, tolerance: float) ->
         return Check(name, NOT_RUN, NO_METRICS)
     if not metrics.get("prev_checkpoint"):
         return Check(name, NOT_RUN, "stage 1 has no previous stage")
-    prev = tq.previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
+    prev = previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
     prev_metrics = read_stage(prev).metrics if prev else None
     prev_final = (prev_metrics or {}).get("final_eval_loss", metrics.get("previous_final_eval_loss"))
     first = metrics.get("first_eval_loss")
@@ -293,21 +309,21 @@ def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: t
     # The trainer's own loading steps, with their training-time log lines kept out of the verifier's report.
     with contextlib.redirect_stdout(io.StringIO()):
         try:
-            model_path = tq.resolve_model_path(model_name)
+            model_path = resolve_model_path(model_name)
             model = tq.load_quantized_base(model_path, config)
         except Exception as err:  # no GPU for an 8B, no local copy of a hub id, ...
             return Check(name, NOT_RUN, f"base {model_name} could not be loaded here: {one_line(err)}")
         model = tq.continue_adapter(model, str(stage_dir))
     try:
         count = tq.check_adapter_trainable(model, config.lora)
-    except tq.CurriculumError as err:
+    except CurriculumError as err:
         return Check(name, FAIL, str(err))
     active = model.active_adapter if isinstance(model.active_adapter, str) else list(model.active_adapter)
     if active != "default":
         return Check(name, FAIL, f"active adapter is {active!r}, expected 'default'")
     base_trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n)
     params = {n.replace(".default.", "."): tuple(p.shape) for n, p in model.named_parameters() if "lora_" in n}
-    in_file = {n: tuple(t.shape) for n, t in tq.read_adapter_file(stage_dir).items()}
+    in_file = {n: tuple(t.shape) for n, t in read_adapter_file(stage_dir).items()}
     missing, unexpected = sorted(set(params) - set(in_file)), sorted(set(in_file) - set(params))
     wrong = [n for n in set(params) & set(in_file) if params[n] != in_file[n]]
     if missing or unexpected or wrong:
@@ -402,11 +418,11 @@ def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tol
         raise UsageError(f"stage directory not found: {stage_dir}")
     record = read_stage(stage_dir)
     metrics, saved_config = record.metrics, record.config
-    config, source = saved_config, f"{stage_dir / tq.RESOLVED_CONFIG}"
+    config, source = saved_config, f"{stage_dir / RESOLVED_CONFIG}"
     if config_path:
         try:
             config, source = tq.load_config(config_path), config_path
-        except tq.ConfigError as err:
+        except ConfigError as err:
             raise UsageError(str(err)) from None
     adapter_files = run_isolated("adapter files", lambda: check_adapter_files(stage_dir))
 
@@ -440,11 +456,11 @@ def curriculum_stages(root: Path) -> list[Path]:
     counts, so a stage that lost its stage_metrics.json, or holds one that does not read, is reported, not skipped."""
     if not root.is_dir():
         raise UsageError(f"curriculum directory not found: {root}")
-    stage_files = (tq.STAGE_METRICS, tq.RESOLVED_CONFIG, tq.ADAPTER_CONFIG)
+    stage_files = (STAGE_METRICS, RESOLVED_CONFIG, ADAPTER_CONFIG)
     stages = [d for d in sorted(root.iterdir()) if d.is_dir() and not d.name.endswith(TRAINER_WORK_DIRS)
               and any((d / f).is_file() for f in stage_files)]
     if not stages:
-        raise UsageError(f"{root} holds no stage directories (with {tq.STAGE_METRICS})")
+        raise UsageError(f"{root} holds no stage directories (with {STAGE_METRICS})")
 
     def recorded_stage(stage_dir: Path) -> float:
         record = read_stage(stage_dir)
@@ -458,7 +474,7 @@ def check_same_lora_across(stages: list[Path]) -> Check:
     configs = {}
     for stage in stages:  # an adapter_config.json that does not read is its own stage's failed check
         with contextlib.suppress(ValueError, AttributeError):
-            configs[str(stage)] = tq.read_adapter_lora(stage)
+            configs[str(stage)] = read_adapter_lora(stage)
     if len({json.dumps(c, sort_keys=True) for c in configs.values()}) > 1:
         return Check("LoRA config across stages", FAIL, "differs: " + "; ".join(f"{k}: {v}" for k, v in
                                                                                  configs.items()))

@@ -28,6 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_qlora_qwen3vl as tq  # noqa: E402
 from curriculum import speed  # noqa: E402
+from curriculum.answer_loss import answer_only_loss  # noqa: E402
+from curriculum.base_model import load_processor  # noqa: E402
+from curriculum.data_files import load_records  # noqa: E402
 
 # name -> (image side in pixels, config keys). "defaults" is what a user gets without setting anything; "-bsN"
 # fixes the batch size instead of letting batch_size: auto choose it.
@@ -122,7 +125,7 @@ def apply_liger(model, processor, train_file: Path, px: int, cfg: tq.StageConfig
     (the kernels must not change what is computed beyond bf16 rounding)."""
     import torch
 
-    records = tq.load_records(train_file)[:8]
+    records = load_records(train_file)[:8]
     batch = tq.collate_batch([tq.encode_example(processor, r, px * px, px * px) for r in records],
                              processor.tokenizer.pad_token_id)
     device = next(p for p in model.parameters() if p.requires_grad).device
@@ -130,7 +133,7 @@ def apply_liger(model, processor, train_file: Path, px: int, cfg: tq.StageConfig
 
     def loss() -> float:
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            return tq.answer_only_loss(model, batch)[0].item()
+            return answer_only_loss(model, batch)[0].item()
 
     before = loss()
     why = speed.liger_problem()
@@ -257,7 +260,7 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
         cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps + 2)
     set_variant_forwards(model, cfg, swiglu)
     cfg = dataclasses.replace(cfg, answer_only_logits=cfg.answer_only_logits is not False)  # auto: on, as trained
-    dataset = tq.VQADataset(tq.load_records(cfg.train_file), processor, cfg)
+    dataset = tq.VQADataset(load_records(cfg.train_file), processor, cfg)
     checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # also puts torch's checkpoint function back
     offloaded = speed.offload_checkpointed_activations(model) if cfg.offload_activations else 0
     if cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
@@ -372,11 +375,11 @@ def compare_answers(batched: dict, single: dict, n_single: int) -> dict:
 
 
 def run_generation(model, processor, records, cfg: tq.StageConfig, runs) -> dict:
-    """vqa_eval.generate_answers for each (label, questions, batch, new tokens), timed: the whole call, and inside
-    it the prefill and each decode step of model.generate; the rest is preparing inputs."""
+    """generate_answers (curriculum/evaluation.py) for each (label, questions, batch, new tokens), timed: the whole
+    call, and inside it the prefill and each decode step of model.generate; the rest is preparing inputs."""
     import torch
 
-    import vqa_eval
+    from curriculum.evaluation import generate_answers
 
     out = {}
     for label, questions, bs, new_tokens in runs:
@@ -385,8 +388,7 @@ def run_generation(model, processor, records, cfg: tq.StageConfig, runs) -> dict
         try:
             sync()
             t = time.perf_counter()
-            answers = vqa_eval.generate_answers(model, processor, records[:questions], cfg, bs, new_tokens,
-                                                progress=False)
+            answers = generate_answers(model, processor, records[:questions], cfg, bs, new_tokens, progress=False)
             sync()
             total = time.perf_counter() - t
         finally:
@@ -402,16 +404,17 @@ def run_generation(model, processor, records, cfg: tq.StageConfig, runs) -> dict
 
 def generation_speed(model, processor, ckpt: str, train_file: Path, px: int, n: int,
                      profile_dir: Path | None = None) -> dict:
-    """vqa_eval.generate_answers batched (the end-of-stage evaluation, 64 questions a batch) against one question
-    at a time, with where the time goes (prefill, decode steps, preparing inputs outside generate); and, to see why
-    answers differ, the first generated token's logits of both: where the argmax differs, how close the top two
-    were (a random model's logits are flat, so bf16 rounding that differs with the batch shape can flip them)."""
+    """generate_answers (curriculum/evaluation.py) batched (the end-of-stage evaluation, 64 questions a batch) against
+    one question at a time, with where the time goes (prefill, decode steps, preparing inputs outside generate);
+    and, to see why answers differ, the first generated token's logits of both: where the argmax differs, how close
+    the top two were (a random model's logits are flat, so bf16 rounding that differs with the batch shape can flip
+    them)."""
     import torch
 
-    import vqa_eval
+    from curriculum.evaluation import generate_answers
 
     cfg = stage_config(ckpt, train_file, px, 1, {})
-    records = tq.load_records(train_file)[:n]
+    records = load_records(train_file)[:n]
     n_single = min(n, 16)  # one at a time costs the same per question at any n: time 16, compare per question
     batch = min(n, 64)
     runs = (("batched", n, batch, 8), ("one_at_a_time", n_single, 1, 8))
@@ -421,7 +424,7 @@ def generation_speed(model, processor, ckpt: str, train_file: Path, px: int, n: 
                                                 torch.profiler.ProfilerActivity.CUDA]) as prof:
             sync()
             t = time.perf_counter()
-            vqa_eval.generate_answers(model, processor, records[:batch], cfg, batch, 8, progress=False)
+            generate_answers(model, processor, records[:batch], cfg, batch, 8, progress=False)
             sync()
             wall = time.perf_counter() - t
         (profile_dir / "profile_generation.txt").write_text(
@@ -443,11 +446,11 @@ def generation_identity_fp32(ckpt: str, train_file: Path, px: int, n: int) -> di
 
     cfg = stage_config(ckpt, train_file, px, 1, {})
     cfg.quantization.compute_dtype = "float32"
-    processor = tq.load_processor(ckpt, cfg)
+    processor = load_processor(ckpt, cfg)
     processor.image_processor.size = {"shortest_edge": px * px, "longest_edge": px * px}
     model = tq.new_adapter(tq.load_quantized_base(ckpt, cfg), cfg.lora, cfg.seed)
     speed.fuse_lora_updates(model)
-    records = tq.load_records(train_file)[:n]
+    records = load_records(train_file)[:n]
     out = run_generation(model, processor, records, cfg, (("batched", n, n, 8), ("one_at_a_time", n, 1, 8)))
     del model
     gc.collect()
@@ -486,7 +489,7 @@ def main() -> None:
     for upcast, names in sorted(by_upcast.items()):
         first = VARIANTS[names[0]]
         cfg = stage_config(args.ckpt, data[first[0]], first[0], warmup + args.steps, dict(first[1]))
-        processor = tq.load_processor(args.ckpt, cfg)
+        processor = load_processor(args.ckpt, cfg)
         sync()
         t = time.perf_counter()
         # loaded without the fused kernels, which are patched in (for good) before the first variant that uses them

@@ -3,13 +3,15 @@ a full disk, dataloader workers caught in the signal or left behind at exit."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import shutil
 from pathlib import Path
 
-from curriculum.errors import ConfigError, DiskFull
+from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
 from curriculum.processes import log
+from curriculum.stage_folder import STAGE_METRICS
 
 STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run must not measure again
 
@@ -106,6 +108,24 @@ class StageGuard:
 
         return Guard()
 
+    def raise_if_stopped(self, trainer, work_dir: Path, lr: float) -> None:
+        """After training: a diverged loss (nothing is saved as the stage) or a stop signal (a checkpoint was saved
+        to resume from) ends the stage here, saying what to do."""
+        if self.non_finite_step is not None:
+            done = complete_checkpoints(work_dir)
+            last = done[-1] if done else None
+            raise CurriculumError(
+                f"the LoRA weights became non-finite (NaN/inf) at step {self.non_finite_step}: the loss diverged. "
+                f"Nothing was saved as the stage. Lower lr (now {lr:g}) or max_grad_norm; "
+                + (f"the last good checkpoint is {last} (the same command resumes from it)." if last
+                   else "no earlier checkpoint exists (set save_steps to keep some)."))
+        stop_signal = self.stop_signal or self.signal_name  # or one that came after the last step
+        if stop_signal:
+            code = 130 if stop_signal == "SIGINT" else 143
+            raise StageStopped(f"stopped by {stop_signal} at step {trainer.state.global_step}/"
+                               f"{trainer.state.max_steps}; checkpoint saved in {work_dir}. Run the same command to "
+                               "resume.", code)
+
 
 def complete_checkpoints(work_dir: Path, remove_cut_short: bool = False) -> list[Path]:
     """`checkpoint-N` folders the Trainer finished writing, oldest first. It writes trainer_state.json last, so a
@@ -153,16 +173,28 @@ def is_disk_full(err: BaseException, path: Path) -> bool:
     return existing is not None and shutil.disk_usage(existing).free < 1 << 20
 
 
-def disk_full_error(writing: str, work_dir: Path, cfg, stage_metrics: str) -> DiskFull:
+def disk_full_error(writing: str, work_dir: Path, cfg) -> DiskFull:
     """Clear what was cut short (freeing its space) and say what is intact and how to go on. `cfg` is the stage
-    config; a finished stage is a folder that holds `stage_metrics`."""
+    config."""
     staging = Path(f"{cfg.output_dir}.saving")
     shutil.rmtree(staging, ignore_errors=True)
     done = complete_checkpoints(work_dir, remove_cut_short=True)
-    intact = [d for d in (cfg.prev_checkpoint, cfg.output_dir) if d and (Path(d) / stage_metrics).is_file()]
+    intact = [d for d in (cfg.prev_checkpoint, cfg.output_dir) if d and (Path(d) / STAGE_METRICS).is_file()]
     resume = (f"it resumes from {done[-1]}" if done else "it starts the stage over (no checkpoint was complete; "
               "save_steps keeps some)")
     return DiskFull(f"no space left on device while writing {writing}. The partial files were removed; "
                     f"{', '.join(intact + [str(p) for p in done]) or 'nothing saved before'} "
                     f"{'is' if len(intact) + len(done) == 1 else 'are'} intact. Free space on that disk and run the "
                     f"same command: {resume}.")
+
+
+@contextlib.contextmanager
+def disk_full_stops_the_stage(writing: str, path: Path, work_dir: Path, cfg):
+    """A full disk while writing `writing` (under `path`) becomes DiskFull (exit 4), with what is intact and how to
+    go on; any other error passes through as it is."""
+    try:
+        yield
+    except Exception as err:
+        if is_disk_full(err, path):
+            raise disk_full_error(writing, work_dir, cfg) from err
+        raise

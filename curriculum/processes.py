@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from curriculum.errors import CurriculumError
+from curriculum.errors import ConfigError, CurriculumError
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,23 @@ def fsdp_enabled() -> bool:
     return runtime().fsdp
 
 
+def fsdp_config_problems(cfg) -> list[str]:
+    """What a StageConfig asks that FSDP cannot do, one line each naming the key; none when not under FSDP."""
+    if not fsdp_enabled():
+        return []
+    problems = []
+    if cfg.quantization.quant_storage not in ("auto", cfg.quantization.compute_dtype):
+        problems.append(f"quantization.quant_storage: FSDP shards only floating-point tensors; use auto or "
+                        f"{cfg.quantization.compute_dtype} (the compute dtype), not {cfg.quantization.quant_storage}")
+    if cfg.batch_size == "auto":
+        problems.append("batch_size: auto measures a step of the whole model, and FSDP shards it (the measure would "
+                        "not hold); set batch_size to a number under FSDP")
+    if cfg.optimizer_state == "resume":
+        problems.append("optimizer_state: resume is not supported under FSDP (its optimizer state is sharded); use "
+                        "fresh, or train this stage with DDP or one GPU")
+    return problems
+
+
 def gpu_available() -> bool:
     return runtime().gpu
 
@@ -92,3 +109,19 @@ def check_processes_agree(views: list[dict], key: str, what: str, hint: str) -> 
 def training_device() -> Any:
     """This process's device: its own GPU under `accelerate launch` (LOCAL_RANK), else GPU 0, else the CPU."""
     return runtime().local_rank if runtime().gpu else "cpu"
+
+
+def one_gpu_per_process(args, world: int) -> None:
+    """One process sees several GPUs (a plain `python train_qlora_qwen3vl.py` on a machine with two): the Trainer
+    would wrap the model in nn.DataParallel, which copies the whole 4-bit model to every GPU at every step, runs
+    slower than one GPU and reports half the batch it trains. Train on this process's GPU; `accelerate launch`
+    (configs/accelerate/ddp.yaml) is the way to use them all. The Trainer reads the count from `args._n_gpu`."""
+    if world > 1 or args.n_gpu <= 1:
+        return
+    if not hasattr(args, "_n_gpu"):
+        raise ConfigError(f"{args.n_gpu} GPUs are visible to one process and this transformers version would train "
+                          "on them with nn.DataParallel; set CUDA_VISIBLE_DEVICES to one GPU, or use accelerate launch "
+                          "--config_file configs/accelerate/ddp.yaml")
+    log(f"{args.n_gpu} GPUs visible to one process: training on GPU {training_device()} only (not nn.DataParallel); to "
+        "train on all of them: accelerate launch --config_file configs/accelerate/ddp.yaml train_qlora_qwen3vl.py ...")
+    args._n_gpu = 1

@@ -9,8 +9,9 @@ signatures it relies on). `plan_speed_patches` makes that decision once per stag
 - `true`: the same is a config error, before the model loads;
 - `false`: the library's own code, always.
 
-The recipe calls `plan_speed_patches` in its validation, `prepare_base_for_training` when the 4-bit base has
-loaded, and `apply_speed_patches` once the adapter is on the model.
+The recipe calls `plan_speed_patches` in its validation, `keep_4bit_layers_differentiable` and
+`apply_gradient_checkpointing` when the 4-bit base has loaded (its load_quantized_base), and `apply_speed_patches`
+once the adapter is on the model.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ from curriculum.processes import gpu_available  # the environment as read once (
 def quiet_optional_backend_warnings() -> None:
     """Drop two import-time warnings that read like a broken install and are not one:
     - bitsandbytes on a CPU with AVX512-BF16 tries the optional `kernels` package for a faster *inference* GEMV and
-      warns when it is missing. Training never uses that path (prepare_base_for_training keeps the trainable layout).
+      warns when it is missing. Training never uses that path (keep_4bit_layers_differentiable keeps the trainable
+      layout).
     - Liger looks for kernels for other hardware (Ascend NPUs, CuTe DSL) and warns for each one it cannot import; the
       Triton kernels used on NVIDIA GPUs are unaffected."""
 
@@ -178,8 +180,8 @@ def offload_problem() -> str | None:
 
 def cpu_training_layout_problem() -> str | None:
     """On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights into an inference-only layout at the first
-    no-grad forward, unless the layer's `support_avx512bf16_for_cpu` is off (prepare_base_for_training turns it
-    off). A bitsandbytes that repacks under another switch would silently stop the gradients on such a CPU."""
+    no-grad forward, unless the layer's `support_avx512bf16_for_cpu` is off (keep_4bit_layers_differentiable turns
+    it off). A bitsandbytes that repacks under another switch would silently stop the gradients on such a CPU."""
     if gpu_available():
         return None
     import bitsandbytes

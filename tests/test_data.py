@@ -10,6 +10,7 @@ from conftest import REPO
 from PIL import Image
 
 import train_qlora_qwen3vl as tq
+from curriculum import data_files
 
 IM_START, IM_END, V_START, V_END, IMAGE_PAD, ASSISTANT = 151644, 151645, 151652, 151653, 151655, 77091
 
@@ -306,8 +307,8 @@ def test_images_that_decoded_cleanly_are_remembered_between_stages(tmp_path, pro
     path = write_jsonl(tmp_path, [{"id": str(i), "image": f"{i}.png", "question": "n?", "type": "numeric",
                                    "answer": 1} for i in range(3)])
     decoded = []
-    decode = tq._decode_image
-    monkeypatch.setattr(tq, "_decode_image", lambda p: decoded.append(Path(p).name) or decode(p))
+    decode = data_files._decode_image
+    monkeypatch.setattr(data_files, "_decode_image", lambda p: decoded.append(Path(p).name) or decode(p))
     stage1 = cfg(output_dir=str(tmp_path / "curriculum" / "stage1"), cache_image_checks=True)
     stage2 = cfg(output_dir=str(tmp_path / "curriculum" / "stage2"), cache_image_checks=True)
     first = tq.load_split(str(path), processor, stage1, "train")

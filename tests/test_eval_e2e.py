@@ -10,7 +10,8 @@ from pathlib import Path
 from conftest import REPO, metrics, run_script
 
 import train_qlora_qwen3vl as tq
-import vqa_eval as ev
+from curriculum.scoring import parse_answer
+from curriculum.stage_folder import stage_chain
 
 MEMORISE = """\
 stage: 1
@@ -85,7 +86,7 @@ def test_stage_writes_metrics_predictions_and_plots(curriculum):
         assert len((stage_dir / "predictions_dev.jsonl").read_text().splitlines()) == 40
         for png in ("loss_curve.png", "accuracy_by_type.png"):
             assert (stage_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(ev.stage_chain(root / "stage3")) == 3
+    assert len(stage_chain(root / "stage3")) == 3
     assert list((root / "tensorboard" / "stage2").glob("events.out.tfevents.*"))
 
 
@@ -105,7 +106,7 @@ def test_predictions_say_what_was_asked_and_what_came_back(curriculum, processor
         assert Path(p["image"]).is_absolute()
         assert rec.prompt_messages[-1]["content"][-1]["text"] in p["prompt"]
         assert p["prompt"].endswith("<|im_start|>assistant\n")
-        assert p["parsed"] == ev.parse_answer(p["raw_output"], p["type"], rec.options)
+        assert p["parsed"] == parse_answer(p["raw_output"], p["type"], rec.options)
 
 
 def test_forgetting_matrix(curriculum):

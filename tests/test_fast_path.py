@@ -250,7 +250,7 @@ def test_batched_generation_answers_as_one_question_at_a_time(tiny_model_path, p
     """Left padding, the attention mask and the multimodal positions of a padded batch must not change an answer, nor
     the logits behind it (in fp32, where the batch shape changes no rounding that matters; bench/speed.py measures
     bf16 on the GPU)."""
-    import vqa_eval
+    from curriculum.evaluation import generate_answers
 
     records = tq.load_records(REPO / "data/stage2/train.jsonl")[:6]
     prompts = [processor.apply_chat_template(tq.with_image_settings(r.prompt_messages, r.image, 4096, 50176),
@@ -268,9 +268,9 @@ def test_batched_generation_answers_as_one_question_at_a_time(tiny_model_path, p
         return out.sequences
 
     model.generate = generate_keeping_scores
-    batched = vqa_eval.generate_answers(model, processor, records, cfg, 6, 4, progress=False)
+    batched = generate_answers(model, processor, records, cfg, 6, 4, progress=False)
     batched_scores = scores.pop()
-    one_at_a_time = vqa_eval.generate_answers(model, processor, records, cfg, 1, 4, progress=False)
+    one_at_a_time = generate_answers(model, processor, records, cfg, 1, 4, progress=False)
     assert batched == one_at_a_time
     assert torch.allclose(batched_scores, torch.cat(scores, dim=1), atol=1e-3), \
         (batched_scores - torch.cat(scores, dim=1)).abs().max()

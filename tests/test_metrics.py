@@ -2,7 +2,7 @@
 
 import pytest
 
-import vqa_eval as ev
+from curriculum import scoring
 
 OPTS = ["red", "green", "blue", "yellow"]
 
@@ -16,7 +16,7 @@ OPTS = ["red", "green", "blue", "yellow"]
     ("", None), ("purple", None), ("A or B", None),
 ])
 def test_parse_single_choice(text, expected):
-    assert ev.parse_answer(text, "single_choice", OPTS) == expected
+    assert scoring.parse_answer(text, "single_choice", OPTS) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -25,7 +25,7 @@ def test_parse_single_choice(text, expected):
     ("A, E", None), ("", None), ("none", None),
 ])
 def test_parse_multi_label(text, expected):
-    assert ev.parse_answer(text, "multi_label", OPTS) == expected
+    assert scoring.parse_answer(text, "multi_label", OPTS) == expected
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -33,7 +33,7 @@ def test_parse_multi_label(text, expected):
     ("two", 2.0), ("2.5", 2.5), ("many", None), ("", None),
 ])
 def test_parse_numeric(text, expected):
-    assert ev.parse_answer(text, "numeric", None) == expected
+    assert scoring.parse_answer(text, "numeric", None) == expected
 
 
 def row(qtype, gold, pred):
@@ -43,7 +43,7 @@ def row(qtype, gold, pred):
 def test_single_choice_metrics_by_hand():
     rows = [row("single_choice", "A", "A"), row("single_choice", "A", "B"), row("single_choice", "B", "B"),
             row("single_choice", "C", None)]
-    m = ev.compute_metrics(rows, 1.0)["single_choice"]
+    m = scoring.compute_metrics(rows, 1.0)["single_choice"]
     assert (m["accuracy"], m["n"], m["correct"], m["unparseable"]) == (0.5, 4, 2, 1)
     # labels A, B, C (gold or predicted). A: tp1 fp0 fn1 -> P1 R.5 F.667; B: tp1 fp1 fn0 -> P.5 R1 F.667;
     # C: tp0 fp0 fn1 -> P0 R0 F0 (the unparseable answer is a miss, not a class)
@@ -55,16 +55,16 @@ def test_single_choice_metrics_by_hand():
 
 def test_numeric_metrics_by_hand():
     rows = [row("numeric", 3.0, 3.0), row("numeric", 3.0, 4.0), row("numeric", 5.0, 1.0), row("numeric", 2.0, None)]
-    m = ev.compute_metrics(rows, 1.0)["numeric"]
+    m = scoring.compute_metrics(rows, 1.0)["numeric"]
     assert (m["accuracy"], m["accuracy_within_tolerance"], m["unparseable"]) == (0.25, 0.5, 1)
     assert (m["mae"], m["mae_n"]) == (round((0 + 1 + 4) / 3, 4), 3)  # over the parsed answers
-    assert ev.compute_metrics(rows, 0.0)["numeric"]["accuracy_within_tolerance"] == 0.25
+    assert scoring.compute_metrics(rows, 0.0)["numeric"]["accuracy_within_tolerance"] == 0.25
 
 
 def test_multi_label_metrics_by_hand():
     rows = [row("multi_label", ["A", "C"], ["A", "C"]), row("multi_label", ["A", "C"], ["A"]),
             row("multi_label", ["B"], ["B", "D"]), row("multi_label", ["D"], None)]
-    m = ev.compute_metrics(rows, 1.0)["multi_label"]
+    m = scoring.compute_metrics(rows, 1.0)["multi_label"]
     assert (m["accuracy"], m["n"]) == (0.25, 4)
     # tp = 2 + 1 + 1 + 0 = 4, fp = 0 + 0 + 1 + 0 = 1, fn = 0 + 1 + 0 + 1 = 2
     assert (m["micro_precision"], m["micro_recall"], m["micro_f1"]) == (0.8, round(4 / 6, 4), round(8 / 11, 4))
@@ -73,7 +73,7 @@ def test_multi_label_metrics_by_hand():
 def test_overall_micro_counts_items_across_types():
     rows = [row("single_choice", "A", "A"), row("single_choice", "A", "B"), row("numeric", 2.0, None),
             row("multi_label", ["A", "C"], ["A"])]
-    m = ev.compute_metrics(rows, 1.0)["overall"]
+    m = scoring.compute_metrics(rows, 1.0)["overall"]
     assert (m["accuracy"], m["n"], m["unparseable"]) == (0.25, 4, 1)
     # tp: 1 + 0 + 0 + 1 = 2; fp: 0 + 1 + 0 + 0 = 1; fn: 0 + 1 + 1 + 1 = 3
     assert (m["precision"], m["recall"]) == (round(2 / 3, 4), 0.4)
@@ -81,23 +81,23 @@ def test_overall_micro_counts_items_across_types():
 
 def test_all_wrong_and_empty_classes():
     rows = [row("single_choice", "A", "B"), row("single_choice", "B", "A")]
-    m = ev.compute_metrics(rows, 1.0)
+    m = scoring.compute_metrics(rows, 1.0)
     assert m["single_choice"]["accuracy"] == 0.0 and m["single_choice"]["macro_f1"] == 0.0
     assert m["overall"]["accuracy_ci95"][0] == 0.0 and m["overall"]["accuracy_ci95"][1] > 0.5
     assert "numeric" not in m and "multi_label" not in m
-    assert ev.compute_metrics([], 1.0)["overall"]["accuracy"] is None
+    assert scoring.compute_metrics([], 1.0)["overall"]["accuracy"] is None
 
 
 def test_wilson_interval():
-    assert ev.wilson_interval(0, 0) is None
-    lo, hi = ev.wilson_interval(8, 10)
+    assert scoring.wilson_interval(0, 0) is None
+    lo, hi = scoring.wilson_interval(8, 10)
     assert (lo, hi) == (0.4902, 0.9433)  # textbook value for 8/10
-    assert ev.wilson_interval(10, 10)[1] == 1.0 and ev.wilson_interval(10, 10)[0] == 0.7225
+    assert scoring.wilson_interval(10, 10)[1] == 1.0 and scoring.wilson_interval(10, 10)[0] == 0.7225
 
 
 def test_metrics_table_reads():
     rows = [row("single_choice", "A", "A"), row("numeric", 2.0, 2.0), row("multi_label", ["A"], None)]
-    table = ev.metrics_table(ev.compute_metrics(rows, 1.0))
+    table = scoring.metrics_table(scoring.compute_metrics(rows, 1.0))
     assert table.splitlines()[0].startswith("| questions | n | accuracy (95% CI)")
     assert "| multi_label | 1 | 0.0% (0%–79%)" in table and "unparseable 1" in table
     assert "| overall | 3 | 66.7%" in table

@@ -14,8 +14,8 @@ from conftest import REPO, assert_continued, metrics, wait_for
 
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
-import vqa_eval
 from curriculum import faults, processes
+from curriculum.evaluation import merge_answers
 
 PROCESSES, BATCH, ACCUM, EVAL_QUESTIONS = 2, 8, 2, 9
 
@@ -164,11 +164,11 @@ def test_a_process_holding_another_adapter_stops_every_process(ddp_curriculum, t
 
 
 def test_merge_answers_refuses_duplicates_and_gaps():
-    assert vqa_eval.merge_answers([[(0, "a"), (2, "c")], [(1, "b")]], 3) == ["a", "b", "c"]
+    assert merge_answers([[(0, "a"), (2, "c")], [(1, "b")]], 3) == ["a", "b", "c"]
     with pytest.raises(RuntimeError, match="answered by two processes"):
-        vqa_eval.merge_answers([[(0, "a"), (1, "b")], [(1, "b")]], 2)
+        merge_answers([[(0, "a"), (1, "b")], [(1, "b")]], 2)
     with pytest.raises(RuntimeError, match="1 of 3 questions got no answer"):
-        vqa_eval.merge_answers([[(0, "a")], [(1, "b")]], 3)
+        merge_answers([[(0, "a")], [(1, "b")]], 3)
 
 
 def test_planned_steps_count_a_last_short_accumulation_as_a_step():

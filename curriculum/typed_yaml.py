@@ -1,0 +1,117 @@
+"""YAML mappings into typed dataclasses: an unknown key is named with the closest valid one, a wrong type is named
+with what was expected, and every problem of a file is reported at once. `--set a.b=value` overrides go through
+the same checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from curriculum.errors import ConfigError
+
+
+def closest_key(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(valid)})"
+
+
+def check_type(value: Any, annotation: Any, where: str) -> Any:
+    """Return `value` if it fits `annotation` (ints are accepted as floats), else raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        problems = []
+        for inner in [a for a in args if a is not type(None)]:  # the first that fits (`int | Literal["auto"]`)
+            try:
+                return check_type(value, inner, where)
+            except ConfigError as err:
+                problems.append(str(err).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: " + "; or ".join(problems))
+    if origin is Literal:
+        if not any(value == a and type(value) is type(a) for a in args):  # 1 is not True here
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list) or not all(isinstance(v, args[0]) for v in value):
+            raise ConfigError(f"{where}: expected a list of {args[0].__name__}, got {value!r}")
+        return list(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str):
+        try:  # YAML 1.1 reads `1e-4` (no dot) as a string; accept what is plainly a number
+            return float(value)
+        except ValueError:
+            pass
+    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def dataclass_from_mapping(cls: type, data: dict, where: str) -> Any:
+    """Turn a YAML mapping into `cls`, rejecting unknown keys and wrong types, naming each by its dotted path."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    problems, values = [], {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            problems.append(f"unknown key '{path}'{closest_key(str(key), list(fields))}")
+            continue
+        try:
+            if dataclasses.is_dataclass(hints[key]):
+                values[key] = dataclass_from_mapping(hints[key], value, path)
+            else:
+                values[key] = check_type(value, hints[key], path)
+        except ConfigError as err:
+            problems.append(str(err))
+    missing = [n for n, f in fields.items() if n not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    problems += [f"missing required key '{f'{where}.' if where else ''}{n}'" for n in missing]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return cls(**values)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b=value` overrides (values parsed as YAML: `--set lr=1e-4`, `--set lora.r=8`)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example --set lr=1e-4")
+        dotted, raw = item.split("=", 1)
+        *parents, leaf = dotted.strip().split(".")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: '{part}' is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def read_yaml_dataclass(cls: type, path: str | os.PathLike, overrides: list[str] = ()) -> Any:
+    """Read a YAML file (safely: no object construction) into `cls`, overrides applied, every key type-checked;
+    one ConfigError naming the file and listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: YAML syntax error: {getattr(err, 'problem', err)}") from None
+    try:
+        return dataclass_from_mapping(cls, apply_overrides(data, list(overrides)), "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}:\n" + "\n".join(f"  - {line}" for line in str(err).splitlines())) from None
