@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import yaml
 
-from curriculum import speed
+from curriculum import forgetting, speed
 from curriculum.batch_size import choose_batch_size
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
 from curriculum.faults import (
@@ -111,6 +111,19 @@ class QuantizationSettings:
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     """dtype the packed 4-bit weights are stored in. FSDP shards only floating-point tensors, so under FSDP it
     must be the compute dtype; `auto` picks that under FSDP and uint8 otherwise."""
+
+
+@dataclass
+class ReplaySettings:
+    """Earlier stages' training records mixed into this stage's (curriculum/forgetting.py)."""
+
+    fraction: float = 0.0
+    """Share of the mixed training set that is replayed: 0.2 adds round(0.2 / 0.8 x N) records to this stage's N
+    (50 to 200), drawn at random (seeded by `seed`) from the pooled training records of `stages`, each read from
+    the file that stage recorded (its SHA-256 must still match). 0: off. In [0, 1)."""
+    stages: Literal["all"] | list[int] = "all"
+    """The earlier stages to replay, by stage number: `all` of the lineage (the prev_checkpoint chain), or a list
+    such as [1]."""
 
 
 @dataclass
@@ -243,6 +256,21 @@ class StageConfig:
     """Longest generated answer, in tokens."""
     numeric_tolerance: float = 1.0
     """A numeric answer within this absolute distance of the gold one counts for `accuracy_within_tolerance`."""
+    watch_earlier_stages: bool = True
+    """Stage >= 2: evaluate the dev split of every earlier stage of the lineage too (each one's final_eval_file, found
+    through prev_checkpoint's stage_metrics.json): the loss before the first step, at every eval_steps evaluation
+    and at the end, and answers by generation at the end (as eval_questions). Logged, in TensorBoard
+    (eval/stage<N>_loss) and in stage_metrics.json (`earlier_stages`)."""
+    forgetting_tolerance: float | None = None
+    """Off (null) by default. The largest relative rise of an earlier stage's dev loss allowed during this stage:
+    (loss - loss before this stage's first step) / loss before the first step, checked at every evaluation
+    (eval_steps) and at the last step; 0.1 allows 10%. Over it, forgetting_action happens."""
+    forgetting_action: Literal["warn", "stop"] = "warn"
+    """When forgetting_tolerance is exceeded: `warn` logs it and records it in stage_metrics.json (`forgetting`);
+    `stop` saves a checkpoint in <output_dir>.partial, does not save the stage, and exits 5 (the message says how
+    to resume or retrain)."""
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+    """Replay of earlier stages' training records: `replay: {fraction: 0.2, stages: all}`."""
     tensorboard: bool = True
     """Write TensorBoard logs to <output_dir's parent>/tensorboard/<stage dir name>."""
     dataloader_num_workers: int = 2
@@ -562,6 +590,8 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
                             "continues")
     elif cfg.optimizer_state == "resume":
         problems.append("optimizer_state: resume needs a prev_checkpoint to take the moments from")
+    # forgetting_tolerance, forgetting_action, replay (curriculum/forgetting.py): reads the lineage, hashes files
+    problems += forgetting.config_problems(cfg, previous_stage_metrics, previous_stage_dir, split_sha256)
     out = Path(cfg.output_dir)
     if (out / STAGE_METRICS).is_file() and not cfg.overwrite:
         problems.append(f"output_dir: {out} already holds a finished stage; choose another or set overwrite: true")
@@ -1645,6 +1675,7 @@ def model_card(cfg: StageConfig, metrics: dict, accuracy_table: str | None) -> s
         "## Data", "", f"{metrics.get('train_samples')} training samples.", "", *data, "",
         "## Losses", "", *losses, "",
         "## Dev accuracy by question type", "", *accuracy, "",
+        *forgetting.card_lines(metrics),
         "## Use", "", "```",
         "python verify_exp4_fix.py THIS_FOLDER                                 # prove the lineage, reopen it",
         "python train_qlora_qwen3vl.py NEXT_STAGE.yaml --set prev_checkpoint=THIS_FOLDER   # continue it",
@@ -1711,6 +1742,12 @@ def train_stage(cfg: StageConfig) -> dict:
     train_ds = load_split(cfg.train_file, processor, cfg, "train")
     eval_ds = load_split(cfg.eval_file, processor, cfg, "eval") if cfg.eval_file else None
     prev_metrics = previous_stage_metrics(cfg.prev_checkpoint)
+    # Earlier stages (curriculum/forgetting.py): their training records replayed, their dev splits watched
+    earlier = forgetting.lineage(cfg.prev_checkpoint, previous_stage_metrics, previous_stage_dir)
+    replay = forgetting.mix_replay(train_ds, cfg, earlier, lambda path, name: load_split(path, processor, cfg, name),
+                                   split_sha256)
+    earlier_splits = (forgetting.earlier_dev_splits(earlier, lambda path, name: load_split(path, processor, cfg, name))
+                      if cfg.watch_earlier_stages else {})
     # what the stage trained and was measured on, by content (for the model card); one process hashes them
     data_files = ({key: {"path": getattr(cfg, key), "sha256": split_sha256(getattr(cfg, key))}
                    for key in ("train_file", "eval_file", "test_file") if getattr(cfg, key)}
@@ -1762,6 +1799,11 @@ def train_stage(cfg: StageConfig) -> dict:
     trainer = build_trainer(model, processor, train_ds, eval_ds, run_cfg, work_dir)
     guard = StageGuard(model)
     trainer.add_callback(guard.callback())
+    watch = forgetting.EarlierStagesWatch(
+        earlier_splits, cfg, work_dir, resumed=bool(resume_from),
+        evaluate=lambda datasets, prefix: trainer.evaluate(eval_dataset=datasets, metric_key_prefix=prefix))
+    if earlier_splits:
+        trainer.add_callback(watch.callback())
     if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
         trainer.create_optimizer()
         n = load_optimizer_moments(model, trainer.optimizer, Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS)
@@ -1813,6 +1855,7 @@ def train_stage(cfg: StageConfig) -> dict:
         raise StageStopped(f"stopped by {stop_signal} at step {trainer.state.global_step}/"
                            f"{trainer.state.max_steps}; checkpoint saved in {work_dir}. Run the same command to "
                            "resume.", code)
+    watch.end(trainer.state, work_dir)  # the earlier stages' losses at the end; raises if forgetting stopped the stage
     final_eval = eval_loss(trainer, eval_ds, "final_eval")
     log(f"final_eval_loss {final_eval}")
     process_views = check_trained_adapter_on_every_process(model, process_views)
@@ -1828,6 +1871,10 @@ def train_stage(cfg: StageConfig) -> dict:
         log(f"Dev accuracy after stage {cfg.stage} ({len(records)} questions, by generation"
             f"{f' on {len(process_views)} processes' if len(process_views) > 1 else ''}):\n"
             + vqa_eval.metrics_table(dev_metrics))
+    if earlier_splits and cfg.eval_questions and not fsdp_enabled():  # the earlier stages' dev splits, answered
+        import vqa_eval
+
+        watch.answer(lambda records: vqa_eval.evaluate_records(model, processor, records, cfg)[0], cfg.eval_questions)
 
     world = len(process_views)
     metrics = {
@@ -1846,6 +1893,9 @@ def train_stage(cfg: StageConfig) -> dict:
         "final_eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
         "data_files": data_files,
         "dev_metrics": dev_metrics,
+        "earlier_stages": watch.records(trainer.state.log_history),  # their dev splits, watched (forgetting.py)
+        "forgetting": watch.summary(),
+        "replay": replay,  # earlier stages' training records mixed in: which, how many, their files' SHA-256
         "train_loss_history": [{"step": e["step"], "loss": e["loss"]}
                                for e in trainer.state.log_history if "loss" in e],
         "eval_loss_history": [{"step": e["step"], "loss": e["eval_loss"]}
