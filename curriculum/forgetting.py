@@ -63,14 +63,19 @@ class EarlierStage:
 def lineage(prev_checkpoint: str | None, read_metrics: Callable[[str], dict | None],
             previous_dir: Callable[[Path, str | None], Path | None]) -> list[EarlierStage]:
     """The stages before this one, oldest first: `prev_checkpoint`, the stage it continued, and so on, as long as
-    each holds a stage_metrics.json (`read_metrics(dir)`, None where there is none). `previous_dir(dir, recorded)`
-    finds a stage's predecessor where it recorded it, or beside it if the curriculum was moved."""
+    each holds a readable stage_metrics.json (`read_metrics(dir)`, None where there is none).
+    `previous_dir(dir, recorded)` finds a stage's predecessor where it recorded it, or beside it if the curriculum
+    was moved."""
     chain: list[EarlierStage] = []
     seen: set[Path] = set()
     current = Path(prev_checkpoint) if prev_checkpoint else None
     while current is not None and current.resolve() not in seen:
-        metrics = read_metrics(str(current))
-        if metrics is None:
+        try:
+            metrics = read_metrics(str(current))
+        except (OSError, ValueError) as err:  # a damaged stage_metrics.json: the stages before it stay unknown
+            log(f"WARNING: the stage record in {current} does not read ({err}); the lineage is followed no further")
+            break
+        if not isinstance(metrics, dict):
             break
         seen.add(current.resolve())
         chain.append(EarlierStage(metrics.get("stage"), current, metrics))
@@ -126,10 +131,7 @@ def config_problems(cfg: Any, read_metrics: Callable[[str], dict | None],
         problems.append(f"replay.fraction: stage {cfg.stage} has no prev_checkpoint, so no earlier stage whose "
                         "training records it could replay; set replay.fraction: 0")
         return problems
-    try:
-        chain = lineage(cfg.prev_checkpoint, read_metrics, previous_dir)
-    except (OSError, ValueError) as err:  # a stage_metrics.json that does not read
-        return problems + [f"replay: the lineage of prev_checkpoint {cfg.prev_checkpoint} does not read ({err})"]
+    chain = lineage(cfg.prev_checkpoint, read_metrics, previous_dir)
     if not chain:
         return problems + [f"replay: prev_checkpoint {cfg.prev_checkpoint} records no stage_metrics.json, so its "
                            "training records are unknown; set replay.fraction: 0"]
