@@ -355,6 +355,8 @@ class EarlierStagesWatch:
     def end(self, state, work_dir: Path) -> None:
         """After training: the losses at the end (those of the last step if measured there), held against the
         tolerance unless they just were; raises StageStopped (exit FORGETTING_EXIT_CODE) if the stage stopped."""
+        if not self.splits:  # stage 1, or watch_earlier_stages: false
+            return
         if self.last is not None and self.last[0] == state.global_step:
             self.final = self.last[1]
         else:  # not measured at the last step, or a run resumed from a checkpoint at the last step
