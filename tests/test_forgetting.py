@@ -297,7 +297,7 @@ def assert_watched_their_own_splits(root: Path) -> None:
 def test_earlier_stages_are_watched_on_their_own_dev_splits(curriculum):
     root, logs = curriculum
     assert_watched_their_own_splits(root)
-    assert metrics(root / "stage1")["earlier_stages"] == []
+    assert metrics(root / "stage1")["earlier_stages"] == [] and "earlier stages" not in logs[1]
     assert "earlier stages before the first step | stage 1 dev loss " in logs[3]
     assert "Dev accuracy on stage 2's dev split (40 questions, by generation): " in logs[3]
     card = (root / "stage3" / "README.md").read_text()
