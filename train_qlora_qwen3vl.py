@@ -35,14 +35,14 @@ import yaml
 
 # torch, transformers and peft are imported inside the functions that use them, not here: `--help`, a config error
 # and the scripts and tests that import this file for its config do not wait seconds for them.
-from curriculum import adapter_files, faults, speed, stage_folder
+from curriculum import adapter_files, faults, forgetting, speed, stage_folder
 from curriculum.adapter_files import ADAPTER_WEIGHTS, OPTIMIZER_MOMENTS
 from curriculum.answer_loss import IGNORE_INDEX, answer_only_loss, answer_only_loss_trainer
-from curriculum.base_model import load_processor, resolve_model_path
+from curriculum.base_model import bnb_config, load_processor, quant_storage_dtype, resolve_model_path
 from curriculum.batch_size import choose_batch_size
-from curriculum.data_files import check_split, split_config_problems, split_hashes
+from curriculum.data_files import check_split, split_config_problems, split_hashes, split_sha256
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped, out_of_memory_message
-from curriculum.evaluation import evaluate_dev_split, write_predictions
+from curriculum.evaluation import evaluate_dev_split, evaluate_records, write_predictions
 from curriculum.faults import STAGE_START
 from curriculum.plots import write_stage_plots
 from curriculum.processes import (
@@ -62,7 +62,7 @@ from curriculum.records import Record, answer_token_ids, prompt_and_images
 from curriculum.scoring import metrics_table
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 from curriculum.trainer_callbacks import before_first_step, make_log_callbacks, tensorboard_callback
-from curriculum.typed_yaml import read_yaml_dataclass
+from curriculum.typed_yaml import parse_args, read_yaml_dataclass
 
 # isort: off
 # Read as tq.NAME by the tests (they lived here before curriculum/ did); the recipe itself does not use them.
@@ -111,6 +111,19 @@ class QuantizationSettings:
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     """dtype the packed 4-bit weights are stored in. FSDP shards only floating-point tensors, so under FSDP it
     must be the compute dtype; `auto` picks that under FSDP and uint8 otherwise."""
+
+
+@dataclass
+class ReplaySettings:
+    """Earlier stages' training records mixed into this stage's (curriculum/forgetting.py)."""
+
+    fraction: float = 0.0
+    """Share of the mixed training set that is replayed: 0.2 adds round(0.2 / 0.8 x N) records to this stage's N
+    (50 to 200), drawn at random (seeded by `seed`) from the pooled training records of `stages`, each read from
+    the file that stage recorded (its SHA-256 must still match). 0: off. In [0, 1)."""
+    stages: Literal["all"] | list[int] = "all"
+    """The earlier stages to replay, by stage number: `all` of the lineage (the prev_checkpoint chain), or a list
+    such as [1]."""
 
 
 @dataclass
@@ -248,6 +261,21 @@ class StageConfig:
     """Longest generated answer, in tokens."""
     numeric_tolerance: float = 1.0
     """A numeric answer within this absolute distance of the gold one counts for `accuracy_within_tolerance`."""
+    watch_earlier_stages: bool = True
+    """Stage >= 2: evaluate the dev split of every earlier stage of the lineage too (each one's final_eval_file, found
+    through prev_checkpoint's stage_metrics.json): the loss before the first step, at every eval_steps evaluation
+    and at the end, and answers by generation at the end (as eval_questions). Logged, in TensorBoard
+    (eval/stage<N>_loss) and in stage_metrics.json (`earlier_stages`)."""
+    forgetting_tolerance: float | None = None
+    """Off (null) by default. The largest relative rise of an earlier stage's dev loss allowed during this stage:
+    (loss - loss before this stage's first step) / loss before the first step, checked at every evaluation
+    (eval_steps) and at the last step; 0.1 allows 10%. Over it, forgetting_action happens."""
+    forgetting_action: Literal["warn", "stop"] = "warn"
+    """When forgetting_tolerance is exceeded: `warn` logs it and records it in stage_metrics.json (`forgetting`);
+    `stop` saves a checkpoint in <output_dir>.partial, does not save the stage, and exits 5 (the message says how
+    to resume or retrain)."""
+    replay: ReplaySettings = field(default_factory=ReplaySettings)
+    """Replay of earlier stages' training records: `replay: {fraction: 0.2, stages: all}`."""
     tensorboard: bool = True
     """Write TensorBoard logs to <output_dir's parent>/tensorboard/<stage dir name>."""
     dataloader_num_workers: int = 2
@@ -340,6 +368,9 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
                             "continues")
     elif cfg.optimizer_state == "resume":
         problems.append("optimizer_state: resume needs a prev_checkpoint to take the moments from")
+    # forgetting_tolerance, forgetting_action, replay (curriculum/forgetting.py): reads the lineage, hashes files
+    problems += forgetting.config_problems(cfg, stage_folder.previous_stage_metrics, stage_folder.previous_stage_dir,
+                                           split_sha256)
     out = Path(cfg.output_dir)
     if (out / STAGE_METRICS).is_file() and not cfg.overwrite:
         problems.append(f"output_dir: {out} already holds a finished stage; choose another or set overwrite: true")
@@ -436,23 +467,6 @@ def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset
 # ---------------------------------------------------------------------------------------------------------------------
 # Model: 4-bit base once, k-bit preparation once, then a new adapter (stage 1) or the previous one, trainable; proved
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def quant_storage_dtype(q: QuantizationSettings) -> str:
-    """`auto`: the compute dtype under FSDP (it shards only floating-point tensors), else bitsandbytes' uint8."""
-    if q.quant_storage != "auto":
-        return q.quant_storage
-    return q.compute_dtype if fsdp_enabled() else "uint8"
-
-
-def bnb_config(q: QuantizationSettings):
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
-                              bnb_4bit_use_double_quant=q.double_quant,
-                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
-                              bnb_4bit_quant_storage=getattr(torch, quant_storage_dtype(q)))
 
 
 def load_quantized_base(model_path: str, cfg: StageConfig):
@@ -647,6 +661,8 @@ class StageData:
     continuity_file: str | None
     prev_metrics: dict  # the previous stage's stage_metrics.json ({} without one)
     data_files: dict | None  # {train_file: {path, sha256}, ...}: what the stage saw, by content (main process only)
+    replay: dict | None  # earlier stages' training records mixed into train: which, how many, their files' SHA-256
+    earlier_splits: dict  # {"stage1": dev split, ...}: every earlier stage's dev split, watched during the stage
 
 
 def load_stage_data(cfg: StageConfig, processor) -> StageData:
@@ -655,6 +671,13 @@ def load_stage_data(cfg: StageConfig, processor) -> StageData:
     eval_ds = load_split(cfg.eval_file, processor, cfg, "eval") if cfg.eval_file else None
     prev_metrics = stage_folder.previous_stage_metrics(cfg.prev_checkpoint) or {}
     hashes = split_hashes(cfg) if is_main_process() else None  # one process hashes them
+    # Earlier stages (curriculum/forgetting.py): their training records replayed, their dev splits watched
+    earlier = forgetting.lineage(cfg.prev_checkpoint, stage_folder.previous_stage_metrics,
+                                 stage_folder.previous_stage_dir)
+    replay = forgetting.mix_replay(train_ds, cfg, earlier, lambda path, name: load_split(path, processor, cfg, name),
+                                   split_sha256)
+    earlier_splits = (forgetting.earlier_dev_splits(earlier, lambda path, name: load_split(path, processor, cfg, name))
+                      if cfg.watch_earlier_stages else {})
     # first_eval_loss is measured on the split the previous stage ended on, so the two numbers compare.
     prev_eval_file = prev_metrics.get("final_eval_file")
     if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).exists():  # a file, or a dataset folder
@@ -663,7 +686,7 @@ def load_stage_data(cfg: StageConfig, processor) -> StageData:
         continuity = eval_ds, cfg.eval_file
         if cfg.prev_checkpoint:
             log(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
-    return StageData(train_ds, eval_ds, *continuity, prev_metrics, hashes)
+    return StageData(train_ds, eval_ds, *continuity, prev_metrics, hashes, replay, earlier_splits)
 
 
 @dataclass
@@ -676,6 +699,7 @@ class Fit:
     first_eval_loss_own_split: float | None
     train_seconds: float
     resumed_at: int  # the step an interrupted run resumed from; 0 from the start
+    watch: Any  # forgetting.EarlierStagesWatch: the earlier stages' dev losses during the stage
 
 
 def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work_dir: Path,
@@ -697,6 +721,11 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
     trainer = build_trainer(model, processor, data.train, data.eval, run_cfg, work_dir)
     guard = faults.StageGuard(model)
     trainer.add_callback(guard.callback())
+    watch = forgetting.EarlierStagesWatch(
+        data.earlier_splits, cfg, work_dir, resumed=bool(resume_from),
+        evaluate=lambda datasets, prefix: trainer.evaluate(eval_dataset=datasets, metric_key_prefix=prefix))
+    if data.earlier_splits:
+        trainer.add_callback(watch.callback())
     if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
         trainer.create_optimizer()
         moments = Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS
@@ -730,8 +759,9 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
         result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - start["t0"]
     guard.raise_if_stopped(trainer, work_dir, cfg.lr)
+    watch.end(trainer.state, work_dir)  # the earlier stages' losses at the end; raises if forgetting stopped the stage
     return Fit(trainer, result, batch_size, start["first_eval_loss"], start["first_eval_loss_own_split"],
-               train_seconds, resumed_at)
+               train_seconds, resumed_at, watch)
 
 
 def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> None:
@@ -773,7 +803,8 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     (staging / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))
     accuracy = metrics_table(metrics["dev_metrics"]) if metrics.get("dev_metrics") else None
-    (staging / "README.md").write_text(stage_folder.model_card(cfg, metrics, accuracy))  # not peft's empty template
+    card = stage_folder.model_card(cfg, metrics, accuracy, forgetting.card_lines(metrics))
+    (staging / "README.md").write_text(card)  # not peft's empty template
     if predictions is not None:
         write_predictions(predictions, staging / "predictions_dev.jsonl")
     for plot in write_stage_plots(staging):
@@ -810,6 +841,8 @@ def train_stage(cfg: StageConfig) -> dict:
     log(f"final_eval_loss {final_eval}")
     process_views = adapter_files.check_trained_adapter_on_every_process(model, process_views)
     dev_metrics, predictions = evaluate_dev_split(model, processor, data.eval, cfg, len(process_views))
+    if data.earlier_splits and cfg.eval_questions and not fsdp_enabled():  # the earlier stages' dev splits, answered
+        fitted.watch.answer(lambda records: evaluate_records(model, processor, records, cfg)[0], cfg.eval_questions)
     metrics = stage_folder.stage_metrics(cfg, data, fitted, process_views, patches, final_eval, dev_metrics)
 
     staging = Path(f"{cfg.output_dir}.saving")
@@ -835,35 +868,9 @@ def check_data(cfg: StageConfig) -> None:
     log("Check passed: config and data are valid (no model loaded, nothing trained)")
 
 
-def parse_args(argv: list[str]) -> tuple[str, list[str], bool]:
-    """`CONFIG.yaml [--set key=value ...] [--check]`; any other flag is an error."""
-    config, overrides, check, i = None, [], False, 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--set" and i + 1 < len(argv):
-            overrides.append(argv[i + 1])
-            i += 1
-        elif arg.startswith("--set="):
-            overrides.append(arg[len("--set="):])
-        elif arg == "--check":
-            check = True
-        elif arg in ("-h", "--help"):
-            print(__doc__)
-            raise SystemExit(0)
-        elif arg.startswith("-") or config is not None:
-            raise ConfigError(f"unexpected argument {arg!r}; usage: train_qlora_qwen3vl.py CONFIG.yaml "
-                              "[--set key=value ...] [--check]")
-        else:
-            config = arg
-        i += 1
-    if config is None:
-        raise ConfigError("usage: train_qlora_qwen3vl.py CONFIG.yaml [--set key=value ...] [--check]")
-    return config, overrides, check
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
-        config_path, overrides, check = parse_args(sys.argv[1:] if argv is None else argv)
+        config_path, overrides, check = parse_args(sys.argv[1:] if argv is None else argv, __doc__)
         cfg = load_config(config_path, overrides)
         validate_config(cfg, training=not check)
         log("Resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

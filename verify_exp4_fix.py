@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import train_qlora_qwen3vl as tq
+from curriculum import forgetting
 from curriculum.adapter_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -265,6 +266,28 @@ def check_continuity(stage_dir: Path, metrics: dict | None, tolerance: float) ->
     return Check(name, PASS, detail)
 
 
+def check_replay(stage_dir: Path, metrics: dict) -> Check:
+    """A stage that replayed earlier stages' training records (replay.fraction): replay is no new data source. Every
+    replayed stage is in this stage's lineage, and the records came from the very file (by SHA-256) that stage
+    recorded training on. Only for stages that recorded replay."""
+    name = "replay"
+    record = metrics["replay"]
+    prev = previous_stage_dir(stage_dir, metrics.get("prev_checkpoint"))  # or beside it, if the curriculum moved
+    if prev is None:
+        return Check(name, NOT_RUN, f"previous stage {metrics.get('prev_checkpoint')} is gone (and is not beside "
+                                    "this stage); cannot compare the replayed files with what the stages trained on")
+    chain = forgetting.lineage(str(prev), lambda d: read_stage(Path(d)).metrics, previous_stage_dir)
+    problems = forgetting.replay_problems(record, chain)
+    if problems:
+        return Check(name, FAIL, "; ".join(problems))
+    sources = " and ".join(f"stage {e['stage']} ({e['records']} of {e['pool']} from {e['train_file']}, sha256 "
+                           f"{e['sha256'][:12]}...)" for e in record["sources"])
+    total = record["own_records"] + record["replayed_records"]
+    return Check(name, PASS, f"{record['replayed_records']} of {total} training records ({record['share']:.1%}) "
+                             f"replayed from {sources}: the data those stages of the lineage trained on, by SHA-256, "
+                             "not a new source")
+
+
 def is_missing_local_path(name_or_path: str | None) -> bool:
     """A base named by a local path that is not there. A hub id (`org/name`, one slash at most) may be fetched or
     cached elsewhere, so it is left to the load."""
@@ -438,6 +461,8 @@ def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tol
         needs_adapter("LoRA config", lambda: check_lora_config(stage_dir, config.lora if config else None, source)),
         needs_adapter("lineage", lambda: check_lineage(stage_dir, metrics)),
         run_isolated("continuity", lambda: check_continuity(stage_dir, metrics, tolerance)),
+        *([run_isolated("replay", lambda: check_replay(stage_dir, metrics))]
+          if isinstance(metrics, dict) and metrics.get("replay") else []),  # only a stage that replayed
         run_isolated("base model", lambda: check_base_model(metrics, config if config_path else None, base)),
         Check("reopened for training", NOT_RUN, "--skip-load") if skip_load else
         needs_adapter("reopened for training", lambda: check_reopened_for_training(stage_dir, metrics, config, base)),

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from curriculum.errors import ConfigError
-from curriculum.processes import log, processes
+from curriculum.processes import fsdp_enabled, log, processes
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 TINY_MODEL_NAME = "tiny-qwen3vl"
@@ -51,3 +51,21 @@ def load_processor(model_path: str, cfg):
     processor = from_pretrained_checked(AutoProcessor, model_path, cfg)
     processor.image_processor.size = {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
     return processor
+
+
+def quant_storage_dtype(q) -> str:
+    """The dtype the packed 4-bit weights are stored in (`q`: the config's QuantizationSettings). `auto`: the compute
+    dtype under FSDP (it shards only floating-point tensors), else bitsandbytes' uint8."""
+    if q.quant_storage != "auto":
+        return q.quant_storage
+    return q.compute_dtype if fsdp_enabled() else "uint8"
+
+
+def bnb_config(q):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=q.quant_type,
+                              bnb_4bit_use_double_quant=q.double_quant,
+                              bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+                              bnb_4bit_quant_storage=getattr(torch, quant_storage_dtype(q)))

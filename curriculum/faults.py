@@ -14,6 +14,9 @@ from curriculum.processes import log
 from curriculum.stage_folder import STAGE_METRICS
 
 STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run must not measure again
+# Keys a resumed run may change: they decide what happens around the training, not what trains (forgetting_action:
+# stop says to resume with forgetting_action: warn, or a higher tolerance, to accept the rise it stopped for).
+NOT_COMPARED_ON_RESUME = ("overwrite", "forgetting_tolerance", "forgetting_action")
 
 
 def leave_stop_signals_to_the_trainer() -> None:
@@ -154,7 +157,7 @@ def interrupted_run(work_dir: Path, config: dict) -> str | None:
         shutil.rmtree(work_dir)  # started, but nothing to resume from: no checkpoint was written
         return None
     saved = json.loads(start_file.read_text())["config"]
-    differ = [k for k in config if k != "overwrite" and saved.get(k) != config[k]]
+    differ = [k for k in config if k not in NOT_COMPARED_ON_RESUME and saved.get(k) != config[k]]
     if differ:
         raise ConfigError(f"{work_dir} holds an interrupted run of this stage with other settings "
                           f"({', '.join(differ)}); restore them to resume it, or delete {work_dir} to start over")

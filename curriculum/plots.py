@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from curriculum.forgetting import dev_split_series
 from curriculum.stage_folder import stage_chain
 
 
@@ -22,28 +23,29 @@ def _pyplot():
 
 
 def plot_loss_curve(chain: list[tuple[Path, dict]], path: Path) -> None:
-    """Train and eval loss of all stages on one step axis, stage boundaries marked: a restart shows as a jump."""
+    """Train loss of each stage, and one line per dev split across all stages (in its own stage, its evaluations;
+    in later stages, their watch of it: forgetting shows as a line that climbs), on one step axis with the stage
+    boundaries marked: a restart shows as a jump. A dev split's line has its stage's colour."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     offset = 0
+    colour = {}
     for i, (_, m) in enumerate(chain):
-        color = plt.cm.tab10(i)
+        colour[f"stage {m['stage']} dev"] = plt.cm.tab10(i)
         train = m.get("train_loss_history", [])
-        ax.plot([offset + h["step"] for h in train], [h["loss"] for h in train], color=color, alpha=0.8,
+        ax.plot([offset + h["step"] for h in train], [h["loss"] for h in train], color=plt.cm.tab10(i), alpha=0.5,
                 label=f"stage {m['stage']} train")
-        evals = [(0, m.get("first_eval_loss"))] + [(h["step"], h["loss"]) for h in m.get("eval_loss_history", [])]
-        evals += [(m.get("global_steps", 0), m.get("final_eval_loss"))]
-        evals = [(s, v) for s, v in evals if v is not None]
-        ax.plot([offset + s for s, _ in evals], [v for _, v in evals], "o--", color=color, markersize=5,
-                label=f"stage {m['stage']} eval")
         if i:  # the label's height is in axes coordinates, so later stages cannot move it off the top
             ax.axvline(offset, color="grey", linestyle=":", linewidth=1)
             ax.annotate(f"stage {m['stage']} starts", (offset, 1), xycoords=ax.get_xaxis_transform(),
                         xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
         offset += m.get("global_steps", 0)
+    for name, points in dev_split_series([m for _, m in chain]).items():
+        ax.plot([s for s, _ in points], [v for _, v in points], "o--", color=colour.get(name, "black"),
+                markersize=5, label=name)
     ax.set_xlabel("optimizer step (all stages)")
     ax.set_ylabel("loss")
-    ax.set_title("Loss across the curriculum: eval loss must carry on across each dotted boundary")
+    ax.set_title("Loss across the curriculum: each dev split's line must carry on across the dotted boundaries")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

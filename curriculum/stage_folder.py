@@ -74,6 +74,9 @@ def stage_metrics(cfg, data, fitted, views: list[dict], patches: dict, final_eva
         "final_eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
         "data_files": data.data_files,
         "dev_metrics": dev_metrics,
+        "earlier_stages": fitted.watch.records(state.log_history),  # their dev splits, watched (forgetting.py)
+        "forgetting": fitted.watch.summary(),
+        "replay": data.replay,  # earlier stages' training records mixed in: which, how many, their files' SHA-256
         "train_loss_history": [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e],
         "eval_loss_history": [{"step": e["step"], "loss": e["eval_loss"]}
                               for e in state.log_history if "eval_loss" in e],
@@ -106,9 +109,10 @@ def _loss(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def model_card(cfg, metrics: dict, accuracy_table: str | None) -> str:
+def model_card(cfg, metrics: dict, accuracy_table: str | None, earlier_stages: list[str] = ()) -> str:
     """The stage folder's README.md, in place of peft's empty template: the base, the stage and its lineage, the
-    data by SHA-256, the losses and the dev accuracy by question type. `cfg` is the stage's StageConfig."""
+    data by SHA-256, the losses and the dev accuracy by question type, and `earlier_stages` (forgetting.card_lines:
+    the earlier stages' dev splits, watched). `cfg` is the stage's StageConfig."""
     lora, q = cfg.lora, cfg.quantization
     front = ["---", f"base_model: {cfg.model_name_or_path}", "library_name: peft", "pipeline_tag: image-text-to-text",
              "tags:", f"- base_model:adapter:{cfg.model_name_or_path}", "- lora", "- qlora", "- qwen3-vl",
@@ -147,6 +151,7 @@ def model_card(cfg, metrics: dict, accuracy_table: str | None) -> str:
         "## Data", "", f"{metrics.get('train_samples')} training samples.", "", *data, "",
         "## Losses", "", *losses, "",
         "## Dev accuracy by question type", "", *accuracy, "",
+        *earlier_stages,
         "## Use", "", "```",
         "python verify_exp4_fix.py THIS_FOLDER                                 # prove the lineage, reopen it",
         "python train_qlora_qwen3vl.py NEXT_STAGE.yaml --set prev_checkpoint=THIS_FOLDER   # continue it",

@@ -115,3 +115,29 @@ def read_yaml_dataclass(cls: type, path: str | os.PathLike, overrides: list[str]
         return dataclass_from_mapping(cls, apply_overrides(data, list(overrides)), "")
     except ConfigError as err:
         raise ConfigError(f"{path}:\n" + "\n".join(f"  - {line}" for line in str(err).splitlines())) from None
+
+
+def parse_args(argv: list[str], usage: str = "") -> tuple[str, list[str], bool]:
+    """`CONFIG.yaml [--set key=value ...] [--check]`; any other flag is an error. `-h` prints `usage`."""
+    config, overrides, check, i = None, [], False, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--set" and i + 1 < len(argv):
+            overrides.append(argv[i + 1])
+            i += 1
+        elif arg.startswith("--set="):
+            overrides.append(arg[len("--set="):])
+        elif arg == "--check":
+            check = True
+        elif arg in ("-h", "--help"):
+            print(usage)
+            raise SystemExit(0)
+        elif arg.startswith("-") or config is not None:
+            raise ConfigError(f"unexpected argument {arg!r}; usage: train_qlora_qwen3vl.py CONFIG.yaml "
+                              "[--set key=value ...] [--check]")
+        else:
+            config = arg
+        i += 1
+    if config is None:
+        raise ConfigError("usage: train_qlora_qwen3vl.py CONFIG.yaml [--set key=value ...] [--check]")
+    return config, overrides, check

@@ -5,6 +5,8 @@
     python tests/faults.py empty-adapter-save CONFIG.yaml [--set ...]   # the save writes an adapter with no tensors
     python tests/faults.py speed-patches-do-not-fit CONFIG.yaml [--set ...]
         # the libraries the speed patches replace are stood in for by ones they were not written for
+    python tests/faults.py earlier-loss-jumps-at-step N CONFIG.yaml [--set ...]
+        # from step N on, the earlier stages' dev losses (eval_stage<K>_loss) come out 3 times what they are
     accelerate launch ... tests/faults.py last-process-reads DIR CONFIG.yaml [--set ...]
         # the last process continues the adapter in DIR instead of prev_checkpoint (a stale copy on one machine)
 """
@@ -47,6 +49,21 @@ def fill_disk_after(step: int):
             print(f"faults.py: filled the disk after step {step}", flush=True)
 
     return FillDisk()
+
+
+def earlier_losses_jump_from(step: int):
+    """The Trainer's evaluation loop, with the loss it reports on an earlier stage's dev split (the watch's
+    `eval_stage<K>` prefix, during training) tripled from optimizer step `step` on: forgetting, as the watch sees it,
+    logged and recorded like any loss."""
+    evaluation_loop = transformers.Trainer.evaluation_loop
+
+    def jumped(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        output = evaluation_loop(self, dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if metric_key_prefix.startswith("eval_stage") and self.state.global_step >= step:
+            output.metrics[f"{metric_key_prefix}_loss"] *= 3
+        return output
+
+    return jumped
 
 
 # Stand-ins for the library pieces the speed patches replace (tests/test_speed_guards.py); each takes a
@@ -109,6 +126,9 @@ if __name__ == "__main__":
             return trainer
 
         tq.build_trainer = build_and_fill
+    elif fault == "earlier-loss-jumps-at-step":
+        at, argv = int(argv[0]), argv[1:]
+        transformers.Trainer.evaluation_loop = earlier_losses_jump_from(at)
     elif fault == "empty-adapter-save":
         save_model = transformers.Trainer.save_model
 

@@ -1,0 +1,474 @@
+"""A curriculum without forgetting: every earlier stage watched during a stage, and replay to keep it.
+
+A stage >= 2 finds the stages before it by following its `prev_checkpoint` chain (each stage's
+stage_metrics.json names the stage it continued). From each it takes two things:
+
+- its dev split (the `final_eval_file` it recorded): evaluated before the first step, at every evaluation during
+  the stage and at the end, through the Trainer's own evaluation (`eval_dataset={"stage1": ..., ...}`, reported as
+  `eval_stage1_loss`, ...), and answered by generation at the end. `forgetting_tolerance` warns, or stops the
+  stage, when one of these losses rises too far above its value before this stage's first step.
+- its training records (the `train_file` it recorded, by path and SHA-256), for `replay`: a seeded share of them
+  mixed into this stage's training set.
+
+The recipe passes in what this needs of it (reading a stage's metrics, loading a split, evaluating, hashing a
+file), so nothing here imports it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from curriculum.errors import ConfigError, StageStopped
+from curriculum.faults import complete_checkpoints
+from curriculum.processes import is_main_process, log
+
+FORGETTING_EXIT_CODE = 5  # forgetting_action: stop (130/143 are the stop signals, 1-4 the errors)
+START_FILE = "earlier_stages_start.json"  # in <output_dir>.partial: the losses a resumed run must not re-measure
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The lineage: the stages this one continues, oldest first
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EarlierStage:
+    """A stage of this stage's lineage, as its stage_metrics.json recorded it."""
+    stage: int
+    dir: Path
+    metrics: dict
+
+    @property
+    def name(self) -> str:
+        """Its name in metric keys: `stage1` gives `eval_stage1_loss`."""
+        return f"stage{self.stage}"
+
+    @property
+    def eval_file(self) -> str | None:
+        """The dev split it ended on (resolved when it was recorded)."""
+        return self.metrics.get("final_eval_file")
+
+    @property
+    def train_file(self) -> dict | None:
+        """{"path", "sha256"} of the split it trained on."""
+        return (self.metrics.get("data_files") or {}).get("train_file")
+
+
+def lineage(prev_checkpoint: str | None, read_metrics: Callable[[str], dict | None],
+            previous_dir: Callable[[Path, str | None], Path | None]) -> list[EarlierStage]:
+    """The stages before this one, oldest first: `prev_checkpoint`, the stage it continued, and so on, as long as
+    each holds a readable stage_metrics.json (`read_metrics(dir)`, None where there is none).
+    `previous_dir(dir, recorded)` finds a stage's predecessor where it recorded it, or beside it if the curriculum
+    was moved."""
+    chain: list[EarlierStage] = []
+    seen: set[Path] = set()
+    current = Path(prev_checkpoint) if prev_checkpoint else None
+    while current is not None and current.resolve() not in seen:
+        try:
+            metrics = read_metrics(str(current))
+        except (OSError, ValueError) as err:  # a damaged stage_metrics.json: the stages before it stay unknown
+            log(f"WARNING: the stage record in {current} does not read ({err}); the lineage is followed no further")
+            break
+        if not isinstance(metrics, dict):
+            break
+        seen.add(current.resolve())
+        chain.append(EarlierStage(metrics.get("stage"), current, metrics))
+        current = previous_dir(current, metrics.get("prev_checkpoint"))
+    return chain[::-1]
+
+
+def unique_names(chain: list[EarlierStage]) -> dict[str, EarlierStage]:
+    """{metric name: stage}; a stage number seen twice (a stage 1 that continued an adapter trained elsewhere)
+    gets its position appended, so that no two splits share a metric key."""
+    named: dict[str, EarlierStage] = {}
+    for i, stage in enumerate(chain):
+        named[stage.name if stage.name not in named else f"{stage.name}_{i}"] = stage
+    return named
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config: what validate_config adds for forgetting_tolerance and replay
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def replay_sources(stages: str | list[int], chain: list[EarlierStage]) -> list[EarlierStage]:
+    """The stages whose training records `replay.stages` names: all of the lineage, or those numbered."""
+    return list(chain) if stages == "all" else [s for s in chain if s.stage in stages]
+
+
+def config_problems(cfg: Any, read_metrics: Callable[[str], dict | None],
+                    previous_dir: Callable[[Path, str | None], Path | None],
+                    file_sha256: Callable[[str], str]) -> list[str]:
+    """Problems with forgetting_tolerance, forgetting_action, watch_earlier_stages and replay, one line each naming
+    the key; found before the model loads (the lineage is read from the stages' stage_metrics.json and the
+    replayed files are hashed)."""
+    problems = []
+    tolerance, replay = cfg.forgetting_tolerance, cfg.replay
+    if tolerance is not None and not tolerance > 0:
+        problems.append(f"forgetting_tolerance must be > 0 (a relative rise: 0.1 stops or warns at 10% above the loss "
+                        f"before the first step), or null for off; got {tolerance}")
+    if cfg.forgetting_action == "stop" and tolerance is None:
+        problems.append("forgetting_action: stop needs forgetting_tolerance (the rise at which to stop)")
+    if tolerance is not None and not cfg.watch_earlier_stages:
+        problems.append("forgetting_tolerance needs watch_earlier_stages: true (it is checked on their dev losses)")
+    if tolerance is not None and not cfg.prev_checkpoint:
+        problems.append(f"forgetting_tolerance: stage {cfg.stage} has no prev_checkpoint, so no earlier stage to "
+                        "watch; remove it (or set it in the configs of stages >= 2)")
+    if not 0 <= replay.fraction < 1:
+        problems.append(f"replay.fraction must be in [0, 1) (the share of replayed records in the mixed training "
+                        f"set; 0 is off), got {replay.fraction}")
+    if isinstance(replay.stages, list) and not replay.stages:
+        problems.append("replay.stages must name at least one stage, or be all")
+    if not replay.fraction or not 0 < replay.fraction < 1:
+        return problems
+    if not cfg.prev_checkpoint:
+        problems.append(f"replay.fraction: stage {cfg.stage} has no prev_checkpoint, so no earlier stage whose "
+                        "training records it could replay; set replay.fraction: 0")
+        return problems
+    chain = lineage(cfg.prev_checkpoint, read_metrics, previous_dir)
+    if not chain:
+        return problems + [f"replay: prev_checkpoint {cfg.prev_checkpoint} records no stage_metrics.json, so its "
+                           "training records are unknown; set replay.fraction: 0"]
+    numbers = [s.stage for s in chain]
+    if isinstance(replay.stages, list):
+        problems += [f"replay.stages: stage {n} is not in this stage's lineage (through prev_checkpoint: stages "
+                     f"{', '.join(map(str, numbers))})" for n in replay.stages if n not in numbers]
+    for source in replay_sources(replay.stages, chain):
+        recorded = source.train_file
+        if not recorded:
+            problems.append(f"replay: stage {source.stage} ({source.dir}) recorded no train_file in its "
+                            "stage_metrics.json")
+        elif not Path(recorded["path"]).exists():
+            problems.append(f"replay: stage {source.stage}'s train_file {recorded['path']} is not found (the path "
+                            "it recorded, relative to where you run the command)")
+        elif file_sha256(recorded["path"]) != recorded["sha256"]:
+            problems.append(f"replay: stage {source.stage}'s train_file {recorded['path']} changed since stage "
+                            f"{source.stage} trained on it (sha256 {recorded['sha256'][:12]}... recorded, "
+                            f"{file_sha256(recorded['path'])[:12]}... now)")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Replay: a seeded share of earlier stages' training records, mixed into this stage's
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def replay_count(n_own: int, fraction: float) -> int:
+    """Replayed records that make `fraction` of the mixed set: n / (n_own + n) = fraction."""
+    return round(fraction / (1 - fraction) * n_own)
+
+
+def choose_replay(pools: dict[int, int], n_own: int, fraction: float, seed: int) -> dict[int, list[int]]:
+    """{stage: indices of its records to replay}. `pools` holds each source stage's record count. The records are
+    drawn without replacement from the pool of all of them (each stage contributes in proportion to its size),
+    seeded: the same seed draws the same records. At most the whole pool."""
+    flat = [(stage, i) for stage, size in pools.items() for i in range(size)]
+    picked = random.Random(seed).sample(flat, min(replay_count(n_own, fraction), len(flat)))
+    return {stage: sorted(i for s, i in picked if s == stage) for stage in pools}
+
+
+def mix_replay(train_ds, cfg: Any, chain: list[EarlierStage], load_train: Callable[[str, str], Any],
+               file_sha256: Callable[[str], str]) -> dict | None:
+    """Append the replayed records of `cfg.replay` to `train_ds` (a dataset with `.records` and `.lengths`, as
+    `load_train(path, split_name)` returns them) and return what was mixed, for stage_metrics.json; None when
+    replay is off. The Trainer shuffles the mixed set (data_seed)."""
+    if not cfg.replay.fraction:
+        return None
+    sources = replay_sources(cfg.replay.stages, chain)
+    loaded = {s.stage: load_train(s.train_file["path"], f"stage {s.stage} train (replay)") for s in sources}
+    n_own = len(train_ds)
+    picks = choose_replay({stage: len(ds) for stage, ds in loaded.items()}, n_own, cfg.replay.fraction, cfg.seed)
+    entries = []
+    for source in sources:
+        ds, chosen = loaded[source.stage], picks[source.stage]
+        sha = file_sha256(source.train_file["path"])
+        if sha != source.train_file["sha256"]:  # validate_config checked it; the file changed since
+            raise ConfigError(f"replay: stage {source.stage}'s train_file {source.train_file['path']} changed since "
+                              f"stage {source.stage} trained on it")
+        train_ds.records += [ds.records[i] for i in chosen]
+        if train_ds.lengths is not None and ds.lengths is not None:
+            train_ds.lengths += [ds.lengths[i] for i in chosen]
+        else:
+            train_ds.lengths = None
+        entries.append({"stage": source.stage, "stage_dir": str(source.dir), "train_file": source.train_file["path"],
+                        "sha256": sha, "pool": len(ds), "records": len(chosen),
+                        "ids": [ds.records[i].id for i in chosen]})
+    n = sum(e["records"] for e in entries)
+    if n < replay_count(n_own, cfg.replay.fraction):
+        log(f"Replay: the earlier stages hold {n} records, fewer than the {replay_count(n_own, cfg.replay.fraction)} "
+            f"that replay.fraction {cfg.replay.fraction:g} asks for; all of them are replayed")
+    log(f"Replay: {n} records of stage(s) {', '.join(str(e['stage']) for e in entries)} mixed into {n_own} of this "
+        f"stage's: {n / (n_own + n):.1%} of {n_own + n} training records ("
+        + ", ".join(f"stage {e['stage']}: {e['records']} of {e['pool']} from {e['train_file']}" for e in entries)
+        + f"; seed {cfg.seed})")
+    return {"fraction": cfg.replay.fraction, "stages": [e["stage"] for e in entries], "seed": cfg.seed,
+            "own_records": n_own, "replayed_records": n, "share": round(n / (n_own + n), 4), "sources": entries}
+
+
+def replay_problems(record: dict, chain: list[EarlierStage]) -> list[str]:
+    """For the verifier: why a stage's replay record does not hold up, none if it does. Every replayed stage is
+    in the lineage, and the records came from the very file (by SHA-256) that stage recorded training on: replay
+    brings in no new data."""
+    by_number = {s.stage: s for s in chain}
+    problems = []
+    for entry in record.get("sources") or []:
+        source = by_number.get(entry.get("stage"))
+        if source is None:
+            problems.append(f"replayed stage {entry.get('stage')} is not in the lineage (stages "
+                            f"{', '.join(str(s.stage) for s in chain) or 'none found'})")
+        elif (source.train_file or {}).get("sha256") != entry.get("sha256"):
+            problems.append(f"the records replayed from stage {entry['stage']} ({entry.get('train_file')}, sha256 "
+                            f"{str(entry.get('sha256'))[:12]}...) are not the data stage {entry['stage']} trained on "
+                            f"(sha256 {str((source.train_file or {}).get('sha256'))[:12]}...)")
+    if not record.get("sources"):
+        problems.append("replay is recorded, but no source stage")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Watching the earlier stages' dev splits during the stage
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def earlier_dev_splits(chain: list[EarlierStage], load_eval: Callable[[str, str], Any]) -> dict[str, tuple]:
+    """{metric name: (stage, its dev split loaded by `load_eval(path, split_name)`)} for every earlier stage that
+    recorded one that is still there."""
+    splits = {}
+    for name, stage in unique_names(chain).items():
+        if not stage.eval_file:
+            log(f"Stage {stage.stage} ({stage.dir}) recorded no dev split: it is not watched")
+        elif not Path(stage.eval_file).exists():
+            log(f"WARNING: stage {stage.stage}'s dev split {stage.eval_file} is not found: it is not watched")
+        else:
+            splits[name] = (stage, load_eval(stage.eval_file, f"stage {stage.stage} dev"))
+    return splits
+
+
+def relative_rise(loss: float, start: float) -> float:
+    """How far `loss` is above `start`, as a fraction of it (negative when below)."""
+    return (loss - start) / start if start else 0.0 if loss == start else math.inf
+
+
+class EarlierStagesWatch:
+    """The earlier stages' dev losses during the stage: measured before the first step, at every evaluation (with
+    the stage's own, every eval_steps) and at the end; held against forgetting_tolerance.
+
+    `evaluate(datasets, prefix)` is the Trainer's own `evaluate(eval_dataset=datasets, metric_key_prefix=prefix)`:
+    a dict of datasets gives `<prefix>_<name>_loss`, logged (console, TensorBoard as eval/<name>_loss) and kept in
+    the Trainer's log history, which a resumed run restores."""
+
+    def __init__(self, splits: dict[str, tuple], cfg: Any, work_dir: Path, evaluate: Callable[[dict, str], dict],
+                 resumed: bool):
+        self.splits, self.work_dir, self.evaluate, self.resumed = splits, Path(work_dir), evaluate, resumed
+        self.tolerance, self.action, self.eval_steps = cfg.forgetting_tolerance, cfg.forgetting_action, cfg.eval_steps
+        self.start: dict[str, float] = {}  # loss before this stage's first step
+        self.last: tuple[int, dict[str, float]] | None = None  # (step, losses) of the latest measure
+        self.final: dict[str, float] = {}
+        self.exceeded: list[dict] = []  # every time a loss rose past the tolerance
+        self.stopped_at: int | None = None
+        self.dev_metrics: dict[str, dict] = {}
+
+    def measure(self, prefix: str) -> dict[str, float]:
+        """The loss on each earlier dev split, by the Trainer's evaluation of a dict of datasets. The RNG is left as
+        it was, so watching does not change what trains (the eval dataloaders draw their seeds from it)."""
+        if not self.splits:
+            return {}
+        import torch
+
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            metrics = self.evaluate({name: ds for name, (_, ds) in self.splits.items()}, prefix)
+        return {name: metrics[f"{prefix}_{name}_loss"] for name in self.splits}
+
+    def describe(self, step: int, max_steps: int, losses: dict[str, float]) -> str:
+        return f"earlier stages at step {step}/{max_steps} | " + " | ".join(
+            f"stage {self.splits[n][0].stage} dev loss {loss:.4f} ({relative_rise(loss, self.start[n]):+.1%})"
+            for n, loss in losses.items())
+
+    def check(self, step: int, losses: dict[str, float]) -> bool:
+        """Hold `losses` against the tolerance: warn for each over it; True when the stage is to stop."""
+        if self.tolerance is None:
+            return False
+        over = []
+        for name, loss in losses.items():
+            rise = relative_rise(loss, self.start[name])
+            if rise > self.tolerance:
+                stage = self.splits[name][0].stage
+                over.append({"step": step, "stage": stage, "loss": loss, "loss_at_start": self.start[name],
+                             "rise": round(rise, 6)})
+                log(f"WARNING: forgetting: stage {stage}'s dev loss is {loss:.4f} at step {step}, {rise:.1%} above "
+                    f"its {self.start[name]:.4f} before this stage's first step (forgetting_tolerance "
+                    f"{self.tolerance:g}, forgetting_action: {self.action})")
+        self.exceeded += over
+        if over and self.action == "stop" and self.stopped_at is None:
+            self.stopped_at = step
+        return bool(over) and self.action == "stop"
+
+    def at_evaluation(self, state, control) -> None:
+        losses = self.measure("eval")
+        self.last = (state.global_step, losses)
+        log(self.describe(state.global_step, state.max_steps, losses))
+        if self.check(state.global_step, losses):  # as for a stop signal: a checkpoint, then the stage ends
+            control.should_save, control.should_training_stop = True, True
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        watch = self
+
+        class Watch(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                # After the Trainer wrapped the model for training (see the recipe's before_first_step).
+                saved = watch.work_dir / START_FILE
+                if watch.resumed and saved.is_file():
+                    watch.start = json.loads(saved.read_text())
+                    return
+                watch.start = watch.measure("first_eval")
+                log("earlier stages before the first step | " + " | ".join(
+                    f"stage {watch.splits[n][0].stage} dev loss {loss:.4f}" for n, loss in watch.start.items()))
+                if is_main_process():
+                    watch.work_dir.mkdir(parents=True, exist_ok=True)
+                    saved.write_text(json.dumps(watch.start))
+
+            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+                # The stage's own evaluation every eval_steps reports `eval_loss`; the others (first_eval_...,
+                # final_eval_..., and ours: eval_stage1_loss, ...) do not, so this never calls itself.
+                if metrics and "eval_loss" in metrics:
+                    watch.at_evaluation(state, control)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if control.should_evaluate:  # the stage's own evaluation comes next: on_evaluate measures
+                    return
+                due = watch.eval_steps and state.global_step % watch.eval_steps == 0  # (no own eval_file)
+                last = watch.tolerance is not None and state.global_step >= state.max_steps
+                if due or last:  # the tolerance is checked at the last step too, where a stop still saves
+                    watch.at_evaluation(state, control)
+
+        return Watch()
+
+    def end(self, state, work_dir: Path) -> None:
+        """After training: the losses at the end (those of the last step if measured there), held against the
+        tolerance unless they just were; raises StageStopped (exit FORGETTING_EXIT_CODE) if the stage stopped."""
+        if not self.splits:  # stage 1, or watch_earlier_stages: false
+            return
+        if self.last is not None and self.last[0] == state.global_step:
+            self.final = self.last[1]
+        else:  # not measured at the last step, or a run resumed from a checkpoint at the last step
+            self.final = self.measure("final_eval")
+            log(self.describe(state.global_step, state.max_steps, self.final))
+            self.check(state.global_step, self.final)
+        if self.stopped_at is None:
+            return
+        done = complete_checkpoints(work_dir)
+        worst = max((e for e in self.exceeded if e["step"] == self.stopped_at), key=lambda e: e["rise"])
+        raise StageStopped(
+            f"forgetting: stage {worst['stage']}'s dev loss rose {worst['rise']:.1%} at step {self.stopped_at}/"
+            f"{state.max_steps} ({worst['loss_at_start']:.4f} before this stage's first step, {worst['loss']:.4f} "
+            f"now), over forgetting_tolerance {self.tolerance:g}. The stage was not saved; "
+            + (f"its last checkpoint is {done[-1]}. " if done else "no checkpoint could be saved. ")
+            + f"To keep what stage {worst['stage']} learned, train this stage again with replay (replay.fraction, "
+            f"e.g. 0.2) or a lower lr: delete {work_dir} and run with the change. To accept the rise, run the same "
+            "command with --set forgetting_action=warn (or a higher forgetting_tolerance): it resumes from the "
+            "checkpoint.", FORGETTING_EXIT_CODE)
+
+    def answer(self, score: Callable[[list], dict], eval_questions: int) -> None:
+        """Answers by generation on each earlier dev split: `score(records)` gives vqa_eval's metrics."""
+        for name, (stage, ds) in self.splits.items():
+            records = ds.records if eval_questions < 0 else ds.records[:eval_questions]
+            self.dev_metrics[name] = metrics = score(records)
+            by_type = ", ".join(f"{kind} {metrics[kind]['accuracy']:.1%} (n={metrics[kind]['n']})"
+                                for kind in ("single_choice", "numeric", "multi_label") if kind in metrics)
+            log(f"Dev accuracy on stage {stage.stage}'s dev split ({len(records)} questions, by generation): "
+                f"{metrics['overall']['accuracy']:.1%} overall; {by_type}")
+
+    def records(self, log_history: list[dict]) -> list[dict]:
+        """stage_metrics.json's `earlier_stages`: per earlier stage, its dev split, the loss before the first step,
+        at each evaluation and at the end, and the answers' metrics."""
+        return [{"stage": stage.stage, "name": name, "stage_dir": str(stage.dir), "eval_file": stage.eval_file,
+                 "loss_at_start": self.start.get(name),
+                 "loss_history": [{"step": e["step"], "loss": e[f"eval_{name}_loss"]}
+                                  for e in log_history if f"eval_{name}_loss" in e],
+                 "final_loss": self.final.get(name),
+                 "change": round(relative_rise(self.final[name], self.start[name]), 6)
+                 if name in self.final and name in self.start else None,
+                 "dev_metrics": self.dev_metrics.get(name)}
+                for name, (stage, _) in self.splits.items()]
+
+    def summary(self) -> dict:
+        """stage_metrics.json's `forgetting`: the tolerance, the action, and every time it was exceeded."""
+        return {"tolerance": self.tolerance, "action": self.action, "exceeded": self.exceeded,
+                "stopped_at_step": self.stopped_at}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reporting: the model card and the loss plot
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _loss(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def card_lines(metrics: dict) -> list[str]:
+    """The model card's section on earlier stages and replay (none for a stage that has neither)."""
+    earlier, replay = metrics.get("earlier_stages") or [], metrics.get("replay")
+    if not earlier and not replay:
+        return []
+    lines = ["## Earlier stages", ""]
+    if earlier:
+        lines += ["Their dev splits, evaluated during this stage:", "",
+                  "| stage | dev split | loss before the first step | at the end | change | accuracy (n) |",
+                  "|---|---|---|---|---|---|"]
+        for e in earlier:
+            overall = (e.get("dev_metrics") or {}).get("overall")
+            accuracy = f"{overall['accuracy']:.1%} ({overall['n']})" if overall else "–"
+            change = "–" if e.get("change") is None else f"{e['change']:+.1%}"
+            lines.append(f"| {e['stage']} | `{e['eval_file']}` | {_loss(e.get('loss_at_start'))} | "
+                         f"{_loss(e.get('final_loss'))} | {change} | {accuracy} |")
+        lines.append("")
+    if replay:
+        lines += [f"Replay: {replay['replayed_records']} of {replay['own_records'] + replay['replayed_records']} "
+                  f"training records ({replay['share']:.1%}) are earlier stages' own training records (seed "
+                  f"{replay['seed']}):", "", "| stage | file | SHA-256 | records replayed |", "|---|---|---|---|"]
+        lines += [f"| {e['stage']} | `{e['train_file']}` | `{e['sha256']}` | {e['records']} of {e['pool']} |"
+                  for e in replay["sources"]]
+        lines.append("")
+    return lines
+
+
+def dev_split_series(chain_metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{"stage K dev": [(step, loss), ...]}: every loss measured on each dev split, across all stages, on one step
+    axis (stage after stage): in stage K its own evaluations, in later stages their watch of it (and the
+    continuity measure before their first step). Splits are told apart by file; named after the first stage that
+    ended on it."""
+    name_of: dict[str, str] = {}
+    for m in chain_metrics:
+        if m.get("final_eval_file"):
+            name_of.setdefault(m["final_eval_file"], f"stage {m.get('stage')} dev")
+    series: dict[str, dict[int, float]] = {}
+    offset = 0
+
+    def add(file: str | None, step: int, loss: float | None) -> None:
+        if file and loss is not None:
+            series.setdefault(name_of.get(file, Path(file).name), {})[offset + step] = loss
+
+    for m in chain_metrics:
+        own, steps = m.get("final_eval_file"), m.get("global_steps", 0)
+        add(m.get("first_eval_file"), 0, m.get("first_eval_loss"))
+        add(own, 0, m.get("first_eval_loss_own_split"))
+        for h in m.get("eval_loss_history", []):
+            add(own, h["step"], h["loss"])
+        add(own, steps, m.get("final_eval_loss"))
+        for e in m.get("earlier_stages") or []:
+            add(e.get("eval_file"), 0, e.get("loss_at_start"))
+            for h in e.get("loss_history", []):
+                add(e.get("eval_file"), h["step"], h["loss"])
+            add(e.get("eval_file"), steps, e.get("final_loss"))
+        offset += steps
+    return {name: sorted(points.items()) for name, points in series.items()}
