@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, metrics, run_script, stage_args
 
 import train_qlora_qwen3vl as tq
-from curriculum import forgetting
+from curriculum import forgetting, stage_folder
 
 
 def fake_stage(path: Path, stage: int, prev: Path | None, train_file: str = "data/stage1/train.jsonl",
@@ -39,7 +39,7 @@ def lineage_dirs(tmp_path) -> Path:
 
 
 def read_lineage(prev: Path) -> list[forgetting.EarlierStage]:
-    return forgetting.lineage(str(prev), tq.previous_stage_metrics, tq.previous_stage_dir)
+    return forgetting.lineage(str(prev), stage_folder.previous_stage_metrics, stage_folder.previous_stage_dir)
 
 
 def test_the_lineage_is_the_prev_checkpoint_chain_oldest_first(lineage_dirs):
