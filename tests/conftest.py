@@ -44,9 +44,9 @@ def processor(tiny_model_path):
 @pytest.fixture(scope="session")
 def processor_without_model():
     """The tiny model's processor (tokenizer, chat template, image processor) for the fast tier: no model is loaded.
-    Its folder is built through the trainer's resolver like `tiny_model_path`'s; writing the random weights beside
-    the processor files adds about a second to the few the tokenizer takes (measured), once, and later runs find it
-    built."""
+    Its folder is built through the trainer's resolver like `tiny_model_path`'s: the random weights cost no
+    measurable time beside the processor files (about 4 s either way, mostly the tokenizer), and later runs find the
+    folder built."""
     from curriculum.base_model import TINY_MODEL_NAME, load_processor, resolve_model_path
 
     cfg = tq.StageConfig(output_dir="unused", train_file="unused")
