@@ -1,6 +1,7 @@
 """Config loading and validation: no model, no GPU."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +128,23 @@ def test_validate_reports_every_problem_at_once(tmp_path):
     for expected in ("lr must be > 0", "lora.r must be > 0", "train_file: file not found: missing.jsonl",
                      "stage 2 needs prev_checkpoint", "min_pixels (10) must not exceed max_pixels (5)"):
         assert expected in text
+
+
+def test_batch_size_auto_is_a_problem_for_training_without_a_gpu_and_a_note_for_check(tmp_path, minimal, monkeypatch,
+                                                                                      capsys):
+    """Both sides of the GPU question, whichever machine runs the test: gpu_available as the recipe looks it up."""
+    cfg = tq.load_config(write(tmp_path, minimal), ["batch_size=auto"])
+    no_gpu = ("batch_size: auto measures GPU memory to choose the batch, and there is no GPU here; set batch_size to a "
+              "number")
+    monkeypatch.setattr(tq, "gpu_available", lambda: False)
+    with pytest.raises(tq.ConfigError, match=re.escape(no_gpu)):
+        tq.validate_config(cfg)
+    tq.validate_config(cfg, training=False)  # --check: the data can be checked without a GPU
+    assert f"Note: {no_gpu} to train on this machine" in capsys.readouterr().out
+    monkeypatch.setattr(tq, "gpu_available", lambda: True)
+    tq.validate_config(cfg)
+    tq.validate_config(cfg, training=False)
+    assert "batch_size: auto" not in capsys.readouterr().out
 
 
 def fake_adapter(path: Path, r=4, alpha=8, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> Path:

@@ -98,7 +98,9 @@ def test_mask_prompt_tokens_pure():
         tq.mask_prompt_tokens([1, 2], 2)
 
 
-def test_labels_cover_exactly_the_answer_even_with_assistant_in_the_question(tmp_path, processor, image_448):
+def test_labels_cover_exactly_the_answer_even_with_assistant_in_the_question(tmp_path, processor_without_model,
+                                                                           image_448):
+    processor = processor_without_model  # fast tier: the processor alone
     path = write_jsonl(tmp_path, [{"id": "a", "image": image_448, "type": "single_choice",
                                    "question": "assistant: which color? The assistant must answer.",
                                    "options": ["red", "blue"], "answer": "A"}])

@@ -10,7 +10,6 @@ from pathlib import Path
 from conftest import REPO, metrics, run_script
 
 import train_qlora_qwen3vl as tq
-from curriculum.scoring import parse_answer
 from curriculum.stage_folder import stage_chain
 
 MEMORISE = """\
@@ -96,6 +95,7 @@ def test_predictions_say_what_was_asked_and_what_came_back(curriculum, processor
     root, _ = curriculum
     cfg = tq.load_config(root / "stage2" / tq.RESOLVED_CONFIG)
     records = {r.id: r for r in tq.load_records(REPO / "data/stage2/dev.jsonl")}
+    written = {row["id"]: row for row in map(json.loads, (REPO / "data/stage2/dev.jsonl").read_text().splitlines())}
     lines = [json.loads(ln) for ln in (root / "stage2" / "predictions_dev.jsonl").read_text().splitlines()]
     assert len(lines) == 40
     for p in lines:
@@ -106,7 +106,17 @@ def test_predictions_say_what_was_asked_and_what_came_back(curriculum, processor
         assert Path(p["image"]).is_absolute()
         assert rec.prompt_messages[-1]["content"][-1]["text"] in p["prompt"]
         assert p["prompt"].endswith("<|im_start|>assistant\n")
-        assert p["parsed"] == parse_answer(p["raw_output"], p["type"], rec.options)
+        # gold: the file's answer as written, read here without the parser (which the row's parsed field comes from;
+        # its parses of literal answers are in tests/test_metrics.py)
+        assert p["gold"] == answer_as_written(written[p["id"]]), p
+        assert p["correct"] == (p["parsed"] is not None and p["parsed"] == p["gold"])
+        if not p["raw_output"].strip():  # the tiny model answers blank: nothing to parse
+            assert p["parsed"] is None
+
+
+def answer_as_written(row: dict):
+    """A dev record's answer as the file writes it, in the form the parser gives: a letter, a float, sorted letters."""
+    return {"single_choice": lambda a: a, "numeric": float, "multi_label": sorted}[row["type"]](row["answer"])
 
 
 def test_forgetting_matrix(curriculum):
@@ -120,3 +130,56 @@ def test_forgetting_matrix(curriculum):
     table = (root / "forgetting_matrix.md").read_text()
     assert "| base (no adapter) |" in table and "| after stage 3 |" in table
     assert (root / "forgetting_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+ADAPTED = "base_model.model.model.language_model.layers.0.self_attn.q_proj"  # one module every stage's adapter has
+
+
+def test_each_forgetting_cell_comes_from_its_own_stage_adapter_on_its_own_split(curriculum, monkeypatch):
+    """The tiny model answers blank, so every accuracy is 0.0% whichever adapter answered: the matrix by itself
+    cannot tell the stages apart. Here evaluate_records is replaced by one that finds out what it was given: which
+    adapter the model applied (the LoRA update of one adapted layer on a fixed input, held against the update each
+    stage's saved tensors make, and none for the base) and which stage's dev split the records are from."""
+    import torch
+    from safetensors.torch import load_file
+
+    import vqa_eval
+    from curriculum.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    root, _ = curriculum
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0))
+    updates = {"base": torch.zeros(3, 128)}
+    split_of = {}  # record id -> the stage whose dev split holds it
+    for stage in (1, 2, 3):
+        stage_dir = root / f"stage{stage}"
+        tensors = load_file(str(stage_dir / ADAPTER_WEIGHTS))
+        lora = json.loads((stage_dir / ADAPTER_CONFIG).read_text())
+        a, b = tensors[f"{ADAPTED}.lora_A.weight"], tensors[f"{ADAPTED}.lora_B.weight"]
+        updates[stage] = x @ a.T @ b.T * (lora["lora_alpha"] / lora["r"])
+        for line in Path(metrics(stage_dir)["final_eval_file"]).read_text().splitlines():
+            split_of[json.loads(line)["id"]] = stage
+    scale = max(u.norm().item() for u in updates.values())
+
+    def adapter_applied(model) -> str | int:
+        layer = model.get_submodule(ADAPTED)
+        with torch.no_grad():
+            update = (layer(x) - layer.base_layer(x)).float()
+        matches = [k for k, u in updates.items() if (update - u).norm().item() <= 1e-4 * scale]
+        assert len(matches) == 1, {k: (update - u).norm().item() for k, u in updates.items()}
+        return matches[0]
+
+    evaluations = []
+
+    def evaluate_records(model, processor, records, cfg):
+        (split,) = {split_of[r.id] for r in records}
+        accuracy = (len(evaluations) + 1) / 100  # a number for each evaluation, to find it in the matrix
+        evaluations.append((adapter_applied(model), split, accuracy))
+        return {"overall": {"accuracy": accuracy}}, []
+
+    monkeypatch.setattr(vqa_eval, "evaluate_records", evaluate_records)
+    matrix = vqa_eval.evaluate_forgetting(root, limit=2)
+    assert matrix["trained"] == ["base", 1, 2, 3] and matrix["evaluated"] == [1, 2, 3]
+    assert sorted((str(row), col) for row, col, _ in evaluations) == sorted(
+        (str(row), col) for row in ["base", 1, 2, 3] for col in [1, 2, 3])  # each cell evaluated once
+    for row, col, accuracy in evaluations:
+        assert matrix["accuracy"][row][col] == accuracy, (row, col)  # and written where it belongs

@@ -144,6 +144,56 @@ def test_the_verifier_check_of_a_replay_record(lineage_dirs):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Which dev splits a stage watches: each earlier stage's own, as that stage recorded it
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_earlier_dev_splits_loads_the_split_each_earlier_stage_recorded(lineage_dirs):
+    chain = read_lineage(lineage_dirs / "stage3")  # the lineage of a stage 4
+    loaded = []
+    splits = forgetting.earlier_dev_splits(chain, lambda path, name: loaded.append((path, name)) or f"split {path}")
+    assert {name: (stage.stage, split) for name, (stage, split) in splits.items()} == {
+        f"stage{k}": (k, f"split {REPO / f'data/stage{k}/dev.jsonl'}") for k in (1, 2, 3)}
+    assert loaded == [(str(REPO / f"data/stage{k}/dev.jsonl"), f"stage {k} dev") for k in (1, 2, 3)]
+
+
+def write_split(path: Path, prefix: str, n: int = 2) -> Path:
+    """A split of `n` numeric questions on one small image beside it, ids `<prefix>-0`, ..."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (30, 30, 200)).save(path.parent / "blue.png")
+    path.write_text("".join(json.dumps({"id": f"{prefix}-{i}", "image": "blue.png", "question": "How many?",
+                                        "type": "numeric", "answer": i}) + "\n" for i in range(n)))
+    return path
+
+
+def ids(split) -> list[str]:
+    return [r.id for r in split.records]
+
+
+def test_a_stage_watches_each_earlier_stage_on_the_dev_split_it_recorded(tmp_path, processor_without_model):
+    """load_stage_data of a stage 3 on stages 1 and 2 written by hand, with dev splits of their own (each a few
+    questions, so that the processor alone tokenises them in the fast tier): it watches stage 1's and stage 2's, not
+    its own; and its own dev split stays its eval split."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    dev = {k: write_split(data_dir / f"stage{k}_dev.jsonl", f"s{k}-dev") for k in (1, 2, 3)}
+    stage1 = fake_stage(tmp_path / "stage1", 1, None, eval_file=str(dev[1]))
+    stage2 = fake_stage(tmp_path / "stage2", 2, stage1, eval_file=str(dev[2]))
+    cfg = tq.StageConfig(output_dir=str(tmp_path / "stage3"), train_file=str(write_split(data_dir / "train.jsonl",
+                                                                                         "s3-train")),
+                         eval_file=str(dev[3]), stage=3, prev_checkpoint=str(stage2), batch_size=2,
+                         cache_image_checks=False)
+    data = tq.load_stage_data(cfg, processor_without_model)
+    watched = {name: (stage.stage, ids(split)) for name, (stage, split) in data.earlier_splits.items()}
+    assert watched == {"stage1": (1, ["s1-dev-0", "s1-dev-1"]), "stage2": (2, ["s2-dev-0", "s2-dev-1"])}
+    assert ids(data.eval) == ["s3-dev-0", "s3-dev-1"] and ids(data.train) == ["s3-train-0", "s3-train-1"]
+    assert data.continuity_file == str(dev[2]) and ids(data.continuity) == ["s2-dev-0", "s2-dev-1"]
+    cfg.watch_earlier_stages = False
+    assert tq.load_stage_data(cfg, processor_without_model).earlier_splits == {}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # (d) config validation names the key, before the model loads
 # ---------------------------------------------------------------------------------------------------------------------
 

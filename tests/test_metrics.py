@@ -1,4 +1,6 @@
-"""Answer parsing and metrics, pinned on hand-computed cases. No model."""
+"""Answer parsing and metrics, pinned on hand-computed cases. No model (the processor alone renders prompts)."""
+
+import types
 
 import pytest
 
@@ -101,3 +103,35 @@ def test_metrics_table_reads():
     assert table.splitlines()[0].startswith("| questions | n | accuracy (95% CI)")
     assert "| multi_label | 1 | 0.0% (0%–79%)" in table and "unparseable 1" in table
     assert "| overall | 3 | 66.7%" in table
+
+
+def test_prediction_rows_hold_each_raw_answer_its_parse_and_the_gold(tmp_path, processor_without_model, monkeypatch):
+    """evaluate_records with literal answers in place of generation (the tiny model's are blank, so its predictions
+    cannot show a parser bug): each row holds the raw text, its parse, the gold answer and the verdict, all written
+    out by hand here. The processor only renders the prompts."""
+    import json
+
+    from curriculum import evaluation
+    from curriculum.data_files import load_records
+
+    questions = [
+        ({"id": "sc", "question": "Color?", "type": "single_choice", "options": OPTS, "answer": "C"}, "Answer: C",
+         "C", "C", True),
+        ({"id": "num", "question": "How many?", "type": "numeric", "answer": "3"}, "3", 3.0, 3.0, True),
+        ({"id": "num2", "question": "How many?", "type": "numeric", "answer": 2}, "There are 4.", 4.0, 2.0, False),
+        ({"id": "ml", "question": "Colors?", "type": "multi_label", "options": OPTS, "answer": ["D", "A"]}, "d, a",
+         ["A", "D"], ["A", "D"], True),
+        ({"id": "blank", "question": "Color?", "type": "single_choice", "options": OPTS, "answer": "A"}, "", None,
+         "A", False),
+    ]
+    path = tmp_path / "dev.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q, *_ in questions))
+    raw = {q["id"]: text for q, text, *_ in questions}
+    monkeypatch.setattr(evaluation, "generate_answers", lambda model, processor, records, *args, **kwargs:
+                        [raw[r.id] for r in records])
+    cfg = types.SimpleNamespace(eval_batch_size=2, max_new_tokens=8, numeric_tolerance=0.0)
+    metrics, predictions = evaluation.evaluate_records(None, processor_without_model, load_records(path), cfg)
+    assert [(p["id"], p["raw_output"], p["parsed"], p["gold"], p["correct"]) for p in predictions] == [
+        (q["id"], text, parsed, gold, correct) for q, text, parsed, gold, correct in questions]
+    assert (metrics["overall"]["n"], metrics["overall"]["correct"]) == (5, 3)
+    assert metrics["numeric"]["accuracy"] == 0.5 and metrics["single_choice"]["unparseable"] == 1

@@ -9,6 +9,14 @@ from conftest import REPO, metrics, run_script, stage_args
 
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
+from curriculum.adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_tensors_sha256,
+    file_adapter_sha256,
+    sha256_file,
+)
+from curriculum.stage_folder import STAGE_METRICS
 
 
 def verify(*args: str):
@@ -164,6 +172,123 @@ def test_unloadable_base_is_not_run_never_passed(curriculum, tmp_path):
     code, out = result.returncode, result.stdout
     assert code == 0 and "- reopened for training: not run (base " in out and "could not be loaded here" in out
     assert "1 not run" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The checks on stage folders written by hand: pure functions over files, in the fast tier (the slow tests above
+# run the same checks on stages the tiny model trained)
+# ---------------------------------------------------------------------------------------------------------------------
+
+ADAPTED = "base_model.model.model.language_model.layers.0.self_attn.q_proj"
+
+
+def lora_tensors(seed: int, b_scale: float = 1.0) -> dict:
+    """One adapted module's LoRA pair (r=4, 8 wide), seeded; b_scale=0 is an untrained adapter (B starts at zero)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return {f"{ADAPTED}.lora_A.weight": torch.randn(4, 8, generator=g),
+            f"{ADAPTED}.lora_B.weight": b_scale * torch.randn(8, 4, generator=g)}
+
+
+def save_adapter_tensors(tensors: dict, stage_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(stage_dir / ADAPTER_WEIGHTS))
+
+
+def written_stage(path: Path, stage: int, tensors: dict, prev: Path | None = None, **recorded) -> Path:
+    """A stage folder as the trainer leaves one: its adapter (`tensors`) and a stage_metrics.json with the hashes the
+    trainer records: the adapter saved and, for a stage >= 2, the previous stage's adapter as the one it started
+    from (file and weights). `recorded` overrides or adds entries."""
+    path.mkdir(parents=True)
+    (path / ADAPTER_CONFIG).write_text(json.dumps({"r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
+                                                   "target_modules": ["q_proj"]}))
+    save_adapter_tensors(tensors, path)
+    (path / STAGE_METRICS).write_text(json.dumps({
+        "stage": stage, "prev_checkpoint": str(prev) if prev else None,
+        "saved_adapter_tensors_sha256": adapter_tensors_sha256(tensors),
+        "start_adapter_file_sha256": sha256_file(prev / ADAPTER_WEIGHTS) if prev else None,
+        "start_adapter_tensors_sha256": file_adapter_sha256(prev) if prev else None, **recorded}))
+    return path
+
+
+def recorded(stage_dir: Path) -> dict:
+    return json.loads((stage_dir / STAGE_METRICS).read_text())
+
+
+def test_lineage_check_on_hand_written_stages(tmp_path):
+    stage1 = written_stage(tmp_path / "stage1", 1, lora_tensors(1))
+    stage2 = written_stage(tmp_path / "stage2", 2, lora_tensors(2), stage1)
+
+    def lineage(stage_dir: Path) -> vf.Check:
+        return vf.check_lineage(stage_dir, recorded(stage_dir))
+
+    assert lineage(stage1).status == vf.PASS and "stage 1: a new adapter, trained" in lineage(stage1).detail
+    assert lineage(stage2).status == vf.PASS and f"started from exactly {stage1}'s adapter" in lineage(stage2).detail
+    # each way a stage can fail to continue, named
+    untrained = written_stage(tmp_path / "untrained", 1, lora_tensors(1, b_scale=0.0))
+    elsewhere = written_stage(tmp_path / "elsewhere", 2, lora_tensors(2), stage1, start_adapter_file_sha256="0" * 64)
+    fresh = written_stage(tmp_path / "fresh", 2, lora_tensors(2), stage1,
+                          start_adapter_tensors_sha256=adapter_tensors_sha256(lora_tensors(3, b_scale=0.0)))
+    frozen = written_stage(tmp_path / "frozen", 2, lora_tensors(1), stage1)  # saved the very weights it loaded
+    unrecorded = written_stage(tmp_path / "unrecorded", 2, lora_tensors(2), stage1, start_adapter_file_sha256=None)
+    for stage_dir, reason in [
+        (untrained, "every LoRA B matrix is zero: an untrained, fresh adapter was saved"),
+        (elsewhere, "not the previous stage's adapter"),
+        (fresh, f"were not {stage1}'s adapter: not the previous stage's adapter (a fresh one?)"),
+        (frozen, "the saved adapter equals the one it started from: it did not train"),
+        (unrecorded, "the stage recorded no hash of the adapter it started from"),
+    ]:
+        check = lineage(stage_dir)
+        assert check.status == vf.FAIL and reason in check.detail, (stage_dir.name, check)
+    # an adapter replaced after the stage saved it
+    save_adapter_tensors(lora_tensors(4), stage2)
+    check = lineage(stage2)
+    assert check.status == vf.FAIL and "the adapter on disk is not the one the stage saved" in check.detail
+
+
+def test_continuity_check_holds_the_first_loss_against_the_previous_final_one(tmp_path):
+    stage1 = written_stage(tmp_path / "stage1", 1, lora_tensors(1), final_eval_loss=2.0)
+
+    def continuity(first_eval_loss: float, tolerance: float = 0.10) -> vf.Check:
+        stage2 = tmp_path / f"stage2_{first_eval_loss}_{tolerance}"
+        written_stage(stage2, 2, lora_tensors(2), stage1, first_eval_loss=first_eval_loss)
+        return vf.check_continuity(stage2, recorded(stage2), tolerance)
+
+    jump = continuity(3.0)
+    assert jump.status == vf.FAIL
+    assert jump.detail == ("first_eval_loss 3.0000 vs previous final_eval_loss 2.0000 (50.0%, tolerance 10%): the "
+                           "stage restarted instead of continuing")
+    near = continuity(2.1)
+    assert near.status == vf.PASS and near.detail == "first_eval_loss 2.1000 vs previous final_eval_loss 2.0000 " \
+                                                     "(5.0%, tolerance 10%)"
+    assert continuity(3.0, tolerance=0.6).status == vf.PASS
+    quarter = continuity(2.5)
+    assert quarter.status == vf.FAIL and "(25.0%, tolerance 10%)" in quarter.detail
+
+
+def test_lora_config_check_names_every_setting_that_differs(tmp_path):
+    stage = written_stage(tmp_path / "stage1", 1, lora_tensors(1))
+
+    def saved_as(**settings) -> vf.Check:
+        (stage / ADAPTER_CONFIG).write_text(json.dumps({"r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
+                                                        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                        **settings}))
+        return vf.check_lora_config(stage, tq.LoraSettings(), "stage1.yaml")
+
+    assert saved_as().status == vf.PASS
+    for settings, difference in [
+        ({"r": 8}, "lora.r: stage1.yaml says 4, the saved adapter has 8"),
+        ({"lora_alpha": 16}, "lora.alpha: stage1.yaml says 8, the saved adapter has 16"),
+        ({"lora_dropout": 0.1}, "lora.dropout: stage1.yaml says 0.05, the saved adapter has 0.1"),
+        ({"target_modules": ["q_proj", "v_proj"]}, "lora.target_modules: stage1.yaml says ['k_proj', 'o_proj', "
+                                                   "'q_proj', 'v_proj'], the saved adapter has ['q_proj', 'v_proj']"),
+    ]:
+        check = saved_as(**settings)
+        assert check.status == vf.FAIL and check.detail == difference, settings
+    all_four = saved_as(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["q_proj"])
+    assert all_four.status == vf.FAIL and len(all_four.detail.split("; ")) == 4
 
 
 SCRIPT = REPO / "train_qlora_qwen3vl.py"
