@@ -81,8 +81,8 @@ def test_quoted_lines_compare_to_the_readme_rounding():
 
 
 @pytest.mark.slow
-def test_the_demo_quick_path_prints_every_line_the_readme_quotes(tmp_path):
-    """`bash demo.sh --set max_steps=10` in a fresh copy of the project (the tiny model built there, as on a new
+def test_the_demo_prints_every_line_the_readme_quotes(tmp_path):
+    """`bash demo.sh` (the quick path) in a fresh copy of the project (the tiny model built there, as on a new
     machine): every quoted line is printed, its numbers to the README's rounding (prints_quoted_line)."""
     fresh = tmp_path / "fresh"
     fresh.mkdir()
@@ -90,7 +90,7 @@ def test_the_demo_quick_path_prints_every_line_the_readme_quotes(tmp_path):
         shutil.copy(REPO / name, fresh)
     for name in ("curriculum", "configs", "data"):
         shutil.copytree(REPO / name, fresh / name, ignore=shutil.ignore_patterns("__pycache__", "*_x10.jsonl"))
-    result = subprocess.run(["bash", "demo.sh", "--set", "max_steps=10"], cwd=fresh, capture_output=True, text=True,
+    result = subprocess.run(["bash", "demo.sh"], cwd=fresh, capture_output=True, text=True,
                             timeout=1800, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     printed = [line.rstrip() for line in result.stdout.replace("\r", "\n").splitlines()]
