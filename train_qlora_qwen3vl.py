@@ -29,7 +29,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -38,7 +38,13 @@ import yaml
 from curriculum import adapter_files, faults, forgetting, speed, stage_folder
 from curriculum.adapter_files import ADAPTER_WEIGHTS, OPTIMIZER_MOMENTS
 from curriculum.answer_loss import IGNORE_INDEX, answer_only_loss, answer_only_loss_trainer
-from curriculum.base_model import bnb_config, load_processor, quant_storage_dtype, resolve_model_path
+from curriculum.base_model import (
+    align_special_tokens,
+    bnb_config,
+    load_processor,
+    quant_storage_dtype,
+    resolve_model_path,
+)
 from curriculum.batch_size import choose_batch_size
 from curriculum.data_files import check_split, split_config_problems, split_hashes, split_sha256
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped, out_of_memory_message
@@ -88,8 +94,21 @@ warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is dep
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def calls_it(key: str) -> str:
+    """The message for a key other tools name otherwise (typed_yaml's KNOWN_ELSEWHERE)."""
+    if "." not in key:
+        return f"this tool calls it '{key}'"
+    section, leaf = key.split(".", 1)
+    return f"this tool calls it '{key}' (in YAML: `{section}: {{{leaf}: ...}}`)"
+
+
 @dataclass
 class LoraSettings:
+    KNOWN_ELSEWHERE: ClassVar[dict[str, str]] = {
+        "lora_r": calls_it("lora.r"), "rank": calls_it("lora.r"), "lora_rank": calls_it("lora.r"),
+        "lora_alpha": calls_it("lora.alpha"), "lora_dropout": calls_it("lora.dropout"),
+        "lora_target_modules": calls_it("lora.target_modules")}
+
     r: int = 4
     """LoRA rank. Must be the same in every stage of a curriculum (it is the same adapter)."""
     alpha: int = 8
@@ -102,6 +121,11 @@ class LoraSettings:
 
 @dataclass
 class QuantizationSettings:
+    KNOWN_ELSEWHERE: ClassVar[dict[str, str]] = {
+        f"bnb_4bit_{k}": calls_it(f"quantization.{v}") for k, v in (
+            ("quant_type", "quant_type"), ("compute_dtype", "compute_dtype"), ("use_double_quant", "double_quant"),
+            ("quant_storage", "quant_storage"))}
+
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """bitsandbytes 4-bit data type of the frozen base weights."""
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -148,8 +172,42 @@ class DataColumns:
     """Chat records: the list of (at most one) image."""
 
 
+# Hugging Face's (TrainingArguments, peft, bitsandbytes) and other tools' names for keys this tool names otherwise:
+# `learning_rate:` in a YAML is answered with "this tool calls it 'lr'", not with the nearest spelling.
+OTHER_TOOLS_NAMES = {
+    **{k: calls_it("lr") for k in ("learning_rate",)},
+    **{k: calls_it("epochs") for k in ("num_train_epochs", "num_epochs")},
+    **{k: calls_it("batch_size") for k in ("per_device_train_batch_size", "train_batch_size", "micro_batch_size")},
+    **{k: calls_it("eval_batch_size") for k in ("per_device_eval_batch_size",)},
+    **{k: calls_it("grad_accum") for k in ("gradient_accumulation_steps",)},
+    **{k: calls_it("lr_scheduler") for k in ("lr_scheduler_type",)},
+    **{k: calls_it("max_seq_len") for k in ("max_seq_length", "max_length", "cutoff_len", "sequence_len")},
+    **{k: calls_it("model_name_or_path") for k in ("model_name", "model_id", "base_model")},
+    **{k: calls_it("train_file") for k in ("dataset", "train_dataset", "data_path")},
+    **{k: calls_it("eval_file") for k in ("eval_dataset", "validation_file")},
+    **{k: calls_it("prev_checkpoint") for k in ("adapter_path", "peft_model_id", "resume_adapter")},
+    **{k: calls_it(f"lora.{v}") for k, v in (("lora_r", "r"), ("r", "r"), ("lora_rank", "r"), ("lora_alpha", "alpha"),
+                                             ("lora_dropout", "dropout"), ("target_modules", "target_modules"),
+                                             ("lora_target_modules", "target_modules"))},
+    **{k: calls_it(f"quantization.{v}") for k, v in (("bnb_4bit_quant_type", "quant_type"),
+                                                     ("bnb_4bit_compute_dtype", "compute_dtype"),
+                                                     ("bnb_4bit_use_double_quant", "double_quant"),
+                                                     ("bnb_4bit_quant_storage", "quant_storage"),
+                                                     ("bf16", "compute_dtype"), ("fp16", "compute_dtype"))},
+    "warmup_steps": "this tool sets the warm-up as a share of the steps: 'warmup_ratio'",
+    "eval_strategy": "this tool evaluates every 'eval_steps' steps (0: only before and after training)",
+    "evaluation_strategy": "this tool evaluates every 'eval_steps' steps (0: only before and after training)",
+    "save_strategy": "this tool checkpoints every 'save_steps' steps (0: never)",
+    "resume_from_checkpoint": "not needed: run the same command again and it resumes from <output_dir>.partial "
+                              "(checkpoints every 'save_steps')",
+    "load_in_4bit": "not needed: the base is always loaded in 4 bit ('quantization.quant_type': nf4 or fp4)",
+}
+
+
 @dataclass
 class StageConfig:
+    KNOWN_ELSEWHERE: ClassVar[dict[str, str]] = OTHER_TOOLS_NAMES
+
     output_dir: str
     """Where this stage's adapter, processor, resolved config and stage_metrics.json are written."""
     train_file: str
@@ -303,6 +361,23 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> StageConf
 
 def config_to_dict(cfg: StageConfig) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def keys_set(cfg: StageConfig) -> dict:
+    """The keys whose values differ from the defaults (the required ones always), nested as in the YAML: what the
+    start of a stage's log shows, short enough that what follows is not buried under 80 lines of defaults."""
+    defaults = config_to_dict(StageConfig(output_dir=cfg.output_dir, train_file=cfg.train_file))
+
+    def differing(values: dict, default: dict) -> dict:
+        out = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                value = differing(value, default[key])
+            if value != default[key] and value != {} or key in ("output_dir", "train_file"):
+                out[key] = value
+        return out
+
+    return differing(config_to_dict(cfg), defaults)
 
 
 def validate_config(cfg: StageConfig, training: bool = True) -> None:
@@ -504,8 +579,9 @@ def new_adapter(model, lora: LoraSettings, seed: int):
 
     log("Creating a new LoRA adapter (stage 1)")
     set_seed(seed)
-    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                            target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                             target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    return adapter_files.save_lora_only(model)
 
 
 def continue_adapter(model, prev_checkpoint: str):
@@ -518,7 +594,7 @@ def continue_adapter(model, prev_checkpoint: str):
     log("Loading existing LoRA adapter (will continue training the same adapter)...")
     model = PeftModel.from_pretrained(model, prev_checkpoint, is_trainable=True)
     log("✓ Loaded previous adapter - continuing training on the same adapter")
-    return model
+    return adapter_files.save_lora_only(model)
 
 
 def check_adapter_trainable(model, lora: LoraSettings) -> int:
@@ -634,6 +710,7 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
         prediction_loss_only=True,  # evaluation needs the loss only; never gather every batch's logits
     )
     one_gpu_per_process(args, world)
+    align_special_tokens(model, processor.tokenizer)  # what the Trainer would do, without its warning
     pad_id = processor.tokenizer.pad_token_id
     trainer_class = answer_only_loss_trainer(Trainer) if cfg.answer_only_logits else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -873,7 +950,8 @@ def main(argv: list[str] | None = None) -> int:
         config_path, overrides, check = parse_args(sys.argv[1:] if argv is None else argv, __doc__)
         cfg = load_config(config_path, overrides)
         validate_config(cfg, training=not check)
-        log("Resolved config:\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        log(f"Config {config_path} (the keys set; every key, defaults included, is saved with the stage as "
+            f"{RESOLVED_CONFIG}):\n" + yaml.safe_dump(keys_set(cfg), sort_keys=False, width=1000).rstrip())
         log(runtime())
         if check:
             check_data(cfg)

@@ -96,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", help="adapter directory (default: the config's output_dir)")
     parser.add_argument("--no-adapter", action="store_true", help="the base model alone: the zero point")
     parser.add_argument("--limit", type=int, help="only the first N questions")
-    parser.add_argument("--out", help="directory for metrics and predictions (default: the adapter's)")
+    parser.add_argument("--out", help="directory for metrics and predictions (default: the adapter's; with "
+                        "--no-adapter, base_model_eval/ beside the config's output_dir)")
     parser.add_argument("--forgetting", metavar="ROOT", help="every stage under ROOT on every stage's dev split")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     args = parser.parse_args(argv)
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out or adapter or ".")
+    # the base alone has no folder of its own: beside the stages, never the directory this was run from
+    out = Path(args.out or adapter or Path(cfg.output_dir).parent / "base_model_eval")
     out.mkdir(parents=True, exist_ok=True)
     name = Path(data).stem if args.data else args.split
     tag = "base" if args.no_adapter else "adapter"

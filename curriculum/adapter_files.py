@@ -179,7 +179,22 @@ def adapter_tensors_sha256(tensors: dict) -> str:
 def loaded_adapter_sha256(model) -> str:
     from peft import get_peft_model_state_dict
 
-    return adapter_tensors_sha256(get_peft_model_state_dict(model))
+    # save_embedding_layers=False: see save_lora_only
+    return adapter_tensors_sha256(get_peft_model_state_dict(model, save_embedding_layers=False))
+
+
+def save_lora_only(model):
+    """Every save of this peft model writes the LoRA tensors alone, the Trainer's checkpoints included.
+
+    peft's default (`save_embedding_layers="auto"`) decides whether to save the embeddings too by looking the base up
+    by its `base_model_name_or_path`, on the Hub when that is not a local folder (`tiny-qwen3vl`, or a hub id on a
+    machine without access): it warns "Could not find a config file" or "Unable to fetch remote file" on every save.
+    The embeddings never train here (only LoRA parameters do, check_adapter_trainable), so there is nothing to look
+    up. The Trainer calls `model.save_pretrained(dir, state_dict=...)` and passes no such flag, hence the wrapper."""
+    import functools
+
+    model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+    return model
 
 
 def read_adapter_file(adapter_dir: str | os.PathLike) -> dict:

@@ -69,3 +69,22 @@ def bnb_config(q):
                               bnb_4bit_use_double_quant=q.double_quant,
                               bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
                               bnb_4bit_quant_storage=getattr(torch, quant_storage_dtype(q)))
+
+
+def align_special_tokens(model, tokenizer) -> None:
+    """The model's text config and generation config take the tokenizer's end, start and padding ids, as the Trainer
+    would do on its own (transformers' align_special_tokens), but without its warning ("The tokenizer has new
+    PAD/BOS/EOS tokens ..."), which reads like a broken install: Qwen3-VL's checkpoints name no padding id in their
+    text config, and the tokenizer pads with <|endoftext|>. A config that lists several end ids keeps them all."""
+    configs = [model.config.get_text_config(), getattr(model, "generation_config", None)]
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is None:  # a token the tokenizer does not define leaves the config as it is (as transformers)
+            continue
+        for config in filter(None, configs):
+            current = getattr(config, name, None)
+            ids = current if isinstance(current, list) else [current]
+            if token_id in ids:
+                continue
+            several = name == "eos_token_id" and isinstance(current, list)
+            setattr(config, name, [token_id, *(i for i in ids if i is not None)] if several else token_id)

@@ -82,9 +82,10 @@ def stage_args(stage: int, root: Path, out: str | None = None, prev: str | None 
 
 
 def run_stage(*args: str) -> str:
+    """A stage through the CLI; returns what it printed, stdout then stderr (where warnings go)."""
     result = run_script("train_qlora_qwen3vl.py", *args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    return result.stdout + result.stderr
 
 
 def metrics(stage_dir: Path) -> dict:

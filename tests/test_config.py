@@ -64,12 +64,39 @@ def test_defaults(tmp_path, minimal):
 def test_unknown_key_names_the_closest(tmp_path, minimal):
     with pytest.raises(tq.ConfigError, match=r"unknown key 'eval_step' \(did you mean 'eval_steps'\?\)"):
         tq.load_config(write(tmp_path, minimal + "eval_step: 1\n"))
-    with pytest.raises(tq.ConfigError, match=r"unknown key 'lora.rank' \(valid keys: r, alpha, dropout"):
-        tq.load_config(write(tmp_path, minimal + "lora:\n  rank: 8\n"))
+    with pytest.raises(tq.ConfigError, match=r"unknown key 'lora.size' \(valid keys: r, alpha, dropout"):
+        tq.load_config(write(tmp_path, minimal + "lora:\n  size: 8\n"))
     with pytest.raises(tq.ConfigError, match=r"unknown key 'lora.alhpa' \(did you mean 'alpha'\?\)"):
         tq.load_config(write(tmp_path, minimal + "lora:\n  alhpa: 8\n"))
     with pytest.raises(tq.ConfigError, match=r"unknown key 'max_pixel' \(did you mean 'max_pixels'\?\)"):
         tq.load_config(write(tmp_path, minimal + "max_pixel: 100\n"))
+
+
+def test_other_tools_names_are_answered_with_this_tools_name(tmp_path, minimal):
+    """Users arrive with Hugging Face's names; the nearest spelling (`learning_rate` -> 'logging_steps') misleads."""
+    hf_names = ("learning_rate: 1e-3\nnum_train_epochs: 2\nper_device_train_batch_size: 4\n"
+                "gradient_accumulation_steps: 2\nlora_r: 8\nlora_alpha: 16\nlora:\n  lora_dropout: 0.1\n")
+    with pytest.raises(tq.ConfigError) as err:
+        tq.load_config(write(tmp_path, minimal + hf_names))
+    text = str(err.value)
+    for theirs, ours in (("learning_rate", "lr"), ("num_train_epochs", "epochs"),
+                         ("per_device_train_batch_size", "batch_size"), ("gradient_accumulation_steps", "grad_accum"),
+                         ("lora_r", "lora.r"), ("lora_alpha", "lora.alpha"), ("lora.lora_dropout", "lora.dropout")):
+        assert f"unknown key '{theirs}': this tool calls it '{ours}'" in text
+    assert "did you mean" not in text
+
+
+def test_a_problem_given_with_set_is_reported_as_the_command_lines(tmp_path, minimal):
+    path = write(tmp_path, minimal + "eval_step: 1\n")
+    with pytest.raises(tq.ConfigError) as err:
+        tq.load_config(path, ["max_step=5", "lr=abc", "lora.r=8"])
+    assert str(err.value).splitlines() == [
+        f"{path}:", "  - unknown key 'eval_step' (did you mean 'eval_steps'?)",
+        "the command line:", "  - --set max_step=5: unknown key 'max_step' (did you mean 'max_steps'?)",
+        "  - --set lr=abc: expected float, got str 'abc'"]
+    with pytest.raises(tq.ConfigError) as err:  # a whole section given on the command line
+        tq.load_config(write(tmp_path, minimal), ["lora={r: x}"])
+    assert str(err.value).splitlines() == ["the command line:", "  - --set lora={r: x}: expected int, got str 'x'"]
 
 
 def test_wrong_types_are_named(tmp_path, minimal):

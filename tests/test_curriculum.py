@@ -37,6 +37,17 @@ def test_log_shows_the_curriculum_lines(curriculum):
     assert "step 15/15 | loss " in logs[1]
 
 
+def test_stage_logs_hold_no_warning_that_reads_like_a_broken_install(curriculum):
+    """peft looking the base up on the Hub at every save and continued load, and the Trainer re-aligning the
+    tokenizer's special tokens, printed warnings in every stage (issue 25): a newcomer reads them as a broken
+    install. The stages' logs (stdout and stderr) hold none of them, nor any other UserWarning."""
+    _, logs = curriculum
+    for stage, log in logs.items():
+        for noise in ("UserWarning", "Could not find a config file", "Unable to fetch remote file",
+                      "The tokenizer has new PAD/BOS/EOS tokens"):
+            assert noise not in log, f"stage {stage} printed {noise!r}"
+
+
 def test_stage_directory_holds_adapter_processor_config_and_metrics(curriculum):
     root, _ = curriculum
     stage = root / "stage2"

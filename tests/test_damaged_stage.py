@@ -231,4 +231,4 @@ def test_stage_2_from_a_damaged_stage_stops_before_the_model_loads(curriculum, t
     out = result.stdout + result.stderr
     assert_reported_cleanly(result.returncode, out, expected_code=2)
     assert f"prev_checkpoint: {prev}: {reason}" in result.stderr, out
-    assert "Resolved config" not in out and not (tmp_path / "stage2.partial").exists()  # stopped at validation
+    assert "(the keys set; every key" not in out and not (tmp_path / "stage2.partial").exists()  # stopped at validation

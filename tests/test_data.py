@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_script
 from PIL import Image
 
 import train_qlora_qwen3vl as tq
@@ -243,6 +243,22 @@ def test_bad_records_stop_the_run_listed_or_are_skipped_and_counted(tmp_path, pr
                                             "answer": 1}], name="bad.jsonl")
     with pytest.raises(tq.ConfigError, match="bad.jsonl: no usable records"):
         tq.load_split(str(only_bad), processor, cfg(on_bad_record="skip"), "train")
+
+
+def test_a_data_error_is_what_a_failed_run_prints_last_not_buried_under_the_config(tmp_path, image_448):
+    """The start of a stage prints only the keys set (not every key with its default), and a data error is the
+    last thing printed: its headline first on stderr, its advice the last line."""
+    good = {"id": "q1", "image": image_448, "question": "How many?", "type": "numeric", "options": None, "answer": "2"}
+    split = write_jsonl(tmp_path, [good, dict(good, id="q2", image="missing.png")])
+    result = run_script("train_qlora_qwen3vl.py", "configs/demo/stage1.yaml", "--set", f"train_file={split}",
+                        "--set", f"output_dir={tmp_path / 'out'}")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stdout.splitlines()) < 30, result.stdout  # the 54 keys' defaults are not printed
+    assert "gradient_checkpointing: false" in result.stdout and "fp32_upcast" not in result.stdout
+    errors = result.stderr.strip().splitlines()
+    assert errors[0] == f"error: 1 bad record(s) in {split}:", result.stderr
+    assert errors[1] == f"  {split}:2: image not found: {tmp_path / 'missing.png'}"
+    assert errors[-1].startswith("Fix them, or set on_bad_record: skip")
 
 
 def test_split_summary_says_resizing_once_with_sizes_and_lengths(tmp_path, processor, capsys):

@@ -64,10 +64,14 @@ def test_memorised_questions_are_answered_through_the_full_path(tmp_path, tiny_m
 
 def test_base_model_zero_point_and_test_split(curriculum, tmp_path):
     root, _ = curriculum
-    out = tmp_path / "zero"
+    # no --out: the base has no folder of its own, so its results go beside the config's output_dir, not to the cwd
+    out = tmp_path / "base_model_eval"
     result = run_script("vqa_eval.py", "configs/demo/stage1.yaml", "--no-adapter", "--split", "test", "--limit", "6",
-                        "--set", "test_file=data/stage1/test.jsonl", "--out", str(out))
+                        "--set", "test_file=data/stage1/test.jsonl", "--set", f"output_dir={tmp_path / 'stage1'}")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not list(REPO.glob("*_base.json*")), "written into the directory it was run from"
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line == f"Wrote {out}/metrics_test_base.json and predictions_test_base.jsonl"
     report = json.loads((out / "metrics_test_base.json").read_text())
     assert report["adapter"] is None and report["metrics"]["overall"]["n"] == 6
     assert len((out / "predictions_test_base.jsonl").read_text().splitlines()) == 6

@@ -99,6 +99,21 @@ def test_compare_question_on_literal_numbers():
     assert "the merge cannot be told from no merge" in problem
 
 
+def test_a_failed_check_says_what_it_means_and_what_to_do():
+    """An update too small for bf16 weights (the adapter moves the logits less than the merge's rounding) is not a
+    broken merge: the advice is to serve the adapter unmerged, with the command, or to train further."""
+    too_small = {"adapter_answer": "B", "merged_answer": "B", "merge_diff": 0.2, "adapter_effect": 0.17,
+                 "largest_logit": 20.0, "closest_margin": 2.0}
+    advice = em.failure_advice([too_small, too_small | {"adapter_effect": 0.1}], "Qwen/Qwen3-VL-8B-Instruct",
+                               Path("models/exp4/stage1"))
+    assert "below what bfloat16 weights can hold" in advice and "at most 0.170" in advice
+    assert "vllm serve Qwen/Qwen3-VL-8B-Instruct --enable-lora --lora-modules stage1=models/exp4/stage1" in advice
+    assert "train it further" in advice
+    wrong = too_small | {"merge_diff": 3.0, "adapter_effect": 5.0}
+    advice = em.failure_advice([too_small, wrong], "base", Path("s"))
+    assert "the merge went wrong" in advice and "unmerged" not in advice
+
+
 def test_a_quantized_base_is_refused_with_the_reason(curriculum, tmp_path, tiny_model_path):
     root, _ = curriculum
     quantized = tmp_path / "tiny-bnb-4bit"
