@@ -203,7 +203,8 @@ def test_batch_size_auto_needs_a_gpu(tmp_path):
         tq.validate_config(cfg)
     with pytest.raises(tq.ConfigError, match="there is no GPU"):
         batch_size.choose_batch_size(None, None, cfg, None, None)
-    with pytest.raises(tq.ConfigError, match="batch_size: expected int, got str 'big'; or 'big' is not one of 'auto'"):
+    with pytest.raises(tq.ConfigError, match="--set batch_size=big: expected int, got str 'big'; or 'big' is not one "
+                                             "of 'auto'"):
         tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "batch_size=big"])
 
 
