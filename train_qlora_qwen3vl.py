@@ -53,6 +53,7 @@ from curriculum.faults import STAGE_START
 from curriculum.plots import write_stage_plots
 from curriculum.processes import (
     check_processes_agree,
+    cpu_threads_wait_passively,
     fsdp_config_problems,
     fsdp_enabled,
     gather_from_processes,
@@ -84,6 +85,7 @@ from curriculum.stage_folder import previous_stage_dir  # noqa: F401
 from curriculum.typed_yaml import apply_overrides  # noqa: F401
 # isort: on
 
+cpu_threads_wait_passively()  # before torch loads: OpenMP reads it then (curriculum/processes.py says why)
 speed.quiet_optional_backend_warnings()  # before bitsandbytes and Liger import: their optional backends' warnings
 # peft calls a transformers method that transformers 5 renamed; the warning is about peft, not about you.
 warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated.*", category=FutureWarning)

@@ -14,6 +14,14 @@ from typing import Any
 from curriculum.errors import ConfigError, CurriculumError
 
 
+def cpu_threads_wait_passively() -> None:
+    """Let torch's CPU threads (OpenMP) sleep while they wait for work instead of spinning, unless the user set
+    OMP_WAIT_POLICY. Spinning threads take the cores that a dataloader worker, another process or the next operation
+    needs: a demo stage on 2 cores took 85 s of CPU with one dataloader worker and 20 s with passive waiting, the same
+    losses. Read by OpenMP when torch loads: call it before the first `import torch` (the scripts do, at import)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 @dataclass(frozen=True)
 class Runtime:
     """What the launcher and the machine give this process; fixed for its whole life."""
@@ -23,6 +31,7 @@ class Runtime:
     world_size: int  # how many processes the launcher started (1 without a launcher)
     fsdp: bool  # launched with an FSDP accelerate config (accelerate tells its processes through the environment)
     gpu: bool  # torch sees a GPU
+    omp_wait_policy: str = "unset"  # how torch's CPU threads wait for work (cpu_threads_wait_passively)
 
     @classmethod
     def from_environment(cls) -> Runtime:
@@ -31,11 +40,13 @@ class Runtime:
         return cls(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                    world_size=int(os.environ.get("WORLD_SIZE", "1")),
                    fsdp=os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true",
-                   gpu=torch.cuda.is_available())
+                   gpu=torch.cuda.is_available(), omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"))
 
     def __str__(self) -> str:
         return (f"Runtime: process {self.rank} of {self.world_size} (local rank {self.local_rank}), "
-                f"FSDP {'on' if self.fsdp else 'off'}, GPU {'yes' if self.gpu else 'no'}")
+                f"FSDP {'on' if self.fsdp else 'off'}, GPU {'yes' if self.gpu else 'no'}, CPU threads wait "
+                f"{'passively' if self.omp_wait_policy.upper() == 'PASSIVE' else 'spinning'} "
+                f"(OMP_WAIT_POLICY={self.omp_wait_policy})")
 
 
 @functools.cache

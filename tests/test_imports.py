@@ -40,3 +40,4 @@ def test_nothing_imports_in_a_circle():
         return any(dep == goal or (dep not in seen and reaches(dep, goal, seen | {dep})) for dep in graph[start])
 
     assert [m for m in graph if reaches(m, m, set())] == []
+

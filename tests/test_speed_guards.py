@@ -6,7 +6,10 @@ versions; with `true` it is a config error that names the key. The last test tra
 """
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -177,3 +180,15 @@ def test_a_stage_with_activation_offload_says_so_and_records_it(tmp_path, tiny_m
     assert line in proc.stdout + proc.stderr
     recorded = json.loads((out / "stage_metrics.json").read_text())["speed_patches"]["offload_activations"]
     assert recorded == line.split(": ", 1)[1]
+
+
+def test_cpu_threads_wait_passively_unless_the_user_says_otherwise():
+    """Set at import, before torch loads (OpenMP reads it then); a value the user set is kept."""
+    code = ("import os, sys; import train_qlora_qwen3vl; assert 'torch' not in sys.modules; "
+            "print(os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "PASSIVE"
+    run = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env | {"OMP_WAIT_POLICY": "ACTIVE"},
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "ACTIVE"
