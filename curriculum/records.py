@@ -12,7 +12,7 @@ from typing import Any
 
 from curriculum.errors import ConfigError
 
-QUESTION_TYPES = ("single_choice", "numeric", "multi_label")
+QUESTION_TYPES = ("single_choice", "numeric", "multi_label", "free_text")
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
