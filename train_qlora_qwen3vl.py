@@ -135,11 +135,17 @@ class DataColumns:
     question: str = "question"
     """The question text."""
     type: str = "type"
-    """single_choice, numeric or multi_label."""
+    """The question type: single_choice, numeric, multi_label or free_text. Without this column (or where a row's is
+    null) the type is inferred per row; see question_type."""
     options: str = "options"
-    """The answer options (a list of strings; empty or null for numeric)."""
+    """The answer options (a list of strings; empty or null for numeric and free_text)."""
     answer: str = "answer"
-    """The gold answer: a letter, a number, or letters (a list, or in a table column also text: `A, C`)."""
+    """The gold answer: for options their letter(s) (a list, or text: `A, C`), 0-based index or text; a number; or
+    a short text (free_text: what the model is trained to answer)."""
+    references: str = "answers"
+    """free_text: every reference answer, a list of texts or of dicts with an `answer` (VQAv2); a match with any
+    counts. The answer trained on is the answer column's, else the most common reference. May be the answer's
+    column."""
     image: str = "image"
     """The image: an `Image` column (its bytes or its file), or a path relative to the data file."""
     messages: str = "messages"
@@ -162,6 +168,10 @@ class StageConfig:
     """Test split (JSONL or a dataset), for `python vqa_eval.py CONFIG --split test` (never used in training)."""
     columns: DataColumns = field(default_factory=DataColumns)
     """The splits' column (or key) names, where they differ from ours: `columns: {question: q, image: img}`."""
+    question_type: Literal["auto", "single_choice", "numeric", "multi_label", "free_text"] = "auto"
+    """auto: each row's type column, else inferred from the row (options: single_choice, or multi_label when the
+    answer names several; a list of references: free_text; a number: numeric; other text: free_text) and counted
+    in the split's summary. A type name: every row of the splits is that type."""
     stage: int = 1
     """Curriculum stage number: 1 makes a new adapter, >= 2 continues `prev_checkpoint`."""
     model_name_or_path: str = "Qwen/Qwen3-VL-8B-Instruct"
