@@ -474,6 +474,19 @@ def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset
     return dataset
 
 
+def as_read_by(cfg: StageConfig, stage_dir: str | os.PathLike) -> StageConfig:
+    """cfg, reading splits as the stage in `stage_dir` read them: its `columns` and `question_type` (from its
+    resolved_config.yaml), since an earlier stage's split has its own layout (stage 1 on VQAv2, stage 2 on DocVQA);
+    the prompt, the pixels and the checks stay this stage's. cfg as it is where that config does not read."""
+    try:
+        earlier = load_config(Path(stage_dir) / RESOLVED_CONFIG)
+    except ConfigError as err:
+        log(f"WARNING: {stage_dir}'s config does not read ({str(err).splitlines()[0]}); its splits are read with "
+            "this stage's columns and question_type")
+        return cfg
+    return dataclasses.replace(cfg, columns=earlier.columns, question_type=earlier.question_type)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Model: 4-bit base once, k-bit preparation once, then a new adapter (stage 1) or the previous one, trainable; proved
 # ---------------------------------------------------------------------------------------------------------------------
@@ -684,14 +697,17 @@ def load_stage_data(cfg: StageConfig, processor) -> StageData:
     # Earlier stages (curriculum/forgetting.py): their training records replayed, their dev splits watched
     earlier = forgetting.lineage(cfg.prev_checkpoint, stage_folder.previous_stage_metrics,
                                  stage_folder.previous_stage_dir)
-    replay = forgetting.mix_replay(train_ds, cfg, earlier, lambda path, name: load_split(path, processor, cfg, name),
-                                   split_sha256)
-    earlier_splits = (forgetting.earlier_dev_splits(earlier, lambda path, name: load_split(path, processor, cfg, name))
-                      if cfg.watch_earlier_stages else {})
+    # each earlier stage's split read with that stage's columns and question_type
+    def load_earlier(path: str, name: str, stage: forgetting.EarlierStage) -> VQADataset:
+        return load_split(path, processor, as_read_by(cfg, stage.dir), name)
+
+    replay = forgetting.mix_replay(train_ds, cfg, earlier, load_earlier, split_sha256)
+    earlier_splits = forgetting.earlier_dev_splits(earlier, load_earlier) if cfg.watch_earlier_stages else {}
     # first_eval_loss is measured on the split the previous stage ended on, so the two numbers compare.
     prev_eval_file = prev_metrics.get("final_eval_file")
     if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).exists():  # a file, or a dataset folder
-        continuity = load_split(prev_eval_file, processor, cfg, "previous stage's eval"), prev_eval_file
+        continuity = (load_split(prev_eval_file, processor, as_read_by(cfg, cfg.prev_checkpoint),
+                                 "previous stage's eval"), prev_eval_file)
     else:
         continuity = eval_ds, cfg.eval_file
         if cfg.prev_checkpoint:
