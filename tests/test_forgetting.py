@@ -383,3 +383,24 @@ def test_forgetting_tolerance_stops_the_stage_keeping_its_checkpoint(curriculum,
         "loss_at_start"]
     assert [e["step"] for e in m["forgetting"]["exceeded"]] == [6, 8] and m["forgetting"]["action"] == "warn"
     assert resumed.stdout.count("WARNING: forgetting: stage 1's dev loss is ") == 2
+
+
+def test_the_forgetting_matrix_has_a_table_per_question_type_with_intervals():
+    import vqa_eval
+    from curriculum import scoring
+
+    def metrics(rows):
+        return {k: v for k, v in scoring.compute_metrics(rows, 1.0).items() if k != "overall"}
+
+    free = metrics([{"type": "free_text", "gold": ["blue"], "pred": "blue"},
+                    {"type": "free_text", "gold": ["red"], "pred": "rod"}])
+    choice = metrics([{"type": "single_choice", "gold": "A", "pred": "B"}])
+    matrix = {"trained": ["base", 1], "evaluated": [1, 2], "n": {1: 2, 2: 1},
+              "accuracy": {"base": {1: 0.5, 2: 0.0}, 1: {1: 0.5, 2: 0.0}},
+              "by_type": {"base": {1: free, 2: choice}, 1: {1: free, 2: choice}}}
+    table = vqa_eval.forgetting_markdown(matrix)
+    assert "| after stage 1 | 50.0% | 0.0% |" in table  # the overall table, as before
+    free_table = table[table.index("free_text (exact match, 95% interval):"):]
+    assert "| base (no adapter) | 50.0% (9%–91%, n=2), ANLS 0.833 | – |" in free_table
+    assert "single_choice (accuracy, 95% interval):" in table and "| – | 0.0% (0%–79%, n=1) |" in table
+    assert "free_text" not in vqa_eval.forgetting_markdown({**matrix, "by_type": {}})  # a matrix from before
