@@ -272,3 +272,17 @@ def test_answer_and_references_may_share_a_column(tmp_path):
                                    image_dir=tmp_path / "images")
     assert [(r.type, r.answer, r.references) for r in as_answer] == \
            [(r.type, r.answer, r.references) for r in hub_records(tmp_path, "chartqa")]
+
+
+def test_a_table_row_that_cannot_be_mapped_is_one_line_naming_file_row_and_column(tmp_path):
+    import make_hub_schemas
+    from datasets import Dataset
+
+    features, rows = make_hub_schemas.scienceqa(3, "bad")
+    rows[1]["answer"] = 7  # ScienceQA's answer is an index into choices: past them here
+    path = tmp_path / "scienceqa.parquet"
+    Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features).to_parquet(str(path))
+    records, problems = tq.read_records(path, columns=tq.DataColumns(options="choices"), image_dir=tmp_path / "images")
+    assert len(records) == 2 and problems == [
+        f"{path}:row 1: column 'answer' (columns.answer): index 7 is not one of the 3 options of column 'choices' "
+        "(columns.options) (0 to 2)"]
