@@ -177,7 +177,7 @@ def export(stage_dir: Path, out_dir: Path, base: str | None, check: int, data: s
     if check and not split:
         raise ConfigError(f"{stage_dir} has no dev split to check on; pass --data SPLIT, or --check 0")
     records = load_records(split, cfg.system_prompt, cfg.allow_images_outside_data_dir, cfg.columns,
-                           dataset_image_dir(cfg))[:check] if check else []
+                           dataset_image_dir(cfg), cfg.question_type)[:check] if check else []
     base = base or cfg.model_name_or_path
     model_path = resolve_model_path(base)
     refuse_quantized_base(model_path, cfg)

@@ -161,11 +161,17 @@ class DataColumns:
     question: str = "question"
     """The question text."""
     type: str = "type"
-    """single_choice, numeric or multi_label."""
+    """The question type: single_choice, numeric, multi_label or free_text. Without this column (or where a row's is
+    null) the type is inferred per row; see question_type."""
     options: str = "options"
-    """The answer options (a list of strings; empty or null for numeric)."""
+    """The answer options (a list of strings; empty or null for numeric and free_text)."""
     answer: str = "answer"
-    """The gold answer: a letter, a number, or letters (a list, or in a table column also text: `A, C`)."""
+    """The gold answer: for options their letter(s) (a list, or text: `A, C`), 0-based index or text; a number; or
+    a short text (free_text: what the model is trained to answer)."""
+    references: str = "answers"
+    """free_text: every reference answer, a list of texts or of dicts with an `answer` (VQAv2); a match with any
+    counts. The answer trained on is the answer column's, else the most common reference. May be the answer's
+    column."""
     image: str = "image"
     """The image: an `Image` column (its bytes or its file), or a path relative to the data file."""
     messages: str = "messages"
@@ -222,6 +228,10 @@ class StageConfig:
     """Test split (JSONL or a dataset), for `python vqa_eval.py CONFIG --split test` (never used in training)."""
     columns: DataColumns = field(default_factory=DataColumns)
     """The splits' column (or key) names, where they differ from ours: `columns: {question: q, image: img}`."""
+    question_type: Literal["auto", "single_choice", "numeric", "multi_label", "free_text"] = "auto"
+    """auto: each row's type column, else inferred from the row (options: single_choice, or multi_label when the
+    answer names several; a list of references: free_text; a number: numeric; other text: free_text) and counted
+    in the split's summary. A type name: every row of the splits is that type."""
     stage: int = 1
     """Curriculum stage number: 1 makes a new adapter, >= 2 continues `prev_checkpoint`."""
     model_name_or_path: str = "Qwen/Qwen3-VL-8B-Instruct"
@@ -541,6 +551,19 @@ def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset
     return dataset
 
 
+def as_read_by(cfg: StageConfig, stage_dir: str | os.PathLike) -> StageConfig:
+    """cfg, reading splits as the stage in `stage_dir` read them: its `columns` and `question_type` (from its
+    resolved_config.yaml), since an earlier stage's split has its own layout (stage 1 on VQAv2, stage 2 on DocVQA);
+    the prompt, the pixels and the checks stay this stage's. cfg as it is where that config does not read."""
+    try:
+        earlier = load_config(Path(stage_dir) / RESOLVED_CONFIG)
+    except ConfigError as err:
+        log(f"WARNING: {stage_dir}'s config does not read ({str(err).splitlines()[0]}); its splits are read with "
+            "this stage's columns and question_type")
+        return cfg
+    return dataclasses.replace(cfg, columns=earlier.columns, question_type=earlier.question_type)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Model: 4-bit base once, k-bit preparation once, then a new adapter (stage 1) or the previous one, trainable; proved
 # ---------------------------------------------------------------------------------------------------------------------
@@ -753,14 +776,17 @@ def load_stage_data(cfg: StageConfig, processor) -> StageData:
     # Earlier stages (curriculum/forgetting.py): their training records replayed, their dev splits watched
     earlier = forgetting.lineage(cfg.prev_checkpoint, stage_folder.previous_stage_metrics,
                                  stage_folder.previous_stage_dir)
-    replay = forgetting.mix_replay(train_ds, cfg, earlier, lambda path, name: load_split(path, processor, cfg, name),
-                                   split_sha256)
-    earlier_splits = (forgetting.earlier_dev_splits(earlier, lambda path, name: load_split(path, processor, cfg, name))
-                      if cfg.watch_earlier_stages else {})
+    # each earlier stage's split read with that stage's columns and question_type
+    def load_earlier(path: str, name: str, stage: forgetting.EarlierStage) -> VQADataset:
+        return load_split(path, processor, as_read_by(cfg, stage.dir), name)
+
+    replay = forgetting.mix_replay(train_ds, cfg, earlier, load_earlier, split_sha256)
+    earlier_splits = forgetting.earlier_dev_splits(earlier, load_earlier) if cfg.watch_earlier_stages else {}
     # first_eval_loss is measured on the split the previous stage ended on, so the two numbers compare.
     prev_eval_file = prev_metrics.get("final_eval_file")
     if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).exists():  # a file, or a dataset folder
-        continuity = load_split(prev_eval_file, processor, cfg, "previous stage's eval"), prev_eval_file
+        continuity = (load_split(prev_eval_file, processor, as_read_by(cfg, cfg.prev_checkpoint),
+                                 "previous stage's eval"), prev_eval_file)
     else:
         continuity = eval_ds, cfg.eval_file
         if cfg.prev_checkpoint:

@@ -7,7 +7,8 @@
 
 Answers come from batched greedy decoding with the chat template (curriculum/evaluation.py). They are parsed
 tolerantly (`B`, `b.`, `Answer: B`, `(B)`, the option's text, `A, C`, `3`; curriculum/scoring.py). An answer that
-cannot be parsed counts as wrong and is never dropped. Metrics are defined in README.md, "Evaluation metrics".
+cannot be parsed counts as wrong and is never dropped. Free-text answers are scored by exact match, token F1, ANLS and
+(with ten references) VQA accuracy. Metrics are defined in README.md, "Evaluation: what the model answers".
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from curriculum.errors import ConfigError
 from curriculum.evaluation import evaluate_records, write_predictions
 from curriculum.plots import plot_forgetting
 from curriculum.processes import log
+from curriculum.records import QUESTION_TYPES
 from curriculum.scoring import metrics_table
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS, curriculum_stage_dirs
 
@@ -48,7 +50,8 @@ def load_for_eval(cfg: tq.StageConfig, adapter: str | None):
 
 
 def evaluate_forgetting(root: Path, limit: int | None) -> dict:
-    """Every stage's adapter on every stage's dev split, plus the base model as row zero."""
+    """Every stage's adapter on every stage's dev split, plus the base model as row zero: the overall accuracy, and
+    each question type's metrics (`by_type`: accuracy with its interval; free text's other scores too)."""
     stages = [(s, json.loads((s / STAGE_METRICS).read_text())) for s in curriculum_stage_dirs(root)]
     if not stages:
         raise ConfigError(f"{root} holds no stage directories (with {STAGE_METRICS})")
@@ -56,14 +59,17 @@ def evaluate_forgetting(root: Path, limit: int | None) -> dict:
     model, processor = load_for_eval(cfg, str(stages[0][0]))
     for stage_dir, m in stages[1:]:
         model.load_adapter(str(stage_dir), adapter_name=f"stage{m['stage']}")
-    splits = {m["stage"]: load_records(m["final_eval_file"], cfg.system_prompt, cfg.allow_images_outside_data_dir,
-                                       cfg.columns, dataset_image_dir(cfg)) for _, m in stages}
+    splits = {}
+    for stage_dir, m in stages:  # each dev split read with the columns and question_type of the stage it is from
+        own = tq.load_config(stage_dir / RESOLVED_CONFIG)
+        splits[m["stage"]] = load_records(m["final_eval_file"], cfg.system_prompt, cfg.allow_images_outside_data_dir,
+                                          own.columns, dataset_image_dir(cfg), own.question_type)
     if limit:
         splits = {k: v[:limit] for k, v in splits.items()}
     result = {"trained": ["base"] + [m["stage"] for _, m in stages], "evaluated": list(splits),
-              "accuracy": {}, "n": {k: len(v) for k, v in splits.items()}}
+              "accuracy": {}, "by_type": {}, "n": {k: len(v) for k, v in splits.items()}}
     for row in result["trained"]:
-        result["accuracy"][row] = {}
+        result["accuracy"][row], result["by_type"][row] = {}, {}
         for col, records in splits.items():
             if row == "base":
                 with model.disable_adapter():
@@ -72,19 +78,39 @@ def evaluate_forgetting(root: Path, limit: int | None) -> dict:
                 model.set_adapter("default" if row == stages[0][1]["stage"] else f"stage{row}")
                 metrics, _ = evaluate_records(model, processor, records, cfg)
             result["accuracy"][row][col] = metrics["overall"]["accuracy"]
+            result["by_type"][row][col] = {kind: metrics[kind] for kind in QUESTION_TYPES if kind in metrics}
             print(f"{'base' if row == 'base' else f'after stage {row}'} on stage {col} dev: "
                   f"{metrics['overall']['accuracy']:.1%} of {len(records)}", flush=True)
     return result
 
 
+def type_cell(m: dict | None) -> str:
+    """One question type's cell: accuracy (free text: exact match) with its 95% interval and n; ANLS for free text."""
+    if not m:
+        return "–"
+    lo, hi = m["accuracy_ci95"]
+    anls = f", ANLS {m['anls']:.3f}" if "anls" in m else ""
+    return f"{m['accuracy']:.1%} ({lo:.0%}–{hi:.0%}, n={m['n']}){anls}"
+
+
 def forgetting_markdown(matrix: dict) -> str:
-    header = "| trained \\ evaluated | " + " | ".join(f"stage {c} dev (n={matrix['n'][c]})"
-                                                     for c in matrix["evaluated"]) + " |"
-    lines = [header, "|---" * (len(matrix["evaluated"]) + 1) + "|"]
-    for r in matrix["trained"]:
-        label = "base (no adapter)" if r == "base" else f"after stage {r}"
-        lines.append(f"| {label} | " + " | ".join(f"{matrix['accuracy'][r][c]:.1%}" for c in matrix["evaluated"])
-                     + " |")
+    """The overall accuracy of every stage on every dev split, then a table per question type met in the splits."""
+    def table(cell) -> list[str]:
+        header = "| trained \\ evaluated | " + " | ".join(f"stage {c} dev (n={matrix['n'][c]})"
+                                                         for c in matrix["evaluated"]) + " |"
+        lines = [header, "|---" * (len(matrix["evaluated"]) + 1) + "|"]
+        for r in matrix["trained"]:
+            label = "base (no adapter)" if r == "base" else f"after stage {r}"
+            lines.append(f"| {label} | " + " | ".join(cell(r, c) for c in matrix["evaluated"]) + " |")
+        return lines
+
+    lines = table(lambda r, c: f"{matrix['accuracy'][r][c]:.1%}")
+    by_type = matrix.get("by_type") or {}  # absent in a matrix written before it was recorded
+    kinds = [k for k in QUESTION_TYPES if any(k in cells for row in by_type.values() for cells in row.values())]
+    for kind in kinds:
+        what = "exact match" if kind == "free_text" else "accuracy"
+        lines += ["", f"{kind} ({what}, 95% interval):", "", *table(lambda r, c, k=kind: type_cell(
+            by_type.get(r, {}).get(c, {}).get(k)))]
     return "\n".join(lines)
 
 
@@ -121,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         if adapter and not (Path(adapter) / ADAPTER_WEIGHTS).is_file():
             raise ConfigError(f"no adapter in {adapter} (train the stage first, or pass --adapter/--no-adapter)")
         records = load_records(data, cfg.system_prompt, cfg.allow_images_outside_data_dir, cfg.columns,
-                               dataset_image_dir(cfg))[:args.limit]
+                               dataset_image_dir(cfg), cfg.question_type)[:args.limit]
         model, processor = load_for_eval(cfg, adapter)
         metrics, predictions = evaluate_records(model, processor, records, cfg)
     except ConfigError as err:

@@ -46,7 +46,8 @@ def split_config_problems(cfg) -> list[str]:
         elif value is not None and Path(value).is_file() and Path(value).suffix not in SPLIT_FILE_SUFFIXES:
             problems.append(f"{key}: {value} is not a split the trainer reads: a .jsonl, .parquet or .arrow file, or "
                             "a dataset folder")
-    named = vars(cfg.columns)
+    # answer and references may share a column: a list there is the references, a text the answer
+    named = {k: c for k, c in vars(cfg.columns).items() if k != "references" or c != cfg.columns.answer}
     for column in sorted({c for c in named.values() if list(named.values()).count(c) > 1}):
         problems.append(f"columns: '{column}' is named for {', '.join(k for k, c in named.items() if c == column)}; "
                         "each field has a column of its own")
@@ -65,13 +66,15 @@ def image_path(base_dir: Path, image: str, source: str, allow_outside: bool) -> 
 
 
 def read_records(path: str | os.PathLike, system_prompt: str | None = None, allow_outside: bool = False,
-                 columns=None, image_dir: Path | None = None) -> tuple[list[Record], list[str]]:
+                 columns=None, image_dir: Path | None = None,
+                 question_type: str = "auto") -> tuple[list[Record], list[str]]:
     """Parse a split: (the valid Records, one `file:line: problem` per invalid line). Images not opened. `columns`
-    is the config's DataColumns (None: the fields are under our names). A path that is not a .jsonl file is a
-    Hugging Face dataset (read_dataset_records; its images stored as bytes are written to `image_dir`)."""
+    is the config's DataColumns (None: the fields are under our names), `question_type` its question_type (`auto`:
+    each row's type column, else inferred). A path that is not a .jsonl file is a Hugging Face dataset
+    (read_dataset_records; its images stored as bytes are written to `image_dir`)."""
     path = Path(path)
     if path.suffix != ".jsonl":
-        return read_dataset_records(path, system_prompt, allow_outside, columns, image_dir)
+        return read_dataset_records(path, system_prompt, allow_outside, columns, image_dir, question_type)
     base_dir, records, problems = path.parent, [], []
 
     def image_of(image: str, source: str) -> str:
@@ -89,7 +92,7 @@ def read_records(path: str | os.PathLike, system_prompt: str | None = None, allo
             if not isinstance(obj, dict):
                 raise ConfigError(f"{source}: expected a JSON object")
             records.append(record_from_fields(fields_by_our_names(obj, columns), source, line_no, system_prompt,
-                                              image_of))
+                                              image_of, columns, question_type))
         except ConfigError as err:
             problems.append(str(err))
     return records, problems
@@ -135,15 +138,20 @@ def write_image_bytes(data: bytes, image_dir: Path, name: str | None) -> str:
 
 
 def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: bool, columns,
-                         image_dir: Path | None) -> tuple[list[Record], list[str]]:
+                         image_dir: Path | None, question_type: str = "auto") -> tuple[list[Record], list[str]]:
     """read_records for a Hugging Face dataset: the same checks, problems named `file:row N` (N counts from 0, as
     `dataset[N]`). An image cell holds bytes (an `Image` column written by `datasets`), which become a file in
     `image_dir`, so that the image checks, the cache of checked images and the dataloader workers treat it as a
     JSONL image; or a path (an `Image` column of files, or text), checked as a JSONL image path."""
     dataset = open_dataset(path)
     if column_name(columns, "messages") not in dataset.column_names:
-        lacking = [f"'{column_name(columns, k)}' (columns.{k})" for k in ("id", "question", "type", "answer")
-                   if column_name(columns, k) not in dataset.column_names]
+        # only a question and its answer are needed: the id defaults to the row, the type is inferred per row
+        there, lacking = set(dataset.column_names), []
+        if column_name(columns, "question") not in there:
+            lacking.append(f"'{column_name(columns, 'question')}' (columns.question)")
+        if not {column_name(columns, "answer"), column_name(columns, "references")} & there:
+            lacking.append(f"'{column_name(columns, 'answer')}' (columns.answer) or "
+                           f"'{column_name(columns, 'references')}' (columns.references)")
         if lacking:
             raise ConfigError(f"{path}: no column {', '.join(lacking)}; its columns are "
                               f"{', '.join(dataset.column_names)}. Name yours under `columns:` in the config")
@@ -170,10 +178,8 @@ def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: b
     for row, cells in enumerate(rows):
         source = f"{path}:row {row}"
         obj = fields_by_our_names({k: v for k, v in cells.items() if v is not None}, columns)
-        if obj.get("type") == "multi_label" and isinstance(obj.get("answer"), str):
-            obj["answer"] = [a.strip() for a in obj["answer"].split(",")]  # a table column holds one type
         try:
-            records.append(record_from_fields(obj, source, row, system_prompt, image_of))
+            records.append(record_from_fields(obj, source, row, system_prompt, image_of, columns, question_type))
         except ConfigError as err:
             problems.append(str(err))
     if stored:
@@ -189,9 +195,9 @@ def bad_records_error(path: str | os.PathLike, problems: list[str], shown: int =
 
 
 def load_records(path: str | os.PathLike, system_prompt: str | None = None, allow_outside: bool = False,
-                 columns=None, image_dir: Path | None = None) -> list[Record]:
+                 columns=None, image_dir: Path | None = None, question_type: str = "auto") -> list[Record]:
     """Parse a split (JSONL or a dataset) into Records; any problem is an error naming every bad file:line."""
-    records, problems = read_records(path, system_prompt, allow_outside, columns, image_dir)
+    records, problems = read_records(path, system_prompt, allow_outside, columns, image_dir, question_type)
     if problems:
         raise bad_records_error(path, problems)
     if not records:
@@ -330,6 +336,12 @@ def describe_split(split: str, records: list[Record], sizes: dict, lengths: list
 
     counts = {t: sum(r.type == t for r in records) for t in sorted({r.type for r in records})}
     lines = [f"{split}: {len(records)} samples ({', '.join(f'{n} {t}' for t, n in counts.items())})"]
+    inferred = [r.type for r in records if r.type_inferred]
+    if inferred:
+        by_type = ", ".join(f"{inferred.count(t)} {t}" for t in sorted(set(inferred)))
+        lines.append(f"{split} types: {len(inferred)} of {len(records)} inferred per row, with no type in column "
+                     f"'{cfg.columns.type}' (columns.type): {by_type}. To fix one type for the whole split instead, "
+                     f"set question_type (e.g. question_type: {max(sorted(set(inferred)), key=inferred.count)})")
     used = sorted((sizes[path] for path in {r.image for r in records if r.image}), key=lambda wh: wh[0] * wh[1])
     if used:
         median = used[len(used) // 2]
@@ -392,7 +404,7 @@ def check_split(path: str, processor, cfg, split: str) -> tuple[list[Record], li
     so do over-long samples (on_bad_record, on_overlong of `cfg`, the StageConfig). Returns (the records kept, their
     lengths in tokens, one `file:line: problem` per record skipped as bad)."""
     records, problems = read_records(path, cfg.system_prompt, cfg.allow_images_outside_data_dir, cfg.columns,
-                                     dataset_image_dir(cfg))
+                                     dataset_image_dir(cfg), cfg.question_type)
     sizes, image_problems = inspect_images(records, split, image_check_cache(cfg))
     problems += image_problems
     if problems and cfg.on_bad_record == "error":

@@ -27,6 +27,7 @@ from typing import Any
 from curriculum.errors import ConfigError, StageStopped
 from curriculum.faults import complete_checkpoints
 from curriculum.processes import is_main_process, log
+from curriculum.records import QUESTION_TYPES
 
 FORGETTING_EXIT_CODE = 5  # forgetting_action: stop (130/143 are the stop signals, 1-4 the errors)
 START_FILE = "earlier_stages_start.json"  # in <output_dir>.partial: the losses a resumed run must not re-measure
@@ -173,15 +174,15 @@ def choose_replay(pools: dict[int, int], n_own: int, fraction: float, seed: int)
     return {stage: sorted(i for s, i in picked if s == stage) for stage in pools}
 
 
-def mix_replay(train_ds, cfg: Any, chain: list[EarlierStage], load_train: Callable[[str, str], Any],
+def mix_replay(train_ds, cfg: Any, chain: list[EarlierStage], load_train: Callable[[str, str, EarlierStage], Any],
                file_sha256: Callable[[str], str]) -> dict | None:
     """Append the replayed records of `cfg.replay` to `train_ds` (a dataset with `.records` and `.lengths`, as
-    `load_train(path, split_name)` returns them) and return what was mixed, for stage_metrics.json; None when
-    replay is off. The Trainer shuffles the mixed set (data_seed)."""
+    `load_train(path, split_name, stage)` returns them, reading the file as that stage did) and return what was mixed,
+    for stage_metrics.json; None when replay is off. The Trainer shuffles the mixed set (data_seed)."""
     if not cfg.replay.fraction:
         return None
     sources = replay_sources(cfg.replay.stages, chain)
-    loaded = {s.stage: load_train(s.train_file["path"], f"stage {s.stage} train (replay)") for s in sources}
+    loaded = {s.stage: load_train(s.train_file["path"], f"stage {s.stage} train (replay)", s) for s in sources}
     n_own = len(train_ds)
     picks = choose_replay({stage: len(ds) for stage, ds in loaded.items()}, n_own, cfg.replay.fraction, cfg.seed)
     entries = []
@@ -236,9 +237,10 @@ def replay_problems(record: dict, chain: list[EarlierStage]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def earlier_dev_splits(chain: list[EarlierStage], load_eval: Callable[[str, str], Any]) -> dict[str, tuple]:
-    """{metric name: (stage, its dev split loaded by `load_eval(path, split_name)`)} for every earlier stage that
-    recorded one that is still there."""
+def earlier_dev_splits(chain: list[EarlierStage],
+                       load_eval: Callable[[str, str, EarlierStage], Any]) -> dict[str, tuple]:
+    """{metric name: (stage, its dev split loaded by `load_eval(path, split_name, stage)`, as that stage read it)} for
+    every earlier stage that recorded one that is still there."""
     splits = {}
     for name, stage in unique_names(chain).items():
         if not stage.eval_file:
@@ -246,7 +248,7 @@ def earlier_dev_splits(chain: list[EarlierStage], load_eval: Callable[[str, str]
         elif not Path(stage.eval_file).exists():
             log(f"WARNING: stage {stage.stage}'s dev split {stage.eval_file} is not found: it is not watched")
         else:
-            splits[name] = (stage, load_eval(stage.eval_file, f"stage {stage.stage} dev"))
+            splits[name] = (stage, load_eval(stage.eval_file, f"stage {stage.stage} dev", stage))
     return splits
 
 
@@ -383,7 +385,7 @@ class EarlierStagesWatch:
             records = ds.records if eval_questions < 0 else ds.records[:eval_questions]
             self.dev_metrics[name] = metrics = score(records)
             by_type = ", ".join(f"{kind} {metrics[kind]['accuracy']:.1%} (n={metrics[kind]['n']})"
-                                for kind in ("single_choice", "numeric", "multi_label") if kind in metrics)
+                                for kind in QUESTION_TYPES if kind in metrics)
             log(f"Dev accuracy on stage {stage.stage}'s dev split ({len(records)} questions, by generation): "
                 f"{metrics['overall']['accuracy']:.1%} overall; {by_type}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from curriculum.forgetting import dev_split_series
+from curriculum.records import QUESTION_TYPES
 from curriculum.stage_folder import stage_chain
 
 
@@ -54,9 +55,10 @@ def plot_loss_curve(chain: list[tuple[Path, dict]], path: Path) -> None:
 
 
 def plot_accuracy_by_type(chain: list[tuple[Path, dict]], path: Path) -> None:
-    """Grouped bars: dev-split accuracy per question type, one group per stage, with 95% intervals."""
+    """Grouped bars: dev-split accuracy per question type (free text: exact match), one group per stage, with 95%
+    intervals."""
     plt = _pyplot()
-    kinds = ["single_choice", "numeric", "multi_label", "overall"]
+    kinds = [*QUESTION_TYPES, "overall"]
     stages = [(m["stage"], m.get("dev_metrics")) for _, m in chain if m.get("dev_metrics")]
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.8 / max(len(stages), 1)
@@ -71,7 +73,8 @@ def plot_accuracy_by_type(chain: list[tuple[Path, dict]], path: Path) -> None:
             errs[0].append(m["accuracy"] - m["accuracy_ci95"][0])
             errs[1].append(m["accuracy_ci95"][1] - m["accuracy"])
         ax.bar(xs, ys, width=width * 0.95, yerr=errs, capsize=3, label=f"after stage {stage}")
-    ax.set_xticks(range(len(kinds)), [k.replace("_", " ") for k in kinds])
+    ax.set_xticks(range(len(kinds)), [k.replace("_", " ") + ("\n(exact match)" if k == "free_text" else "")
+                                      for k in kinds])
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy on the stage's dev split")
     ax.set_title("Accuracy by question type (bars: 95% Wilson intervals)")

@@ -1,22 +1,28 @@
 """Scoring answers: the model's raw text parsed into an answer of the question's type, compared with the gold one,
 and the metrics over a split (accuracy with its 95% interval, P/R/F1 per question type), as a table. Pure functions,
-no model; README.md, "Evaluation metrics", defines each number.
+no model; README.md, "Evaluation: what the model answers", defines each number.
 
 Parsing is tolerant (`B`, `b.`, `Answer: B`, `(B)`, the option's text, `A, C`, `3`). An answer that cannot be
-parsed counts as wrong and is never dropped.
+parsed counts as wrong and is never dropped. Free-text answers are scored as the VQA literature scores them: exact
+match after the official VQA normalisation, token F1, ANLS (DocVQA), and VQA accuracy where a question has ten
+reference answers (VQAv2, TextVQA); a match with any reference counts.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 
-from curriculum.records import OPTION_LETTERS, Record
+from curriculum.records import OPTION_LETTERS, QUESTION_TYPES, Record
 
 PREFIXES = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?(?:answer|option|choice)s?\s*(?:is|are|:)?\s*[:\-]?\s*", re.I)
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 NUMBER_WORDS = {w: i for i, w in enumerate("zero one two three four five six seven eight nine ten eleven "
                                             "twelve".split())}
+# A free-text answer's own prefix ("Answer: blue", "The answer is blue"): "is" or ":" is required, so that an answer
+# that merely starts with the word (`answer key`) keeps it.
+FREE_TEXT_PREFIX = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)\s*", re.I)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -74,19 +80,32 @@ def parse_numeric(text: str) -> float | None:
     return float(NUMBER_WORDS[word.group(1).lower()]) if word else None
 
 
+def parse_free_text(text: str) -> str | None:
+    """A short answer: the first line, without an `Answer:` prefix; None when nothing is left. Normalisation is the
+    scoring's (normalize_vqa_answer), so the text is kept as the model wrote it."""
+    first_line = text.strip().splitlines()[0] if text.strip() else ""
+    return FREE_TEXT_PREFIX.sub("", first_line).strip() or None
+
+
 def parse_answer(text: str, qtype: str, options: list[str] | None):
-    """The raw output as an answer of the question's type: a letter, a sorted list of letters, a number; or None."""
+    """The raw output as an answer of the question's type: a letter, a sorted list of letters, a number, a short
+    text; or None."""
     if qtype == "single_choice":
         return parse_single_choice(text, options)
     if qtype == "multi_label":
         return parse_multi_label(text, options)
     if qtype == "numeric":
         return parse_numeric(text)
+    if qtype == "free_text":
+        return parse_free_text(text)
     return text.strip() or None  # chat records: compared as text
 
 
 def gold_answer(rec: Record):
-    """The record's answer in parsed form (from the target text the trainer trains on)."""
+    """The record's answer in parsed form (from the target text the trainer trains on); for free text, every
+    reference answer (the dataset's list, or the one answer)."""
+    if rec.type == "free_text":
+        return list(rec.references or [rec.answer])
     return parse_answer(rec.answer, rec.type, rec.options)
 
 
@@ -95,7 +114,121 @@ def is_correct(pred, gold, qtype: str) -> bool:
         return False
     if qtype == "numeric":
         return abs(pred - gold) < 1e-9
+    if qtype == "free_text":
+        return exact_match(pred, gold) == 1.0
     return pred == gold
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Free text: normalisation and scores as the VQA literature defines them
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The official VQA evaluation's normalisation (github.com/GT-Vision-Lab/VQA, vqaEval.py), rewritten here: these
+# characters are removed, or become a space where they join two words ("red/green" -> "red green"); periods are
+# removed unless a digit follows (its regex's `(?!<=\d)` is a no-op, so "5." loses its period and "2.5" keeps it).
+VQA_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?",
+                   "!")
+VQA_COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+VQA_NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+VQA_ARTICLES = ("a", "an", "the")
+# Contractions written without their apostrophe get it back ("dont" -> "don't"), as the official map does; forms
+# whose apostrophe-less spelling is another word ("were", "well", "its", "ill", "shed") are not in it, and nor are
+# its rare double contractions ("couldn't've").
+VQA_CONTRACTIONS = {c.replace("'", ""): c for c in (
+    "ain't aren't can't could've couldn't didn't doesn't don't hadn't hasn't haven't he'd he's how'd how'll how's "
+    "isn't it'd it'll ma'am mightn't might've mustn't must've needn't not've o'clock oughtn't shan't should've "
+    "shouldn't somebody'll somebody's someone'd someone'll someone's something'd something'll that's there'd "
+    "there're there's they'd they'll they're they've wasn't we've weren't what'll what're what's what've when's "
+    "where'd where's where've who'd who'll who's who've won't would've wouldn't y'all you'd you'll you're "
+    "you've").split()}
+ANLS_THRESHOLD = 0.5  # DocVQA: a normalised edit distance of 0.5 or more scores 0 (the answer is a different one)
+
+
+def normalize_vqa_answer(text: str) -> str:
+    """The official VQA evaluation's normalisation: case, punctuation, number words (`two` -> `2`, `none` -> `0`),
+    articles (a, an, the) and contractions. Applied to every answer here (the official script skips it when all
+    ten references agree, which it can, its references being normalised already)."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in VQA_PUNCTUATION:
+        if p + " " in text or " " + p in text or VQA_COMMA_BETWEEN_DIGITS.search(text):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = VQA_PERIOD.sub("", out)
+    words = [VQA_NUMBER_WORDS.get(w, w) for w in out.lower().split()]
+    return " ".join(VQA_CONTRACTIONS.get(w, w) for w in words if w not in VQA_ARTICLES)
+
+
+def exact_match(pred: str | None, references: list[str]) -> float:
+    """1.0 when the answer equals any reference after normalize_vqa_answer, else 0.0."""
+    if pred is None:
+        return 0.0
+    answer = normalize_vqa_answer(pred)
+    return float(any(answer == normalize_vqa_answer(r) for r in references))
+
+
+def token_f1(pred: str | None, references: list[str]) -> float:
+    """SQuAD's token F1 on the normalised answers (bags of words), the best over the references."""
+    if pred is None:
+        return 0.0
+    answer = normalize_vqa_answer(pred).split()
+    best = 0.0
+    for ref in references:
+        gold = normalize_vqa_answer(ref).split()
+        if not answer or not gold:  # an empty answer matches only an empty reference
+            best = max(best, float(answer == gold))
+            continue
+        common = sum((Counter(answer) & Counter(gold)).values())
+        if common:
+            precision, recall = common / len(answer), common / len(gold)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insertions, deletions, substitutions of one character each)."""
+    if len(a) < len(b):
+        a, b = b, a
+    previous = list(range(len(b) + 1))
+    for i, ca in enumerate(a, start=1):
+        current = [i]
+        for j, cb in enumerate(b, start=1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ca != cb)))
+        previous = current
+    return previous[-1]
+
+
+def anls(pred: str | None, references: list[str], threshold: float = ANLS_THRESHOLD) -> float:
+    """Average Normalized Levenshtein Similarity of one answer (Biten et al. 2019, DocVQA): the best over the
+    references of 1 - NL, where NL is the edit distance over the longer string's length, or 0 when NL >= threshold.
+    Answers are compared lowercased with whitespace folded, as DocVQA's evaluation does (not normalize_vqa_answer)."""
+    if pred is None:
+        return 0.0
+    answer = " ".join(pred.lower().split())
+    best = 0.0
+    for ref in references:
+        gold = " ".join(ref.lower().split())
+        longest = max(len(answer), len(gold))
+        distance = levenshtein(answer, gold) / longest if longest else 0.0
+        best = max(best, 1 - distance if distance < threshold else 0.0)
+    return best
+
+
+def vqa_accuracy(pred: str | None, references: list[str]) -> float | None:
+    """VQA accuracy (Antol et al. 2015) over ten human answers: min(matches / 3, 1), averaged over the ten subsets of
+    nine references that leave one out, as the official script does; answers normalised (normalize_vqa_answer).
+    None unless there are exactly ten references."""
+    if len(references) != 10:
+        return None
+    if pred is None:
+        return 0.0
+    answer = normalize_vqa_answer(pred)
+    gold = [normalize_vqa_answer(r) for r in references]
+    return sum(min(1.0, sum(g == answer for j, g in enumerate(gold) if j != left_out) / 3)
+               for left_out in range(10)) / 10
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -103,8 +236,10 @@ def is_correct(pred, gold, qtype: str) -> bool:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def wilson_interval(correct: int, n: int, z: float = 1.96) -> list[float] | None:
-    """95% Wilson score interval for an accuracy of correct/n (sound for small n and for 0% or 100%)."""
+def wilson_interval(correct: float, n: int, z: float = 1.96) -> list[float] | None:
+    """95% Wilson score interval for an accuracy of correct/n (sound for small n and for 0% or 100%). For the mean
+    of scores in [0, 1] (token F1, ANLS, VQA accuracy) `correct` is their sum: a score with mean p has a variance of
+    at most p(1 - p), the variance the interval assumes, so it is never narrower than the score's own."""
     if n == 0:
         return None
     p = correct / n
@@ -136,6 +271,24 @@ def answer_items(answer, qtype: str) -> set:
     return set(answer) if qtype == "multi_label" else {answer}
 
 
+def _mean_score(scores: list[float], name: str) -> dict:
+    """{name: the mean, name_ci95: its Wilson interval} of scores in [0, 1]."""
+    return {name: round(sum(scores) / len(scores), 4) if scores else None,
+            f"{name}_ci95": wilson_interval(sum(scores), len(scores))}
+
+
+def free_text_metrics(rows: list[dict]) -> dict:
+    """Free-text rows ({"gold": the references, "pred": the answer or None}): exact match (the type's accuracy),
+    token F1, ANLS, each with its interval; VQA accuracy over the rows with ten references (vqa_accuracy_n)."""
+    matches = sum(is_correct(r["pred"], r["gold"], "free_text") for r in rows)
+    vqa = [v for v in (vqa_accuracy(r["pred"], r["gold"]) for r in rows) if v is not None]
+    return {**_accuracy(matches, len(rows)), "exact_match": round(matches / len(rows), 4),
+            **_mean_score([token_f1(r["pred"], r["gold"]) for r in rows], "token_f1"),
+            **_mean_score([anls(r["pred"], r["gold"]) for r in rows], "anls"),
+            **_mean_score(vqa, "vqa_accuracy"), "vqa_accuracy_n": len(vqa),
+            "unparseable": sum(r["pred"] is None for r in rows)}
+
+
 def compute_metrics(rows: list[dict], numeric_tolerance: float) -> dict:
     """Rows: {"type", "gold", "pred"} with parsed answers (pred None when unparseable). See README for definitions."""
     out = {}
@@ -143,6 +296,9 @@ def compute_metrics(rows: list[dict], numeric_tolerance: float) -> dict:
     for row in rows:
         row_correct = is_correct(row["pred"], row["gold"], row["type"])
         overall_correct += row_correct
+        if row["type"] == "free_text":  # one item: the answer, right (tp) or wrong (a miss, and a false one if given)
+            tp, fp, fn = tp + row_correct, fp + (not row_correct and row["pred"] is not None), fn + (not row_correct)
+            continue
         gold, pred = answer_items(row["gold"], row["type"]), answer_items(row["pred"], row["type"])
         tp, fp, fn = tp + len(gold & pred), fp + len(pred - gold), fn + len(gold - pred)
     out["overall"] = {**_accuracy(overall_correct, len(rows)), **_prf(tp, fp, fn),
@@ -179,8 +335,11 @@ def compute_metrics(rows: list[dict], numeric_tolerance: float) -> dict:
         out["multi_label"] = {**_accuracy(sum(r["pred"] == r["gold"] for r in multi), len(multi)),
                               **{f"micro_{k}": v for k, v in _prf(m_tp, m_fp, m_fn).items()},
                               "unparseable": sum(r["pred"] is None for r in multi)}
-    return out
 
+    free = [r for r in rows if r["type"] == "free_text"]
+    if free:
+        out["free_text"] = free_text_metrics(free)
+    return out
 
 
 def _fmt(value: float | None) -> str:
@@ -190,7 +349,7 @@ def _fmt(value: float | None) -> str:
 def metrics_table(metrics: dict) -> str:
     """A Markdown table: accuracy with its 95% interval and count, P/R/F1, per question type and overall."""
     lines = ["| questions | n | accuracy (95% CI) | precision | recall | F1 | other |", "|---|---|---|---|---|---|---|"]
-    for kind in ("single_choice", "numeric", "multi_label", "overall"):
+    for kind in (*QUESTION_TYPES, "overall"):
         m = metrics.get(kind)
         if not m:
             continue
@@ -198,9 +357,14 @@ def metrics_table(metrics: dict) -> str:
         acc = f"{m['accuracy']:.1%} ({ci[0]:.0%}–{ci[1]:.0%})"
         p = m.get("macro_precision", m.get("micro_precision", m.get("precision")))
         r = m.get("macro_recall", m.get("micro_recall", m.get("recall")))
-        f = m.get("macro_f1", m.get("micro_f1", m.get("f1")))
-        other = (f"within ±{m['tolerance']:g}: {m['accuracy_within_tolerance']:.1%}; MAE {m['mae']}"
-                 if kind == "numeric" else "macro" if kind == "single_choice" else "micro")
+        f = m.get("macro_f1", m.get("micro_f1", m.get("f1", m.get("token_f1"))))
+        if kind == "free_text":  # accuracy is the exact match; F1 the mean token F1
+            vqa = (f"; VQA accuracy {m['vqa_accuracy']:.1%} (n={m['vqa_accuracy_n']})" if m["vqa_accuracy_n"]
+                   else "")
+            other = f"exact match; token F1; ANLS {m['anls']:.3f}{vqa}"
+        else:
+            other = (f"within ±{m['tolerance']:g}: {m['accuracy_within_tolerance']:.1%}; MAE {m['mae']}"
+                     if kind == "numeric" else "macro" if kind == "single_choice" else "micro")
         lines.append(f"| {kind} | {m['n']} | {acc} | {_fmt(p)} | {_fmt(r)} | {_fmt(f)} | {other}; "
                      f"unparseable {m['unparseable']} |")
     return "\n".join(lines)

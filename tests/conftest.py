@@ -16,7 +16,8 @@ import train_qlora_qwen3vl as tq  # noqa: E402  (after the path is set)
 # Test tiers: `python -m pytest -q -m "not slow"` runs the pure functions, config and metrics in about a minute; the
 # slow tier loads the tiny model or runs the CLI (stages, faults, several processes). CI runs both.
 SLOW_FIXTURES = {"tiny_model_path", "processor", "curriculum", "ddp_curriculum", "trained_adapter"}
-SLOW_MODULES = {"test_curriculum", "test_faults", "test_processes", "test_damaged_stage", "test_eval_e2e"}
+SLOW_MODULES = {"test_curriculum", "test_faults", "test_processes", "test_damaged_stage", "test_eval_e2e",
+                "test_hub_schemas"}
 
 
 def pytest_collection_modifyitems(items):

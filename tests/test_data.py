@@ -10,7 +10,7 @@ from conftest import REPO, run_script
 from PIL import Image
 
 import train_qlora_qwen3vl as tq
-from curriculum import data_files
+from curriculum import data_files, records
 
 IM_START, IM_END, V_START, V_END, IMAGE_PAD, ASSISTANT = 151644, 151645, 151652, 151653, 151655, 77091
 
@@ -353,3 +353,114 @@ def test_images_that_decoded_cleanly_are_remembered_between_stages(tmp_path, pro
     with pytest.raises(tq.ConfigError, match="split.jsonl:2: cannot read image"):
         tq.load_split(str(path), processor, stage2, "train")
     assert sorted(decoded) == ["0.png", "1.png", "2.png"]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Free text, and rows without an id or a type: inferred, mapped, or one line naming the file, the line and the column
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("answer, options, references, expected", [
+    ("B", ["a", "b"], None, "single_choice"), (2, ["a", "b", "c"], None, "single_choice"),   # a letter, an index
+    ("blue", ["red", "blue"], None, "single_choice"), ("red, blue", ["red", "blue", "green"], None, "multi_label"),
+    (["A"], ["a", "b"], None, "multi_label"), ("A, C", ["a", "b", "c"], None, "multi_label"),
+    ("3", None, None, "numeric"), (2.5, None, None, "numeric"), ("-1", None, None, "numeric"), (4, [], None, "numeric"),
+    ("blue", None, None, "free_text"), ("red, green", None, None, "free_text"), ("3 cats", None, None, "free_text"),
+    ("3", None, ["3", "three"], "free_text"), (["Yes"], None, None, "free_text"),  # references: scored as text
+    ("", None, None, None), (None, None, None, None), ({"a": 1}, None, None, None),  # cannot be typed
+])
+def test_question_type_inferred_from_the_row(answer, options, references, expected):
+    assert records.infer_question_type(answer, options, references) == expected
+
+
+def test_option_letters_from_letters_indices_and_texts():
+    opts = ["red", "green", "blue"]
+    assert records.option_letters("B", opts, "f:1", None) == ["B"]
+    assert records.option_letters(2, opts, "f:1", None) == ["C"]               # 0-based, as ScienceQA and A-OKVQA
+    assert records.option_letters(" Blue ", opts, "f:1", None) == ["C"]
+    assert records.option_letters("A, blue", opts, "f:1", None) == ["A", "C"]
+    assert records.option_letters([0, "green"], opts, "f:1", None) == ["A", "B"]
+    assert records.option_letters("purple", opts, "f:1", None) is None
+    assert records.option_letters("D", opts, "f:1", None) is None
+    with pytest.raises(tq.ConfigError, match=re.escape("f:1: column 'label' (columns.answer): index 3 is not one of "
+                                                       "the 3 options of column 'choices' (columns.options) (0 to 2)")):
+        records.option_letters(3, opts, "f:1", tq.DataColumns(answer="label", options="choices"))
+
+
+def test_rows_with_only_image_question_answer(tmp_path, image_448):
+    path = write_jsonl(tmp_path, [{"image": image_448, "question": "Color?", "answer": "Blue"},
+                                  {"image": image_448, "question": "How many?", "answer": "3"},
+                                  {"image": image_448, "question": "Which colors?", "answer": "red, green"},
+                                  {"image": image_448, "question": "How many?", "answer": 2}])
+    recs = tq.load_records(path)
+    assert [r.type for r in recs] == ["free_text", "numeric", "free_text", "numeric"]
+    assert all(r.type_inferred for r in recs)
+    assert [r.id for r in recs] == [f"{path}:{n}" for n in (1, 2, 3, 4)]  # no id: the file and line
+    assert [r.answer for r in recs] == ["Blue", "3", "red, green", "2"]
+    assert recs[0].references == ["Blue"] and recs[1].references is None
+    assert recs[0].prompt_messages[-1]["content"][-1]["text"] == ("Color?\nAnswer the question using a single word "
+                                                                  "or phrase.")
+    assert recs[1].prompt_messages[-1]["content"][-1]["text"] == "How many?\nAnswer with a number."
+
+
+def test_free_text_references_in_the_public_datasets_shapes(tmp_path):
+    vqav2 = [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+             for i, a in enumerate(["two"] * 4 + ["2"] * 5 + ["3"])]
+    path = write_jsonl(tmp_path, [
+        {"question_id": 7, "question": "How many?", "answers": vqav2},               # VQAv2: a list of dicts
+        {"question_id": 8, "question": "How many?", "answers": vqav2, "mca": "two"},  # its own target
+        {"question_id": 9, "question": "Total?", "answers": ["$12.50", "12.50"]},     # DocVQA: a list of texts
+        {"question_id": 10, "question": "Value?", "mca": ["14"]}])                    # ChartQA: a list as the answer
+    recs = tq.load_records(path, columns=tq.DataColumns(id="question_id", answer="mca"))
+    assert [r.id for r in recs] == ["7", "8", "9", "10"] and {r.type for r in recs} == {"free_text"}
+    assert recs[0].answer == "2" and recs[1].answer == "two"  # the most common reference, unless an answer is given
+    assert recs[0].references == ["two"] * 4 + ["2"] * 5 + ["3"]
+    assert (recs[2].answer, recs[2].references) == ("$12.50", ["$12.50", "12.50"])
+    assert (recs[3].answer, recs[3].references) == ("14", ["14"])
+
+
+def test_question_type_fixes_one_type_for_every_row(tmp_path):
+    path = write_jsonl(tmp_path, [{"question": "How many?", "answer": "3", "type": "numeric"},
+                                  {"question": "Color?", "answer": "4"}])
+    recs = tq.load_records(path, question_type="free_text")  # the type column is not read
+    assert [(r.type, r.type_inferred, r.references) for r in recs] == [("free_text", False, ["3"]),
+                                                                      ("free_text", False, ["4"])]
+    assert [r.type for r in tq.load_records(path)] == ["numeric", "numeric"]  # auto: the column, else inferred
+    assert [r.type_inferred for r in tq.load_records(path)] == [False, True]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"question": "q", "gold": ""}, "cannot infer the question type from column 'gold' (columns.answer): ''"),
+    ({"question": "q", "gold": None}, "cannot infer the question type from column 'gold' (columns.answer): None"),
+    ({"question": "q", "choices": ["a", "b"], "gold": 5},
+     "column 'gold' (columns.answer): index 5 is not one of the 2 options of column 'choices' (columns.options)"),
+    ({"question": "q", "answers": [{"text": "x"}]},
+     "column 'answers' (columns.references) holds a dict without an 'answer' key (keys: text)"),
+    ({"question": "q", "answers": [["x"]]}, "column 'answers' (columns.references) holds ['x']; expected answer texts"),
+    ({"question": "q", "type": "free_text", "gold": "", "answers": []},
+     "no answer: column 'gold' (columns.answer) and column 'answers' (columns.references) are empty"),
+    ({"question": "q", "type": "single_choice", "choices": ["a", "b"], "gold": "A, B"},
+     "a single_choice answer names one option; 'A, B' names A, B"),
+    ({"question": "q", "type": "numeric", "gold": "blue"}, "a numeric answer must be a number, got 'blue'"),
+    ({"question": "q", "type": "essay", "gold": "x"}, "unknown question type 'essay' in column 'type' (columns.type)"),
+    ({"question": "q", "answer": "not under the column named"}, "missing field(s) answer (column 'gold')"),
+])
+def test_a_row_that_cannot_be_typed_or_mapped_is_one_line_naming_file_line_and_column(tmp_path, row, message):
+    good = {"question": "q", "gold": "fine"}
+    path = write_jsonl(tmp_path, [good, row])
+    records_, problems = tq.read_records(path, columns=tq.DataColumns(answer="gold", options="choices"))
+    assert [r.answer for r in records_] == ["fine"] and len(problems) == 1
+    assert problems[0].startswith(f"{path}:2: ") and message in problems[0] and "\n" not in problems[0]
+
+
+def test_split_summary_counts_the_inferred_types_and_names_the_key_that_fixes_one(tmp_path):
+    path = write_jsonl(tmp_path, [{"question": "q", "answer": a} for a in ("blue", "3", "red, green", "no")]
+                       + [{"question": "q", "type": "numeric", "answer": 1}])
+    recs = tq.load_records(path)
+    lines = data_files.describe_split("train", recs, {}, [10] * len(recs), cfg())
+    assert lines[0] == "train: 5 samples (3 free_text, 2 numeric)"
+    assert lines[1] == ("train types: 4 of 5 inferred per row, with no type in column 'type' (columns.type): "
+                        "3 free_text, 1 numeric. To fix one type for the whole split instead, set question_type "
+                        "(e.g. question_type: free_text)")
+    typed = tq.load_records(path, question_type="free_text")
+    assert not any("inferred" in line for line in data_files.describe_split("train", typed, {}, [10] * 5, cfg()))

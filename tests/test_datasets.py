@@ -3,6 +3,7 @@ same checks and errors (`file:row N`). The datasets are built here, from the shi
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,11 +125,12 @@ def test_a_missing_column_names_the_config_key_and_the_columns_there_are(tmp_pat
     rows = shipped_rows(2)
     path = write_parquet(tmp_path / "split.parquet", rows, image_cells(rows))
     with pytest.raises(tq.ConfigError) as err:
-        tq.read_records(path, image_dir=tmp_path)  # our default names: id, question, type, answer
+        tq.read_records(path, image_dir=tmp_path)  # our default names: question, answer (or answers)
     text = str(err.value)
-    assert text.startswith(f"{path}: no column 'id' (columns.id), 'question' (columns.question), 'type' "
-                           "(columns.type), 'answer' (columns.answer); its columns are qid, q, kind, choices, gold, "
-                           "picture. Name yours under `columns:` in the config")
+    # only the question and its answer are needed: no id (the row is the id), no type (inferred per row)
+    assert text.startswith(f"{path}: no column 'question' (columns.question), 'answer' (columns.answer) or 'answers' "
+                           "(columns.references); its columns are qid, q, kind, choices, gold, picture. Name yours "
+                           "under `columns:` in the config")
 
 
 def test_validate_config_takes_dataset_files_and_folders(tmp_path):
@@ -186,3 +188,101 @@ def test_columns_rename_jsonl_keys_too(tmp_path):
     assert [r.prompt_messages for r in records] == [r.prompt_messages for r in tq.load_records(JSONL)[:3]]
     with pytest.raises(tq.ConfigError, match=r"renamed.jsonl:1: missing field\(s\) question"):
         tq.load_records(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The Hub's own shapes: a plain table with no columns: block, and four public datasets' schemas through columns: alone
+# (the rows under tests/hub_schemas/ are made by its make_hub_schemas.py, in the schemas of the datasets' cards)
+# ---------------------------------------------------------------------------------------------------------------------
+
+HUB = REPO / "tests" / "hub_schemas"
+sys.path.insert(0, str(HUB))
+from make_hub_schemas import COLUMNS as HUB_COLUMNS  # noqa: E402
+
+
+def hub_records(tmp_path: Path, name: str, split: str = "train") -> list:
+    records, problems = tq.read_records(HUB / name / f"{split}.parquet", columns=tq.DataColumns(**HUB_COLUMNS[name]),
+                                        image_dir=tmp_path / "images")
+    assert problems == []
+    return records
+
+
+def test_a_table_of_image_question_answer_needs_no_columns(tmp_path):
+    path = HUB / "plain" / "train.parquet"
+    for columns in (None, tq.DataColumns()):  # no columns: block, as the trainer reads it
+        records, problems = tq.read_records(path, columns=columns, image_dir=tmp_path / "images")
+        assert problems == [] and len(records) == 6
+        assert [r.type for r in records[:3]] == ["free_text", "numeric", "free_text"]
+        assert [r.answer for r in records[:3]] == ["red", "1", "white, blue"]  # free text, a number, a list of names
+        assert [r.id for r in records[:2]] == [f"{path}:row 0", f"{path}:row 1"]  # the file and row are the id
+        assert all(r.type_inferred and Path(r.image).is_file() for r in records)
+
+
+def test_scienceqa_choices_and_an_index_answer(tmp_path):
+    rec = hub_records(tmp_path, "scienceqa")[2]
+    assert (rec.type, rec.options, rec.answer) == ("single_choice", ["red", "green", "blue", "yellow"], "C")
+    assert rec.prompt_messages[-1]["content"][-1]["text"] == ("Which color is the square?\nA. red\nB. green\nC. blue\n"
+                                                              "D. yellow\nAnswer with the option's letter.")
+
+
+def test_chartqa_query_and_label_list(tmp_path):
+    records = hub_records(tmp_path, "chartqa")
+    assert {r.type for r in records} == {"free_text"}
+    assert [(r.answer, r.references) for r in records[:3]] == [("4", ["4"]), ("Green", ["Green"]), ("Yes", ["Yes"])]
+    assert records[0].prompt_messages[-1]["content"][-1]["text"].startswith("What is the value of the red bar?\n")
+
+
+def test_vqav2_answer_dicts_and_its_multiple_choice_answer(tmp_path):
+    records = hub_records(tmp_path, "vqav2")
+    assert [r.id for r in records[:2]] == ["1007", "2007"] and {r.type for r in records} == {"free_text"}
+    assert records[1].answer == "1" and records[1].references == ["1"] * 7 + ["one", "one", "2"]
+    assert len(records[0].references) == 10  # so VQA accuracy is reported for it
+
+
+def test_docvqa_answers_list_and_string_ids(tmp_path):
+    records = hub_records(tmp_path, "docvqa")
+    assert [r.id for r in records[:2]] == ["train-5000", "train-5001"]
+    assert (records[1].answer, records[1].references) == ("$13.50", ["$13.50", "13.50"])
+
+
+def test_the_hub_schemas_are_the_ones_the_script_makes():
+    """The committed files hold what tests/hub_schemas/make_hub_schemas.py writes, in the cards' column types."""
+    import make_hub_schemas
+    from datasets import Dataset
+
+    for (name, split), (features, rows) in make_hub_schemas.tables().items():
+        stored = Dataset.from_parquet(str(HUB / name / f"{split}.parquet"))
+        assert stored.features == features, (name, split)
+        assert stored.with_format("arrow")[:].to_pylist() == rows, (name, split)
+
+
+def test_column_defaults_of_the_config_are_the_readers():
+    from curriculum.records import DEFAULT_COLUMNS
+
+    assert vars(tq.DataColumns()) == DEFAULT_COLUMNS
+
+
+def test_answer_and_references_may_share_a_column(tmp_path):
+    (tmp_path / "a.parquet").write_text("")
+    tq.validate_config(cfg(tmp_path, train_file=str(tmp_path / "a.parquet"), batch_size=1,
+                           columns=tq.DataColumns(question="query", answer="label", references="label")))
+    # ChartQA's label list as the answer column reads as it does as the references column: free text, its references
+    path = HUB / "chartqa" / "train.parquet"
+    as_answer, _ = tq.read_records(path, columns=tq.DataColumns(question="query", answer="label"),
+                                   image_dir=tmp_path / "images")
+    assert [(r.type, r.answer, r.references) for r in as_answer] == \
+           [(r.type, r.answer, r.references) for r in hub_records(tmp_path, "chartqa")]
+
+
+def test_a_table_row_that_cannot_be_mapped_is_one_line_naming_file_row_and_column(tmp_path):
+    import make_hub_schemas
+    from datasets import Dataset
+
+    features, rows = make_hub_schemas.scienceqa(3, "bad")
+    rows[1]["answer"] = 7  # ScienceQA's answer is an index into choices: past them here
+    path = tmp_path / "scienceqa.parquet"
+    Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features).to_parquet(str(path))
+    records, problems = tq.read_records(path, columns=tq.DataColumns(options="choices"), image_dir=tmp_path / "images")
+    assert len(records) == 2 and problems == [
+        f"{path}:row 1: column 'answer' (columns.answer): index 7 is not one of the 3 options of column 'choices' "
+        "(columns.options) (0 to 2)"]

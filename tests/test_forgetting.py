@@ -99,9 +99,11 @@ def mixed(lineage_dirs: Path, fraction: float, stages, seed: int = 42) -> tuple[
     own = FakeSplit("own", 200)
     loaded = []
     record = forgetting.mix_replay(own, replay_config(fraction, stages, seed), chain,
-                                   lambda path, name: loaded.append(path) or FakeSplit(Path(path).parent.name, 200),
+                                   lambda path, name, stage: loaded.append((path, stage.stage))
+                                   or FakeSplit(Path(path).parent.name, 200),
                                    lambda path: tq.sha256_file(REPO / path))
-    assert loaded == [s.train_file["path"] for s in forgetting.replay_sources(stages, chain)]
+    # each file is read as the stage that trained on it read it (its columns): the loader is told which stage
+    assert loaded == [(s.train_file["path"], s.stage) for s in forgetting.replay_sources(stages, chain)]
     return own, record
 
 
@@ -130,7 +132,23 @@ def test_replay_refuses_a_file_that_changed_since_its_stage_trained_on_it(lineag
     chain = read_lineage(lineage_dirs / "stage2")
     with pytest.raises(tq.ConfigError, match="stage 1's train_file data/stage1/train.jsonl changed since stage 1"):
         forgetting.mix_replay(FakeSplit("own", 10), replay_config(0.2, [1]), chain,
-                              lambda path, name: FakeSplit("x", 10), lambda path: "another sha256")
+                              lambda path, name, stage: FakeSplit("x", 10), lambda path: "another sha256")
+
+
+def test_an_earlier_stages_split_is_read_with_that_stages_columns_and_question_type(tmp_path):
+    import yaml
+
+    cfg = tq.StageConfig(output_dir=str(tmp_path / "stage2"), train_file="t", system_prompt="Be brief.",
+                         columns=tq.DataColumns(id="questionId"))
+    earlier = tmp_path / "stage1"
+    earlier.mkdir()
+    (earlier / tq.RESOLVED_CONFIG).write_text(yaml.safe_dump(tq.config_to_dict(tq.StageConfig(
+        output_dir=str(earlier), train_file="t", system_prompt="Other.", question_type="free_text",
+        columns=tq.DataColumns(question="query", references="label")))))
+    read = tq.as_read_by(cfg, earlier)
+    assert (read.columns, read.question_type) == (tq.DataColumns(question="query", references="label"), "free_text")
+    assert read.system_prompt == "Be brief." and read.output_dir == cfg.output_dir  # this stage's prompt and cache
+    assert tq.as_read_by(cfg, tmp_path / "gone") is cfg  # a stage without a readable config: this stage's own
 
 
 def test_the_verifier_check_of_a_replay_record(lineage_dirs):
@@ -415,3 +433,24 @@ def test_forgetting_tolerance_stops_the_stage_keeping_its_checkpoint(curriculum,
         "loss_at_start"]
     assert [e["step"] for e in m["forgetting"]["exceeded"]] == [6, 8] and m["forgetting"]["action"] == "warn"
     assert resumed.stdout.count("WARNING: forgetting: stage 1's dev loss is ") == 2
+
+
+def test_the_forgetting_matrix_has_a_table_per_question_type_with_intervals():
+    import vqa_eval
+    from curriculum import scoring
+
+    def metrics(rows):
+        return {k: v for k, v in scoring.compute_metrics(rows, 1.0).items() if k != "overall"}
+
+    free = metrics([{"type": "free_text", "gold": ["blue"], "pred": "blue"},
+                    {"type": "free_text", "gold": ["red"], "pred": "rod"}])
+    choice = metrics([{"type": "single_choice", "gold": "A", "pred": "B"}])
+    matrix = {"trained": ["base", 1], "evaluated": [1, 2], "n": {1: 2, 2: 1},
+              "accuracy": {"base": {1: 0.5, 2: 0.0}, 1: {1: 0.5, 2: 0.0}},
+              "by_type": {"base": {1: free, 2: choice}, 1: {1: free, 2: choice}}}
+    table = vqa_eval.forgetting_markdown(matrix)
+    assert "| after stage 1 | 50.0% | 0.0% |" in table  # the overall table, as before
+    free_table = table[table.index("free_text (exact match, 95% interval):"):]
+    assert "| base (no adapter) | 50.0% (9%–91%, n=2), ANLS 0.833 | – |" in free_table
+    assert "single_choice (accuracy, 95% interval):" in table and "| – | 0.0% (0%–79%, n=1) |" in table
+    assert "free_text" not in vqa_eval.forgetting_markdown({**matrix, "by_type": {}})  # a matrix from before

@@ -135,3 +135,96 @@ def test_prediction_rows_hold_each_raw_answer_its_parse_and_the_gold(tmp_path, p
         (q["id"], text, parsed, gold, correct) for q, text, parsed, gold, correct in questions]
     assert (metrics["overall"]["n"], metrics["overall"]["correct"]) == (5, 3)
     assert metrics["numeric"]["accuracy"] == 0.5 and metrics["single_choice"]["unparseable"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Free text: the VQA literature's normalisation and scores, on hand-computed cases
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Two", "2"), ("None", "0"), ("  Yes!\n", "yes"),       # case, number words (none is 0 too), punctuation
+    ("the red car.", "red car"), ("an apple", "apple"),   # articles; a period not before a digit
+    ("red/green", "red green"), ("red, green", "red green"),  # joining punctuation -> space; ", " -> removed
+    ("1,000", "1000"), ("2.5", "2.5"), ("5.", "5"),         # a comma between digits, a decimal point kept
+    ("dont", "don't"), ("were", "were"), ("(a) dog", "dog"),
+])
+def test_vqa_normalisation_as_the_official_script(text, expected):
+    assert scoring.normalize_vqa_answer(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("blue", "blue"), ("Answer: blue", "blue"), ("The answer is red car.\nbecause", "red car."),
+    ("answer key", "answer key"), ("", None), ("  \n", None),
+])
+def test_parse_free_text(text, expected):
+    assert scoring.parse_answer(text, "free_text", None) == expected
+
+
+def test_exact_match_against_any_reference_after_normalisation():
+    assert scoring.exact_match("Two", ["2"]) == 1.0
+    assert scoring.exact_match("blue", ["red", "Blue."]) == 1.0
+    assert scoring.exact_match("a dog", ["cat", "dogs"]) == 0.0
+    assert scoring.exact_match(None, ["x"]) == 0.0
+
+
+def test_token_f1_is_squads_over_normalised_words_best_reference():
+    assert scoring.token_f1("red car", ["the red truck"]) == 0.5  # 1 common word: P = R = 1/2
+    assert scoring.token_f1("red car", ["blue", "a red car!"]) == 1.0
+    assert scoring.token_f1("big red car", ["red car"]) == pytest.approx(0.8)  # P 2/3, R 1
+    assert scoring.token_f1("red red", ["red red car"]) == pytest.approx(0.8)  # words counted: 2 common, P 1, R 2/3
+    assert scoring.token_f1(None, ["red"]) == 0.0 and scoring.token_f1("red", ["blue"]) == 0.0
+
+
+def test_levenshtein_and_anls_with_threshold():
+    assert scoring.levenshtein("kitten", "sitting") == 3 and scoring.levenshtein("", "abc") == 3
+    assert scoring.anls("Hello", ["hello"]) == 1.0                   # case and spacing only, as DocVQA's
+    assert scoring.anls("helo", ["hello"]) == pytest.approx(0.8)     # 1 edit / 5 characters
+    assert scoring.anls("helo", ["xyz", "hello"]) == pytest.approx(0.8)  # the best reference
+    assert scoring.anls("abcx", ["abcd"]) == 0.75
+    assert scoring.anls("abxy", ["abcd"]) == 0.0                     # NL = 0.5 is not < 0.5: a different answer
+    assert scoring.anls("two", ["2"]) == 0.0                          # characters, not number words
+    assert scoring.anls(None, ["a"]) == 0.0
+
+
+def test_vqa_accuracy_averages_the_ten_leave_one_out_subsets():
+    refs = ["2"] * 3 + ["3"] * 7
+    # leaving out one of the three "2"s leaves 2 matches (2/3), leaving out a "3" leaves 3 (1): (3 * 2/3 + 7) / 10
+    assert scoring.vqa_accuracy("two", refs) == pytest.approx(0.9)
+    assert scoring.vqa_accuracy("3", refs) == 1.0 and scoring.vqa_accuracy("4", refs) == 0.0
+    # one matching human: 9 subsets hold it (1/3 each), one does not: 0.3, not min(1/3, 1)
+    assert scoring.vqa_accuracy("yes", ["yes"] + ["no"] * 9) == pytest.approx(0.3)
+    assert scoring.vqa_accuracy("yes", ["yes"] * 9) is None and scoring.vqa_accuracy(None, refs) == 0.0
+
+
+def test_free_text_metrics_by_hand():
+    rows = [row("free_text", ["blue"], "Blue"),                     # EM 1, F1 1, ANLS 1
+            row("free_text", ["red car"], "red cars"),              # EM 0, F1 1/2, ANLS 1 - 1/8
+            row("free_text", ["2"] * 3 + ["3"] * 7, "two"),         # EM 1, F1 1, ANLS 0, VQA accuracy 0.9
+            row("free_text", ["yes"], None)]                        # unparseable: 0 everywhere
+    m = scoring.compute_metrics(rows, 1.0)
+    free = m["free_text"]
+    assert (free["accuracy"], free["exact_match"], free["n"], free["correct"]) == (0.5, 0.5, 4, 2)
+    assert free["unparseable"] == 1
+    assert free["accuracy_ci95"] == scoring.wilson_interval(2, 4)
+    assert free["token_f1"] == 0.625 and free["token_f1_ci95"] == scoring.wilson_interval(2.5, 4)
+    assert free["anls"] == round((1 + 0.875) / 4, 4) and free["anls_ci95"] == scoring.wilson_interval(1.875, 4)
+    assert (free["vqa_accuracy"], free["vqa_accuracy_n"]) == (0.9, 1)
+    # overall: one item per free-text question: 2 right (tp), 1 wrong answer (fp and fn), 1 unparseable (fn)
+    assert (m["overall"]["accuracy"], m["overall"]["precision"], m["overall"]["recall"]) == (0.5, round(2 / 3, 4), 0.5)
+    assert scoring.is_correct("Two", ["2"], "free_text") and not scoring.is_correct(None, ["2"], "free_text")
+
+
+def test_wilson_interval_of_a_mean_score_covers_it():
+    lo, hi = scoring.wilson_interval(2.5, 4)
+    assert lo < 0.625 < hi and scoring.wilson_interval(0.0, 3)[0] == 0.0
+
+
+def test_metrics_table_has_a_free_text_row():
+    rows = [row("free_text", ["blue"], "blue"), row("free_text", ["2"] * 3 + ["3"] * 7, "two"),
+            row("numeric", 2.0, 2.0)]
+    table = scoring.metrics_table(scoring.compute_metrics(rows, 1.0))
+    line = next(x for x in table.splitlines() if x.startswith("| free_text |"))
+    assert line.startswith("| free_text | 2 | 100.0% (34%–100%) | – | – | 1.000 | exact match; token F1; ANLS 0.500; "
+                           "VQA accuracy 90.0% (n=1); unparseable 0 |")
+    assert table.index("| numeric |") < table.index("| free_text |") < table.index("| overall |")
