@@ -169,10 +169,12 @@ def test_the_verifier_check_of_a_replay_record(lineage_dirs):
 def test_earlier_dev_splits_loads_the_split_each_earlier_stage_recorded(lineage_dirs):
     chain = read_lineage(lineage_dirs / "stage3")  # the lineage of a stage 4
     loaded = []
-    splits = forgetting.earlier_dev_splits(chain, lambda path, name: loaded.append((path, name)) or f"split {path}")
+    splits = forgetting.earlier_dev_splits(
+        chain, lambda path, name, stage: loaded.append((path, name, stage.stage)) or f"split {path}")
     assert {name: (stage.stage, split) for name, (stage, split) in splits.items()} == {
         f"stage{k}": (k, f"split {REPO / f'data/stage{k}/dev.jsonl'}") for k in (1, 2, 3)}
-    assert loaded == [(str(REPO / f"data/stage{k}/dev.jsonl"), f"stage {k} dev") for k in (1, 2, 3)]
+    # each split read for (with the settings of) the stage that recorded it
+    assert loaded == [(str(REPO / f"data/stage{k}/dev.jsonl"), f"stage {k} dev", k) for k in (1, 2, 3)]
 
 
 def write_split(path: Path, prefix: str, n: int = 2) -> Path:
