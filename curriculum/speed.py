@@ -146,6 +146,13 @@ def answer_only_logits_problem() -> str | None:
         return f"{versions('transformers')}: Qwen3-VL's forward takes no logits_to_keep"
     if not hasattr(TrainingArguments, "average_tokens_across_devices"):
         return f"{versions('transformers')}: TrainingArguments has no average_tokens_across_devices"
+    # AnswerOnlyLossTrainer sets model_accepts_loss_kwargs so that the Trainer counts the answer tokens of the whole
+    # accumulated step and does not divide the loss by the accumulation steps again
+    counting = getattr(Trainer, "_get_num_items_in_batch", None)
+    if counting is None or "self.model_accepts_loss_kwargs" not in inspect.getsource(counting) \
+            or "self.model_accepts_loss_kwargs" not in inspect.getsource(Trainer.training_step):
+        return (f"{versions('transformers')}: the Trainer no longer counts the tokens of an accumulated step under "
+                "model_accepts_loss_kwargs")
     return None
 
 
