@@ -19,6 +19,7 @@ speed patches, faults, processes), none of which imports this file back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -246,6 +247,10 @@ class StageConfig:
     """LoRA layers on the 4-bit base add their update inside the B matmul (one GEMM, the scaling folded into B)
     and skip peft's defensive copy of the base layer's output; the same result to rounding (tests). false:
     peft's own forward."""
+    positions_in_dataloader: Literal["auto", True, False] = "auto"
+    """Qwen3-VL's M-RoPE position ids are computed in the dataloader workers, by transformers' own function on the
+    CPU, and passed to the forward, which otherwise computes them sample by sample on the GPU with about 9 host
+    synchronisations a sample. The same positions (tests). false: the forward's own."""
     batched_vision_attention: Literal["auto", True, False] = "auto"
     """The vision tower attends all images of one size in one attention call, instead of transformers' one call per
     image (its path without FlashAttention), which leaves the GPU waiting on the CPU at small images and large
@@ -433,8 +438,9 @@ class VQADataset:
         return encode_example(self.processor, self.records[i], self.min_pixels, self.max_pixels)
 
 
-def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
-    """Right-pad to the longest sample: ids with pad, labels with -100, masks with 0; concatenate image patches."""
+def collate_batch(examples: list[dict], pad_token_id: int, positions=None) -> dict:
+    """Right-pad to the longest sample: ids with pad, labels with -100, masks with 0; concatenate image patches.
+    `positions` (speed.MRopePositions, with positions_in_dataloader): the batch's M-RoPE position ids too."""
     import torch
 
     longest = max(len(e["input_ids"]) for e in examples)
@@ -452,6 +458,9 @@ def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
     if with_images:
         batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+    position_ids = positions(batch) if positions is not None else None
+    if position_ids is not None:
+        batch["position_ids"] = position_ids
     return batch
 
 
@@ -598,12 +607,23 @@ def planned_steps(n_train: int, cfg: StageConfig, num_processes: int) -> int:
 def auto_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
     """batch_size: auto (curriculum/batch_size.py), measured on the batches and the loss the Trainer trains with
     (build_trainer)."""
+    return choose_batch_size(model, dataset, cfg, trainer_collate(model, processor, cfg), trainer_step_loss(cfg))
+
+
+def trainer_collate(model, processor, cfg: StageConfig):
+    """The Trainer's data_collator: collate_batch, with the M-RoPE positions where positions_in_dataloader is on."""
     pad_id = processor.tokenizer.pad_token_id
+    positions = speed.MRopePositions(model.config) if cfg.positions_in_dataloader else None
+    return functools.partial(collate_batch, pad_token_id=pad_id, positions=positions)
+
+
+def trainer_step_loss(cfg: StageConfig):
+    """The training loss of one batch as the Trainer computes it (without the accumulation's token count)."""
 
     def step_loss(model, batch: dict):
         return answer_only_loss(model, batch)[0] if cfg.answer_only_logits else model(**batch).loss
 
-    return choose_batch_size(model, dataset, cfg, lambda examples: collate_batch(examples, pad_id), step_loss)
+    return step_loss
 
 
 def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_dir: Path):
@@ -634,10 +654,9 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
         prediction_loss_only=True,  # evaluation needs the loss only; never gather every batch's logits
     )
     one_gpu_per_process(args, world)
-    pad_id = processor.tokenizer.pad_token_id
     trainer_class = answer_only_loss_trainer(Trainer) if cfg.answer_only_logits else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            data_collator=lambda examples: collate_batch(examples, pad_id), processing_class=processor)
+                            data_collator=trainer_collate(model, processor, cfg), processing_class=processor)
     trainer.remove_callback(ProgressCallback)
     for callback in make_log_callbacks():
         trainer.add_callback(callback)
@@ -710,7 +729,8 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
     # what the interrupted run measured before its first step and the batch it chose, kept for the resumed run
     resumed = json.loads((work_dir / STAGE_START).read_text()) if resume_from else None
     # cfg itself stays as written (resume compares it); run_cfg holds what auto resolved to
-    run_cfg = dataclasses.replace(cfg, answer_only_logits=patches["answer_only_logits"].on)
+    run_cfg = dataclasses.replace(cfg, answer_only_logits=patches["answer_only_logits"].on,
+                                  positions_in_dataloader=patches["positions_in_dataloader"].on)
     batch_size = cfg.batch_size
     if batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
         batch_size = resumed["batch_size_chosen"]
