@@ -45,6 +45,7 @@ from curriculum.data_files import check_split, split_config_problems, split_hash
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped, out_of_memory_message
 from curriculum.evaluation import evaluate_dev_split, evaluate_records, write_predictions
 from curriculum.faults import STAGE_START
+from curriculum.plan import Plan, plan_step
 from curriculum.plots import write_stage_plots
 from curriculum.processes import (
     check_processes_agree,
@@ -181,11 +182,21 @@ class StageConfig:
     batch_size: int | Literal["auto"] = "auto"
     """Samples per device per forward pass. auto (needs a GPU): the largest multiple of 4 whose training step fits
     memory_budget_gib, but never so large that an epoch has fewer than 10 optimizer steps (logged, recorded as
-    batch_size_chosen; effective batch = that x grad_accum x processes). A number fixes it."""
-    memory_budget_gib: float = 20.0
-    """GPU memory per process that batch_size: auto may fill; 20 fits a 24 GB card (a GPU with less uses its own
-    size). Steps on the longest samples are measured at 4 and 8; the line through them gives a size, and up to 3
-    more measured steps narrow it down. 90% of the budget is used (headroom for fragmentation and evaluation)."""
+    batch_size_chosen; effective batch = that x grad_accum x processes); with effective_batch, the plan's
+    micro-batch. A number fixes it."""
+    effective_batch: int | None = None
+    """Samples per optimizer step, all processes together. Set, the trainer plans the step for this GPU and
+    memory_budget_gib: the micro-batch (batch_size), the accumulation steps (grad_accum), how many decoder layers
+    recompute (checkpointed_layers) and whether they offload their inputs (offload_activations), by measuring
+    steps on the longest samples and taking the fastest that fits (logged as `Plan: ...`, recorded in
+    stage_metrics.json as `plan`). Any plan is the same optimisation: the same optimizer steps, the loss a mean
+    over all answer tokens of a step. Leave those four keys at their defaults. null: batch_size x grad_accum x
+    processes."""
+    memory_budget_gib: float | Literal["auto"] = 20.0
+    """GPU memory per process that batch_size: auto and effective_batch may fill; 20 fits a 24 GB card (a GPU with
+    less uses its own size). auto: what is free on this GPU when the stage starts (with the model already on it).
+    90% of it is used (headroom for fragmentation and evaluation). batch_size: auto measures steps on the longest
+    samples at 4 and 8; the line through them gives a size, and up to 3 more measured steps narrow it down."""
     eval_batch_size: int = 32
     """Samples per device per evaluation forward pass."""
     grad_accum: int = 1
@@ -227,12 +238,12 @@ class StageConfig:
     """Recompute activations in the backward pass: much less memory, ~30% more compute."""
     checkpointed_layers: float = 1.0
     """With gradient_checkpointing, the fraction of the language model's decoder layers that recompute (evenly
-    spread): 1.0 all, 0.5 every other. Lower is faster and takes more memory."""
+    spread): 1.0 all, 0.5 every other. Lower is faster and takes more memory. With effective_batch, the plan's."""
     offload_activations: bool = False
     """With gradient_checkpointing, keep each checkpointed layer's input in pinned CPU memory between the forward
     and the backward instead of on the GPU (copies overlap the compute). On the 8B shape at 448x448 and batch 96:
     17.7 -> 11.8 GiB, 6% fewer samples/s (H200); with a memory budget it lets batch_size: auto pick a larger
-    batch. For a card short of memory (set it with memory_budget_gib)."""
+    batch. For a card short of memory (set it with memory_budget_gib). With effective_batch, the plan's."""
     answer_only_logits: Literal["auto", True, False] = "auto"
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. false: the model's own loss.
@@ -315,7 +326,9 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
     training=False (`--check`): what only training needs (a GPU for batch_size: auto) is a note, not a problem."""
     problems = []
     positive = {"lr": cfg.lr, "batch_size": 1 if cfg.batch_size == "auto" else cfg.batch_size,
-                "eval_batch_size": cfg.eval_batch_size, "memory_budget_gib": cfg.memory_budget_gib,
+                "eval_batch_size": cfg.eval_batch_size,
+                "memory_budget_gib": 1 if cfg.memory_budget_gib == "auto" else cfg.memory_budget_gib,
+                "effective_batch": 1 if cfg.effective_batch is None else cfg.effective_batch,
                 "grad_accum": cfg.grad_accum, "lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha,
                 "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "max_seq_len": cfg.max_seq_len,
                 "logging_steps": cfg.logging_steps}
@@ -328,7 +341,8 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
         problems.append(f"epochs must be > 0 when max_steps is -1, got {cfg.epochs}")
     if not 0 <= cfg.warmup_ratio < 1:
         problems.append(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.batch_size == "auto" and not gpu_available():
+    problems += effective_batch_problems(cfg, processes().num_processes)
+    if cfg.batch_size == "auto" and cfg.effective_batch is None and not gpu_available():
         no_gpu = ("batch_size: auto measures GPU memory to choose the batch, and there is no GPU here; set "
                   "batch_size to a number")
         if training:
@@ -381,6 +395,22 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
         problems.append(f"output_dir: {out} already holds a finished stage; choose another or set overwrite: true")
     if problems:
         raise ConfigError("config problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def effective_batch_problems(cfg: StageConfig, num_processes: int) -> list[str]:
+    """effective_batch plans batch_size, grad_accum, checkpointed_layers and offload_activations itself."""
+    if cfg.effective_batch is None:
+        return []
+    set_by_hand = {key: getattr(cfg, key) for key, default in (("batch_size", "auto"), ("grad_accum", 1),
+                                                               ("checkpointed_layers", 1.0),
+                                                               ("offload_activations", False))
+                   if getattr(cfg, key) != default}
+    problems = [f"{key}: {str(value).lower() if isinstance(value, bool) else value} is chosen by the plan when "
+                "effective_batch is set; remove it (or effective_batch)" for key, value in set_by_hand.items()]
+    if cfg.effective_batch > 0 and cfg.effective_batch % num_processes:
+        problems.append(f"effective_batch ({cfg.effective_batch}) must be a multiple of the {num_processes} processes "
+                        "(each takes an equal share of a step)")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -610,6 +640,20 @@ def auto_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
     return choose_batch_size(model, dataset, cfg, trainer_collate(model, processor, cfg), trainer_step_loss(cfg))
 
 
+def plan_effective_batch(model, dataset, processor, cfg: StageConfig, measured: dict | None = None):
+    """effective_batch (curriculum/plan.py), measured on the batches and the loss the Trainer trains with
+    (build_trainer). Returns the plan, the model set to it, and the record of what was measured."""
+    return plan_step(model, dataset, cfg, trainer_collate(model, processor, cfg), trainer_step_loss(cfg), measured)
+
+
+def with_plan(cfg: StageConfig, plan: Plan) -> StageConfig:
+    """The config the stage trains with under a plan: its micro-batch, accumulation and memory settings."""
+    return dataclasses.replace(cfg, batch_size=plan.micro_batch, grad_accum=plan.grad_accum,
+                               gradient_checkpointing=plan.checkpointed > 0,
+                               checkpointed_layers=plan.checkpointed_fraction if plan.checkpointed else 1.0,
+                               offload_activations=plan.offload)
+
+
 def trainer_collate(model, processor, cfg: StageConfig):
     """The Trainer's data_collator: collate_batch, with the M-RoPE positions where positions_in_dataloader is on."""
     pad_id = processor.tokenizer.pad_token_id
@@ -714,6 +758,9 @@ class Fit:
     trainer: Any
     result: Any  # the Trainer's TrainOutput
     batch_size: int
+    grad_accum: int
+    plan: dict | None  # effective_batch: the plan chosen (or kept by a resumed run) and what it measured
+    patches: dict  # the speed patches' decisions, with the plan's offload
     first_eval_loss: float | None
     first_eval_loss_own_split: float | None
     train_seconds: float
@@ -731,8 +778,23 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
     # cfg itself stays as written (resume compares it); run_cfg holds what auto resolved to
     run_cfg = dataclasses.replace(cfg, answer_only_logits=patches["answer_only_logits"].on,
                                   positions_in_dataloader=patches["positions_in_dataloader"].on)
-    batch_size = cfg.batch_size
-    if batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
+    batch_size, plan = cfg.batch_size, None
+    if cfg.effective_batch and resumed:  # a resumed run keeps the plan it was started with
+        plan = {"chosen": resumed["plan"]["chosen"], "kept_from_the_interrupted_run": True}
+        kept = Plan(**plan["chosen"])
+        speed.set_checkpointed_layers(model, kept.checkpointed, kept.offload)
+        log(f"Plan: {kept.describe()} (the interrupted run's)")
+    elif cfg.effective_batch:
+        chosen, plan = plan_effective_batch(model, data.train, processor, run_cfg)
+        plan["chosen"] = dataclasses.asdict(chosen)
+    if plan:
+        run_cfg = with_plan(run_cfg, Plan(**plan["chosen"]))
+        batch_size = run_cfg.batch_size
+        where = "pinned CPU memory" if gpu_available() else "a copy (a CPU run: nothing to save)"
+        patches = patches | {"offload_activations": speed.PatchDecision(
+            run_cfg.offload_activations, f"on, by the plan ({plan['chosen']['checkpointed']} checkpointed decoder "
+            f"layers keep their inputs in {where})" if run_cfg.offload_activations else "off, by the plan")}
+    elif batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
         batch_size = resumed["batch_size_chosen"]
     elif batch_size == "auto":
         batch_size = auto_batch_size(model, data.train, processor, run_cfg)
@@ -752,7 +814,7 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
         n = adapter_files.load_optimizer_moments(model, trainer.optimizer, moments)
         log(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
 
-    start = {"t0": time.time(), "batch_size_chosen": batch_size}
+    start = {"t0": time.time(), "batch_size_chosen": batch_size, "plan": plan}
 
     def measure_start() -> None:
         """The losses before the first step (continuity with the previous stage), saved for a resumed run."""
@@ -780,8 +842,8 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
     train_seconds = time.time() - start["t0"]
     guard.raise_if_stopped(trainer, work_dir, cfg.lr)
     watch.end(trainer.state, work_dir)  # the earlier stages' losses at the end; raises if forgetting stopped the stage
-    return Fit(trainer, result, batch_size, start["first_eval_loss"], start["first_eval_loss_own_split"],
-               train_seconds, resumed_at, watch)
+    return Fit(trainer, result, batch_size, run_cfg.grad_accum, plan, patches, start["first_eval_loss"],
+               start["first_eval_loss_own_split"], train_seconds, resumed_at, watch)
 
 
 def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> None:
@@ -863,7 +925,7 @@ def train_stage(cfg: StageConfig) -> dict:
     dev_metrics, predictions = evaluate_dev_split(model, processor, data.eval, cfg, len(process_views))
     if data.earlier_splits and cfg.eval_questions and not fsdp_enabled():  # the earlier stages' dev splits, answered
         fitted.watch.answer(lambda records: evaluate_records(model, processor, records, cfg)[0], cfg.eval_questions)
-    metrics = stage_folder.stage_metrics(cfg, data, fitted, process_views, patches, final_eval, dev_metrics)
+    metrics = stage_folder.stage_metrics(cfg, data, fitted, process_views, fitted.patches, final_eval, dev_metrics)
 
     staging = Path(f"{cfg.output_dir}.saving")
     with faults.disk_full_stops_the_stage(f"the stage to {staging}", staging, work_dir, cfg):

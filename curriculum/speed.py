@@ -329,16 +329,32 @@ def apply_gradient_checkpointing(model, cfg) -> int:
     """Non-reentrant checkpointing on `checkpointed_layers` of the language model's decoder layers (evenly
     spread), none on the others; returns how many layers recompute. The vision tower is not trained (LoRA targets
     the language model) and runs without autograd, so it has nothing to recompute."""
+    layers = language_layers(model)
+    return set_checkpointed_layers(model, round(cfg.checkpointed_layers * len(layers)) if cfg.gradient_checkpointing
+                                   else 0)
+
+
+def language_layers(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not cfg.gradient_checkpointing:
+    return base.model.language_model.layers
+
+
+def set_checkpointed_layers(model, n: int, offload: bool = False) -> int:
+    """Gradient checkpointing (non-reentrant) on n of the language model's decoder layers, evenly spread, and with
+    `offload` their inputs kept in CPU memory (offload_checkpointed_activations); none with n = 0. Every call sets
+    every layer anew (torch's checkpoint function back first), so a plan can try one setting after another.
+    Returns n."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not n:
         base.gradient_checkpointing_disable()
         return 0
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = base.model.language_model.layers
-    n = round(cfg.checkpointed_layers * len(layers))
-    chosen = {math.floor(i * len(layers) / n) for i in range(n)} if n else set()
+    layers = language_layers(model)
+    chosen = {math.floor(i * len(layers) / n) for i in range(n)}
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in chosen  # read by transformers' GradientCheckpointingLayer per call
+    if offload:
+        offload_checkpointed_activations(model)
     return len(chosen)
 
 
