@@ -785,8 +785,7 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
         speed.set_checkpointed_layers(model, kept.checkpointed, kept.offload)
         log(f"Plan: {kept.describe()} (the interrupted run's)")
     elif cfg.effective_batch:
-        chosen, plan = plan_effective_batch(model, data.train, processor, run_cfg)
-        plan["chosen"] = dataclasses.asdict(chosen)
+        plan = plan_effective_batch(model, data.train, processor, run_cfg)[1]
     if plan:
         run_cfg = with_plan(run_cfg, Plan(**plan["chosen"]))
         batch_size = run_cfg.batch_size

@@ -206,7 +206,7 @@ def plan_step(model, dataset, cfg, collate: Callable[[list[dict]], dict], step_l
     if not gpu_available():
         plan = Plan(per_process, 1, speed.apply_gradient_checkpointing(model, cfg), layers, False)
         log(f"Plan: {plan.describe()} (effective_batch {cfg.effective_batch}; no GPU to measure plans on)")
-        return plan, {"measured": False}
+        return plan, {"measured": False, "chosen": asdict(plan)}
     measured = {} if measured is None else measured
     encoded = measured.setdefault("encoded", {})
     usable = batch_size.USABLE_SHARE * batch_size.budget_gib(cfg) * 2**30
