@@ -247,7 +247,7 @@ class StageConfig:
     answer_only_logits: Literal["auto", True, False] = "auto"
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. false: the model's own loss.
-    auto/true for this and the three speed patches below: auto steps aside, with a log line naming the versions
+    auto/true for this and the four speed patches below: auto steps aside, with a log line naming the versions
     and the cost, when the installed libraries are not the ones it was written for; true makes that an error."""
     liger_kernels: Literal["auto", True, False] = "auto"
     """Liger's fused RoPE, RMSNorm and SwiGLU kernels (Triton) in place of Qwen3-VL's (SwiGLU around the 4-bit MLP
