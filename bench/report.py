@@ -80,7 +80,7 @@ def table(out: Path) -> str:
             batch = f"{r['batch']}x{r.get('grad_accum', 1)}" if r.get("plan") else r["batch"]
             rows.append(f"| W{px} | {r['variant']} | {batch} | {r['samples_per_s']} | {r['peak_GiB']} | "
                         f"{ratio(r)} | {vs_unsloth} | {vs_best} | {flops(r)} | {idle} | {syncs} |")
-            if r.get("plan", {}).get("chosen"):
+            if (r.get("plan") or {}).get("chosen"):
                 plans.append(plan_line(r))
     return f"GPU: {speed['gpu']}\n\n" + "\n".join(rows) + ("\n\nPlans:\n" + "\n".join(plans) if plans else "")
 
