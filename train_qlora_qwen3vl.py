@@ -19,6 +19,7 @@ speed patches, faults, processes), none of which imports this file back.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -50,6 +51,7 @@ from curriculum.data_files import check_split, split_config_problems, split_hash
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped, out_of_memory_message
 from curriculum.evaluation import evaluate_dev_split, evaluate_records, write_predictions
 from curriculum.faults import STAGE_START
+from curriculum.plan import Plan, plan_step
 from curriculum.plots import write_stage_plots
 from curriculum.processes import (
     check_processes_agree,
@@ -250,11 +252,21 @@ class StageConfig:
     batch_size: int | Literal["auto"] = "auto"
     """Samples per device per forward pass. auto (needs a GPU): the largest multiple of 4 whose training step fits
     memory_budget_gib, but never so large that an epoch has fewer than 10 optimizer steps (logged, recorded as
-    batch_size_chosen; effective batch = that x grad_accum x processes). A number fixes it."""
-    memory_budget_gib: float = 20.0
-    """GPU memory per process that batch_size: auto may fill; 20 fits a 24 GB card (a GPU with less uses its own
-    size). Steps on the longest samples are measured at 4 and 8; the line through them gives a size, and up to 3
-    more measured steps narrow it down. 90% of the budget is used (headroom for fragmentation and evaluation)."""
+    batch_size_chosen; effective batch = that x grad_accum x processes); with effective_batch, the plan's
+    micro-batch. A number fixes it."""
+    effective_batch: int | None = None
+    """Samples per optimizer step, all processes together. Set, the trainer plans the step for this GPU and
+    memory_budget_gib: the micro-batch (batch_size), the accumulation steps (grad_accum), how many decoder layers
+    recompute (checkpointed_layers) and whether they offload their inputs (offload_activations), by measuring
+    steps on the longest samples and taking the fastest that fits (logged as `Plan: ...`, recorded in
+    stage_metrics.json as `plan`). Any plan is the same optimisation: the same optimizer steps, the loss a mean
+    over all answer tokens of a step. Leave those four keys at their defaults. null: batch_size x grad_accum x
+    processes."""
+    memory_budget_gib: float | Literal["auto"] = 20.0
+    """GPU memory per process that batch_size: auto and effective_batch may fill; 20 fits a 24 GB card (a GPU with
+    less uses its own size). auto: what is free on this GPU when the stage starts (with the model already on it).
+    90% of it is used (headroom for fragmentation and evaluation). batch_size: auto measures steps on the longest
+    samples at 4 and 8; the line through them gives a size, and up to 3 more measured steps narrow it down."""
     eval_batch_size: int = 32
     """Samples per device per evaluation forward pass."""
     grad_accum: int = 1
@@ -296,16 +308,16 @@ class StageConfig:
     """Recompute activations in the backward pass: much less memory, ~30% more compute."""
     checkpointed_layers: float = 1.0
     """With gradient_checkpointing, the fraction of the language model's decoder layers that recompute (evenly
-    spread): 1.0 all, 0.5 every other. Lower is faster and takes more memory."""
+    spread): 1.0 all, 0.5 every other. Lower is faster and takes more memory. With effective_batch, the plan's."""
     offload_activations: bool = False
     """With gradient_checkpointing, keep each checkpointed layer's input in pinned CPU memory between the forward
     and the backward instead of on the GPU (copies overlap the compute). On the 8B shape at 448x448 and batch 96:
     17.7 -> 11.8 GiB, 6% fewer samples/s (H200); with a memory budget it lets batch_size: auto pick a larger
-    batch. For a card short of memory (set it with memory_budget_gib)."""
+    batch. For a card short of memory (set it with memory_budget_gib). With effective_batch, the plan's."""
     answer_only_logits: Literal["auto", True, False] = "auto"
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. false: the model's own loss.
-    auto/true for this and the three speed patches below: auto steps aside, with a log line naming the versions
+    auto/true for this and the four speed patches below: auto steps aside, with a log line naming the versions
     and the cost, when the installed libraries are not the ones it was written for; true makes that an error."""
     liger_kernels: Literal["auto", True, False] = "auto"
     """Liger's fused RoPE, RMSNorm and SwiGLU kernels (Triton) in place of Qwen3-VL's (SwiGLU around the 4-bit MLP
@@ -316,6 +328,10 @@ class StageConfig:
     """LoRA layers on the 4-bit base add their update inside the B matmul (one GEMM, the scaling folded into B)
     and skip peft's defensive copy of the base layer's output; the same result to rounding (tests). false:
     peft's own forward."""
+    positions_in_dataloader: Literal["auto", True, False] = "auto"
+    """Qwen3-VL's M-RoPE position ids are computed in the dataloader workers, by transformers' own function on the
+    CPU, and passed to the forward, which otherwise computes them sample by sample on the GPU with about 9 host
+    synchronisations a sample. The same positions (tests). false: the forward's own."""
     batched_vision_attention: Literal["auto", True, False] = "auto"
     """The vision tower attends all images of one size in one attention call, instead of transformers' one call per
     image (its path without FlashAttention), which leaves the GPU waiting on the CPU at small images and large
@@ -397,7 +413,9 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
     training=False (`--check`): what only training needs (a GPU for batch_size: auto) is a note, not a problem."""
     problems = []
     positive = {"lr": cfg.lr, "batch_size": 1 if cfg.batch_size == "auto" else cfg.batch_size,
-                "eval_batch_size": cfg.eval_batch_size, "memory_budget_gib": cfg.memory_budget_gib,
+                "eval_batch_size": cfg.eval_batch_size,
+                "memory_budget_gib": 1 if cfg.memory_budget_gib == "auto" else cfg.memory_budget_gib,
+                "effective_batch": 1 if cfg.effective_batch is None else cfg.effective_batch,
                 "grad_accum": cfg.grad_accum, "lora.r": cfg.lora.r, "lora.alpha": cfg.lora.alpha,
                 "min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "max_seq_len": cfg.max_seq_len,
                 "logging_steps": cfg.logging_steps}
@@ -410,7 +428,8 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
         problems.append(f"epochs must be > 0 when max_steps is -1, got {cfg.epochs}")
     if not 0 <= cfg.warmup_ratio < 1:
         problems.append(f"warmup_ratio must be in [0, 1), got {cfg.warmup_ratio}")
-    if cfg.batch_size == "auto" and not gpu_available():
+    problems += effective_batch_problems(cfg, processes().num_processes)
+    if cfg.batch_size == "auto" and cfg.effective_batch is None and not gpu_available():
         no_gpu = ("batch_size: auto measures GPU memory to choose the batch, and there is no GPU here; set "
                   "batch_size to a number")
         if training:
@@ -463,6 +482,22 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
         problems.append(f"output_dir: {out} already holds a finished stage; choose another or set overwrite: true")
     if problems:
         raise ConfigError("config problems:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def effective_batch_problems(cfg: StageConfig, num_processes: int) -> list[str]:
+    """effective_batch plans batch_size, grad_accum, checkpointed_layers and offload_activations itself."""
+    if cfg.effective_batch is None:
+        return []
+    set_by_hand = {key: getattr(cfg, key) for key, default in (("batch_size", "auto"), ("grad_accum", 1),
+                                                               ("checkpointed_layers", 1.0),
+                                                               ("offload_activations", False))
+                   if getattr(cfg, key) != default}
+    problems = [f"{key}: {str(value).lower() if isinstance(value, bool) else value} is chosen by the plan when "
+                "effective_batch is set; remove it (or effective_batch)" for key, value in set_by_hand.items()]
+    if cfg.effective_batch > 0 and cfg.effective_batch % num_processes:
+        problems.append(f"effective_batch ({cfg.effective_batch}) must be a multiple of the {num_processes} processes "
+                        "(each takes an equal share of a step)")
+    return problems
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -520,8 +555,9 @@ class VQADataset:
         return encode_example(self.processor, self.records[i], self.min_pixels, self.max_pixels)
 
 
-def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
-    """Right-pad to the longest sample: ids with pad, labels with -100, masks with 0; concatenate image patches."""
+def collate_batch(examples: list[dict], pad_token_id: int, positions=None) -> dict:
+    """Right-pad to the longest sample: ids with pad, labels with -100, masks with 0; concatenate image patches.
+    `positions` (speed.MRopePositions, with positions_in_dataloader): the batch's M-RoPE position ids too."""
     import torch
 
     longest = max(len(e["input_ids"]) for e in examples)
@@ -539,6 +575,9 @@ def collate_batch(examples: list[dict], pad_token_id: int) -> dict:
     if with_images:
         batch["pixel_values"] = torch.cat([e["pixel_values"] for e in with_images])
         batch["image_grid_thw"] = torch.cat([e["image_grid_thw"] for e in with_images])
+    position_ids = positions(batch) if positions is not None else None
+    if position_ids is not None:
+        batch["position_ids"] = position_ids
     return batch
 
 
@@ -699,12 +738,37 @@ def planned_steps(n_train: int, cfg: StageConfig, num_processes: int) -> int:
 def auto_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
     """batch_size: auto (curriculum/batch_size.py), measured on the batches and the loss the Trainer trains with
     (build_trainer)."""
+    return choose_batch_size(model, dataset, cfg, trainer_collate(model, processor, cfg), trainer_step_loss(cfg))
+
+
+def plan_effective_batch(model, dataset, processor, cfg: StageConfig, measured: dict | None = None):
+    """effective_batch (curriculum/plan.py), measured on the batches and the loss the Trainer trains with
+    (build_trainer). Returns the plan, the model set to it, and the record of what was measured."""
+    return plan_step(model, dataset, cfg, trainer_collate(model, processor, cfg), trainer_step_loss(cfg), measured)
+
+
+def with_plan(cfg: StageConfig, plan: Plan) -> StageConfig:
+    """The config the stage trains with under a plan: its micro-batch, accumulation and memory settings."""
+    return dataclasses.replace(cfg, batch_size=plan.micro_batch, grad_accum=plan.grad_accum,
+                               gradient_checkpointing=plan.checkpointed > 0,
+                               checkpointed_layers=plan.checkpointed_fraction if plan.checkpointed else 1.0,
+                               offload_activations=plan.offload)
+
+
+def trainer_collate(model, processor, cfg: StageConfig):
+    """The Trainer's data_collator: collate_batch, with the M-RoPE positions where positions_in_dataloader is on."""
     pad_id = processor.tokenizer.pad_token_id
+    positions = speed.MRopePositions(model.config) if cfg.positions_in_dataloader else None
+    return functools.partial(collate_batch, pad_token_id=pad_id, positions=positions)
+
+
+def trainer_step_loss(cfg: StageConfig):
+    """The training loss of one batch as the Trainer computes it (without the accumulation's token count)."""
 
     def step_loss(model, batch: dict):
         return answer_only_loss(model, batch)[0] if cfg.answer_only_logits else model(**batch).loss
 
-    return choose_batch_size(model, dataset, cfg, lambda examples: collate_batch(examples, pad_id), step_loss)
+    return step_loss
 
 
 def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_dir: Path):
@@ -736,10 +800,9 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
     )
     one_gpu_per_process(args, world)
     align_special_tokens(model, processor.tokenizer)  # what the Trainer would do, without its warning
-    pad_id = processor.tokenizer.pad_token_id
     trainer_class = answer_only_loss_trainer(Trainer) if cfg.answer_only_logits else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            data_collator=lambda examples: collate_batch(examples, pad_id), processing_class=processor)
+                            data_collator=trainer_collate(model, processor, cfg), processing_class=processor)
     trainer.remove_callback(ProgressCallback)
     for callback in make_log_callbacks():
         trainer.add_callback(callback)
@@ -800,6 +863,9 @@ class Fit:
     trainer: Any
     result: Any  # the Trainer's TrainOutput
     batch_size: int
+    grad_accum: int
+    plan: dict | None  # effective_batch: the plan chosen (or kept by a resumed run) and what it measured
+    patches: dict  # the speed patches' decisions, with the plan's offload
     first_eval_loss: float | None
     first_eval_loss_own_split: float | None
     train_seconds: float
@@ -815,9 +881,24 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
     # what the interrupted run measured before its first step and the batch it chose, kept for the resumed run
     resumed = json.loads((work_dir / STAGE_START).read_text()) if resume_from else None
     # cfg itself stays as written (resume compares it); run_cfg holds what auto resolved to
-    run_cfg = dataclasses.replace(cfg, answer_only_logits=patches["answer_only_logits"].on)
-    batch_size = cfg.batch_size
-    if batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
+    run_cfg = dataclasses.replace(cfg, answer_only_logits=patches["answer_only_logits"].on,
+                                  positions_in_dataloader=patches["positions_in_dataloader"].on)
+    batch_size, plan = cfg.batch_size, None
+    if cfg.effective_batch and resumed:  # a resumed run keeps the plan it was started with
+        plan = {"chosen": resumed["plan"]["chosen"], "kept_from_the_interrupted_run": True}
+        kept = Plan(**plan["chosen"])
+        speed.set_checkpointed_layers(model, kept.checkpointed, kept.offload)
+        log(f"Plan: {kept.describe()} (the interrupted run's)")
+    elif cfg.effective_batch:
+        plan = plan_effective_batch(model, data.train, processor, run_cfg)[1]
+    if plan:
+        run_cfg = with_plan(run_cfg, Plan(**plan["chosen"]))
+        batch_size = run_cfg.batch_size
+        where = "pinned CPU memory" if gpu_available() else "a copy (a CPU run: nothing to save)"
+        patches = patches | {"offload_activations": speed.PatchDecision(
+            run_cfg.offload_activations, f"on, by the plan ({plan['chosen']['checkpointed']} checkpointed decoder "
+            f"layers keep their inputs in {where})" if run_cfg.offload_activations else "off, by the plan")}
+    elif batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
         batch_size = resumed["batch_size_chosen"]
     elif batch_size == "auto":
         batch_size = auto_batch_size(model, data.train, processor, run_cfg)
@@ -837,7 +918,7 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
         n = adapter_files.load_optimizer_moments(model, trainer.optimizer, moments)
         log(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
 
-    start = {"t0": time.time(), "batch_size_chosen": batch_size}
+    start = {"t0": time.time(), "batch_size_chosen": batch_size, "plan": plan}
 
     def measure_start() -> None:
         """The losses before the first step (continuity with the previous stage), saved for a resumed run."""
@@ -865,8 +946,8 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
     train_seconds = time.time() - start["t0"]
     guard.raise_if_stopped(trainer, work_dir, cfg.lr)
     watch.end(trainer.state, work_dir)  # the earlier stages' losses at the end; raises if forgetting stopped the stage
-    return Fit(trainer, result, batch_size, start["first_eval_loss"], start["first_eval_loss_own_split"],
-               train_seconds, resumed_at, watch)
+    return Fit(trainer, result, batch_size, run_cfg.grad_accum, plan, patches, start["first_eval_loss"],
+               start["first_eval_loss_own_split"], train_seconds, resumed_at, watch)
 
 
 def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> None:
@@ -948,7 +1029,7 @@ def train_stage(cfg: StageConfig) -> dict:
     dev_metrics, predictions = evaluate_dev_split(model, processor, data.eval, cfg, len(process_views))
     if data.earlier_splits and cfg.eval_questions and not fsdp_enabled():  # the earlier stages' dev splits, answered
         fitted.watch.answer(lambda records: evaluate_records(model, processor, records, cfg)[0], cfg.eval_questions)
-    metrics = stage_folder.stage_metrics(cfg, data, fitted, process_views, patches, final_eval, dev_metrics)
+    metrics = stage_folder.stage_metrics(cfg, data, fitted, process_views, fitted.patches, final_eval, dev_metrics)
 
     staging = Path(f"{cfg.output_dir}.saving")
     with faults.disk_full_stops_the_stage(f"the stage to {staging}", staging, work_dir, cfg):

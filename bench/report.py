@@ -4,9 +4,14 @@
 
 Ratios: "× yardstick" against the textbook loop at the same image size; "× Unsloth ≤ mem" against the fastest Unsloth
 row of the same image size whose peak memory is at most this row's (the rate Unsloth reaches within the same memory;
-"–" when no Unsloth row fits). "model TFLOP/s" counts 4 x N per token (forward and input gradients over the N
-parameters of the decoder layers; LoRA gives the frozen base no weight gradients, and recomputation is not counted),
-and "of peak" divides it by the H200's measured bf16 matmul peak.
+"–" when no Unsloth row fits); "× Unsloth best" against its fastest row of that image size at any memory. "batch" is
+samples per forward x accumulation steps (a plan's micro-batch and accumulation). "GPU idle" is the share of a
+profiled step's wall time with no kernel running, "syncs" the host synchronisations (cudaStreamSynchronize) per
+step, both from torch.profiler over two steps, for the variants profiled. Below the table: each plan, what it
+measured to choose, and its rate when it chose.
+"model TFLOP/s" counts 4 x N per token (forward and input gradients over the N parameters of the decoder layers;
+LoRA gives the frozen base no weight gradients, and recomputation is not counted), and "of peak" divides it by the
+H200's measured bf16 matmul peak.
 """
 
 import json
@@ -43,33 +48,58 @@ def table(out: Path) -> str:
         tflops = 4 * n_params * r["tokens_per_s"] / 1e12
         return f"{tflops:.0f} | {tflops / BF16_PEAK_TFLOPS:.0%}"
 
-    rows = ["| image | who | batch | samples/s | peak GiB | × yardstick | × Unsloth ≤ mem | model TFLOP/s | of peak | "
-            "GPU idle |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| image | who | batch | samples/s | peak GiB | × yardstick | × Unsloth ≤ mem | × Unsloth best | "
+            "model TFLOP/s | of peak | GPU idle | syncs |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    plans = []
     for px in sorted({r["image_px"] for r in ours} | set(yard)):
         y = yard.get(px)
         def ratio(r: dict, y: dict | None = y) -> str:
             return f"{r['samples_per_s'] / y['samples_per_s']:.2f}" if y else "–"
 
+        fastest = max((u for u in unsloth if u.get("image_px") == px and u.get("samples_per_s")),
+                      key=lambda u: u["samples_per_s"], default=None)
         if y:
             rows.append(f"| W{px} | yardstick (textbook HF loop) | {y['batch']} | {y['samples_per_s']} | "
-                        f"{y['peak_GiB']} | 1.00 | – | {flops(y)} | – |")
+                        f"{y['peak_GiB']} | 1.00 | – | – | {flops(y)} | – | – |")
         for u in sorted((u for u in unsloth if u.get("image_px") == px), key=lambda u: u["batch"]):
             if u.get("error") or not u.get("samples_per_s"):
-                rows.append(f"| W{px} | Unsloth | {u['batch']} | {u.get('error') or 'no result'} | | | | | | |")
+                rows.append(f"| W{px} | Unsloth | {u['batch']} | {u.get('error') or 'no result'} | | | | | | | | |")
                 continue
             rows.append(f"| W{px} | Unsloth | {u['batch']} | {u['samples_per_s']} | {u['peak_GiB']} | {ratio(u)} | "
-                        f"– | {flops(u)} | – |")
+                        f"– | – | {flops(u)} | – | – |")
         for r in (r for r in ours if r["image_px"] == px):
             if r.get("skipped") or r.get("oom") or r.get("error"):
                 why = "skipped (deadline)" if r.get("skipped") else "out of memory" if r.get("oom") else r["error"]
-                rows.append(f"| W{px} | {r['variant']} | {r.get('batch', '')} | {why} | | | | | | |")
+                rows.append(f"| W{px} | {r['variant']} | {r.get('batch', '')} | {why} | | | | | | | | |")
                 continue
             u = best_unsloth_within(unsloth, px, r["peak_GiB"])
             vs_unsloth = f"{r['samples_per_s'] / u['samples_per_s']:.2f} (bs {u['batch']})" if u else "–"
+            vs_best = f"{r['samples_per_s'] / fastest['samples_per_s']:.2f}" if fastest else "–"
             idle = f"{r['gpu_idle_share']:.0%}" if "gpu_idle_share" in r else "–"
-            rows.append(f"| W{px} | {r['variant']} | {r['batch']} | {r['samples_per_s']} | {r['peak_GiB']} | "
-                        f"{ratio(r)} | {vs_unsloth} | {flops(r)} | {idle} |")
-    return f"GPU: {speed['gpu']}\n\n" + "\n".join(rows)
+            syncs = f"{r['syncs_per_step']:.0f}" if "syncs_per_step" in r else "–"
+            batch = f"{r['batch']}x{r.get('grad_accum', 1)}" if r.get("plan") else r["batch"]
+            rows.append(f"| W{px} | {r['variant']} | {batch} | {r['samples_per_s']} | {r['peak_GiB']} | "
+                        f"{ratio(r)} | {vs_unsloth} | {vs_best} | {flops(r)} | {idle} | {syncs} |")
+            if (r.get("plan") or {}).get("chosen"):
+                plans.append(plan_line(r))
+    return f"GPU: {speed['gpu']}\n\n" + "\n".join(rows) + ("\n\nPlans:\n" + "\n".join(plans) if plans else "")
+
+
+def plan_line(r: dict) -> str:
+    """- W448-plan64-budget12: 64 x 1, 36/36 checkpointed, offloaded (41.2 samples/s when planned, 9.8 GiB of 10.8
+    usable; 18 s); timed: 64x1 36/36 offloaded 41.2 at 9.8 GiB, ...; over the budget: ..."""
+    plan = r["plan"]
+    c = plan["chosen"]
+
+    def describe(t: dict) -> str:
+        return (f"{t['micro_batch']}x{t['grad_accum']} {t['checkpointed']}/{t['layers']}"
+                f"{' offloaded' if t['offload'] and t['checkpointed'] else ''}")
+
+    timed = "; ".join(f"{describe(t)}: {t['samples_per_s']} at {t['peak_gib']} GiB" for t in plan.get("timed", []))
+    over = "; ".join(f"{describe(t)} ({t['peak_gib']} GiB)" for t in plan.get("over_budget", []))
+    return (f"- {r['variant']}: {describe(c)} ({plan.get('samples_per_s')} samples/s when planned, "
+            f"{plan.get('peak_gib')} GiB of {plan.get('usable_gib')} usable; planning took {r.get('plan_s')} s). "
+            f"Timed: {timed}." + (f" Over the budget when measured: {over}." if over else ""))
 
 
 if __name__ == "__main__":

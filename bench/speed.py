@@ -81,7 +81,19 @@ VARIANTS = {
     "W896-budget11": (896, dict(memory_budget_gib=11)),
     "W448-budget11": (448, dict(memory_budget_gib=11)),
     "W896-budget8": (896, dict(memory_budget_gib=8)),
+    # M-RoPE positions computed in the forward (transformers' own), against the dataloader (the default)
+    "W448-positions-off-bs64": (448, dict(batch_size=64, positions_in_dataloader=False)),
+    "W896-positions-off-bs16": (896, dict(batch_size=16, positions_in_dataloader=False)),
+    # effective_batch: the plan for a budget. 12 and 11.2 GiB leave 10.8 and 10.1 usable (90%): Unsloth's peaks at
+    # its batch 64 (W448) and 16 (W896); auto: the whole free card
+    "W448-plan64-budget12": (448, dict(effective_batch=64, memory_budget_gib=12.0)),
+    "W448-plan64-budget20": (448, dict(effective_batch=64, memory_budget_gib=20.0)),
+    "W448-plan64-auto": (448, dict(effective_batch=64, memory_budget_gib="auto")),
+    "W896-plan16-budget11.2": (896, dict(effective_batch=16, memory_budget_gib=11.2)),
+    "W896-plan16-budget20": (896, dict(effective_batch=16, memory_budget_gib=20.0)),
+    "W896-plan16-auto": (896, dict(effective_batch=16, memory_budget_gib="auto")),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
+    "smoke-W64-plan": (64, dict(effective_batch=4, batch_size="auto")),
     "smoke-W64-offload": (64, dict(batch_size=2, offload_activations=True)),
     "smoke-W64-textbook": (64, dict(batch_size=2, **TEXTBOOK)),
 }
@@ -224,7 +236,8 @@ def profiler_callback(out: Path, name: str, at_step: int):
         def on_step_begin(self, args, state, control, **kwargs):
             if state.global_step == at_step:
                 self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                               torch.profiler.ProfilerActivity.CUDA])
+                                                               torch.profiler.ProfilerActivity.CUDA],
+                                                   record_shapes=True)
                 self.prof.__enter__()
                 sync()
                 self.t0 = time.perf_counter()
@@ -239,12 +252,22 @@ def profiler_callback(out: Path, name: str, at_step: int):
                 # beside the kernels; on the main stream they are few)
                 busy = sum(e.self_device_time_total for e in averages
                            if e.device_type.name == "CUDA" and not e.key.startswith("Memcpy")) / 1e6 / 2
+                calls = {e.key: e.count for e in averages}
                 (out / f"profile_{name}.json").write_text(json.dumps(
                     {"profiled_step_s": round(wall / 2, 4), "gpu_busy_step_s": round(busy, 4),
-                     "gpu_idle_share": round(max(0.0, 1 - busy / (wall / 2)), 3)}))
+                     "gpu_idle_share": round(max(0.0, 1 - busy / (wall / 2)), 3),
+                     "syncs_per_step": calls.get("cudaStreamSynchronize", 0) / 2,
+                     "nonzero_per_step": calls.get("aten::nonzero", 0) / 2}))
+                # the copies and casts by the shapes they copy: which tensors are cast (the profile's 7.6%)
+                copies = [e for e in self.prof.key_averages(group_by_input_shape=True)
+                          if e.key in ("aten::copy_", "aten::_to_copy")]
+                copies.sort(key=lambda e: -e.device_time_total)
                 text = (f"== {name}: two steps, {wall:.3f} s wall\n"
                         + averages.table(sort_by="self_cpu_time_total", row_limit=30)
-                        + "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=25))
+                        + "\n" + averages.table(sort_by="self_cuda_time_total", row_limit=25)
+                        + "\n== copies and casts by input shapes (CUDA total, calls)\n"
+                        + "\n".join(f"{e.device_time_total / 1e3:9.1f} ms {e.count:6d}  {e.key} {e.input_shapes}"
+                                     for e in copies[:20]))
                 (out / f"profile_{name}.txt").write_text(text)
                 self.prof = None
 
@@ -252,18 +275,30 @@ def profiler_callback(out: Path, name: str, at_step: int):
 
 
 def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmup: int, load_s: float,
-                profile_dir: Path | None = None, swiglu: bool = True, pipeline: bool = True) -> dict:
+                profile_dir: Path | None = None, swiglu: bool = True, pipeline: bool = True,
+                measured: dict | None = None) -> dict:
+    """One variant, through the trainer's pieces as train_stage runs them: batch_size: auto or the plan of
+    effective_batch (with `measured`, the plan's measurements kept across the variants of one image size), then
+    the Trainer, timed per optimizer step."""
     import torch
 
     timed_steps = cfg.max_steps
     if profile_dir is not None:  # two more steps, profiled after the timed ones
         cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps + 2)
     set_variant_forwards(model, cfg, swiglu)
-    cfg = dataclasses.replace(cfg, answer_only_logits=cfg.answer_only_logits is not False)  # auto: on, as trained
+    cfg = dataclasses.replace(cfg, answer_only_logits=cfg.answer_only_logits is not False,  # auto: on, as trained
+                              positions_in_dataloader=cfg.positions_in_dataloader is not False)
     dataset = tq.VQADataset(load_records(cfg.train_file), processor, cfg)
     checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # also puts torch's checkpoint function back
     offloaded = speed.offload_checkpointed_activations(model) if cfg.offload_activations else 0
-    if cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
+    plan, plan_s = None, 0.0
+    if cfg.effective_batch:  # as fit does: the plan measured, the model set to it
+        t = time.perf_counter()
+        chosen, plan = tq.plan_effective_batch(model, dataset, processor, cfg, measured)
+        plan_s = time.perf_counter() - t
+        cfg = tq.with_plan(cfg, chosen)
+        checkpointed, offloaded = chosen.checkpointed, chosen.checkpointed if chosen.offload else 0
+    elif cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
         cfg = dataclasses.replace(cfg, batch_size=tq.auto_batch_size(model, dataset, processor, cfg))
     for module in model.modules():  # lora.dropout per variant, on the one adapter
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
@@ -289,13 +324,15 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
         torch.cuda.empty_cache()
         return {"variant": name, "image_px": px, "batch": cfg.batch_size, "oom": True}
     first_step_s = timer.times[0] - t0
+    per_step = cfg.batch_size * cfg.grad_accum  # samples per optimizer step
     steps = timer.times[warmup:timed_steps]
     dts = [b - a for a, b in zip(steps, steps[1:], strict=False)]
     mean_dt = (steps[-1] - steps[0]) / len(dts)
     sample_len = len(dataset[0]["input_ids"])
     result = {
-        "variant": name, "image_px": px, "batch": cfg.batch_size, "memory_budget_gib": cfg.memory_budget_gib,
-        "seq_len": sample_len,
+        "variant": name, "image_px": px, "batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
+        "memory_budget_gib": cfg.memory_budget_gib, "effective_batch": per_step, "plan": plan,
+        "plan_s": round(plan_s, 1), "positions_in_dataloader": cfg.positions_in_dataloader, "seq_len": sample_len,
         "checkpointed_layers": checkpointed, "offloaded_layers": offloaded, "fp32_upcast": cfg.fp32_upcast,
         "answer_only_logits": cfg.answer_only_logits, "lora_dropout": cfg.lora.dropout,
         "liger_kernels": cfg.liger_kernels,
@@ -303,8 +340,8 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
         "fused_lora_forward": cfg.fused_lora_forward, "batched_vision_attention": cfg.batched_vision_attention,
         "step_s": round(mean_dt, 4), "median_step_s": round(statistics.median(dts), 4),
         "max_step_s": round(max(dts), 4),
-        "samples_per_s": round(cfg.batch_size / mean_dt, 2),
-        "tokens_per_s": round(cfg.batch_size * sample_len / mean_dt),
+        "samples_per_s": round(per_step / mean_dt, 2),
+        "tokens_per_s": round(per_step * sample_len / mean_dt),
         "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0,
         "first_step_s": round(first_step_s, 2), "load_s": round(load_s, 1),
         "dataloader_workers": cfg.dataloader_num_workers,
@@ -465,7 +502,8 @@ def main() -> None:
     p.add_argument("--ckpt", default="/tmp/q8b")
     p.add_argument("--out", required=True)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
-    p.add_argument("--steps", type=int, default=12, help="measured steps per variant (after 3 warm-up steps)")
+    p.add_argument("--steps", type=int, default=12, help="measured steps per variant (after the warm-up steps)")
+    p.add_argument("--warmup", type=int, default=3, help="steps per variant before the measured ones")
     p.add_argument("--generation", type=int, default=32, help="questions for the generation comparison (0: skip)")
     p.add_argument("--generation-fp32", type=int, default=0,
                    help="questions for the same comparison with float32 compute, at the end (0: skip)")
@@ -478,10 +516,11 @@ def main() -> None:
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    warmup = 3
+    warmup = args.warmup
     results = []
     data = {px: make_dataset(Path(f"/tmp/speed_data/W{px}"), px, 2000)
             for px in {448} | {VARIANTS[v][0] for v in args.variants}}
+    measured = {px: {} for px in data}  # the plan's measurements, per image size (the model and samples are the same)
     by_upcast = {}
     for name in args.variants:
         px, keys = VARIANTS[name]
@@ -512,7 +551,7 @@ def main() -> None:
                 r = run_variant(model, processor, name, px, cfg, warmup, load_s,
                                 out if name in args.profile else None,
                                 swiglu=keys.get("_swiglu", True) and keys.get("liger_kernels") is not False,
-                                pipeline=not args.no_pipeline)
+                                pipeline=not args.no_pipeline, measured=measured[px])
             except Exception as err:  # noqa: BLE001 - one variant's failure is its row; the others still run
                 import traceback
 

@@ -42,6 +42,16 @@ def answer_only_loss_trainer(trainer_class):
     """`trainer_class` (transformers' Trainer) with its loss taken through answer_only_loss."""
 
     class AnswerOnlyLossTrainer(trainer_class):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # compute_loss divides by the answer tokens of the whole optimizer step (every micro-batch of the
+            # accumulation, every process), so that any split of one effective batch is the same optimisation. The
+            # Trainer counts them, and takes the loss as already scaled for accumulation, only for a model that
+            # "accepts loss kwargs", which Qwen3-VL declares it does not (its own loss would ignore the count):
+            # without this, each micro-batch's mean is divided by the accumulation steps, and micro-batches with
+            # fewer answer tokens weigh more. curriculum/speed.py checks that the Trainer still reads this flag.
+            self.model_accepts_loss_kwargs = True
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss, outputs = answer_only_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

@@ -30,13 +30,16 @@ def batch_size_for_budget(peaks: dict[int, float], budget_bytes: float, step: in
     return max(b1, min(fits // step * step, most))
 
 
-def measure_step_memory(model, dataset, batch_sizes: list[int], cfg, collate: Callable[[list[dict]], dict],
-                        step_loss: Callable, encoded: dict | None = None) -> dict[int, float]:
-    """Peak GPU memory of one training step at each batch size, as the Trainer runs it (autocast to the compute
-    dtype, the same loss), on the longest samples (repeated if there are fewer), so a real batch never needs
-    more. A step that runs out of memory measures infinity. `encoded` ({index: sample}) keeps the samples
-    encoded from call to call: every batch starts with the same longest ones. `collate(samples)` makes the
-    batch and `step_loss(model, batch)` its training loss, both as the recipe's Trainer does."""
+def measure_step(model, dataset, size: int, cfg, collate: Callable[[list[dict]], dict], step_loss: Callable,
+                 encoded: dict | None = None, timed_steps: int = 0) -> tuple[float, float | None]:
+    """One training step at batch `size`, as the Trainer runs it (autocast to the compute dtype, the same loss), on
+    the longest samples (repeated if there are fewer), so a real batch never needs more: its peak GPU memory
+    (infinity if it ran out), and with `timed_steps`, the seconds of each of that many more steps (None without).
+    `encoded` ({index: sample}) keeps the samples encoded from call to call: every batch starts with the same
+    longest ones. `collate(samples)` makes the batch and `step_loss(model, batch)` its training loss, both as the
+    recipe's Trainer does."""
+    import time
+
     import torch
 
     encoded = {} if encoded is None else encoded
@@ -44,29 +47,63 @@ def measure_step_memory(model, dataset, batch_sizes: list[int], cfg, collate: Ca
     order = sorted(range(len(dataset)), key=lambda i: -lengths[i])
     device = next(p for p in model.parameters() if p.requires_grad).device
     model.train()
-    peaks = {}
-    for size in batch_sizes:
-        picks = [order[i % len(order)] for i in range(size)]
-        for i in picks:
-            if i not in encoded:
-                encoded[i] = dataset[i]
-        batch = collate([encoded[i] for i in picks])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        try:
+    picks = [order[i % len(order)] for i in range(size)]
+    for i in picks:
+        if i not in encoded:
+            encoded[i] = dataset[i]
+    batch = collate([encoded[i] for i in picks])
+    batch = {k: v.to(device) for k, v in batch.items()}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seconds = None
+    try:
+        for step in range(1 + timed_steps):
+            if step == 1:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
             with torch.autocast("cuda", dtype=getattr(torch, cfg.quantization.compute_dtype)):
                 loss = step_loss(model, batch)
             loss.backward()
-            peaks[size] = torch.cuda.max_memory_allocated()
             del loss
-        except torch.cuda.OutOfMemoryError:
-            peaks[size] = math.inf
-        model.zero_grad(set_to_none=True)
-        del batch
+            model.zero_grad(set_to_none=True)
+        if timed_steps:
+            torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / timed_steps
+        peak = torch.cuda.max_memory_allocated()
+    except torch.cuda.OutOfMemoryError:
+        peak, seconds = math.inf, None
+    model.zero_grad(set_to_none=True)
+    del batch
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    return peaks
+    return peak, seconds
+
+
+def measure_step_memory(model, dataset, batch_sizes: list[int], cfg, collate: Callable[[list[dict]], dict],
+                        step_loss: Callable, encoded: dict | None = None) -> dict[int, float]:
+    """Peak GPU memory of one training step at each batch size (measure_step)."""
+    encoded = {} if encoded is None else encoded
+    return {size: measure_step(model, dataset, size, cfg, collate, step_loss, encoded)[0] for size in batch_sizes}
+
+
+def budget_gib(cfg) -> float:
+    """memory_budget_gib on this GPU: a number, at most the GPU's size (said in the log when cut); auto, what this
+    process can have: the GPU's free memory and what its own allocator already holds (the model's weights)."""
+    import torch
+
+    device = torch.cuda.current_device()
+    if cfg.memory_budget_gib == "auto":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = (free + torch.cuda.memory_reserved(device)) / 2**30
+        log(f"memory_budget_gib: auto = {budget:.1f} GiB (free on this GPU, with what this process holds)")
+        return budget
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    if gpu_gib < cfg.memory_budget_gib:
+        log(f"memory_budget_gib={cfg.memory_budget_gib:g} is more than this GPU's {gpu_gib:.1f} GiB; using that")
+    return min(cfg.memory_budget_gib, gpu_gib)
+
+
+USABLE_SHARE = 0.9  # of the budget: headroom for the allocator's fragmentation and evaluation
 
 
 AUTO_BATCH_STEP = 4  # batch_size: auto tries 4 and 8 and chooses a multiple of 4
@@ -102,16 +139,11 @@ def next_batch_to_measure(peaks: dict[int, float], usable: float, limit: int) ->
 def choose_batch_size(model, dataset, cfg, collate: Callable[[list[dict]], dict], step_loss: Callable) -> int:
     """batch_size: auto (see there). Every process measures its own GPU; all use the smallest choice, so they step
     together. `collate` and `step_loss` as in measure_step_memory."""
-    import torch
-
     if not gpu_available():
         raise ConfigError("batch_size: auto chooses the batch by measuring GPU memory, and there is no GPU; set "
                           "batch_size to a number")
-    gpu_gib = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 2**30
-    budget = min(cfg.memory_budget_gib, gpu_gib)
-    if budget < cfg.memory_budget_gib:
-        log(f"memory_budget_gib={cfg.memory_budget_gib:g} is more than this GPU's {gpu_gib:.1f} GiB; using that")
-    usable = 0.9 * budget * 2**30  # headroom for the allocator's fragmentation and evaluation
+    budget = budget_gib(cfg)
+    usable = USABLE_SHARE * budget * 2**30
     limit = auto_batch_limit(len(dataset), cfg, processes().num_processes)
     encoded: dict = {}  # each longest sample is encoded once, however many batch sizes are measured
     peaks = measure_step_memory(model, dataset, [AUTO_BATCH_STEP, 2 * AUTO_BATCH_STEP], cfg, collate, step_loss,

@@ -83,12 +83,14 @@ def stage_metrics(cfg, data, fitted, views: list[dict], patches: dict, final_eva
         "train_loss": fitted.result.training_loss,
         "global_steps": state.global_step,
         "batch_size_chosen": batch_size if cfg.batch_size == "auto" else None,
-        "effective_batch_size": batch_size * cfg.grad_accum * world,
+        "grad_accum": fitted.grad_accum,
+        "effective_batch_size": batch_size * fitted.grad_accum * world,
+        "plan": fitted.plan,  # effective_batch: the plan chosen, and what was measured to choose it
         "num_processes": world,
         "train_samples": len(data.train),
         "train_seconds": round(fitted.train_seconds, 2),
         # steps of this run only: a resumed run timed only what it trained after the resume
-        "samples_per_second": round((state.global_step - fitted.resumed_at) * batch_size * cfg.grad_accum
+        "samples_per_second": round((state.global_step - fitted.resumed_at) * batch_size * fitted.grad_accum
                                     * world / max(fitted.train_seconds, 1e-9), 3),
         "resumed_from_step": fitted.resumed_at or None,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()

@@ -111,6 +111,21 @@ def trainer_compute_loss_changed(mp):
     mp.setattr(Trainer, "compute_loss", compute_loss)
 
 
+def rope_index_reads_the_model(mp):
+    """get_rope_index as it would be if it read more of the model than its config (a cached value, say): the
+    stand-in that MRopePositions runs it on would not have it."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    own = modeling_qwen3_vl.Qwen3VLModel.get_rope_index
+
+    def get_rope_index(self, input_ids, mm_token_type_ids, image_grid_thw=None, video_grid_thw=None,
+                       attention_mask=None, **kwargs):
+        self.rope_deltas  # noqa: B018 - read, as a get_rope_index that caches would
+        return own(self, input_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask, **kwargs)
+
+    mp.setattr(modeling_qwen3_vl.Qwen3VLModel, "get_rope_index", get_rope_index)
+
+
 
 if __name__ == "__main__":
     fault, argv = sys.argv[1], sys.argv[2:]
@@ -143,7 +158,7 @@ if __name__ == "__main__":
     elif fault == "speed-patches-do-not-fit":
         mp = pytest.MonkeyPatch()  # never undone: the whole run sees the stand-ins
         for stand_in in (liger_qwen3_vl_missing, vision_attention_changed, peft_without_4bit_lora,
-                         trainer_compute_loss_changed):
+                         trainer_compute_loss_changed, rope_index_reads_the_model):
             stand_in(mp)
     elif fault == "last-process-reads":
         other, argv = argv[0], argv[1:]

@@ -84,6 +84,48 @@ def test_fast_path_matches_the_plain_path_within_bf16_tolerance(tiny_model_path,
     assert min(cosines) > 0.98, min(cosines)
 
 
+def new_adapter_loss_and_grads(tiny_model_path, inputs) -> tuple[float, dict]:
+    """Loss and LoRA gradients of a new adapter with a nonzero B (as after training: every LoRA gradient nonzero),
+    in fp32, dropout drawn from seed 0."""
+    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=tq.QuantizationSettings(compute_dtype="float32"))
+    model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    speed.fuse_lora_updates(model)
+    model.train()
+    torch.manual_seed(0)
+    loss, _ = tq.answer_only_loss(model, inputs)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_mrope_positions_from_the_dataloader_give_the_forward_s_own_loss_and_gradients(tiny_model_path, processor):
+    """positions_in_dataloader: transformers' get_rope_index run in the collate, on the CPU, gives the positions the
+    forward computes itself (rows of different lengths, right-padded, an image in each), so the same loss and
+    gradients."""
+    from transformers import AutoConfig
+
+    records = tq.load_records(REPO / "data/stage2/train.jsonl")[:3]
+    examples = [tq.encode_example(processor, r, 4096, 50176) for r in records]
+    positions = speed.MRopePositions(AutoConfig.from_pretrained(tiny_model_path))
+    own = tq.collate_batch(examples, processor.tokenizer.pad_token_id)
+    given = tq.collate_batch(examples, processor.tokenizer.pad_token_id, positions)
+    assert own["attention_mask"].eq(0).any() and "position_ids" not in own
+    assert given["position_ids"].shape == (3, *own["input_ids"].shape)
+    assert not torch.equal(given["position_ids"][1], given["position_ids"][2])  # image tokens: 2-D positions
+    loss, grads = new_adapter_loss_and_grads(tiny_model_path, own)
+    given_loss, given_grads = new_adapter_loss_and_grads(tiny_model_path, given)
+    assert given_loss == pytest.approx(loss, rel=1e-6)
+    assert given_grads.keys() == grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        assert torch.allclose(given_grads[name], grad, rtol=1e-5, atol=1e-7), name
+    text_only = [{k: v for k, v in e.items() if k not in ("pixel_values", "image_grid_thw")} for e in examples]
+    assert "position_ids" not in tq.collate_batch(text_only, 0, positions)  # the forward's own arange then
+
+
 def test_fused_lora_forward_gives_peft_s_loss_and_gradients(tiny_model_path, processor, trained_adapter):
     inputs = batch(processor)
     fp32 = tq.QuantizationSettings(compute_dtype="float32")

@@ -17,6 +17,7 @@ from conftest import REPO, run_script, stage_args
 from faults import (
     liger_qwen3_vl_missing,
     peft_without_4bit_lora,
+    rope_index_reads_the_model,
     trainer_compute_loss_changed,
     vision_attention_changed,
 )
@@ -45,6 +46,7 @@ STAND_INS = {  # what each stand-in makes the guard say
                                                            r"cu_seqlens, rotary_pos_emb"),
     "fused_lora_forward": (peft_without_4bit_lora, r"peft \S+, bitsandbytes \S+: no LoRA layer for 4-bit weights"),
     "answer_only_logits": (trainer_compute_loss_changed, r"Trainer.compute_loss takes \(.*loss_kwargs\)"),
+    "positions_in_dataloader": (rope_index_reads_the_model, r"Qwen3VLModel.get_rope_index reads self.rope_deltas"),
 }
 
 
