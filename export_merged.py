@@ -30,12 +30,13 @@ from pathlib import Path
 
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
-from curriculum.adapter_files import ADAPTER_WEIGHTS, sha256_file
+from curriculum.adapter_files import ADAPTER_WEIGHTS
 from curriculum.answer_loss import answer_positions
 from curriculum.base_model import from_pretrained_checked, load_processor, resolve_model_path
 from curriculum.data_files import dataset_image_dir, load_records
 from curriculum.errors import ConfigError
 from curriculum.evaluation import generate_answers
+from curriculum.hashing import sha256_file
 from curriculum.processes import training_device
 from curriculum.records import Record
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS

@@ -51,6 +51,7 @@ from curriculum.data_files import check_split, split_config_problems, split_hash
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped, out_of_memory_message
 from curriculum.evaluation import evaluate_dev_split, evaluate_records, write_predictions
 from curriculum.faults import STAGE_START
+from curriculum.hashing import sha256_file
 from curriculum.plan import Plan, plan_step
 from curriculum.plots import write_stage_plots
 from curriculum.processes import (
@@ -61,8 +62,8 @@ from curriculum.processes import (
     gather_from_processes,
     gpu_available,
     is_main_process,
-    log,
     one_gpu_per_process,
+    print_main,
     processes,
     runtime,
     training_device,
@@ -77,7 +78,7 @@ from curriculum.typed_yaml import parse_args, read_yaml_dataclass
 # Read as tq.NAME by the tests (they lived here before curriculum/ did); the recipe itself does not use them.
 from curriculum.adapter_files import (ADAPTER_CONFIG, adapter_file_problems, expected_lora_param_count,  # noqa: F401
                                       file_adapter_sha256, loaded_adapter_sha256, read_adapter_file, read_adapter_lora,
-                                      save_adapter_under_fsdp, sha256_file)
+                                      save_adapter_under_fsdp)
 from curriculum.answer_loss import answer_loss, answer_positions  # noqa: F401
 from curriculum.base_model import TINY_MODEL_NAME, from_pretrained_checked  # noqa: F401
 from curriculum.data_files import (IMAGE_CHECK_CACHE, drop_overlong, image_token_count, inspect_images,  # noqa: F401
@@ -387,14 +388,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> StageConf
     return read_yaml_dataclass(StageConfig, path, overrides)
 
 
-def config_to_dict(cfg: StageConfig) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def keys_set(cfg: StageConfig) -> dict:
     """The keys whose values differ from the defaults (the required ones always), nested as in the YAML: what the
     start of a stage's log shows, short enough that what follows is not buried under 80 lines of defaults."""
-    defaults = config_to_dict(StageConfig(output_dir=cfg.output_dir, train_file=cfg.train_file))
+    defaults = dataclasses.asdict(StageConfig(output_dir=cfg.output_dir, train_file=cfg.train_file))
 
     def differing(values: dict, default: dict) -> dict:
         out = {}
@@ -405,7 +402,7 @@ def keys_set(cfg: StageConfig) -> dict:
                 out[key] = value
         return out
 
-    return differing(config_to_dict(cfg), defaults)
+    return differing(dataclasses.asdict(cfg), defaults)
 
 
 def validate_config(cfg: StageConfig, training: bool = True) -> None:
@@ -435,7 +432,7 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
         if training:
             problems.append(no_gpu)
         else:
-            log(f"Note: {no_gpu} to train on this machine")
+            print_main(f"Note: {no_gpu} to train on this machine")
     if not 0 <= cfg.checkpointed_layers <= 1:
         problems.append(f"checkpointed_layers must be in [0, 1], got {cfg.checkpointed_layers}")
     if cfg.fp32_upcast is False and cfg.quantization.compute_dtype == "float16":
@@ -597,8 +594,8 @@ def as_read_by(cfg: StageConfig, stage_dir: str | os.PathLike) -> StageConfig:
     try:
         earlier = load_config(Path(stage_dir) / RESOLVED_CONFIG)
     except ConfigError as err:
-        log(f"WARNING: {stage_dir}'s config does not read ({str(err).splitlines()[0]}); its splits are read with "
-            "this stage's columns and question_type")
+        print_main(f"WARNING: {stage_dir}'s config does not read ({str(err).splitlines()[0]}); its splits are read "
+                   "with this stage's columns and question_type")
         return cfg
     return dataclasses.replace(cfg, columns=earlier.columns, question_type=earlier.question_type)
 
@@ -627,10 +624,10 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
         for param in model.parameters():
             param.requires_grad_(False)
     checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # here, once; the Trainer is not asked to
-    log(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
-        f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype}, storage "
-        f"{quant_storage_dtype(cfg.quantization)}, fp32 up-cast {cfg.fp32_upcast}, gradient checkpointing on "
-        f"{checkpointed} decoder layers)")
+    print_main(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
+               f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype}, storage "
+               f"{quant_storage_dtype(cfg.quantization)}, fp32 up-cast {cfg.fp32_upcast}, gradient checkpointing on "
+               f"{checkpointed} decoder layers)")
     return model
 
 
@@ -641,7 +638,7 @@ def new_adapter(model, lora: LoraSettings, seed: int):
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
-    log("Creating a new LoRA adapter (stage 1)")
+    print_main("Creating a new LoRA adapter (stage 1)")
     set_seed(seed)
     model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                              target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
@@ -653,11 +650,11 @@ def continue_adapter(model, prev_checkpoint: str):
     no second adapter: the weights that train now are the very ones the previous stage saved."""
     from peft import PeftModel
 
-    log("*** CURRICULUM LEARNING MODE ***")
-    log(f"Continuing training from previous checkpoint: {prev_checkpoint}")
-    log("Loading existing LoRA adapter (will continue training the same adapter)...")
+    print_main("*** CURRICULUM LEARNING MODE ***")
+    print_main(f"Continuing training from previous checkpoint: {prev_checkpoint}")
+    print_main("Loading existing LoRA adapter (will continue training the same adapter)...")
     model = PeftModel.from_pretrained(model, prev_checkpoint, is_trainable=True)
-    log("✓ Loaded previous adapter - continuing training on the same adapter")
+    print_main("✓ Loaded previous adapter - continuing training on the same adapter")
     return adapter_files.save_lora_only(model)
 
 
@@ -711,13 +708,13 @@ def prove_adapter(model, cfg: StageConfig) -> list[dict]:
     check_processes_agree(views, "trainable_params", "trainable parameters", hint)
     trainable = views[0]["trainable_params"]
     if cfg.prev_checkpoint:
-        log("✓ Adapter is trainable and ready for continued training")
+        print_main("✓ Adapter is trainable and ready for continued training")
     if is_main_process():
         model.print_trainable_parameters()
-    log(f"Trainable parameters: {trainable:,} (LoRA only; equals r x (in + out) over the targeted modules)")
+    print_main(f"Trainable parameters: {trainable:,} (LoRA only; equals r x (in + out) over the targeted modules)")
     if len(views) > 1:
-        log(f"✓ All {len(views)} processes hold the same adapter (tensors sha256 "
-            f"{views[0]['start_tensors_sha256'][:16]}...), trainable, {trainable:,} parameters each")
+        print_main(f"✓ All {len(views)} processes hold the same adapter (tensors sha256 "
+                   f"{views[0]['start_tensors_sha256'][:16]}...), trainable, {trainable:,} parameters each")
     return [{k: v for k, v in view.items() if k != "error"} for view in views]
 
 
@@ -778,8 +775,8 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
 
     world = processes().num_processes
     total = planned_steps(len(train_ds), cfg, world)
-    log(f"Effective batch size {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per process x {world} "
-        f"process(es) x {cfg.grad_accum} accumulation step(s); {total} optimizer steps planned")
+    print_main(f"Effective batch size {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per process x "
+               f"{world} process(es) x {cfg.grad_accum} accumulation step(s); {total} optimizer steps planned")
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=total, num_train_epochs=cfg.epochs,
@@ -853,7 +850,7 @@ def load_stage_data(cfg: StageConfig, processor) -> StageData:
     else:
         continuity = eval_ds, cfg.eval_file
         if cfg.prev_checkpoint:
-            log(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
+            print_main(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
     return StageData(train_ds, eval_ds, *continuity, prev_metrics, hashes, replay, earlier_splits)
 
 
@@ -888,7 +885,7 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
         plan = {"chosen": resumed["plan"]["chosen"], "kept_from_the_interrupted_run": True}
         kept = Plan(**plan["chosen"])
         speed.set_checkpointed_layers(model, kept.checkpointed, kept.offload)
-        log(f"Plan: {kept.describe()} (the interrupted run's)")
+        print_main(f"Plan: {kept.describe()} (the interrupted run's)")
     elif cfg.effective_batch:
         plan = plan_effective_batch(model, data.train, processor, run_cfg)[1]
     if plan:
@@ -916,7 +913,7 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
         trainer.create_optimizer()
         moments = Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS
         n = adapter_files.load_optimizer_moments(model, trainer.optimizer, moments)
-        log(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
+        print_main(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
 
     start = {"t0": time.time(), "batch_size_chosen": batch_size, "plan": plan}
 
@@ -925,19 +922,20 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
         start["first_eval_loss"] = eval_loss(trainer, data.continuity, "first_eval")
         start["first_eval_loss_own_split"] = (eval_loss(trainer, data.eval, "first_own_eval")
                                               if data.continuity is not data.eval else start["first_eval_loss"])
-        log(f"first_eval_loss {start['first_eval_loss']} (before the first step; previous stage ended at "
-            f"{data.prev_metrics.get('final_eval_loss')})")
+        print_main(f"first_eval_loss {start['first_eval_loss']} (before the first step; previous stage ended at "
+                   f"{data.prev_metrics.get('final_eval_loss')})")
         if cfg.prev_checkpoint:
-            log(f"Stage {cfg.stage}: starting from the adapter saved by stage {data.prev_metrics.get('stage', '?')}")
+            print_main(f"Stage {cfg.stage}: starting from the adapter saved by stage "
+                       f"{data.prev_metrics.get('stage', '?')}")
         if trainer.is_world_process_zero():
             work_dir.mkdir(parents=True, exist_ok=True)
-            (work_dir / STAGE_START).write_text(json.dumps({"config": config_to_dict(cfg), **start}))
+            (work_dir / STAGE_START).write_text(json.dumps({"config": dataclasses.asdict(cfg), **start}))
         start["t0"] = time.time()  # train_seconds counts training only
 
     if resumed:
         start = resumed | {"t0": time.time()}
-        log(f"Resuming stage {cfg.stage} from {resume_from}: the step, optimizer, scheduler, RNG and data order "
-            "are restored")
+        print_main(f"Resuming stage {cfg.stage} from {resume_from}: the step, optimizer, scheduler, RNG and data order "
+                   "are restored")
     else:
         trainer.add_callback(before_first_step(measure_start))
     resumed_at = int(Path(resume_from).name.rsplit("-", 1)[1]) if resume_from else 0  # checkpoint-<step>
@@ -979,22 +977,22 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     saved_tensors = adapter_files.read_adapter_file(staging)  # read once: counted here, hashed below
     check_saved_adapter(saved_tensors, metrics["trainable_params"], staging)
     if fsdp_enabled():  # sharded moments are not per-parameter tensors; validate_config refuses resume under FSDP
-        log("Optimizer moments are not saved under FSDP (a later stage uses optimizer_state: fresh)")
+        print_main("Optimizer moments are not saved under FSDP (a later stage uses optimizer_state: fresh)")
     else:
         adapter_files.save_optimizer_moments(model, trainer.optimizer, staging / OPTIMIZER_MOMENTS)
-    metrics["saved_adapter_file_sha256"] = adapter_files.sha256_file(staging / ADAPTER_WEIGHTS)
+    metrics["saved_adapter_file_sha256"] = sha256_file(staging / ADAPTER_WEIGHTS)
     metrics["saved_adapter_tensors_sha256"] = adapter_files.adapter_tensors_sha256(saved_tensors)
     if adapter_files.processes_ended_apart_from(metrics["processes"], metrics["saved_adapter_tensors_sha256"]):
         raise CurriculumError(f"the adapter written to {staging} differs from the one the processes trained")
-    (staging / RESOLVED_CONFIG).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    (staging / RESOLVED_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))
     accuracy = metrics_table(metrics["dev_metrics"]) if metrics.get("dev_metrics") else None
-    card = stage_folder.model_card(cfg, metrics, accuracy, forgetting.card_lines(metrics))
+    card = stage_folder.model_card(cfg, metrics, accuracy)
     (staging / "README.md").write_text(card)  # not peft's empty template
     if predictions is not None:
         write_predictions(predictions, staging / "predictions_dev.jsonl")
     for plot in write_stage_plots(staging):
-        log(f"Plot: {out / plot.name}")
+        print_main(f"Plot: {out / plot.name}")
     stage_folder.move_into_place(staging, out)  # an old stage there (overwrite: true) is kept until the new one is in
     return out
 
@@ -1010,7 +1008,7 @@ def train_stage(cfg: StageConfig) -> dict:
     work_dir = Path(f"{cfg.output_dir}.partial")  # intermediate checkpoints; removed once the stage is saved
     with processes().main_process_first():  # the main process tidies work_dir; the others then read the same
         # before the long model load: a mismatch is reported at once
-        resume_from = faults.interrupted_run(work_dir, config_to_dict(cfg))
+        resume_from = faults.interrupted_run(work_dir, dataclasses.asdict(cfg))
 
     # The curriculum: stage 1 wraps the base in a new adapter; a later stage reopens the previous stage's adapter
     # for training. Either way, proved before the first step to be the one adapter that trains.
@@ -1019,12 +1017,12 @@ def train_stage(cfg: StageConfig) -> dict:
         model = continue_adapter(model, cfg.prev_checkpoint)
     else:
         model = new_adapter(model, cfg.lora, cfg.seed)
-    patches = speed.apply_speed_patches(model, cfg, speed.plan_speed_patches(cfg, fsdp_enabled())[0], log)
+    patches = speed.apply_speed_patches(model, cfg, speed.plan_speed_patches(cfg, fsdp_enabled())[0], print_main)
     process_views = prove_adapter(model, cfg)
 
     fitted = fit(model, processor, data, cfg, patches, work_dir, resume_from)
     final_eval = eval_loss(fitted.trainer, data.eval, "final_eval")
-    log(f"final_eval_loss {final_eval}")
+    print_main(f"final_eval_loss {final_eval}")
     process_views = adapter_files.check_trained_adapter_on_every_process(model, process_views)
     dev_metrics, predictions = evaluate_dev_split(model, processor, data.eval, cfg, len(process_views))
     if data.earlier_splits and cfg.eval_questions and not fsdp_enabled():  # the earlier stages' dev splits, answered
@@ -1036,7 +1034,7 @@ def train_stage(cfg: StageConfig) -> dict:
         out = save_stage(fitted.trainer, model, processor, cfg, metrics, predictions, staging)
     if fitted.trainer.is_world_process_zero():
         shutil.rmtree(work_dir, ignore_errors=True)
-        log(f"Saved stage {cfg.stage} to {out} (adapter sha256 {metrics['saved_adapter_file_sha256'][:16]}...)")
+        print_main(f"Saved stage {cfg.stage} to {out} (adapter sha256 {metrics['saved_adapter_file_sha256'][:16]}...)")
     return metrics
 
 
@@ -1051,7 +1049,7 @@ def check_data(cfg: StageConfig) -> None:
     for split, path in (("train", cfg.train_file), ("eval", cfg.eval_file)):
         if path:
             load_split(path, processor, cfg, split)
-    log("Check passed: config and data are valid (no model loaded, nothing trained)")
+    print_main("Check passed: config and data are valid (no model loaded, nothing trained)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1059,19 +1057,19 @@ def main(argv: list[str] | None = None) -> int:
         config_path, overrides, check = parse_args(sys.argv[1:] if argv is None else argv, __doc__)
         cfg = load_config(config_path, overrides)
         validate_config(cfg, training=not check)
-        log(f"Config {config_path} (the keys set; every key, defaults included, is saved with the stage as "
-            f"{RESOLVED_CONFIG}):\n" + yaml.safe_dump(keys_set(cfg), sort_keys=False, width=1000).rstrip())
-        log(runtime())
+        print_main(f"Config {config_path} (the keys set; every key, defaults included, is saved with the stage as "
+                   f"{RESOLVED_CONFIG}):\n" + yaml.safe_dump(keys_set(cfg), sort_keys=False, width=1000).rstrip())
+        print_main(runtime())
         if check:
             check_data(cfg)
         else:
             train_stage(cfg)
     # These reach every process alike (the checks compare across processes), so the main process says them once.
     except (ConfigError, CurriculumError, DiskFull) as err:  # exit 2, 1 and 4 (curriculum/errors.py)
-        log(f"error: {err}", file=sys.stderr)
+        print_main(f"error: {err}", file=sys.stderr)
         return err.exit_code
     except StageStopped as stop:
-        log(f"Stopped: {stop}", file=sys.stderr)
+        print_main(f"Stopped: {stop}", file=sys.stderr)
         return stop.exit_code
     except Exception as err:
         if type(err).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError, without importing torch here

@@ -39,10 +39,10 @@ from curriculum.adapter_files import (
     processes_ended_apart_from,
     read_adapter_file,
     read_adapter_lora,
-    sha256_file,
 )
 from curriculum.base_model import resolve_model_path
 from curriculum.errors import ConfigError, CurriculumError
+from curriculum.hashing import sha256_file
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS, previous_stage_dir
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"

@@ -26,7 +26,7 @@ from curriculum.data_files import dataset_image_dir, load_records
 from curriculum.errors import ConfigError
 from curriculum.evaluation import evaluate_records, write_predictions
 from curriculum.plots import plot_forgetting
-from curriculum.processes import log
+from curriculum.processes import print_main
 from curriculum.records import QUESTION_TYPES
 from curriculum.scoring import metrics_table
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS, curriculum_stage_dirs
@@ -45,7 +45,7 @@ def load_for_eval(cfg: tq.StageConfig, adapter: str | None):
     model = tq.load_quantized_base(model_path, cfg)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
-    speed.apply_speed_patches(model, cfg, log=log)
+    speed.apply_speed_patches(model, cfg, say=print_main)
     return model, processor
 
 

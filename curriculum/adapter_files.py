@@ -157,14 +157,6 @@ def expected_lora_param_count(model, lora) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def adapter_tensors_sha256(tensors: dict) -> str:
     """A hash of adapter weights by name and float32 value: equal for a file and the model it was loaded into."""
     import torch

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from curriculum.errors import ConfigError
-from curriculum.processes import fsdp_enabled, log, processes
+from curriculum.processes import fsdp_enabled, print_main, processes
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 TINY_MODEL_NAME = "tiny-qwen3vl"
@@ -23,7 +23,7 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (TINY_MODEL_DIR / "config.json").is_file():
             from tiny_qwen3vl import build_random_qwen3vl  # transformers and torch: only when it is built
 
-            log(f"Building the tiny random Qwen3-VL at {TINY_MODEL_DIR} (first use, a few seconds)")
+            print_main(f"Building the tiny random Qwen3-VL at {TINY_MODEL_DIR} (first use, a few seconds)")
             build_random_qwen3vl(TINY_MODEL_DIR, shape="tiny", seed=0)
     return str(TINY_MODEL_DIR)
 

@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable
 
 from curriculum.errors import ConfigError
-from curriculum.processes import gather_from_processes, gpu_available, log, processes
+from curriculum.processes import gather_from_processes, gpu_available, print_main, processes
 
 
 def batch_size_for_budget(peaks: dict[int, float], budget_bytes: float, step: int, most: int) -> int:
@@ -95,11 +95,11 @@ def budget_gib(cfg) -> float:
     if cfg.memory_budget_gib == "auto":
         free, _ = torch.cuda.mem_get_info(device)
         budget = (free + torch.cuda.memory_reserved(device)) / 2**30
-        log(f"memory_budget_gib: auto = {budget:.1f} GiB (free on this GPU, with what this process holds)")
+        print_main(f"memory_budget_gib: auto = {budget:.1f} GiB (free on this GPU, with what this process holds)")
         return budget
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     if gpu_gib < cfg.memory_budget_gib:
-        log(f"memory_budget_gib={cfg.memory_budget_gib:g} is more than this GPU's {gpu_gib:.1f} GiB; using that")
+        print_main(f"memory_budget_gib={cfg.memory_budget_gib:g} is more than this GPU's {gpu_gib:.1f} GiB; using that")
     return min(cfg.memory_budget_gib, gpu_gib)
 
 
@@ -162,6 +162,6 @@ def choose_batch_size(model, dataset, cfg, collate: Callable[[list[dict]], dict]
                          for b, p in sorted(peaks.items()))
     capped = (f"; memory allows about {fit}, capped at {limit} so that an epoch keeps {MIN_STEPS_PER_EPOCH} "
               "optimizer steps" if fit > limit else "")
-    log(f"Batch size {chosen} chosen (batch_size: auto, memory_budget_gib={budget:g}): a training step on the "
-        f"longest samples measured {measured}{capped}")
+    print_main(f"Batch size {chosen} chosen (batch_size: auto, memory_budget_gib={budget:g}): a training step on the "
+               f"longest samples measured {measured}{capped}")
     return chosen

@@ -20,9 +20,9 @@ from typing import Any
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from curriculum.adapter_files import sha256_file
 from curriculum.errors import ConfigError
-from curriculum.processes import is_main_process, log
+from curriculum.hashing import sha256_file
+from curriculum.processes import is_main_process, print_main
 from curriculum.records import Record, answer_token_ids, column_name, fields_by_our_names, record_from_fields
 
 SPLIT_FILE_SUFFIXES = (".jsonl", ".parquet", ".arrow")  # JSONL, or a Hugging Face dataset (also: a folder)
@@ -183,7 +183,7 @@ def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: b
         except ConfigError as err:
             problems.append(str(err))
     if stored:
-        log(f"{path}: {len(stored)} images stored in the dataset, read from their files in {image_dir}")
+        print_main(f"{path}: {len(stored)} images stored in the dataset, read from their files in {image_dir}")
     return records, problems
 
 
@@ -279,7 +279,7 @@ def write_image_check_cache(cache: Path, known: dict) -> None:
         tmp.write_text(json.dumps(known))
         tmp.replace(cache)
     except OSError as err:  # a full or read-only disk costs the shortcut, never the run
-        log(f"WARNING: could not write the image check cache {cache}: {err}")
+        print_main(f"WARNING: could not write the image check cache {cache}: {err}")
 
 
 def check_images(paths: list[str], desc: str = "Decoding images", cache: Path | None = None) -> tuple[dict, dict]:
@@ -305,8 +305,8 @@ def check_images(paths: list[str], desc: str = "Decoding images", cache: Path | 
     if cache is not None and decoded:
         write_image_check_cache(cache, known | {keys[p]: list(size) for p, size in decoded.items() if keys[p]})
     if cache is not None and paths:
-        log(f"{desc}: {len(todo)} decoded, {len(sizes)} known to decode cleanly ({cache}), "
-            f"{time.perf_counter() - t:.1f} s")
+        print_main(f"{desc}: {len(todo)} decoded, {len(sizes)} known to decode cleanly ({cache}), "
+                   f"{time.perf_counter() - t:.1f} s")
     return sizes | decoded, problems
 
 
@@ -393,8 +393,8 @@ def drop_overlong(records: list[Record], lengths: list[int], cfg, split: str) ->
                           f"({len(too_long)} such in {split}); raise max_seq_len, lower max_pixels, or set "
                           "on_overlong: skip")
     if too_long:
-        log(f"Skipped {len(too_long)} {split} samples over max_seq_len={cfg.max_seq_len}: "
-            + ", ".join(r.id for r, _ in too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
+        print_main(f"Skipped {len(too_long)} {split} samples over max_seq_len={cfg.max_seq_len}: "
+                   + ", ".join(r.id for r, _ in too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
     keep = {id(r) for r, n in zip(records, lengths, strict=True) if n <= cfg.max_seq_len}
     return [r for r in records if id(r) in keep]
 
@@ -411,14 +411,14 @@ def check_split(path: str, processor, cfg, split: str) -> tuple[list[Record], li
         raise bad_records_error(path, problems)
     if problems:
         records = [r for r in records if not r.image or r.image in sizes]  # bad lines never became records
-        log(f"Skipped {len(problems)} bad {split} record(s) (on_bad_record: skip):\n"
-            + "\n".join(f"  {p}" for p in problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+        print_main(f"Skipped {len(problems)} bad {split} record(s) (on_bad_record: skip):\n"
+                   + "\n".join(f"  {p}" for p in problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
     if not records:
         raise ConfigError(f"{path}: no usable records")
     lengths = sample_lengths(records, processor, cfg, sizes)
     kept = drop_overlong(records, lengths, cfg, split)
     if not kept:
         raise ConfigError(f"{path}: every sample is over max_seq_len={cfg.max_seq_len}")
-    log(f"Loaded {split} from {path}:")
-    log("\n".join("  " + line for line in describe_split(split, records, sizes, lengths, cfg)))
+    print_main(f"Loaded {split} from {path}:")
+    print_main("\n".join("  " + line for line in describe_split(split, records, sizes, lengths, cfg)))
     return kept, [n for n in lengths if n <= cfg.max_seq_len], problems

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from curriculum.processes import fsdp_enabled, gather_from_processes, is_main_process, log, processes
+from curriculum.processes import fsdp_enabled, gather_from_processes, is_main_process, print_main, processes
 from curriculum.records import Record, prompt_and_images
 from curriculum.scoring import compute_metrics, gold_answer, is_correct, metrics_table, parse_answer
 from curriculum.stage_folder import RESOLVED_CONFIG
@@ -120,11 +120,11 @@ def evaluate_dev_split(model, processor, eval_ds, cfg, world: int) -> tuple:
     if eval_ds is None or not cfg.eval_questions:
         return None, None
     if fsdp_enabled():
-        log("Dev accuracy by generation is skipped under FSDP (the model is sharded across processes); measure it on "
-            f"one GPU: python vqa_eval.py {cfg.output_dir}/{RESOLVED_CONFIG}")
+        print_main("Dev accuracy by generation is skipped under FSDP (the model is sharded across processes); measure "
+                   f"it on one GPU: python vqa_eval.py {cfg.output_dir}/{RESOLVED_CONFIG}")
         return None, None
     records = eval_ds.records if cfg.eval_questions < 0 else eval_ds.records[:cfg.eval_questions]
     dev_metrics, predictions = evaluate_records(model, processor, records, cfg)
-    log(f"Dev accuracy after stage {cfg.stage} ({len(records)} questions, by generation"
-        f"{f' on {world} processes' if world > 1 else ''}):\n" + metrics_table(dev_metrics))
+    print_main(f"Dev accuracy after stage {cfg.stage} ({len(records)} questions, by generation"
+               f"{f' on {world} processes' if world > 1 else ''}):\n" + metrics_table(dev_metrics))
     return dev_metrics, predictions

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
-from curriculum.processes import log
+from curriculum.processes import print_main
 from curriculum.stage_folder import STAGE_METRICS
 
 STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run must not measure again
@@ -79,8 +79,8 @@ class StageGuard:
         if self.signal_name:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        log(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
-            "(send it again to stop at once)")
+        print_main(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
+                   "(send it again to stop at once)")
 
     def callback(self):
         import torch
@@ -141,7 +141,7 @@ def complete_checkpoints(work_dir: Path, remove_cut_short: bool = False) -> list
             done.append(ckpt)
         except (OSError, ValueError):
             if remove_cut_short:
-                log(f"Removing {ckpt}: it was not completely written")
+                print_main(f"Removing {ckpt}: it was not completely written")
                 shutil.rmtree(ckpt, ignore_errors=True)
     return done
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from curriculum.errors import ConfigError, StageStopped
 from curriculum.faults import complete_checkpoints
-from curriculum.processes import is_main_process, log
+from curriculum.processes import is_main_process, print_main
 from curriculum.records import QUESTION_TYPES
 
 FORGETTING_EXIT_CODE = 5  # forgetting_action: stop (130/143 are the stop signals, 1-4 the errors)
@@ -74,7 +74,8 @@ def lineage(prev_checkpoint: str | None, read_metrics: Callable[[str], dict | No
         try:
             metrics = read_metrics(str(current))
         except (OSError, ValueError) as err:  # a damaged stage_metrics.json: the stages before it stay unknown
-            log(f"WARNING: the stage record in {current} does not read ({err}); the lineage is followed no further")
+            print_main(f"WARNING: the stage record in {current} does not read ({err}); the lineage is followed no "
+                       "further")
             break
         if not isinstance(metrics, dict):
             break
@@ -202,12 +203,13 @@ def mix_replay(train_ds, cfg: Any, chain: list[EarlierStage], load_train: Callab
                         "ids": [ds.records[i].id for i in chosen]})
     n = sum(e["records"] for e in entries)
     if n < replay_count(n_own, cfg.replay.fraction):
-        log(f"Replay: the earlier stages hold {n} records, fewer than the {replay_count(n_own, cfg.replay.fraction)} "
-            f"that replay.fraction {cfg.replay.fraction:g} asks for; all of them are replayed")
-    log(f"Replay: {n} records of stage(s) {', '.join(str(e['stage']) for e in entries)} mixed into {n_own} of this "
-        f"stage's: {n / (n_own + n):.1%} of {n_own + n} training records ("
-        + ", ".join(f"stage {e['stage']}: {e['records']} of {e['pool']} from {e['train_file']}" for e in entries)
-        + f"; seed {cfg.seed})")
+        print_main(f"Replay: the earlier stages hold {n} records, fewer than the "
+                   f"{replay_count(n_own, cfg.replay.fraction)} that replay.fraction {cfg.replay.fraction:g} asks "
+                   "for; all of them are replayed")
+    print_main(f"Replay: {n} records of stage(s) {', '.join(str(e['stage']) for e in entries)} mixed into {n_own} of "
+               f"this stage's: {n / (n_own + n):.1%} of {n_own + n} training records ("
+               + ", ".join(f"stage {e['stage']}: {e['records']} of {e['pool']} from {e['train_file']}" for e in entries)
+               + f"; seed {cfg.seed})")
     return {"fraction": cfg.replay.fraction, "stages": [e["stage"] for e in entries], "seed": cfg.seed,
             "own_records": n_own, "replayed_records": n, "share": round(n / (n_own + n), 4), "sources": entries}
 
@@ -244,9 +246,9 @@ def earlier_dev_splits(chain: list[EarlierStage],
     splits = {}
     for name, stage in unique_names(chain).items():
         if not stage.eval_file:
-            log(f"Stage {stage.stage} ({stage.dir}) recorded no dev split: it is not watched")
+            print_main(f"Stage {stage.stage} ({stage.dir}) recorded no dev split: it is not watched")
         elif not Path(stage.eval_file).exists():
-            log(f"WARNING: stage {stage.stage}'s dev split {stage.eval_file} is not found: it is not watched")
+            print_main(f"WARNING: stage {stage.stage}'s dev split {stage.eval_file} is not found: it is not watched")
         else:
             splits[name] = (stage, load_eval(stage.eval_file, f"stage {stage.stage} dev", stage))
     return splits
@@ -304,9 +306,9 @@ class EarlierStagesWatch:
                 stage = self.splits[name][0].stage
                 over.append({"step": step, "stage": stage, "loss": loss, "loss_at_start": self.start[name],
                              "rise": round(rise, 6)})
-                log(f"WARNING: forgetting: stage {stage}'s dev loss is {loss:.4f} at step {step}, {rise:.1%} above "
-                    f"its {self.start[name]:.4f} before this stage's first step (forgetting_tolerance "
-                    f"{self.tolerance:g}, forgetting_action: {self.action})")
+                print_main(f"WARNING: forgetting: stage {stage}'s dev loss is {loss:.4f} at step {step}, {rise:.1%} "
+                           f"above its {self.start[name]:.4f} before this stage's first step (forgetting_tolerance "
+                           f"{self.tolerance:g}, forgetting_action: {self.action})")
         self.exceeded += over
         if over and self.action == "stop" and self.stopped_at is None:
             self.stopped_at = step
@@ -315,7 +317,7 @@ class EarlierStagesWatch:
     def at_evaluation(self, state, control) -> None:
         losses = self.measure("eval")
         self.last = (state.global_step, losses)
-        log(self.describe(state.global_step, state.max_steps, losses))
+        print_main(self.describe(state.global_step, state.max_steps, losses))
         if self.check(state.global_step, losses):  # as for a stop signal: a checkpoint, then the stage ends
             control.should_save, control.should_training_stop = True, True
 
@@ -332,8 +334,8 @@ class EarlierStagesWatch:
                     watch.start = json.loads(saved.read_text())
                     return
                 watch.start = watch.measure("first_eval")
-                log("earlier stages before the first step | " + " | ".join(
-                    f"stage {watch.splits[n][0].stage} dev loss {loss:.4f}" for n, loss in watch.start.items()))
+                print_main("earlier stages before the first step | " + " | ".join(
+                           f"stage {watch.splits[n][0].stage} dev loss {loss:.4f}" for n, loss in watch.start.items()))
                 if is_main_process():
                     watch.work_dir.mkdir(parents=True, exist_ok=True)
                     saved.write_text(json.dumps(watch.start))
@@ -363,7 +365,7 @@ class EarlierStagesWatch:
             self.final = self.last[1]
         else:  # not measured at the last step, or a run resumed from a checkpoint at the last step
             self.final = self.measure("final_eval")
-            log(self.describe(state.global_step, state.max_steps, self.final))
+            print_main(self.describe(state.global_step, state.max_steps, self.final))
             self.check(state.global_step, self.final)
         if self.stopped_at is None:
             return
@@ -386,8 +388,8 @@ class EarlierStagesWatch:
             self.dev_metrics[name] = metrics = score(records)
             by_type = ", ".join(f"{kind} {metrics[kind]['accuracy']:.1%} (n={metrics[kind]['n']})"
                                 for kind in QUESTION_TYPES if kind in metrics)
-            log(f"Dev accuracy on stage {stage.stage}'s dev split ({len(records)} questions, by generation): "
-                f"{metrics['overall']['accuracy']:.1%} overall; {by_type}")
+            print_main(f"Dev accuracy on stage {stage.stage}'s dev split ({len(records)} questions, by generation): "
+                       f"{metrics['overall']['accuracy']:.1%} overall; {by_type}")
 
     def records(self, log_history: list[dict]) -> list[dict]:
         """stage_metrics.json's `earlier_stages`: per earlier stage, its dev split, the loss before the first step,
@@ -406,71 +408,3 @@ class EarlierStagesWatch:
         """stage_metrics.json's `forgetting`: the tolerance, the action, and every time it was exceeded."""
         return {"tolerance": self.tolerance, "action": self.action, "exceeded": self.exceeded,
                 "stopped_at_step": self.stopped_at}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reporting: the model card and the loss plot
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _loss(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
-
-
-def card_lines(metrics: dict) -> list[str]:
-    """The model card's section on earlier stages and replay (none for a stage that has neither)."""
-    earlier, replay = metrics.get("earlier_stages") or [], metrics.get("replay")
-    if not earlier and not replay:
-        return []
-    lines = ["## Earlier stages", ""]
-    if earlier:
-        lines += ["Their dev splits, evaluated during this stage:", "",
-                  "| stage | dev split | loss before the first step | at the end | change | accuracy (n) |",
-                  "|---|---|---|---|---|---|"]
-        for e in earlier:
-            overall = (e.get("dev_metrics") or {}).get("overall")
-            accuracy = f"{overall['accuracy']:.1%} ({overall['n']})" if overall else "–"
-            change = "–" if e.get("change") is None else f"{e['change']:+.1%}"
-            lines.append(f"| {e['stage']} | `{e['eval_file']}` | {_loss(e.get('loss_at_start'))} | "
-                         f"{_loss(e.get('final_loss'))} | {change} | {accuracy} |")
-        lines.append("")
-    if replay:
-        lines += [f"Replay: {replay['replayed_records']} of {replay['own_records'] + replay['replayed_records']} "
-                  f"training records ({replay['share']:.1%}) are earlier stages' own training records (seed "
-                  f"{replay['seed']}):", "", "| stage | file | SHA-256 | records replayed |", "|---|---|---|---|"]
-        lines += [f"| {e['stage']} | `{e['train_file']}` | `{e['sha256']}` | {e['records']} of {e['pool']} |"
-                  for e in replay["sources"]]
-        lines.append("")
-    return lines
-
-
-def dev_split_series(chain_metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{"stage K dev": [(step, loss), ...]}: every loss measured on each dev split, across all stages, on one step
-    axis (stage after stage): in stage K its own evaluations, in later stages their watch of it (and the
-    continuity measure before their first step). Splits are told apart by file; named after the first stage that
-    ended on it."""
-    name_of: dict[str, str] = {}
-    for m in chain_metrics:
-        if m.get("final_eval_file"):
-            name_of.setdefault(m["final_eval_file"], f"stage {m.get('stage')} dev")
-    series: dict[str, dict[int, float]] = {}
-    offset = 0
-
-    def add(file: str | None, step: int, loss: float | None) -> None:
-        if file and loss is not None:
-            series.setdefault(name_of.get(file, Path(file).name), {})[offset + step] = loss
-
-    for m in chain_metrics:
-        own, steps = m.get("final_eval_file"), m.get("global_steps", 0)
-        add(m.get("first_eval_file"), 0, m.get("first_eval_loss"))
-        add(own, 0, m.get("first_eval_loss_own_split"))
-        for h in m.get("eval_loss_history", []):
-            add(own, h["step"], h["loss"])
-        add(own, steps, m.get("final_eval_loss"))
-        for e in m.get("earlier_stages") or []:
-            add(e.get("eval_file"), 0, e.get("loss_at_start"))
-            for h in e.get("loss_history", []):
-                add(e.get("eval_file"), h["step"], h["loss"])
-            add(e.get("eval_file"), steps, e.get("final_loss"))
-        offset += steps
-    return {name: sorted(points.items()) for name, points in series.items()}

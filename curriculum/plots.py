@@ -8,9 +8,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curriculum.forgetting import dev_split_series
 from curriculum.records import QUESTION_TYPES
 from curriculum.stage_folder import stage_chain
+
+
+def dev_split_series(chain_metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{"stage K dev": [(step, loss), ...]}: every loss measured on each dev split, across all stages, on one step
+    axis (stage after stage): in stage K its own evaluations, in later stages their watch of it (and the
+    continuity measure before their first step). Splits are told apart by file; named after the first stage that
+    ended on it."""
+    name_of: dict[str, str] = {}
+    for m in chain_metrics:
+        if m.get("final_eval_file"):
+            name_of.setdefault(m["final_eval_file"], f"stage {m.get('stage')} dev")
+    series: dict[str, dict[int, float]] = {}
+    offset = 0
+
+    def add(file: str | None, step: int, loss: float | None) -> None:
+        if file and loss is not None:
+            series.setdefault(name_of.get(file, Path(file).name), {})[offset + step] = loss
+
+    for m in chain_metrics:
+        own, steps = m.get("final_eval_file"), m.get("global_steps", 0)
+        add(m.get("first_eval_file"), 0, m.get("first_eval_loss"))
+        add(own, 0, m.get("first_eval_loss_own_split"))
+        for h in m.get("eval_loss_history", []):
+            add(own, h["step"], h["loss"])
+        add(own, steps, m.get("final_eval_loss"))
+        for e in m.get("earlier_stages") or []:
+            add(e.get("eval_file"), 0, e.get("loss_at_start"))
+            for h in e.get("loss_history", []):
+                add(e.get("eval_file"), h["step"], h["loss"])
+            add(e.get("eval_file"), steps, e.get("final_loss"))
+        offset += steps
+    return {name: sorted(points.items()) for name, points in series.items()}
 
 
 def _pyplot():

@@ -61,7 +61,7 @@ def is_main_process() -> bool:
     return runtime().rank == 0
 
 
-def log(*args, **kwargs) -> None:
+def print_main(*args, **kwargs) -> None:
     """print, on the main process only: with N processes every line would otherwise appear N times."""
     if is_main_process():
         print(*args, **kwargs, flush=True)
@@ -133,6 +133,7 @@ def one_gpu_per_process(args, world: int) -> None:
         raise ConfigError(f"{args.n_gpu} GPUs are visible to one process and this transformers version would train "
                           "on them with nn.DataParallel; set CUDA_VISIBLE_DEVICES to one GPU, or use accelerate launch "
                           "--config_file configs/accelerate/ddp.yaml")
-    log(f"{args.n_gpu} GPUs visible to one process: training on GPU {training_device()} only (not nn.DataParallel); to "
-        "train on all of them: accelerate launch --config_file configs/accelerate/ddp.yaml train_qlora_qwen3vl.py ...")
+    print_main(f"{args.n_gpu} GPUs visible to one process: training on GPU {training_device()} only (not "
+               "nn.DataParallel); to train on all of them: accelerate launch --config_file configs/accelerate/ddp.yaml "
+               "train_qlora_qwen3vl.py ...")
     args._n_gpu = 1

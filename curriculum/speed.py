@@ -630,7 +630,7 @@ def batch_vision_attention(model) -> int:
 
 
 def apply_speed_patches(model, cfg, decisions: dict[str, PatchDecision] | None = None,
-                        log: Callable[[str], None] = print) -> dict[str, PatchDecision]:
+                        say: Callable[[str], None] = print) -> dict[str, PatchDecision]:
     """Bind the patches that the plan turned on, to a model that already carries its adapter; one log line per
     patch (`Speed patch <name>: ...`). Returns the decisions, with what binding found (a model that is not Qwen3-VL
     gets no Liger kernels; one that runs FlashAttention keeps its own vision attention)."""
@@ -667,6 +667,6 @@ def apply_speed_patches(model, cfg, decisions: dict[str, PatchDecision] | None =
         decisions["offload_activations"] = PatchDecision(True, f"on ({n} checkpointed decoder layers keep their "
                                                                f"inputs in {where})")
     for patch in SPEED_PATCHES:
-        log(f"Speed patch {patch.name}: {decisions[patch.key].note}")
-    log(f"Speed patch activation offload: {decisions['offload_activations'].note}")
+        say(f"Speed patch {patch.name}: {decisions[patch.key].note}")
+    say(f"Speed patch activation offload: {decisions['offload_activations'].note}")
     return decisions

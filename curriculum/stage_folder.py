@@ -11,7 +11,8 @@ import shutil
 from pathlib import Path
 
 from curriculum import speed
-from curriculum.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, sha256_file
+from curriculum.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from curriculum.hashing import sha256_file
 from curriculum.processes import fsdp_enabled
 
 STAGE_METRICS = "stage_metrics.json"  # written last by a finished stage: a folder holding it is a finished stage
@@ -107,14 +108,15 @@ def stage_metrics(cfg, data, fitted, views: list[dict], patches: dict, final_eva
     }
 
 
-def _loss(value: float | None) -> str:
+def loss_cell(value: float | None) -> str:
+    """A loss in a model card's table: four decimals, a dash where none was measured."""
     return "–" if value is None else f"{value:.4f}"
 
 
-def model_card(cfg, metrics: dict, accuracy_table: str | None, earlier_stages: list[str] = ()) -> str:
+def model_card(cfg, metrics: dict, accuracy_table: str | None) -> str:
     """The stage folder's README.md, in place of peft's empty template: the base, the stage and its lineage, the
-    data by SHA-256, the losses and the dev accuracy by question type, and `earlier_stages` (forgetting.card_lines:
-    the earlier stages' dev splits, watched). `cfg` is the stage's StageConfig."""
+    data by SHA-256, the losses and the dev accuracy by question type, and the earlier stages' dev splits, watched,
+    and what was replayed (earlier_stages_section). `cfg` is the stage's StageConfig."""
     lora, q = cfg.lora, cfg.quantization
     front = ["---", f"base_model: {cfg.model_name_or_path}", "library_name: peft", "pipeline_tag: image-text-to-text",
              "tags:", f"- base_model:adapter:{cfg.model_name_or_path}", "- lora", "- qlora", "- qwen3-vl",
@@ -131,12 +133,13 @@ def model_card(cfg, metrics: dict, accuracy_table: str | None, earlier_stages: l
     data = ["| split | file | SHA-256 |", "|---|---|---|"] + [f"| {key} | `{entry['path']}` | `{entry['sha256']}` |"
                                                             for key, entry in (metrics.get("data_files") or {}).items()]
     continued = [f"| first_eval_loss, before the first step, on the dev split the previous stage ended on | "
-                 f"{_loss(metrics.get('first_eval_loss'))} |",
-                 f"| previous stage's final_eval_loss there | {_loss(metrics.get('previous_final_eval_loss'))} |"]
+                 f"{loss_cell(metrics.get('first_eval_loss'))} |",
+                 f"| previous stage's final_eval_loss there | {loss_cell(metrics.get('previous_final_eval_loss'))} |"]
     losses = ["| loss | value |", "|---|---|", *(continued if metrics.get("prev_checkpoint") else []),
-              f"| before the first step, on `{cfg.eval_file}` | {_loss(metrics.get('first_eval_loss_own_split'))} |",
-              f"| final_eval_loss (on `{cfg.eval_file}`) | {_loss(metrics.get('final_eval_loss'))} |",
-              f"| train_loss, the mean over the stage | {_loss(metrics.get('train_loss'))} |"]
+              f"| before the first step, on `{cfg.eval_file}` | "
+              f"{loss_cell(metrics.get('first_eval_loss_own_split'))} |",
+              f"| final_eval_loss (on `{cfg.eval_file}`) | {loss_cell(metrics.get('final_eval_loss'))} |",
+              f"| train_loss, the mean over the stage | {loss_cell(metrics.get('train_loss'))} |"]
     n = (metrics.get("dev_metrics") or {}).get("overall", {}).get("n")
     accuracy = [f"Greedy answers to {n} questions of `{cfg.eval_file}`, parsed and scored as vqa_eval.py does:", "",
                 accuracy_table] if accuracy_table else ["Not measured (no eval_file, or eval_questions: 0)."]
@@ -153,12 +156,39 @@ def model_card(cfg, metrics: dict, accuracy_table: str | None, earlier_stages: l
         "## Data", "", f"{metrics.get('train_samples')} training samples.", "", *data, "",
         "## Losses", "", *losses, "",
         "## Dev accuracy by question type", "", *accuracy, "",
-        *earlier_stages,
+        *earlier_stages_section(metrics),
         "## Use", "", "```",
         "python verify_exp4_fix.py THIS_FOLDER                                 # prove the lineage, reopen it",
         "python train_qlora_qwen3vl.py NEXT_STAGE.yaml --set prev_checkpoint=THIS_FOLDER   # continue it",
         "python export_merged.py THIS_FOLDER MERGED_FOLDER --check 20           # a merged bf16 model to serve",
         "```", ""])
+
+
+def earlier_stages_section(metrics: dict) -> list[str]:
+    """The model card's section on earlier stages and replay (none for a stage that has neither)."""
+    earlier, replay = metrics.get("earlier_stages") or [], metrics.get("replay")
+    if not earlier and not replay:
+        return []
+    lines = ["## Earlier stages", ""]
+    if earlier:
+        lines += ["Their dev splits, evaluated during this stage:", "",
+                  "| stage | dev split | loss before the first step | at the end | change | accuracy (n) |",
+                  "|---|---|---|---|---|---|"]
+        for e in earlier:
+            overall = (e.get("dev_metrics") or {}).get("overall")
+            accuracy = f"{overall['accuracy']:.1%} ({overall['n']})" if overall else "–"
+            change = "–" if e.get("change") is None else f"{e['change']:+.1%}"
+            lines.append(f"| {e['stage']} | `{e['eval_file']}` | {loss_cell(e.get('loss_at_start'))} | "
+                         f"{loss_cell(e.get('final_loss'))} | {change} | {accuracy} |")
+        lines.append("")
+    if replay:
+        lines += [f"Replay: {replay['replayed_records']} of {replay['own_records'] + replay['replayed_records']} "
+                  f"training records ({replay['share']:.1%}) are earlier stages' own training records (seed "
+                  f"{replay['seed']}):", "", "| stage | file | SHA-256 | records replayed |", "|---|---|---|---|"]
+        lines += [f"| {e['stage']} | `{e['train_file']}` | `{e['sha256']}` | {e['records']} of {e['pool']} |"
+                  for e in replay["sources"]]
+        lines.append("")
+    return lines
 
 
 def move_into_place(staging: Path, out: Path) -> None:

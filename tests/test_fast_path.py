@@ -255,7 +255,7 @@ def test_liger_kernels_are_used_only_where_they_can_run(tiny_model_path, tmp_pat
         pytest.skip("this machine has a GPU")
     cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}"])
     model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
-    decisions = speed.apply_speed_patches(model, cfg, log=lambda line: None)  # auto, on a CPU: off, saying why
+    decisions = speed.apply_speed_patches(model, cfg, say=lambda line: None)  # auto, on a CPU: off, saying why
     assert cfg.liger_kernels == "auto" and decisions["liger_kernels"].note.startswith("off: no GPU")
     assert type(model.get_base_model().model.language_model.norm).__name__ == "Qwen3VLTextRMSNorm"
     forced = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "liger_kernels=true"])

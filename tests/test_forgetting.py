@@ -3,6 +3,7 @@ forgetting_tolerance warns or stops it, and replay mixes in a seeded share of ea
 
 The pure parts run without a model; the CLI runs (marked slow by their fixtures) train the tiny model."""
 
+import dataclasses
 import json
 import shutil
 import types
@@ -13,7 +14,8 @@ import pytest
 from conftest import REPO, metrics, run_script, stage_args
 
 import train_qlora_qwen3vl as tq
-from curriculum import forgetting, stage_folder
+from curriculum import forgetting, plots, stage_folder
+from curriculum.hashing import sha256_file
 
 
 def fake_stage(path: Path, stage: int, prev: Path | None, train_file: str = "data/stage1/train.jsonl",
@@ -21,7 +23,7 @@ def fake_stage(path: Path, stage: int, prev: Path | None, train_file: str = "dat
     """A folder that reads as a finished stage to the lineage: stage_metrics.json and an adapter file."""
     path.mkdir(parents=True)
     (path / tq.ADAPTER_WEIGHTS).write_bytes(b"")  # previous_stage_dir looks for the adapter
-    sha = tq.sha256_file(REPO / train_file) if (REPO / train_file).is_file() else "0" * 64
+    sha = sha256_file(REPO / train_file) if (REPO / train_file).is_file() else "0" * 64
     (path / tq.STAGE_METRICS).write_text(json.dumps({
         "stage": stage, "prev_checkpoint": str(prev) if prev else None,
         "final_eval_file": eval_file or str(REPO / f"data/stage{stage}/dev.jsonl"),
@@ -101,7 +103,7 @@ def mixed(lineage_dirs: Path, fraction: float, stages, seed: int = 42) -> tuple[
     record = forgetting.mix_replay(own, replay_config(fraction, stages, seed), chain,
                                    lambda path, name, stage: loaded.append((path, stage.stage))
                                    or FakeSplit(Path(path).parent.name, 200),
-                                   lambda path: tq.sha256_file(REPO / path))
+                                   lambda path: sha256_file(REPO / path))
     # each file is read as the stage that trained on it read it (its columns): the loader is told which stage
     assert loaded == [(s.train_file["path"], s.stage) for s in forgetting.replay_sources(stages, chain)]
     return own, record
@@ -114,7 +116,7 @@ def test_mix_replay_adds_the_share_from_the_stated_stages_and_records_them(linea
     assert {r.id.split("-")[0] for r in replayed} == {"stage1"}  # only stage 1's records
     assert record["stages"] == [1] and record["share"] == 0.2 and record["replayed_records"] == 50
     (source,) = record["sources"]
-    assert source["sha256"] == tq.sha256_file(REPO / "data/stage1/train.jsonl")
+    assert source["sha256"] == sha256_file(REPO / "data/stage1/train.jsonl")
     assert source["ids"] == [r.id for r in replayed] and source["train_file"] == "data/stage1/train.jsonl"
 
     both, record = mixed(lineage_dirs, 0.2, "all")
@@ -142,7 +144,7 @@ def test_an_earlier_stages_split_is_read_with_that_stages_columns_and_question_t
                          columns=tq.DataColumns(id="questionId"))
     earlier = tmp_path / "stage1"
     earlier.mkdir()
-    (earlier / tq.RESOLVED_CONFIG).write_text(yaml.safe_dump(tq.config_to_dict(tq.StageConfig(
+    (earlier / tq.RESOLVED_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(tq.StageConfig(
         output_dir=str(earlier), train_file="t", system_prompt="Other.", question_type="free_text",
         columns=tq.DataColumns(question="query", references="label")))))
     read = tq.as_read_by(cfg, earlier)
@@ -324,7 +326,7 @@ def test_dev_split_series_follow_each_split_across_stages():
               "first_eval_loss_own_split": 11.0, "eval_loss_history": [], "final_eval_loss": 8.0,
               "earlier_stages": [{"stage": 1, "eval_file": d1, "loss_at_start": 9.0,
                                   "loss_history": [{"step": 3, "loss": 9.5}], "final_loss": 9.7}]}]
-    assert forgetting.dev_split_series(chain) == {"stage 1 dev": [(0, 12.0), (5, 10.0), (10, 9.0), (13, 9.5),
+    assert plots.dev_split_series(chain) == {"stage 1 dev": [(0, 12.0), (5, 10.0), (10, 9.0), (13, 9.5),
                                                                   (16, 9.7)],
                                                   "stage 2 dev": [(10, 11.0), (16, 8.0)]}
 

@@ -9,6 +9,7 @@ import shutil
 from conftest import REPO, assert_continued, metrics, run_script, run_stage, stage_args
 
 import train_qlora_qwen3vl as tq
+from curriculum.hashing import sha256_file
 
 
 def test_adapter_config_names_the_base_as_the_config_does(curriculum):
@@ -28,7 +29,7 @@ def test_model_card_describes_the_stage(curriculum):
     assert "# Stage 2: a LoRA adapter for `tiny-qwen3vl`" in card
     for split in ("train", "dev"):  # the data, by content
         path = f"data/stage2/{split}.jsonl"
-        assert re.search(rf"\| `{re.escape(path)}` \| `{tq.sha256_file(REPO / path)}` \|", card), split
+        assert re.search(rf"\| `{re.escape(path)}` \| `{sha256_file(REPO / path)}` \|", card), split
     assert f"`{root / 'stage1'}`" in card  # lineage: what it continued, and the hashes of start and end
     assert m["start_adapter_file_sha256"] in card and m["saved_adapter_file_sha256"] in card
     assert metrics(root / "stage1")["saved_adapter_file_sha256"] == m["start_adapter_file_sha256"]
@@ -39,7 +40,7 @@ def test_model_card_describes_the_stage(curriculum):
     first = (root / "stage1" / "README.md").read_text()
     assert "A new adapter (B = 0 at the start" in first and "previous stage's final_eval_loss" not in first
     assert m["data_files"]["train_file"] == {"path": "data/stage2/train.jsonl",
-                                             "sha256": tq.sha256_file(REPO / "data/stage2/train.jsonl")}
+                                             "sha256": sha256_file(REPO / "data/stage2/train.jsonl")}
 
 
 def test_a_moved_stage_continues_and_verifies(curriculum, tmp_path):

@@ -14,8 +14,8 @@ from curriculum.adapter_files import (
     ADAPTER_WEIGHTS,
     adapter_tensors_sha256,
     file_adapter_sha256,
-    sha256_file,
 )
+from curriculum.hashing import sha256_file
 from curriculum.stage_folder import STAGE_METRICS
 
 
@@ -306,7 +306,7 @@ def test_static_check_passes_the_shipped_trainer():
     assert vf.check_training_script(SCRIPT).status == vf.PASS
 
 
-LOADED_LINE = '    log("✓ Loaded previous adapter - continuing training on the same adapter")'
+LOADED_LINE = '    print_main("✓ Loaded previous adapter - continuing training on the same adapter")'
 
 
 def test_static_check_finds_merge_and_unload_in_the_continue_branch(tmp_path):
@@ -333,10 +333,10 @@ def test_static_check_finds_each_textbook_bug(tmp_path, old, new, message):
 
 
 def test_static_check_ignores_comments_and_strings(tmp_path):
-    script = patched_script(tmp_path, "    log(\"✓ Loaded previous adapter",
+    script = patched_script(tmp_path, "    print_main(\"✓ Loaded previous adapter",
                             "    # never call model.merge_and_unload() here\n"
                             "    note = 'get_peft_model(model) would make a second adapter'\n"
-                            "    log(\"✓ Loaded previous adapter")
+                            "    print_main(\"✓ Loaded previous adapter")
     assert vf.check_training_script(script).status == vf.PASS
 
 
