@@ -41,6 +41,7 @@ from curriculum.adapter_files import (
     read_adapter_lora,
 )
 from curriculum.base_model import resolve_model_path
+from curriculum.config import LoraSettings, StageConfig, load_config
 from curriculum.errors import ConfigError, CurriculumError
 from curriculum.hashing import sha256_file
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS, previous_stage_dir
@@ -86,7 +87,7 @@ class StageRecord:
     """What a stage recorded: its metrics and resolved config, None where absent or unreadable (then `problems`
     says why; a stage made elsewhere may have neither file)."""
     metrics: dict | None
-    config: tq.StageConfig | None
+    config: StageConfig | None
     problems: list[str] = field(default_factory=list)
 
 
@@ -105,7 +106,7 @@ def read_stage(stage_dir: Path) -> StageRecord:
                 record.problems.append(f"{STAGE_METRICS} holds a JSON {type(metrics).__name__}, not an object")
     if (stage_dir / RESOLVED_CONFIG).is_file():
         try:
-            record.config = tq.load_config(stage_dir / RESOLVED_CONFIG)
+            record.config = load_config(stage_dir / RESOLVED_CONFIG)
         except ConfigError as err:
             record.problems.append(" ".join(str(err).split()))
     return record
@@ -153,7 +154,7 @@ def check_adapter_files(stage_dir: Path) -> Check:
                              "safetensors only)")
 
 
-def check_adapter_shapes(stage_dir: Path, saved_config: tq.StageConfig | None) -> Check:
+def check_adapter_shapes(stage_dir: Path, saved_config: StageConfig | None) -> Check:
     """The tensors' ranks and modules against adapter_config.json and the stage's resolved_config.yaml: the cheap
     way to name a hand-edited or mixed-up config, which the model load reports only as a size mismatch."""
     name = "adapter shapes"
@@ -192,7 +193,7 @@ def check_stage_record(stage_dir: Path, record: StageRecord) -> Check:
                              "base model and LoRA settings")
 
 
-def check_lora_config(stage_dir: Path, expected: tq.LoraSettings | None, source: str) -> Check:
+def check_lora_config(stage_dir: Path, expected: LoraSettings | None, source: str) -> Check:
     name = "LoRA config"
     if expected is None:
         return Check(name, NOT_RUN, "no --config and no resolved config saved with the stage")
@@ -297,7 +298,7 @@ def is_missing_local_path(name_or_path: str | None) -> bool:
     return looks_local and not Path(name_or_path).exists()
 
 
-def check_base_model(metrics: dict | None, config: tq.StageConfig | None, base: str | None) -> Check:
+def check_base_model(metrics: dict | None, config: StageConfig | None, base: str | None) -> Check:
     name = "base model"
     if metrics is None:
         return Check(name, NOT_RUN, NO_METRICS)
@@ -322,7 +323,7 @@ def check_base_model(metrics: dict | None, config: tq.StageConfig | None, base: 
                              f"{q.get('compute_dtype')}, double quant {q.get('double_quant')}")
 
 
-def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: tq.StageConfig | None,
+def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: StageConfig | None,
                                 base: str | None) -> Check:
     """Load the base exactly as the trainer does, reopen the adapter trainable, and inspect it."""
     name = "reopened for training"
@@ -444,7 +445,7 @@ def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tol
     config, source = saved_config, f"{stage_dir / RESOLVED_CONFIG}"
     if config_path:
         try:
-            config, source = tq.load_config(config_path), config_path
+            config, source = load_config(config_path), config_path
         except ConfigError as err:
             raise UsageError(str(err)) from None
     adapter_files = run_isolated("adapter files", lambda: check_adapter_files(stage_dir))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from curriculum.config import StageConfig
 from curriculum.errors import ConfigError
 from curriculum.processes import gather_from_processes, gpu_available, print_main, processes
 
@@ -30,8 +31,8 @@ def batch_size_for_budget(peaks: dict[int, float], budget_bytes: float, step: in
     return max(b1, min(fits // step * step, most))
 
 
-def measure_step(model, dataset, size: int, cfg, collate: Callable[[list[dict]], dict], step_loss: Callable,
-                 encoded: dict | None = None, timed_steps: int = 0) -> tuple[float, float | None]:
+def measure_step(model, dataset, size: int, cfg: StageConfig, collate: Callable[[list[dict]], dict],
+                 step_loss: Callable, encoded: dict | None = None, timed_steps: int = 0) -> tuple[float, float | None]:
     """One training step at batch `size`, as the Trainer runs it (autocast to the compute dtype, the same loss), on
     the longest samples (repeated if there are fewer), so a real batch never needs more: its peak GPU memory
     (infinity if it ran out), and with `timed_steps`, the seconds of each of that many more steps (None without).
@@ -79,14 +80,14 @@ def measure_step(model, dataset, size: int, cfg, collate: Callable[[list[dict]],
     return peak, seconds
 
 
-def measure_step_memory(model, dataset, batch_sizes: list[int], cfg, collate: Callable[[list[dict]], dict],
+def measure_step_memory(model, dataset, batch_sizes: list[int], cfg: StageConfig, collate: Callable[[list[dict]], dict],
                         step_loss: Callable, encoded: dict | None = None) -> dict[int, float]:
     """Peak GPU memory of one training step at each batch size (measure_step)."""
     encoded = {} if encoded is None else encoded
     return {size: measure_step(model, dataset, size, cfg, collate, step_loss, encoded)[0] for size in batch_sizes}
 
 
-def budget_gib(cfg) -> float:
+def budget_gib(cfg: StageConfig) -> float:
     """memory_budget_gib on this GPU: a number, at most the GPU's size (said in the log when cut); auto, what this
     process can have: the GPU's free memory and what its own allocator already holds (the model's weights)."""
     import torch
@@ -110,7 +111,7 @@ AUTO_BATCH_STEP = 4  # batch_size: auto tries 4 and 8 and chooses a multiple of 
 MIN_STEPS_PER_EPOCH = 10  # batch_size: auto never makes an epoch shorter than this many optimizer steps
 
 
-def auto_batch_limit(n_train: int, cfg, num_processes: int) -> int:
+def auto_batch_limit(n_train: int, cfg: StageConfig, num_processes: int) -> int:
     """The largest batch_size: auto may choose on data of n_train samples: an epoch keeps at least
     MIN_STEPS_PER_EPOCH optimizer steps, because a small stage trained in two or three huge steps barely moves
     (and its warm-up and schedule lose their meaning)."""
@@ -136,7 +137,8 @@ def next_batch_to_measure(peaks: dict[int, float], usable: float, limit: int) ->
     return size if size > lo else None
 
 
-def choose_batch_size(model, dataset, cfg, collate: Callable[[list[dict]], dict], step_loss: Callable) -> int:
+def choose_batch_size(model, dataset, cfg: StageConfig, collate: Callable[[list[dict]], dict],
+                      step_loss: Callable) -> int:
     """batch_size: auto (see there). Every process measures its own GPU; all use the smallest choice, so they step
     together. `collate` and `step_loss` as in measure_step_memory."""
     if not gpu_available():

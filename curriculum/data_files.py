@@ -20,6 +20,7 @@ from typing import Any
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
+from curriculum.config import DataColumns, StageConfig
 from curriculum.errors import ConfigError
 from curriculum.hashing import sha256_file
 from curriculum.processes import is_main_process, print_main
@@ -35,9 +36,9 @@ IMAGE_CHECK_CACHE = "image_checks.json"
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def split_config_problems(cfg) -> list[str]:
-    """What is wrong with the splits a StageConfig names, before anything is read: a file that is not there or not
-    of a kind the trainer reads, a column named for two fields."""
+def split_file_problems(cfg: StageConfig) -> list[str]:
+    """What is wrong with the splits the config names, before anything is read: a file that is not there or not of a
+    kind the trainer reads. (A column named for two fields is DataColumns.problems'.)"""
     problems = []
     for key in ("train_file", "eval_file", "test_file"):
         value = getattr(cfg, key)
@@ -46,11 +47,6 @@ def split_config_problems(cfg) -> list[str]:
         elif value is not None and Path(value).is_file() and Path(value).suffix not in SPLIT_FILE_SUFFIXES:
             problems.append(f"{key}: {value} is not a split the trainer reads: a .jsonl, .parquet or .arrow file, or "
                             "a dataset folder")
-    # answer and references may share a column: a list there is the references, a text the answer
-    named = {k: c for k, c in vars(cfg.columns).items() if k != "references" or c != cfg.columns.answer}
-    for column in sorted({c for c in named.values() if list(named.values()).count(c) > 1}):
-        problems.append(f"columns: '{column}' is named for {', '.join(k for k, c in named.items() if c == column)}; "
-                        "each field has a column of its own")
     return problems
 
 
@@ -137,7 +133,7 @@ def write_image_bytes(data: bytes, image_dir: Path, name: str | None) -> str:
     return str(target)
 
 
-def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: bool, columns,
+def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: bool, columns: DataColumns | None,
                          image_dir: Path | None, question_type: str = "auto") -> tuple[list[Record], list[str]]:
     """read_records for a Hugging Face dataset: the same checks, problems named `file:row N` (N counts from 0, as
     `dataset[N]`). An image cell holds bytes (an `Image` column written by `datasets`), which become a file in
@@ -205,7 +201,7 @@ def load_records(path: str | os.PathLike, system_prompt: str | None = None, allo
     return records
 
 
-def split_hashes(cfg) -> dict:
+def split_hashes(cfg: StageConfig) -> dict:
     """{train_file|eval_file|test_file: {path, sha256}} of the splits a StageConfig names: what a stage trained and
     was measured on, by content (for its model card and the verifier)."""
     return {key: {"path": getattr(cfg, key), "sha256": split_sha256(getattr(cfg, key))}
@@ -310,13 +306,13 @@ def check_images(paths: list[str], desc: str = "Decoding images", cache: Path | 
     return sizes | decoded, problems
 
 
-def image_check_cache(cfg) -> Path | None:
+def image_check_cache(cfg: StageConfig) -> Path | None:
     """Where the images that decoded cleanly are remembered: beside the stages of the curriculum, so every stage
     and rerun shares it. `cfg` is the StageConfig."""
     return Path(cfg.output_dir).resolve().parent / ".cache" / IMAGE_CHECK_CACHE if cfg.cache_image_checks else None
 
 
-def dataset_image_dir(cfg) -> Path:
+def dataset_image_dir(cfg: StageConfig) -> Path:
     """Where images stored inside a dataset (an `Image` column's bytes) are written as files: beside the stages of
     the curriculum, as the image check cache, named by content so that every stage and rerun shares them."""
     return Path(cfg.output_dir).resolve().parent / ".cache" / "dataset_images"
@@ -329,7 +325,7 @@ def inspect_images(records: list[Record], split: str = "", cache: Path | None = 
     return sizes, [f"{r.source}: {bad[r.image]}" for r in records if r.image in bad]
 
 
-def describe_split(split: str, records: list[Record], sizes: dict, lengths: list[int], cfg) -> list[str]:
+def describe_split(split: str, records: list[Record], sizes: dict, lengths: list[int], cfg: StageConfig) -> list[str]:
     """The summary lines `--check` (and every stage) prints: types, image sizes, resizing, lengths. Resizing is
     said here, once per split, rather than once per image."""
     from qwen_vl_utils import smart_resize
@@ -367,7 +363,7 @@ def describe_split(split: str, records: list[Record], sizes: dict, lengths: list
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def sample_lengths(records: list[Record], processor, cfg, sizes: dict | None = None) -> list[int]:
+def sample_lengths(records: list[Record], processor, cfg: StageConfig, sizes: dict | None = None) -> list[int]:
     """Each record's length in tokens, image tokens included, computed from the image sizes (no pixels needed)."""
     if sizes is None:
         sizes, problems = inspect_images(records)
@@ -384,7 +380,7 @@ def sample_lengths(records: list[Record], processor, cfg, sizes: dict | None = N
     return lengths
 
 
-def drop_overlong(records: list[Record], lengths: list[int], cfg, split: str) -> list[Record]:
+def drop_overlong(records: list[Record], lengths: list[int], cfg: StageConfig, split: str) -> list[Record]:
     """Never truncate through image tokens: an over-long sample is an error naming it, or skipped if configured."""
     too_long = [(r, n) for r, n in zip(records, lengths, strict=True) if n > cfg.max_seq_len]
     if too_long and cfg.on_overlong == "error":
@@ -399,7 +395,7 @@ def drop_overlong(records: list[Record], lengths: list[int], cfg, split: str) ->
     return [r for r in records if id(r) in keep]
 
 
-def check_split(path: str, processor, cfg, split: str) -> tuple[list[Record], list[int], list[str]]:
+def check_split(path: str, processor, cfg: StageConfig, split: str) -> tuple[list[Record], list[int], list[str]]:
     """A split's records, every image decoded once; bad records stop the run (listed) or are skipped (counted), and
     so do over-long samples (on_bad_record, on_overlong of `cfg`, the StageConfig). Returns (the records kept, their
     lengths in tokens, one `file:line: problem` per record skipped as bad)."""

@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+from curriculum.config import StageConfig
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
 from curriculum.processes import print_main
 from curriculum.stage_folder import STAGE_METRICS
@@ -176,7 +177,7 @@ def is_disk_full(err: BaseException, path: Path) -> bool:
     return existing is not None and shutil.disk_usage(existing).free < 1 << 20
 
 
-def disk_full_error(writing: str, work_dir: Path, cfg) -> DiskFull:
+def disk_full_error(writing: str, work_dir: Path, cfg: StageConfig) -> DiskFull:
     """Clear what was cut short (freeing its space) and say what is intact and how to go on. `cfg` is the stage
     config."""
     staging = Path(f"{cfg.output_dir}.saving")
@@ -192,7 +193,7 @@ def disk_full_error(writing: str, work_dir: Path, cfg) -> DiskFull:
 
 
 @contextlib.contextmanager
-def disk_full_stops_the_stage(writing: str, path: Path, work_dir: Path, cfg):
+def disk_full_stops_the_stage(writing: str, path: Path, work_dir: Path, cfg: StageConfig):
     """A full disk while writing `writing` (under `path`) becomes DiskFull (exit 4), with what is intact and how to
     go on; any other error passes through as it is."""
     try:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from curriculum.config import StageConfig
 from curriculum.errors import ConfigError, StageStopped
 from curriculum.faults import complete_checkpoints
 from curriculum.processes import is_main_process, print_main
@@ -95,7 +96,7 @@ def unique_names(chain: list[EarlierStage]) -> dict[str, EarlierStage]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Config: what validate_config adds for forgetting_tolerance and replay
+# Config: what validate_config adds for replay, from the lineage
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -104,40 +105,23 @@ def replay_sources(stages: str | list[int], chain: list[EarlierStage]) -> list[E
     return list(chain) if stages == "all" else [s for s in chain if s.stage in stages]
 
 
-def config_problems(cfg: Any, read_metrics: Callable[[str], dict | None],
-                    previous_dir: Callable[[Path, str | None], Path | None],
-                    file_sha256: Callable[[str], str]) -> list[str]:
-    """Problems with forgetting_tolerance, forgetting_action, watch_earlier_stages and replay, one line each naming
-    the key; found before the model loads (the lineage is read from the stages' stage_metrics.json and the
-    replayed files are hashed)."""
-    problems = []
-    tolerance, replay = cfg.forgetting_tolerance, cfg.replay
-    if tolerance is not None and not tolerance > 0:
-        problems.append(f"forgetting_tolerance must be > 0 (a relative rise: 0.1 stops or warns at 10% above the loss "
-                        f"before the first step), or null for off; got {tolerance}")
-    if cfg.forgetting_action == "stop" and tolerance is None:
-        problems.append("forgetting_action: stop needs forgetting_tolerance (the rise at which to stop)")
-    if tolerance is not None and not cfg.watch_earlier_stages:
-        problems.append("forgetting_tolerance needs watch_earlier_stages: true (it is checked on their dev losses)")
-    if tolerance is not None and not cfg.prev_checkpoint:
-        problems.append(f"forgetting_tolerance: stage {cfg.stage} has no prev_checkpoint, so no earlier stage to "
-                        "watch; remove it (or set it in the configs of stages >= 2)")
-    if not 0 <= replay.fraction < 1:
-        problems.append(f"replay.fraction must be in [0, 1) (the share of replayed records in the mixed training "
-                        f"set; 0 is off), got {replay.fraction}")
-    if isinstance(replay.stages, list) and not replay.stages:
-        problems.append("replay.stages must name at least one stage, or be all")
+def replay_source_problems(cfg: StageConfig, read_metrics: Callable[[str], dict | None],
+                           previous_dir: Callable[[Path, str | None], Path | None],
+                           file_sha256: Callable[[str], str]) -> list[str]:
+    """With replay on: the stages `replay.stages` names are in the lineage (read from the stages'
+    stage_metrics.json), and each recorded the file it trained on, which is still there with the same SHA-256. One
+    line each naming the key; found before the model loads. (The keys' own values: ReplaySettings.problems.)"""
+    replay = cfg.replay
     if not replay.fraction or not 0 < replay.fraction < 1:
-        return problems
+        return []
     if not cfg.prev_checkpoint:
-        problems.append(f"replay.fraction: stage {cfg.stage} has no prev_checkpoint, so no earlier stage whose "
-                        "training records it could replay; set replay.fraction: 0")
-        return problems
+        return [f"replay.fraction: stage {cfg.stage} has no prev_checkpoint, so no earlier stage whose training "
+                "records it could replay; set replay.fraction: 0"]
     chain = lineage(cfg.prev_checkpoint, read_metrics, previous_dir)
     if not chain:
-        return problems + [f"replay: prev_checkpoint {cfg.prev_checkpoint} records no stage_metrics.json, so its "
-                           "training records are unknown; set replay.fraction: 0"]
-    numbers = [s.stage for s in chain]
+        return [f"replay: prev_checkpoint {cfg.prev_checkpoint} records no stage_metrics.json, so its training "
+                "records are unknown; set replay.fraction: 0"]
+    problems, numbers = [], [s.stage for s in chain]
     if isinstance(replay.stages, list):
         problems += [f"replay.stages: stage {n} is not in this stage's lineage (through prev_checkpoint: stages "
                      f"{', '.join(map(str, numbers))})" for n in replay.stages if n not in numbers]
@@ -175,8 +159,8 @@ def choose_replay(pools: dict[int, int], n_own: int, fraction: float, seed: int)
     return {stage: sorted(i for s, i in picked if s == stage) for stage in pools}
 
 
-def mix_replay(train_ds, cfg: Any, chain: list[EarlierStage], load_train: Callable[[str, str, EarlierStage], Any],
-               file_sha256: Callable[[str], str]) -> dict | None:
+def mix_replay(train_ds, cfg: StageConfig, chain: list[EarlierStage],
+               load_train: Callable[[str, str, EarlierStage], Any], file_sha256: Callable[[str], str]) -> dict | None:
     """Append the replayed records of `cfg.replay` to `train_ds` (a dataset with `.records` and `.lengths`, as
     `load_train(path, split_name, stage)` returns them, reading the file as that stage did) and return what was mixed,
     for stage_metrics.json; None when replay is off. The Trainer shuffles the mixed set (data_seed)."""
@@ -267,8 +251,8 @@ class EarlierStagesWatch:
     a dict of datasets gives `<prefix>_<name>_loss`, logged (console, TensorBoard as eval/<name>_loss) and kept in
     the Trainer's log history, which a resumed run restores."""
 
-    def __init__(self, splits: dict[str, tuple], cfg: Any, work_dir: Path, evaluate: Callable[[dict, str], dict],
-                 resumed: bool):
+    def __init__(self, splits: dict[str, tuple], cfg: StageConfig, work_dir: Path,
+                 evaluate: Callable[[dict, str], dict], resumed: bool):
         self.splits, self.work_dir, self.evaluate, self.resumed = splits, Path(work_dir), evaluate, resumed
         self.tolerance, self.action, self.eval_steps = cfg.forgetting_tolerance, cfg.forgetting_action, cfg.eval_steps
         self.start: dict[str, float] = {}  # loss before this stage's first step

@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from curriculum.config import StageConfig
 from curriculum.errors import ConfigError
 
 PROBE_SIZES = {"none": (1, 2), "all": (4, 8), "offload": (4, 8)}  # micro-batches measured for each memory line
@@ -190,7 +191,7 @@ def combined(plans: list[Plan]) -> Plan:
                 plans[0].layers, any(p.offload for p in plans))
 
 
-def plan_step(model, dataset, cfg, collate: Callable[[list[dict]], dict], step_loss: Callable,
+def plan_step(model, dataset, cfg: StageConfig, collate: Callable[[list[dict]], dict], step_loss: Callable,
               measured: dict | None = None) -> tuple[Plan, dict]:
     """effective_batch: choose the plan (choose_plan) by measuring steps of the model on the longest samples of
     `dataset`, as the Trainer runs them (`collate`, `step_loss`: see batch_size.measure_step), leave the model set

@@ -72,23 +72,6 @@ def fsdp_enabled() -> bool:
     return runtime().fsdp
 
 
-def fsdp_config_problems(cfg) -> list[str]:
-    """What a StageConfig asks that FSDP cannot do, one line each naming the key; none when not under FSDP."""
-    if not fsdp_enabled():
-        return []
-    problems = []
-    if cfg.quantization.quant_storage not in ("auto", cfg.quantization.compute_dtype):
-        problems.append(f"quantization.quant_storage: FSDP shards only floating-point tensors; use auto or "
-                        f"{cfg.quantization.compute_dtype} (the compute dtype), not {cfg.quantization.quant_storage}")
-    if cfg.batch_size == "auto":
-        problems.append("batch_size: auto measures a step of the whole model, and FSDP shards it (the measure would "
-                        "not hold); set batch_size to a number under FSDP")
-    if cfg.optimizer_state == "resume":
-        problems.append("optimizer_state: resume is not supported under FSDP (its optimizer state is sharded); use "
-                        "fresh, or train this stage with DDP or one GPU")
-    return problems
-
-
 def gpu_available() -> bool:
     return runtime().gpu
 

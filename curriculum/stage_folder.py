@@ -12,11 +12,20 @@ from pathlib import Path
 
 from curriculum import speed
 from curriculum.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from curriculum.config import StageConfig
 from curriculum.hashing import sha256_file
 from curriculum.processes import fsdp_enabled
 
 STAGE_METRICS = "stage_metrics.json"  # written last by a finished stage: a folder holding it is a finished stage
 RESOLVED_CONFIG = "resolved_config.yaml"
+
+
+def output_dir_problems(cfg: StageConfig) -> list[str]:
+    """output_dir holding a finished stage, unless overwrite allows replacing it."""
+    out = Path(cfg.output_dir)
+    if (out / STAGE_METRICS).is_file() and not cfg.overwrite:
+        return [f"output_dir: {out} already holds a finished stage; choose another or set overwrite: true"]
+    return []
 
 
 def curriculum_stage_dirs(root: str | os.PathLike) -> list[Path]:
@@ -113,7 +122,7 @@ def loss_cell(value: float | None) -> str:
     return "–" if value is None else f"{value:.4f}"
 
 
-def model_card(cfg, metrics: dict, accuracy_table: str | None) -> str:
+def model_card(cfg: StageConfig, metrics: dict, accuracy_table: str | None) -> str:
     """The stage folder's README.md, in place of peft's empty template: the base, the stage and its lineage, the
     data by SHA-256, the losses and the dev accuracy by question type, and the earlier stages' dev splits, watched,
     and what was replayed (earlier_stages_section). `cfg` is the stage's StageConfig."""

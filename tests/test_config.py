@@ -10,6 +10,7 @@ from conftest import REPO
 from safetensors.numpy import save_file
 
 import train_qlora_qwen3vl as tq
+from curriculum import config
 
 
 def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
@@ -159,16 +160,16 @@ def test_validate_reports_every_problem_at_once(tmp_path):
 
 def test_batch_size_auto_is_a_problem_for_training_without_a_gpu_and_a_note_for_check(tmp_path, minimal, monkeypatch,
                                                                                       capsys):
-    """Both sides of the GPU question, whichever machine runs the test: gpu_available as the recipe looks it up."""
+    """Both sides of the GPU question, whichever machine runs the test: gpu_available where config looks it up."""
     cfg = tq.load_config(write(tmp_path, minimal), ["batch_size=auto"])
     no_gpu = ("batch_size: auto measures GPU memory to choose the batch, and there is no GPU here; set batch_size to a "
               "number")
-    monkeypatch.setattr(tq, "gpu_available", lambda: False)
+    monkeypatch.setattr(config, "gpu_available", lambda: False)
     with pytest.raises(tq.ConfigError, match=re.escape(no_gpu)):
         tq.validate_config(cfg)
     tq.validate_config(cfg, training=False)  # --check: the data can be checked without a GPU
     assert f"Note: {no_gpu} to train on this machine" in capsys.readouterr().out
-    monkeypatch.setattr(tq, "gpu_available", lambda: True)
+    monkeypatch.setattr(config, "gpu_available", lambda: True)
     tq.validate_config(cfg)
     tq.validate_config(cfg, training=False)
     assert "batch_size: auto" not in capsys.readouterr().out

@@ -11,6 +11,7 @@ from PIL import Image
 
 import train_qlora_qwen3vl as tq
 from curriculum import data_files, records
+from curriculum.config import DataColumns
 
 IM_START, IM_END, V_START, V_END, IMAGE_PAD, ASSISTANT = 151644, 151645, 151652, 151653, 151655, 77091
 
@@ -384,7 +385,7 @@ def test_option_letters_from_letters_indices_and_texts():
     assert records.option_letters("D", opts, "f:1", None) is None
     with pytest.raises(tq.ConfigError, match=re.escape("f:1: column 'label' (columns.answer): index 3 is not one of "
                                                        "the 3 options of column 'choices' (columns.options) (0 to 2)")):
-        records.option_letters(3, opts, "f:1", tq.DataColumns(answer="label", options="choices"))
+        records.option_letters(3, opts, "f:1", DataColumns(answer="label", options="choices"))
 
 
 def test_rows_with_only_image_question_answer(tmp_path, image_448):
@@ -411,7 +412,7 @@ def test_free_text_references_in_the_public_datasets_shapes(tmp_path):
         {"question_id": 8, "question": "How many?", "answers": vqav2, "mca": "two"},  # its own target
         {"question_id": 9, "question": "Total?", "answers": ["$12.50", "12.50"]},     # DocVQA: a list of texts
         {"question_id": 10, "question": "Value?", "mca": ["14"]}])                    # ChartQA: a list as the answer
-    recs = tq.load_records(path, columns=tq.DataColumns(id="question_id", answer="mca"))
+    recs = tq.load_records(path, columns=DataColumns(id="question_id", answer="mca"))
     assert [r.id for r in recs] == ["7", "8", "9", "10"] and {r.type for r in recs} == {"free_text"}
     assert recs[0].answer == "2" and recs[1].answer == "two"  # the most common reference, unless an answer is given
     assert recs[0].references == ["two"] * 4 + ["2"] * 5 + ["3"]
@@ -448,7 +449,7 @@ def test_question_type_fixes_one_type_for_every_row(tmp_path):
 def test_a_row_that_cannot_be_typed_or_mapped_is_one_line_naming_file_line_and_column(tmp_path, row, message):
     good = {"question": "q", "gold": "fine"}
     path = write_jsonl(tmp_path, [good, row])
-    records_, problems = tq.read_records(path, columns=tq.DataColumns(answer="gold", options="choices"))
+    records_, problems = tq.read_records(path, columns=DataColumns(answer="gold", options="choices"))
     assert [r.answer for r in records_] == ["fine"] and len(problems) == 1
     assert problems[0].startswith(f"{path}:2: ") and message in problems[0] and "\n" not in problems[0]
 

@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO, run_script
 
 import train_qlora_qwen3vl as tq
+from curriculum.config import DataColumns
 
 JSONL = REPO / "data/stage1/train.jsonl"
 N = 12
@@ -34,7 +35,7 @@ def as_table(rows: list[dict], images: list) -> dict:
             "picture": images}
 
 
-COLUMNS = tq.DataColumns(id="qid", question="q", type="kind", options="choices", answer="gold", image="picture")
+COLUMNS = DataColumns(id="qid", question="q", type="kind", options="choices", answer="gold", image="picture")
 
 
 def features():
@@ -141,7 +142,7 @@ def test_validate_config_takes_dataset_files_and_folders(tmp_path):
              test_file=str(tmp_path / "b.arrow"), batch_size=1)
     tq.validate_config(ok)
     bad = cfg(tmp_path, train_file=str(tmp_path / "c.csv"), eval_file=str(tmp_path / "gone"), batch_size=1,
-              columns=tq.DataColumns(question="text", answer="text"))
+              columns=DataColumns(question="text", answer="text"))
     with pytest.raises(tq.ConfigError) as err:
         tq.validate_config(bad)
     text = str(err.value)
@@ -156,7 +157,7 @@ def test_columns_are_config_keys_checked_like_any_other(tmp_path):
     with pytest.raises(tq.ConfigError, match=re.escape("unknown key 'columns.imgae' (did you mean 'image'?)")):
         tq.load_config(config)
     config.write_text("output_dir: o\ntrain_file: t.parquet\ncolumns:\n  question: q\n")
-    assert tq.load_config(config).columns == tq.DataColumns(question="q")
+    assert tq.load_config(config).columns == DataColumns(question="q")
 
 
 def test_check_summarises_a_parquet_and_a_dataset_folder(tmp_path):
@@ -184,7 +185,7 @@ def test_columns_rename_jsonl_keys_too(tmp_path):
     (tmp_path / "images").symlink_to(JSONL.parent / "images")
     path = tmp_path / "renamed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records = tq.load_records(path, columns=tq.DataColumns(question="q"))
+    records = tq.load_records(path, columns=DataColumns(question="q"))
     assert [r.prompt_messages for r in records] == [r.prompt_messages for r in tq.load_records(JSONL)[:3]]
     with pytest.raises(tq.ConfigError, match=r"renamed.jsonl:1: missing field\(s\) question"):
         tq.load_records(path)
@@ -201,7 +202,7 @@ from make_hub_schemas import COLUMNS as HUB_COLUMNS  # noqa: E402
 
 
 def hub_records(tmp_path: Path, name: str, split: str = "train") -> list:
-    records, problems = tq.read_records(HUB / name / f"{split}.parquet", columns=tq.DataColumns(**HUB_COLUMNS[name]),
+    records, problems = tq.read_records(HUB / name / f"{split}.parquet", columns=DataColumns(**HUB_COLUMNS[name]),
                                         image_dir=tmp_path / "images")
     assert problems == []
     return records
@@ -209,7 +210,7 @@ def hub_records(tmp_path: Path, name: str, split: str = "train") -> list:
 
 def test_a_table_of_image_question_answer_needs_no_columns(tmp_path):
     path = HUB / "plain" / "train.parquet"
-    for columns in (None, tq.DataColumns()):  # no columns: block, as the trainer reads it
+    for columns in (None, DataColumns()):  # no columns: block, as the trainer reads it
         records, problems = tq.read_records(path, columns=columns, image_dir=tmp_path / "images")
         assert problems == [] and len(records) == 6
         assert [r.type for r in records[:3]] == ["free_text", "numeric", "free_text"]
@@ -256,19 +257,13 @@ def test_the_hub_schemas_are_the_ones_the_script_makes():
         assert stored.with_format("arrow")[:].to_pylist() == rows, (name, split)
 
 
-def test_column_defaults_of_the_config_are_the_readers():
-    from curriculum.records import DEFAULT_COLUMNS
-
-    assert vars(tq.DataColumns()) == DEFAULT_COLUMNS
-
-
 def test_answer_and_references_may_share_a_column(tmp_path):
     (tmp_path / "a.parquet").write_text("")
     tq.validate_config(cfg(tmp_path, train_file=str(tmp_path / "a.parquet"), batch_size=1,
-                           columns=tq.DataColumns(question="query", answer="label", references="label")))
+                           columns=DataColumns(question="query", answer="label", references="label")))
     # ChartQA's label list as the answer column reads as it does as the references column: free text, its references
     path = HUB / "chartqa" / "train.parquet"
-    as_answer, _ = tq.read_records(path, columns=tq.DataColumns(question="query", answer="label"),
+    as_answer, _ = tq.read_records(path, columns=DataColumns(question="query", answer="label"),
                                    image_dir=tmp_path / "images")
     assert [(r.type, r.answer, r.references) for r in as_answer] == \
            [(r.type, r.answer, r.references) for r in hub_records(tmp_path, "chartqa")]
@@ -282,7 +277,7 @@ def test_a_table_row_that_cannot_be_mapped_is_one_line_naming_file_row_and_colum
     rows[1]["answer"] = 7  # ScienceQA's answer is an index into choices: past them here
     path = tmp_path / "scienceqa.parquet"
     Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features).to_parquet(str(path))
-    records, problems = tq.read_records(path, columns=tq.DataColumns(options="choices"), image_dir=tmp_path / "images")
+    records, problems = tq.read_records(path, columns=DataColumns(options="choices"), image_dir=tmp_path / "images")
     assert len(records) == 2 and problems == [
         f"{path}:row 1: column 'answer' (columns.answer): index 7 is not one of the 3 options of column 'choices' "
         "(columns.options) (0 to 2)"]

@@ -14,6 +14,7 @@ from conftest import REPO
 
 import train_qlora_qwen3vl as tq
 from curriculum import batch_size, processes, speed
+from curriculum.config import QuantizationSettings
 
 
 def test_answer_positions_pick_the_tokens_before_each_trained_label():
@@ -87,7 +88,7 @@ def test_fast_path_matches_the_plain_path_within_bf16_tolerance(tiny_model_path,
 def new_adapter_loss_and_grads(tiny_model_path, inputs) -> tuple[float, dict]:
     """Loss and LoRA gradients of a new adapter with a nonzero B (as after training: every LoRA gradient nonzero),
     in fp32, dropout drawn from seed 0."""
-    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=tq.QuantizationSettings(compute_dtype="float32"))
+    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=QuantizationSettings(compute_dtype="float32"))
     model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -128,7 +129,7 @@ def test_mrope_positions_from_the_dataloader_give_the_forward_s_own_loss_and_gra
 
 def test_fused_lora_forward_gives_peft_s_loss_and_gradients(tiny_model_path, processor, trained_adapter):
     inputs = batch(processor)
-    fp32 = tq.QuantizationSettings(compute_dtype="float32")
+    fp32 = QuantizationSettings(compute_dtype="float32")
     peft_own = loss_and_grads(tiny_model_path, trained_adapter, inputs, fused_lora_forward=False, quantization=fp32)
     fused = loss_and_grads(tiny_model_path, trained_adapter, inputs, fused_lora_forward=True, quantization=fp32)
     assert fused[0] == pytest.approx(peft_own[0], rel=1e-5)
@@ -151,7 +152,7 @@ def test_fused_lora_forward_is_bound_to_every_4bit_lora_layer_and_leaves_the_res
                                                                                          trained_adapter):
     from peft.tuners.lora.bnb import Linear4bit
 
-    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=tq.QuantizationSettings(compute_dtype="float32"))
+    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=QuantizationSettings(compute_dtype="float32"))
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), trained_adapter)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     decoder_layers = model.get_base_model().model.language_model.layers
@@ -268,7 +269,7 @@ def test_batched_vision_attention_gives_the_vision_tower_s_own_output(tiny_model
     import numpy as np
     from PIL import Image
 
-    fp32 = tq.QuantizationSettings(compute_dtype="float32")
+    fp32 = QuantizationSettings(compute_dtype="float32")
     cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=fp32, batched_vision_attention=False)
     model = tq.load_quantized_base(tiny_model_path, cfg)
     rng = np.random.default_rng(0)
@@ -300,7 +301,7 @@ def test_batched_generation_answers_as_one_question_at_a_time(tiny_model_path, p
                                              add_generation_prompt=True) for r in records]
     assert len({len(p) for p in prompts}) > 1  # prompts of different lengths: the batch is padded
     cfg = tq.StageConfig(output_dir="o", train_file="t", max_pixels=50176,
-                         quantization=tq.QuantizationSettings(compute_dtype="float32"))
+                         quantization=QuantizationSettings(compute_dtype="float32"))
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), trained_adapter)
     speed.fuse_lora_updates(model)
     generate, scores = model.generate, []
@@ -323,7 +324,7 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(tiny_model_pa
     """The layer inputs kept in CPU memory and the layer recomputed from them: the same numbers as torch's own
     checkpointing, LoRA dropout included (the recomputation replays the forward's random state)."""
     inputs = batch(processor)
-    fp32 = tq.QuantizationSettings(compute_dtype="float32")
+    fp32 = QuantizationSettings(compute_dtype="float32")
     runs = {}
     for offload in (False, True):
         cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=fp32, fused_lora_forward=False)

@@ -15,6 +15,7 @@ from conftest import REPO, metrics, run_script, stage_args
 
 import train_qlora_qwen3vl as tq
 from curriculum import forgetting, plots, stage_folder
+from curriculum.config import DataColumns, ReplaySettings
 from curriculum.hashing import sha256_file
 
 
@@ -93,7 +94,7 @@ class FakeSplit:
 
 
 def replay_config(fraction: float, stages, seed: int = 42):
-    return types.SimpleNamespace(replay=tq.ReplaySettings(fraction=fraction, stages=stages), seed=seed)
+    return types.SimpleNamespace(replay=ReplaySettings(fraction=fraction, stages=stages), seed=seed)
 
 
 def mixed(lineage_dirs: Path, fraction: float, stages, seed: int = 42) -> tuple[FakeSplit, dict]:
@@ -141,14 +142,14 @@ def test_an_earlier_stages_split_is_read_with_that_stages_columns_and_question_t
     import yaml
 
     cfg = tq.StageConfig(output_dir=str(tmp_path / "stage2"), train_file="t", system_prompt="Be brief.",
-                         columns=tq.DataColumns(id="questionId"))
+                         columns=DataColumns(id="questionId"))
     earlier = tmp_path / "stage1"
     earlier.mkdir()
     (earlier / tq.RESOLVED_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(tq.StageConfig(
         output_dir=str(earlier), train_file="t", system_prompt="Other.", question_type="free_text",
-        columns=tq.DataColumns(question="query", references="label")))))
+        columns=DataColumns(question="query", references="label")))))
     read = tq.as_read_by(cfg, earlier)
-    assert (read.columns, read.question_type) == (tq.DataColumns(question="query", references="label"), "free_text")
+    assert (read.columns, read.question_type) == (DataColumns(question="query", references="label"), "free_text")
     assert read.system_prompt == "Be brief." and read.output_dir == cfg.output_dir  # this stage's prompt and cache
     assert tq.as_read_by(cfg, tmp_path / "gone") is cfg  # a stage without a readable config: this stage's own
 
@@ -231,7 +232,7 @@ def validation_errors(**settings) -> str:
 @pytest.mark.parametrize("fraction", [1.0, 1.5, -0.1])
 def test_replay_fraction_outside_0_1_is_refused(fraction, lineage_dirs):
     text = validation_errors(stage=4, prev_checkpoint=str(lineage_dirs / "stage3"),
-                             replay=tq.ReplaySettings(fraction=fraction))
+                             replay=ReplaySettings(fraction=fraction))
     assert f"replay.fraction must be in [0, 1) (the share of replayed records in the mixed training set; 0 is off), " \
            f"got {fraction}" in text
 
@@ -244,7 +245,7 @@ def test_forgetting_tolerance_must_be_positive(tolerance, lineage_dirs):
 
 
 def test_replay_and_tolerance_need_earlier_stages():
-    text = validation_errors(replay=tq.ReplaySettings(fraction=0.2), forgetting_tolerance=0.1)
+    text = validation_errors(replay=ReplaySettings(fraction=0.2), forgetting_tolerance=0.1)
     assert "replay.fraction: stage 1 has no prev_checkpoint, so no earlier stage whose training records it could " \
            "replay" in text
     assert "forgetting_tolerance: stage 1 has no prev_checkpoint, so no earlier stage to watch" in text
@@ -254,7 +255,7 @@ def test_replay_and_tolerance_need_earlier_stages():
 
 def test_replay_stages_must_be_in_the_lineage(lineage_dirs):
     text = validation_errors(stage=4, prev_checkpoint=str(lineage_dirs / "stage3"),
-                             replay=tq.ReplaySettings(fraction=0.2, stages=[1, 5]))
+                             replay=ReplaySettings(fraction=0.2, stages=[1, 5]))
     assert "replay.stages: stage 5 is not in this stage's lineage (through prev_checkpoint: stages 1, 2, 3)" in text
     assert "stage 1 is not in" not in text
     # a replayed file that changed since, or is gone, is named too
@@ -266,7 +267,7 @@ def test_replay_stages_must_be_in_the_lineage(lineage_dirs):
         '"stage": 2', '"stage": 3').replace("data/stage2/train.jsonl", "data/gone.jsonl").replace(
         str(lineage_dirs / "stage1"), str(lineage_dirs / "stage2")))
     text = validation_errors(stage=4, prev_checkpoint=str(lineage_dirs / "stage3"),
-                             replay=tq.ReplaySettings(fraction=0.2))
+                             replay=ReplaySettings(fraction=0.2))
     assert "replay: stage 2's train_file data/stage2/train.jsonl changed since stage 2 trained on it" in text
     assert "replay: stage 3's train_file data/gone.jsonl is not found" in text
 
@@ -283,7 +284,7 @@ def test_replay_keys_are_typed_and_unknown_ones_named(tmp_path):
     with pytest.raises(tq.ConfigError, match=r"forgetting_action: 'halt' is not one of 'warn', 'stop'"):
         tq.load_config(config)
     assert tq.load_config(config.with_name("c.yaml"), ["forgetting_action=stop", "replay.stages=[1, 2]"]).replay == \
-        tq.ReplaySettings(fraction=0.0, stages=[1, 2])
+        ReplaySettings(fraction=0.0, stages=[1, 2])
 
 
 def test_the_cli_reports_every_problem_before_the_model_loads(tmp_path):

@@ -11,12 +11,13 @@ from conftest import REPO
 
 import train_qlora_qwen3vl as tq
 from curriculum import plan, speed
+from curriculum.config import QuantizationSettings, effective_batch_problems
 
 
 def trained(tiny_model_path, processor, tmp_path, batch_size: int, grad_accum: int, steps: int = 3):
     """Losses logged at every optimizer step and the LoRA weights after `steps` steps of batch_size x grad_accum
     samples, on stage 2's records (answers of one to several tokens, so micro-batches hold different counts)."""
-    fp32 = tq.QuantizationSettings(compute_dtype="float32")  # the CPU's arithmetic: differences are the split's
+    fp32 = QuantizationSettings(compute_dtype="float32")  # the CPU's arithmetic: differences are the split's
     cfg = tq.StageConfig(output_dir=str(tmp_path / "out"), train_file="unused", batch_size=batch_size,
                          grad_accum=grad_accum, max_steps=steps, lr=1e-2, warmup_ratio=0.0, logging_steps=1,
                          eval_steps=0, tensorboard=False, dataloader_num_workers=0, gradient_checkpointing=False,
@@ -151,7 +152,7 @@ def test_effective_batch_leaves_the_split_to_the_plan(tmp_path):
         with pytest.raises(tq.ConfigError, match=f"{key}: {value} is chosen by the plan when effective_batch is set"):
             tq.validate_config(tq.load_config(REPO / "configs/demo/stage1.yaml", [
                 f"output_dir={tmp_path}", "effective_batch=16", "batch_size=auto", f"{key}={value}"]))
-    assert tq.effective_batch_problems(cfg, 3) == ["effective_batch (16) must be a multiple of the 3 processes "
+    assert effective_batch_problems(cfg, 3) == ["effective_batch (16) must be a multiple of the 3 processes "
                                                    "(each takes an equal share of a step)"]
 
 
