@@ -41,6 +41,7 @@ from curriculum.answer_loss import IGNORE_INDEX, answer_only_loss, answer_only_l
 from curriculum.base_model import (
     align_special_tokens,
     bnb_config,
+    from_pretrained_checked,
     load_processor,
     quant_storage_dtype,
     resolve_model_path,
@@ -72,20 +73,6 @@ from curriculum.scoring import metrics_table
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 from curriculum.trainer_callbacks import before_first_step, make_log_callbacks, tensorboard_callback
 from curriculum.typed_yaml import parse_args
-
-# isort: off
-# Read as tq.NAME by the tests (they lived here before curriculum/ did); the recipe itself does not use them.
-from curriculum.adapter_files import (ADAPTER_CONFIG, adapter_file_problems, expected_lora_param_count,  # noqa: F401
-                                      file_adapter_sha256, loaded_adapter_sha256, read_adapter_file, read_adapter_lora,
-                                      save_adapter_under_fsdp)
-from curriculum.answer_loss import answer_loss, answer_positions  # noqa: F401
-from curriculum.base_model import TINY_MODEL_NAME, from_pretrained_checked  # noqa: F401
-from curriculum.data_files import (IMAGE_CHECK_CACHE, drop_overlong, image_token_count, inspect_images,  # noqa: F401
-                                   load_records, read_records, sample_lengths)
-from curriculum.records import format_answer, format_question, with_image_settings  # noqa: F401
-from curriculum.stage_folder import previous_stage_dir  # noqa: F401
-from curriculum.typed_yaml import apply_overrides  # noqa: F401
-# isort: on
 
 cpu_threads_wait_passively()  # before torch loads: OpenMP reads it then (curriculum/processes.py says why)
 speed.quiet_optional_backend_warnings()  # before bitsandbytes and Liger import: their optional backends' warnings

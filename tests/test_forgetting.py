@@ -15,17 +15,20 @@ from conftest import REPO, metrics, run_script, stage_args
 
 import train_qlora_qwen3vl as tq
 from curriculum import forgetting, plots, stage_folder
-from curriculum.config import DataColumns, ReplaySettings
+from curriculum.adapter_files import ADAPTER_WEIGHTS
+from curriculum.config import DataColumns, ReplaySettings, StageConfig, load_config
+from curriculum.errors import ConfigError
 from curriculum.hashing import sha256_file
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 
 def fake_stage(path: Path, stage: int, prev: Path | None, train_file: str = "data/stage1/train.jsonl",
                eval_file: str | None = None) -> Path:
     """A folder that reads as a finished stage to the lineage: stage_metrics.json and an adapter file."""
     path.mkdir(parents=True)
-    (path / tq.ADAPTER_WEIGHTS).write_bytes(b"")  # previous_stage_dir looks for the adapter
+    (path / ADAPTER_WEIGHTS).write_bytes(b"")  # previous_stage_dir looks for the adapter
     sha = sha256_file(REPO / train_file) if (REPO / train_file).is_file() else "0" * 64
-    (path / tq.STAGE_METRICS).write_text(json.dumps({
+    (path / STAGE_METRICS).write_text(json.dumps({
         "stage": stage, "prev_checkpoint": str(prev) if prev else None,
         "final_eval_file": eval_file or str(REPO / f"data/stage{stage}/dev.jsonl"),
         "data_files": {"train_file": {"path": train_file, "sha256": sha}}}))
@@ -55,7 +58,7 @@ def test_the_lineage_is_the_prev_checkpoint_chain_oldest_first(lineage_dirs):
     shutil.move(lineage_dirs, moved)
     assert [s.dir for s in read_lineage(moved / "stage3")] == [moved / "stage1", moved / "stage2", moved / "stage3"]
     assert read_lineage(moved / "nothing here") == [] and forgetting.lineage(None, None, None) == []
-    (moved / "stage1" / tq.STAGE_METRICS).write_text("{not json")  # damaged: the stages before it stay unknown
+    (moved / "stage1" / STAGE_METRICS).write_text("{not json")  # damaged: the stages before it stay unknown
     assert [s.stage for s in read_lineage(moved / "stage3")] == [2, 3]
 
 
@@ -133,7 +136,7 @@ def test_mix_replay_adds_the_share_from_the_stated_stages_and_records_them(linea
 
 def test_replay_refuses_a_file_that_changed_since_its_stage_trained_on_it(lineage_dirs):
     chain = read_lineage(lineage_dirs / "stage2")
-    with pytest.raises(tq.ConfigError, match="stage 1's train_file data/stage1/train.jsonl changed since stage 1"):
+    with pytest.raises(ConfigError, match="stage 1's train_file data/stage1/train.jsonl changed since stage 1"):
         forgetting.mix_replay(FakeSplit("own", 10), replay_config(0.2, [1]), chain,
                               lambda path, name, stage: FakeSplit("x", 10), lambda path: "another sha256")
 
@@ -141,11 +144,11 @@ def test_replay_refuses_a_file_that_changed_since_its_stage_trained_on_it(lineag
 def test_an_earlier_stages_split_is_read_with_that_stages_columns_and_question_type(tmp_path):
     import yaml
 
-    cfg = tq.StageConfig(output_dir=str(tmp_path / "stage2"), train_file="t", system_prompt="Be brief.",
+    cfg = StageConfig(output_dir=str(tmp_path / "stage2"), train_file="t", system_prompt="Be brief.",
                          columns=DataColumns(id="questionId"))
     earlier = tmp_path / "stage1"
     earlier.mkdir()
-    (earlier / tq.RESOLVED_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(tq.StageConfig(
+    (earlier / RESOLVED_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(StageConfig(
         output_dir=str(earlier), train_file="t", system_prompt="Other.", question_type="free_text",
         columns=DataColumns(question="query", references="label")))))
     read = tq.as_read_by(cfg, earlier)
@@ -203,7 +206,7 @@ def test_a_stage_watches_each_earlier_stage_on_the_dev_split_it_recorded(tmp_pat
     dev = {k: write_split(data_dir / f"stage{k}_dev.jsonl", f"s{k}-dev") for k in (1, 2, 3)}
     stage1 = fake_stage(tmp_path / "stage1", 1, None, eval_file=str(dev[1]))
     stage2 = fake_stage(tmp_path / "stage2", 2, stage1, eval_file=str(dev[2]))
-    cfg = tq.StageConfig(output_dir=str(tmp_path / "stage3"), train_file=str(write_split(data_dir / "train.jsonl",
+    cfg = StageConfig(output_dir=str(tmp_path / "stage3"), train_file=str(write_split(data_dir / "train.jsonl",
                                                                                          "s3-train")),
                          eval_file=str(dev[3]), stage=3, prev_checkpoint=str(stage2), batch_size=2,
                          cache_image_checks=False)
@@ -222,9 +225,9 @@ def test_a_stage_watches_each_earlier_stage_on_the_dev_split_it_recorded(tmp_pat
 
 
 def validation_errors(**settings) -> str:
-    cfg = tq.StageConfig(**{"output_dir": "unused/out", "train_file": "data/stage1/train.jsonl", "batch_size": 2,
+    cfg = StageConfig(**{"output_dir": "unused/out", "train_file": "data/stage1/train.jsonl", "batch_size": 2,
                             "tensorboard": False, **settings})
-    with pytest.raises(tq.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         tq.validate_config(cfg)
     return str(err.value)
 
@@ -259,11 +262,11 @@ def test_replay_stages_must_be_in_the_lineage(lineage_dirs):
     assert "replay.stages: stage 5 is not in this stage's lineage (through prev_checkpoint: stages 1, 2, 3)" in text
     assert "stage 1 is not in" not in text
     # a replayed file that changed since, or is gone, is named too
-    metrics_file = lineage_dirs / "stage2" / tq.STAGE_METRICS
+    metrics_file = lineage_dirs / "stage2" / STAGE_METRICS
     m = json.loads(metrics_file.read_text())
     m["data_files"]["train_file"]["sha256"] = "0" * 64
     metrics_file.write_text(json.dumps(m))
-    (lineage_dirs / "stage3" / tq.STAGE_METRICS).write_text(metrics_file.read_text().replace(
+    (lineage_dirs / "stage3" / STAGE_METRICS).write_text(metrics_file.read_text().replace(
         '"stage": 2', '"stage": 3').replace("data/stage2/train.jsonl", "data/gone.jsonl").replace(
         str(lineage_dirs / "stage1"), str(lineage_dirs / "stage2")))
     text = validation_errors(stage=4, prev_checkpoint=str(lineage_dirs / "stage3"),
@@ -275,15 +278,15 @@ def test_replay_stages_must_be_in_the_lineage(lineage_dirs):
 def test_replay_keys_are_typed_and_unknown_ones_named(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("output_dir: o\ntrain_file: t\nreplay: {fraction: 0.2, from: all}\n")
-    with pytest.raises(tq.ConfigError, match=r"unknown key 'replay\.from'"):
-        tq.load_config(config)
+    with pytest.raises(ConfigError, match=r"unknown key 'replay\.from'"):
+        load_config(config)
     config.write_text("output_dir: o\ntrain_file: t\nreplay: {fraction: 0.2, stages: some}\n")
-    with pytest.raises(tq.ConfigError, match=r"replay\.stages: 'some' is not one of 'all'"):
-        tq.load_config(config)
+    with pytest.raises(ConfigError, match=r"replay\.stages: 'some' is not one of 'all'"):
+        load_config(config)
     config.write_text("output_dir: o\ntrain_file: t\nforgetting_action: halt\n")
-    with pytest.raises(tq.ConfigError, match=r"forgetting_action: 'halt' is not one of 'warn', 'stop'"):
-        tq.load_config(config)
-    assert tq.load_config(config.with_name("c.yaml"), ["forgetting_action=stop", "replay.stages=[1, 2]"]).replay == \
+    with pytest.raises(ConfigError, match=r"forgetting_action: 'halt' is not one of 'warn', 'stop'"):
+        load_config(config)
+    assert load_config(config.with_name("c.yaml"), ["forgetting_action=stop", "replay.stages=[1, 2]"]).replay == \
         ReplaySettings(fraction=0.0, stages=[1, 2])
 
 
@@ -404,7 +407,7 @@ def test_replay_stage_mixes_records_verifies_and_shows_them(curriculum, tmp_path
             "data/stage1/train.jsonl, sha256 ") in verified.stdout
     assert "✓ lineage: started from exactly" in verified.stdout
     m["replay"]["sources"][0]["sha256"] = "0" * 64  # records from elsewhere than stage 1's training data
-    (out / tq.STAGE_METRICS).write_text(json.dumps(m))
+    (out / STAGE_METRICS).write_text(json.dumps(m))
     failed = run_script("verify_exp4_fix.py", str(out), "--skip-load")
     assert failed.returncode == 1 and "✗ replay: the records replayed from stage 1" in failed.stdout
 

@@ -8,14 +8,15 @@ import shutil
 
 from conftest import REPO, assert_continued, metrics, run_script, run_stage, stage_args
 
-import train_qlora_qwen3vl as tq
+from curriculum.adapter_files import ADAPTER_CONFIG
 from curriculum.hashing import sha256_file
+from curriculum.stage_folder import previous_stage_dir
 
 
 def test_adapter_config_names_the_base_as_the_config_does(curriculum):
     root, _ = curriculum
     for stage in (1, 2, 3):
-        saved = json.loads((root / f"stage{stage}" / tq.ADAPTER_CONFIG).read_text())
+        saved = json.loads((root / f"stage{stage}" / ADAPTER_CONFIG).read_text())
         # not the local directory the name was resolved to (models/tiny-qwen3vl, absolute), which peft records
         assert saved["base_model_name_or_path"] == "tiny-qwen3vl"
 
@@ -52,7 +53,7 @@ def test_a_moved_stage_continues_and_verifies(curriculum, tmp_path):
     run_stage(*stage_args(2, before), "--set", "max_steps=3", "--set", "eval_questions=0",
               "--set", "tensorboard=false", "--set", "model_name_or_path=models/tiny-qwen3vl")
     assert_continued(before / "stage1", before / "stage2")
-    saved = json.loads((before / "stage2" / tq.ADAPTER_CONFIG).read_text())
+    saved = json.loads((before / "stage2" / ADAPTER_CONFIG).read_text())
     assert saved["base_model_name_or_path"] == "models/tiny-qwen3vl"  # relative, as given (run from the repo)
 
     after = tmp_path / "after"
@@ -64,5 +65,5 @@ def test_a_moved_stage_continues_and_verifies(curriculum, tmp_path):
     assert "✓ continuity: first_eval_loss" in result.stdout  # against the moved stage 1's own final_eval_loss
     assert result.stdout.count("✓ reopened for training") == 2 and "✗" not in result.stdout
     # the recorded path if it holds a stage, else the folder of that name beside, else none
-    assert tq.previous_stage_dir(after / "stage2", str(before / "stage1")) == after / "stage1"
-    assert tq.previous_stage_dir(after / "stage2", str(tmp_path / "elsewhere" / "gone")) is None
+    assert previous_stage_dir(after / "stage2", str(before / "stage1")) == after / "stage1"
+    assert previous_stage_dir(after / "stage2", str(tmp_path / "elsewhere" / "gone")) is None

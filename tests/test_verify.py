@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 from conftest import REPO, metrics, run_script, stage_args
 
-import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
 from curriculum.adapter_files import (
     ADAPTER_CONFIG,
@@ -15,8 +14,9 @@ from curriculum.adapter_files import (
     adapter_tensors_sha256,
     file_adapter_sha256,
 )
+from curriculum.config import LoraSettings
 from curriculum.hashing import sha256_file
-from curriculum.stage_folder import STAGE_METRICS
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 
 def verify(*args: str):
@@ -110,8 +110,8 @@ def test_merged_model_instead_of_adapter_is_rejected(tiny_model_path, tmp_path):
     assert code == 1 and "it holds a full model: merged instead of saved as an adapter?" in out
     # and merged weights saved under the adapter's file name are caught by their tensor names
     fake = copy_stage(merged, tmp_path / "fake_adapter")
-    (fake / "model.safetensors").rename(fake / tq.ADAPTER_WEIGHTS)
-    (fake / tq.ADAPTER_CONFIG).write_text("{}")
+    (fake / "model.safetensors").rename(fake / ADAPTER_WEIGHTS)
+    (fake / ADAPTER_CONFIG).write_text("{}")
     code, out = verify(str(fake))
     assert code == 1 and "non-LoRA tensors" in line_of(out, "adapter files")
 
@@ -119,8 +119,8 @@ def test_merged_model_instead_of_adapter_is_rejected(tiny_model_path, tmp_path):
 def test_truncated_safetensors_is_rejected(curriculum, tmp_path):
     root, _ = curriculum
     cut = copy_stage(root / "stage2", tmp_path / "cut")
-    data = (cut / tq.ADAPTER_WEIGHTS).read_bytes()
-    (cut / tq.ADAPTER_WEIGHTS).write_bytes(data[:len(data) // 2])
+    data = (cut / ADAPTER_WEIGHTS).read_bytes()
+    (cut / ADAPTER_WEIGHTS).write_bytes(data[:len(data) // 2])
     code, out = verify(str(cut))
     assert code == 1 and "unreadable (truncated or corrupt?)" in line_of(out, "adapter files")
     assert "- lineage: not run (the adapter files are broken)" in out
@@ -140,7 +140,7 @@ def test_continuity_jump_is_reported_with_both_numbers(curriculum, tmp_path):
     m = metrics(jump)
     prev_final = metrics(root / "stage1")["final_eval_loss"]
     m["first_eval_loss"] = prev_final * 1.5
-    (jump / tq.STAGE_METRICS).write_text(json.dumps(m))
+    (jump / STAGE_METRICS).write_text(json.dumps(m))
     code, out = verify(str(jump), "--skip-load")
     assert code == 1
     assert f"first_eval_loss {prev_final * 1.5:.4f} vs previous final_eval_loss {prev_final:.4f} (50.0%" in out
@@ -163,11 +163,11 @@ def test_unloadable_base_is_not_run_never_passed(curriculum, tmp_path):
     failed check (tests/test_damaged_stage.py)."""
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "elsewhere")
-    cfg_text = (stage / tq.RESOLVED_CONFIG).read_text().replace("tiny-qwen3vl", "no-such-org/no-such-model")
-    (stage / tq.RESOLVED_CONFIG).write_text(cfg_text)
+    cfg_text = (stage / RESOLVED_CONFIG).read_text().replace("tiny-qwen3vl", "no-such-org/no-such-model")
+    (stage / RESOLVED_CONFIG).write_text(cfg_text)
     m = metrics(stage)
     m["model_name_or_path"] = "no-such-org/no-such-model"
-    (stage / tq.STAGE_METRICS).write_text(json.dumps(m))
+    (stage / STAGE_METRICS).write_text(json.dumps(m))
     result = run_script("verify_exp4_fix.py", str(stage), env_extra={"HF_HUB_OFFLINE": "1"})
     code, out = result.returncode, result.stdout
     assert code == 0 and "- reopened for training: not run (base " in out and "could not be loaded here" in out
@@ -275,7 +275,7 @@ def test_lora_config_check_names_every_setting_that_differs(tmp_path):
         (stage / ADAPTER_CONFIG).write_text(json.dumps({"r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
                                                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
                                                         **settings}))
-        return vf.check_lora_config(stage, tq.LoraSettings(), "stage1.yaml")
+        return vf.check_lora_config(stage, LoraSettings(), "stage1.yaml")
 
     assert saved_as().status == vf.PASS
     for settings, difference in [
@@ -354,9 +354,9 @@ def test_bad_usage_exits_2(tmp_path):
 def test_curriculum_with_differing_lora_configs_is_rejected(curriculum, tmp_path):
     root, _ = curriculum
     stages = [copy_stage(root / f"stage{s}", tmp_path / f"stage{s}") for s in (1, 2)]
-    cfg = json.loads((stages[1] / tq.ADAPTER_CONFIG).read_text())
+    cfg = json.loads((stages[1] / ADAPTER_CONFIG).read_text())
     cfg["lora_dropout"] = 0.1
-    (stages[1] / tq.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    (stages[1] / ADAPTER_CONFIG).write_text(json.dumps(cfg))
     check = vf.check_same_lora_across(stages)
     assert check.status == vf.FAIL and "'dropout': 0.1" in check.detail
     assert vf.check_same_lora_across(stages[:1]).status == vf.PASS
