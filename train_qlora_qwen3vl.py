@@ -27,7 +27,7 @@ import shutil
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ import yaml
 
 # torch, transformers and peft are imported inside the functions that use them, not here: `--help`, a config error
 # and the scripts and tests that import this file for its config do not wait seconds for them.
-from curriculum import adapter_files, config, faults, forgetting, lineage, speed, stage_folder
+from curriculum import adapter_files, config, faults, forgetting, speed, stage_folder, stage_record
 from curriculum.adapter_files import ADAPTER_WEIGHTS, OPTIMIZER_MOMENTS
 from curriculum.answer_loss import IGNORE_INDEX, answer_only_loss, answer_only_loss_trainer
 from curriculum.base_model import (
@@ -48,11 +48,12 @@ from curriculum.base_model import (
 )
 from curriculum.batch_size import choose_batch_size
 from curriculum.config import LoraSettings, StageConfig, keys_set, load_config
-from curriculum.data_files import check_split, split_file_problems, split_hashes, split_sha256
+from curriculum.data_files import check_split, split_file_problems, split_hashes
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped, out_of_memory_message
 from curriculum.evaluation import evaluate_dev_split, evaluate_records, write_predictions
 from curriculum.faults import STAGE_START
 from curriculum.hashing import sha256_file
+from curriculum.lineage import Lineage, RecordedStage, prev_checkpoint_problems, resolve_lineage
 from curriculum.plan import Plan, plan_step
 from curriculum.plots import write_stage_plots
 from curriculum.processes import (
@@ -106,12 +107,12 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
         *config.image_problems(cfg),
         *split_file_problems(cfg),  # the split files exist and are of a kind the trainer reads
         *cfg.columns.problems(),
-        *lineage.prev_checkpoint_problems(cfg),  # the adapter to continue: there, whole, with the YAML's LoRA settings
+        *prev_checkpoint_problems(cfg),  # the adapter to continue: there, whole, with the YAML's LoRA settings
         *config.forgetting_problems(cfg),
         *cfg.replay.problems(),
-        # replay's stages in the lineage, their files unchanged (curriculum/forgetting.py): reads the stage records
-        *forgetting.replay_source_problems(cfg, stage_folder.previous_stage_metrics, stage_folder.previous_stage_dir,
-                                           split_sha256),
+        # replay's stages are in the lineage and their files unchanged: reads the stage records, hashes the files
+        *(forgetting.replay_source_problems(cfg.replay, cfg.stage, resolve_lineage(cfg.prev_checkpoint))
+          if cfg.replay.on else []),
         *stage_folder.output_dir_problems(cfg),
     ]
     if problems:
@@ -155,15 +156,18 @@ def encode_example(processor, rec: Record, min_pixels: int, max_pixels: int) -> 
     return example
 
 
+@dataclass
 class VQADataset:
     """Records encoded on demand (in the dataloader's workers), so images are decoded in parallel with training."""
+    records: list[Record]
+    processor: Any
+    min_pixels: int
+    max_pixels: int
+    lengths: list[int] | None = None  # tokens per record, when load_split measured them
+    bad_records: list[str] = field(default_factory=list)  # `file:line: problem` of those skipped (on_bad_record: skip)
 
-    def __init__(self, records: list[Record], processor, cfg: StageConfig):
+    def __post_init__(self):
         faults.end_dataloader_workers_at_exit()
-        self.records, self.processor = records, processor
-        self.bad_records: list[str] = []  # `file:line: problem` of the records skipped (on_bad_record: skip)
-        self.lengths: list[int] | None = None  # tokens per record, when load_split measured them
-        self.min_pixels, self.max_pixels = cfg.min_pixels, cfg.max_pixels
 
     def __len__(self) -> int:
         return len(self.records)
@@ -203,9 +207,7 @@ def load_split(path: str, processor, cfg: StageConfig, split: str) -> VQADataset
     """A split's records, each checked before training (curriculum/data_files.py: records parsed, every image decoded
     once, lengths measured; bad or over-long records an error or skipped as configured), encoded on demand."""
     records, lengths, skipped = check_split(path, processor, cfg, split)
-    dataset = VQADataset(records, processor, cfg)
-    dataset.bad_records, dataset.lengths = skipped, lengths
-    return dataset
+    return VQADataset(records, processor, cfg.min_pixels, cfg.max_pixels, lengths, skipped)
 
 
 def as_read_by(cfg: StageConfig, stage_dir: str | os.PathLike) -> StageConfig:
@@ -306,16 +308,16 @@ def check_loaded_adapter_matches(model, prev_checkpoint: str) -> str:
     return loaded
 
 
-def prove_adapter(model, cfg: StageConfig) -> list[dict]:
+def prove_adapter(model, lora: LoraSettings, lineage: Lineage) -> list[dict]:
     """Before the first step, every process proves that it holds the adapter to train (only LoRA trains, in the
     expected count; at stage >= 2 the weights are the previous stage's), then all compare what they hold: one
     stale copy of prev_checkpoint on one machine stops the run on every process, not just on that one. Returns
     one view per process: {process, trainable_params, start_tensors_sha256}."""
     view = {"process": processes().process_index, "error": None}
     try:
-        view["trainable_params"] = check_adapter_trainable(model, cfg.lora)
-        view["start_tensors_sha256"] = (check_loaded_adapter_matches(model, cfg.prev_checkpoint)
-                                        if cfg.prev_checkpoint else adapter_files.loaded_adapter_sha256(model))
+        view["trainable_params"] = check_adapter_trainable(model, lora)
+        view["start_tensors_sha256"] = (check_loaded_adapter_matches(model, lineage.prev_checkpoint)
+                                        if lineage.continues else adapter_files.loaded_adapter_sha256(model))
     except CurriculumError as err:
         view["error"] = str(err)
     views = gather_from_processes(view)
@@ -324,11 +326,11 @@ def prove_adapter(model, cfg: StageConfig) -> list[dict]:
         raise CurriculumError(failed[0]["error"] if len(views) == 1
                               else "\n".join(f"process {v['process']}: {v['error']}" for v in failed))
     hint = ("Every process must read the same prev_checkpoint; on several machines, put it on a shared disk"
-            if cfg.prev_checkpoint else "A new adapter is drawn from `seed` on every process; they must all use one")
+            if lineage.continues else "A new adapter is drawn from `seed` on every process; they must all use one")
     check_processes_agree(views, "start_tensors_sha256", "weights before the first step", hint)
     check_processes_agree(views, "trainable_params", "trainable parameters", hint)
     trainable = views[0]["trainable_params"]
-    if cfg.prev_checkpoint:
+    if lineage.continues:
         print_main("✓ Adapter is trainable and ready for continued training")
     if is_main_process():
         model.print_trainable_parameters()
@@ -442,37 +444,37 @@ class StageData:
     eval: VQADataset | None
     continuity: VQADataset | None  # first_eval_loss's split: the dev split the previous stage ended on, else eval
     continuity_file: str | None
-    prev_metrics: dict  # the previous stage's stage_metrics.json ({} without one)
     data_files: dict | None  # {train_file: {path, sha256}, ...}: what the stage saw, by content (main process only)
     replay: dict | None  # earlier stages' training records mixed into train: which, how many, their files' SHA-256
     earlier_splits: dict  # {"stage1": dev split, ...}: every earlier stage's dev split, watched during the stage
 
 
-def load_stage_data(cfg: StageConfig, processor) -> StageData:
-    """Setup data: every split of the stage loaded and checked, and the split the previous stage ended on."""
-    train_ds = load_split(cfg.train_file, processor, cfg, "train")
+def load_stage_data(cfg: StageConfig, lineage: Lineage, processor) -> StageData:
+    """Setup data: every split of the stage loaded and checked, the earlier stages' (curriculum/forgetting.py: their
+    training records replayed, their dev splits watched), and the split the previous stage ended on."""
+    own_train = load_split(cfg.train_file, processor, cfg, "train")
     eval_ds = load_split(cfg.eval_file, processor, cfg, "eval") if cfg.eval_file else None
-    prev_metrics = stage_folder.previous_stage_metrics(cfg.prev_checkpoint) or {}
     hashes = split_hashes(cfg) if is_main_process() else None  # one process hashes them
-    # Earlier stages (curriculum/forgetting.py): their training records replayed, their dev splits watched
-    earlier = forgetting.lineage(cfg.prev_checkpoint, stage_folder.previous_stage_metrics,
-                                 stage_folder.previous_stage_dir)
-    # each earlier stage's split read with that stage's columns and question_type
-    def load_earlier(path: str, name: str, stage: forgetting.EarlierStage) -> VQADataset:
-        return load_split(path, processor, as_read_by(cfg, stage.dir), name)
 
-    replay = forgetting.mix_replay(train_ds, cfg, earlier, load_earlier, split_sha256)
-    earlier_splits = forgetting.earlier_dev_splits(earlier, load_earlier) if cfg.watch_earlier_stages else {}
+    def load_earlier(path: str, name: str, stage: RecordedStage) -> VQADataset:
+        return load_split(path, processor, as_read_by(cfg, stage.dir), name)  # with that stage's columns
+
+    replayed = forgetting.replay_records(cfg.replay, cfg.seed, len(own_train), lineage.chain, load_earlier)
+    train_ds = own_train if replayed is None else dataclasses.replace(
+        own_train, records=own_train.records + replayed.records,
+        lengths=None if own_train.lengths is None or replayed.lengths is None else own_train.lengths + replayed.lengths)
+    earlier_splits = forgetting.earlier_dev_splits(lineage.chain, load_earlier) if cfg.watch_earlier_stages else {}
     # first_eval_loss is measured on the split the previous stage ended on, so the two numbers compare.
-    prev_eval_file = prev_metrics.get("final_eval_file")
-    if cfg.prev_checkpoint and prev_eval_file and Path(prev_eval_file).exists():  # a file, or a dataset folder
-        continuity = (load_split(prev_eval_file, processor, as_read_by(cfg, cfg.prev_checkpoint),
+    prev_eval_file = lineage.previous_metrics.get("final_eval_file")
+    if lineage.continues and prev_eval_file and Path(prev_eval_file).exists():  # a file, or a dataset folder
+        continuity = (load_split(prev_eval_file, processor, as_read_by(cfg, lineage.prev_checkpoint),
                                  "previous stage's eval"), prev_eval_file)
     else:
         continuity = eval_ds, cfg.eval_file
-        if cfg.prev_checkpoint:
-            print_main(f"WARNING: {cfg.prev_checkpoint} records no eval split; first_eval_loss uses this stage's own")
-    return StageData(train_ds, eval_ds, *continuity, prev_metrics, hashes, replay, earlier_splits)
+        if lineage.continues:
+            print_main(f"WARNING: {lineage.prev_checkpoint} records no eval split; first_eval_loss uses this stage's "
+                       "own")
+    return StageData(train_ds, eval_ds, *continuity, hashes, replayed.record if replayed else None, earlier_splits)
 
 
 @dataclass
@@ -491,7 +493,7 @@ class Fit:
     watch: Any  # forgetting.EarlierStagesWatch: the earlier stages' dev losses during the stage
 
 
-def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work_dir: Path,
+def fit(model, processor, data: StageData, cfg: StageConfig, lineage: Lineage, patches: dict, work_dir: Path,
         resume_from: str | None) -> Fit:
     """Choose the batch (or keep a resumed run's), build the Trainer, carry the previous stage's optimizer moments
     over if asked, measure the losses before the first step, train. A diverged loss, a stop signal or a full disk
@@ -532,9 +534,9 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
         trainer.add_callback(watch.callback())
     if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
         trainer.create_optimizer()
-        moments = Path(cfg.prev_checkpoint) / OPTIMIZER_MOMENTS
+        moments = lineage.folder / OPTIMIZER_MOMENTS
         n = adapter_files.load_optimizer_moments(model, trainer.optimizer, moments)
-        print_main(f"Resumed AdamW moments for {n} LoRA tensors from {cfg.prev_checkpoint} (schedule starts anew)")
+        print_main(f"Resumed AdamW moments for {n} LoRA tensors from {lineage.prev_checkpoint} (schedule starts anew)")
 
     start = {"t0": time.time(), "batch_size_chosen": batch_size, "plan": plan}
 
@@ -544,10 +546,10 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
         start["first_eval_loss_own_split"] = (eval_loss(trainer, data.eval, "first_own_eval")
                                               if data.continuity is not data.eval else start["first_eval_loss"])
         print_main(f"first_eval_loss {start['first_eval_loss']} (before the first step; previous stage ended at "
-                   f"{data.prev_metrics.get('final_eval_loss')})")
-        if cfg.prev_checkpoint:
+                   f"{lineage.previous_metrics.get('final_eval_loss')})")
+        if lineage.continues:
             print_main(f"Stage {cfg.stage}: starting from the adapter saved by stage "
-                       f"{data.prev_metrics.get('stage', '?')}")
+                       f"{lineage.previous_metrics.get('stage', '?')}")
         if trainer.is_world_process_zero():
             work_dir.mkdir(parents=True, exist_ok=True)
             (work_dir / STAGE_START).write_text(json.dumps({"config": dataclasses.asdict(cfg), **start}))
@@ -560,7 +562,8 @@ def fit(model, processor, data: StageData, cfg: StageConfig, patches: dict, work
     else:
         trainer.add_callback(before_first_step(measure_start))
     resumed_at = int(Path(resume_from).name.rsplit("-", 1)[1]) if resume_from else 0  # checkpoint-<step>
-    with faults.disk_full_stops_the_stage(f"a checkpoint in {work_dir}", work_dir, work_dir, cfg):
+    with faults.disk_full_stops_the_stage(f"a checkpoint in {work_dir}", work_dir, work_dir, cfg.output_dir,
+                                          lineage.prev_checkpoint):
         result = trainer.train(resume_from_checkpoint=resume_from)
     train_seconds = time.time() - start["t0"]
     guard.raise_if_stopped(trainer, work_dir, cfg.lr)
@@ -578,8 +581,8 @@ def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> N
                               "were trained; nothing was saved as the stage")
 
 
-def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predictions: list | None,
-               staging: Path) -> Path:
+def save_stage(trainer, model, processor, cfg: StageConfig, lineage: Lineage, metrics: dict,
+               predictions: list | None, staging: Path) -> Path:
     """Write the stage atomically: adapter (safetensors only), processor, resolved config, metrics, predictions,
     plots and optimizer moments go to `<output_dir>.saving`, which is renamed into place only when complete."""
     out = Path(cfg.output_dir)
@@ -608,7 +611,7 @@ def save_stage(trainer, model, processor, cfg: StageConfig, metrics: dict, predi
     (staging / RESOLVED_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
     (staging / STAGE_METRICS).write_text(json.dumps(metrics, indent=2))
     accuracy = metrics_table(metrics["dev_metrics"]) if metrics.get("dev_metrics") else None
-    card = stage_folder.model_card(cfg, metrics, accuracy)
+    card = stage_record.model_card(cfg, lineage, metrics, accuracy)
     (staging / "README.md").write_text(card)  # not peft's empty template
     if predictions is not None:
         write_predictions(predictions, staging / "predictions_dev.jsonl")
@@ -625,7 +628,8 @@ def train_stage(cfg: StageConfig) -> dict:
     set_seed(cfg.seed)
     model_path = resolve_model_path(cfg.model_name_or_path)
     processor = load_processor(model_path, cfg)
-    data = load_stage_data(cfg, processor)
+    lineage = resolve_lineage(cfg.prev_checkpoint)  # the stages this one continues, decided here once
+    data = load_stage_data(cfg, lineage, processor)
     work_dir = Path(f"{cfg.output_dir}.partial")  # intermediate checkpoints; removed once the stage is saved
     with processes().main_process_first():  # the main process tidies work_dir; the others then read the same
         # before the long model load: a mismatch is reported at once
@@ -634,25 +638,27 @@ def train_stage(cfg: StageConfig) -> dict:
     # The curriculum: stage 1 wraps the base in a new adapter; a later stage reopens the previous stage's adapter
     # for training. Either way, proved before the first step to be the one adapter that trains.
     model = load_quantized_base(model_path, cfg)
-    if cfg.prev_checkpoint:
-        model = continue_adapter(model, cfg.prev_checkpoint)
+    if lineage.prev_checkpoint:
+        model = continue_adapter(model, lineage.prev_checkpoint)
     else:
         model = new_adapter(model, cfg.lora, cfg.seed)
     patches = speed.apply_speed_patches(model, cfg, speed.plan_speed_patches(cfg, fsdp_enabled())[0], print_main)
-    process_views = prove_adapter(model, cfg)
+    process_views = prove_adapter(model, cfg.lora, lineage)
 
-    fitted = fit(model, processor, data, cfg, patches, work_dir, resume_from)
+    fitted = fit(model, processor, data, cfg, lineage, patches, work_dir, resume_from)
     final_eval = eval_loss(fitted.trainer, data.eval, "final_eval")
     print_main(f"final_eval_loss {final_eval}")
     process_views = adapter_files.check_trained_adapter_on_every_process(model, process_views)
     dev_metrics, predictions = evaluate_dev_split(model, processor, data.eval, cfg, len(process_views))
     if data.earlier_splits and cfg.eval_questions and not fsdp_enabled():  # the earlier stages' dev splits, answered
         fitted.watch.answer(lambda records: evaluate_records(model, processor, records, cfg)[0], cfg.eval_questions)
-    metrics = stage_folder.stage_metrics(cfg, data, fitted, process_views, fitted.patches, final_eval, dev_metrics)
+    metrics = stage_record.stage_metrics(cfg, lineage, data, fitted, process_views, fitted.patches, final_eval,
+                                         dev_metrics)
 
     staging = Path(f"{cfg.output_dir}.saving")
-    with faults.disk_full_stops_the_stage(f"the stage to {staging}", staging, work_dir, cfg):
-        out = save_stage(fitted.trainer, model, processor, cfg, metrics, predictions, staging)
+    with faults.disk_full_stops_the_stage(f"the stage to {staging}", staging, work_dir, cfg.output_dir,
+                                          lineage.prev_checkpoint):
+        out = save_stage(fitted.trainer, model, processor, cfg, lineage, metrics, predictions, staging)
     if fitted.trainer.is_world_process_zero():
         shutil.rmtree(work_dir, ignore_errors=True)
         print_main(f"Saved stage {cfg.stage} to {out} (adapter sha256 {metrics['saved_adapter_file_sha256'][:16]}...)")

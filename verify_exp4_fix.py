@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import io
 import json
 import math
@@ -43,8 +44,8 @@ from curriculum.adapter_files import (
 from curriculum.base_model import resolve_model_path
 from curriculum.config import LoraSettings, StageConfig, load_config
 from curriculum.errors import ConfigError, CurriculumError
-from curriculum.hashing import sha256_file
-from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS, previous_stage_dir
+from curriculum.lineage import Lineage, saved_stage_lineage
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
 FORBIDDEN_IN_CONTINUE_BRANCH = ("merge_and_unload", "prepare_model_for_kbit_training", "get_peft_model")
@@ -208,7 +209,8 @@ def lora_b_all_zero(tensors: dict) -> bool:
     return all(not t.abs().sum().item() for k, t in tensors.items() if "lora_B" in k)
 
 
-def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
+def check_lineage(stage_dir: Path, metrics: dict | None, lineage: Lineage) -> Check:
+    """The stage started from exactly the previous stage's adapter (`lineage`, from its record), and trained it."""
     name = "lineage"
     if metrics is None:
         return Check(name, NOT_RUN, NO_METRICS)
@@ -225,14 +227,14 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     on = f" on {len(views)} processes" if len(views) > 1 else ""
     if not metrics.get("prev_checkpoint"):
         return Check(name, PASS, f"stage {metrics.get('stage')}: a new adapter, trained{on} (B matrices non-zero)")
-    prev = previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
+    prev = lineage.folder  # where the stage recorded it, or beside it if the curriculum moved
     start_sha = metrics.get("start_adapter_file_sha256")
     if not start_sha:
         return Check(name, FAIL, "the stage recorded no hash of the adapter it started from")
     if prev is None:
         return Check(name, NOT_RUN, f"previous stage {metrics['prev_checkpoint']} is gone (and is not beside this "
                                     "stage); cannot compare")
-    prev_sha = sha256_file(prev / ADAPTER_WEIGHTS)
+    prev_sha = lineage.adapter_file_sha256
     if start_sha != prev_sha:
         return Check(name, FAIL, f"started from weights {start_sha[:12]}..., but {prev} holds {prev_sha[:12]}...: "
                                  "not the previous stage's adapter")
@@ -247,15 +249,15 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     return Check(name, PASS, f"started from exactly {prev}'s adapter (sha256 {prev_sha[:12]}...) and trained it{on}")
 
 
-def check_continuity(stage_dir: Path, metrics: dict | None, tolerance: float) -> Check:
+def check_continuity(metrics: dict | None, lineage: Lineage, tolerance: float) -> Check:
+    """The first loss of the stage against the previous stage's last (its record, as `lineage` found it; else the
+    value this stage recorded of it)."""
     name = "continuity"
     if metrics is None:
         return Check(name, NOT_RUN, NO_METRICS)
     if not metrics.get("prev_checkpoint"):
         return Check(name, NOT_RUN, "stage 1 has no previous stage")
-    prev = previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
-    prev_metrics = read_stage(prev).metrics if prev else None
-    prev_final = (prev_metrics or {}).get("final_eval_loss", metrics.get("previous_final_eval_loss"))
+    prev_final = lineage.previous_metrics.get("final_eval_loss", metrics.get("previous_final_eval_loss"))
     first = metrics.get("first_eval_loss")
     if first is None or prev_final is None:
         return Check(name, NOT_RUN, "no eval loss recorded (no eval_file?)")
@@ -267,18 +269,16 @@ def check_continuity(stage_dir: Path, metrics: dict | None, tolerance: float) ->
     return Check(name, PASS, detail)
 
 
-def check_replay(stage_dir: Path, metrics: dict) -> Check:
+def check_replay(metrics: dict, lineage: Lineage) -> Check:
     """A stage that replayed earlier stages' training records (replay.fraction): replay is no new data source. Every
     replayed stage is in this stage's lineage, and the records came from the very file (by SHA-256) that stage
     recorded training on. Only for stages that recorded replay."""
     name = "replay"
     record = metrics["replay"]
-    prev = previous_stage_dir(stage_dir, metrics.get("prev_checkpoint"))  # or beside it, if the curriculum moved
-    if prev is None:
+    if lineage.folder is None:  # where the stage recorded it, or beside it if the curriculum moved
         return Check(name, NOT_RUN, f"previous stage {metrics.get('prev_checkpoint')} is gone (and is not beside "
                                     "this stage); cannot compare the replayed files with what the stages trained on")
-    chain = forgetting.lineage(str(prev), lambda d: read_stage(Path(d)).metrics, previous_stage_dir)
-    problems = forgetting.replay_problems(record, chain)
+    problems = forgetting.replay_problems(record, lineage.chain)
     if problems:
         return Check(name, FAIL, "; ".join(problems))
     sources = " and ".join(f"stage {e['stage']} ({e['records']} of {e['pool']} from {e['train_file']}, sha256 "
@@ -442,6 +442,9 @@ def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tol
         raise UsageError(f"stage directory not found: {stage_dir}")
     record = read_stage(stage_dir)
     metrics, saved_config = record.metrics, record.config
+    # the stages it continued, as its record names them: resolved once, by the first check that needs it (a record
+    # damaged so that it raises fails those checks, not the report)
+    lineage = functools.cache(lambda: saved_stage_lineage(stage_dir, metrics))
     config, source = saved_config, f"{stage_dir / RESOLVED_CONFIG}"
     if config_path:
         try:
@@ -460,9 +463,9 @@ def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tol
         needs_adapter("adapter shapes", lambda: check_adapter_shapes(stage_dir, saved_config)),
         run_isolated("stage record", lambda: check_stage_record(stage_dir, record)),
         needs_adapter("LoRA config", lambda: check_lora_config(stage_dir, config.lora if config else None, source)),
-        needs_adapter("lineage", lambda: check_lineage(stage_dir, metrics)),
-        run_isolated("continuity", lambda: check_continuity(stage_dir, metrics, tolerance)),
-        *([run_isolated("replay", lambda: check_replay(stage_dir, metrics))]
+        needs_adapter("lineage", lambda: check_lineage(stage_dir, metrics, lineage())),
+        run_isolated("continuity", lambda: check_continuity(metrics, lineage(), tolerance)),
+        *([run_isolated("replay", lambda: check_replay(metrics, lineage()))]
           if isinstance(metrics, dict) and metrics.get("replay") else []),  # only a stage that replayed
         run_isolated("base model", lambda: check_base_model(metrics, config if config_path else None, base)),
         Check("reopened for training", NOT_RUN, "--skip-load") if skip_load else

@@ -94,6 +94,11 @@ class ReplaySettings:
     """The earlier stages to replay, by stage number: `all` of the lineage (the prev_checkpoint chain), or a list
     such as [1]."""
 
+    @property
+    def on(self) -> bool:
+        """Replay asked for (a valid fraction: ReplaySettings.problems)."""
+        return 0 < self.fraction < 1
+
     def problems(self) -> list[str]:
         """The fraction and the list as written; whether the stages and their files are there is the lineage's
         (forgetting.replay_source_problems)."""

@@ -9,7 +9,6 @@ import json
 import shutil
 from pathlib import Path
 
-from curriculum.config import StageConfig
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
 from curriculum.processes import print_main
 from curriculum.stage_folder import STAGE_METRICS
@@ -177,13 +176,13 @@ def is_disk_full(err: BaseException, path: Path) -> bool:
     return existing is not None and shutil.disk_usage(existing).free < 1 << 20
 
 
-def disk_full_error(writing: str, work_dir: Path, cfg: StageConfig) -> DiskFull:
-    """Clear what was cut short (freeing its space) and say what is intact and how to go on. `cfg` is the stage
-    config."""
-    staging = Path(f"{cfg.output_dir}.saving")
+def disk_full_error(writing: str, work_dir: Path, output_dir: str, previous_stage: str | None) -> DiskFull:
+    """Clear what was cut short (freeing its space) and say what is intact (the stage continued, `previous_stage`, an
+    old stage in `output_dir`, the checkpoints) and how to go on."""
+    staging = Path(f"{output_dir}.saving")
     shutil.rmtree(staging, ignore_errors=True)
     done = complete_checkpoints(work_dir, remove_cut_short=True)
-    intact = [d for d in (cfg.prev_checkpoint, cfg.output_dir) if d and (Path(d) / STAGE_METRICS).is_file()]
+    intact = [d for d in (previous_stage, output_dir) if d and (Path(d) / STAGE_METRICS).is_file()]
     resume = (f"it resumes from {done[-1]}" if done else "it starts the stage over (no checkpoint was complete; "
               "save_steps keeps some)")
     return DiskFull(f"no space left on device while writing {writing}. The partial files were removed; "
@@ -193,12 +192,12 @@ def disk_full_error(writing: str, work_dir: Path, cfg: StageConfig) -> DiskFull:
 
 
 @contextlib.contextmanager
-def disk_full_stops_the_stage(writing: str, path: Path, work_dir: Path, cfg: StageConfig):
+def disk_full_stops_the_stage(writing: str, path: Path, work_dir: Path, output_dir: str, previous_stage: str | None):
     """A full disk while writing `writing` (under `path`) becomes DiskFull (exit 4), with what is intact and how to
-    go on; any other error passes through as it is."""
+    go on (disk_full_error); any other error passes through as it is."""
     try:
         yield
     except Exception as err:
         if is_disk_full(err, path):
-            raise disk_full_error(writing, work_dir, cfg) from err
+            raise disk_full_error(writing, work_dir, output_dir, previous_stage) from err
         raise

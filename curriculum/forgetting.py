@@ -1,7 +1,7 @@
 """A curriculum without forgetting: every earlier stage watched during a stage, and replay to keep it.
 
-A stage >= 2 finds the stages before it by following its `prev_checkpoint` chain (each stage's
-stage_metrics.json names the stage it continued). From each it takes two things:
+A stage >= 2 knows the stages before it from its lineage (curriculum/lineage.py: the prev_checkpoint chain, each
+stage's stage_metrics.json naming the stage it continued). From each it takes two things:
 
 - its dev split (the `final_eval_file` it recorded): evaluated before the first step, at every evaluation during
   the stage and at the end, through the Trainer's own evaluation (`eval_dataset={"stage1": ..., ...}`, reported as
@@ -10,8 +10,8 @@ stage_metrics.json names the stage it continued). From each it takes two things:
 - its training records (the `train_file` it recorded, by path and SHA-256), for `replay`: a seeded share of them
   mixed into this stage's training set.
 
-The recipe passes in what this needs of it (reading a stage's metrics, loading a split, evaluating, hashing a
-file), so nothing here imports it.
+The recipe passes in how it loads a split (as the earlier stage read it) and how the Trainer evaluates, so nothing
+here imports it.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from curriculum.config import StageConfig
+from curriculum.config import ReplaySettings, StageConfig
+from curriculum.data_files import split_sha256
 from curriculum.errors import ConfigError, StageStopped
 from curriculum.faults import complete_checkpoints
+from curriculum.lineage import Lineage, RecordedStage
 from curriculum.processes import is_main_process, print_main
 from curriculum.records import QUESTION_TYPES
 
@@ -34,62 +36,10 @@ FORGETTING_EXIT_CODE = 5  # forgetting_action: stop (130/143 are the stop signal
 START_FILE = "earlier_stages_start.json"  # in <output_dir>.partial: the losses a resumed run must not re-measure
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The lineage: the stages this one continues, oldest first
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EarlierStage:
-    """A stage of this stage's lineage, as its stage_metrics.json recorded it."""
-    stage: int
-    dir: Path
-    metrics: dict
-
-    @property
-    def name(self) -> str:
-        """Its name in metric keys: `stage1` gives `eval_stage1_loss`."""
-        return f"stage{self.stage}"
-
-    @property
-    def eval_file(self) -> str | None:
-        """The dev split it ended on (resolved when it was recorded)."""
-        return self.metrics.get("final_eval_file")
-
-    @property
-    def train_file(self) -> dict | None:
-        """{"path", "sha256"} of the split it trained on."""
-        return (self.metrics.get("data_files") or {}).get("train_file")
-
-
-def lineage(prev_checkpoint: str | None, read_metrics: Callable[[str], dict | None],
-            previous_dir: Callable[[Path, str | None], Path | None]) -> list[EarlierStage]:
-    """The stages before this one, oldest first: `prev_checkpoint`, the stage it continued, and so on, as long as
-    each holds a readable stage_metrics.json (`read_metrics(dir)`, None where there is none).
-    `previous_dir(dir, recorded)` finds a stage's predecessor where it recorded it, or beside it if the curriculum
-    was moved."""
-    chain: list[EarlierStage] = []
-    seen: set[Path] = set()
-    current = Path(prev_checkpoint) if prev_checkpoint else None
-    while current is not None and current.resolve() not in seen:
-        try:
-            metrics = read_metrics(str(current))
-        except (OSError, ValueError) as err:  # a damaged stage_metrics.json: the stages before it stay unknown
-            print_main(f"WARNING: the stage record in {current} does not read ({err}); the lineage is followed no "
-                       "further")
-            break
-        if not isinstance(metrics, dict):
-            break
-        seen.add(current.resolve())
-        chain.append(EarlierStage(metrics.get("stage"), current, metrics))
-        current = previous_dir(current, metrics.get("prev_checkpoint"))
-    return chain[::-1]
-
-
-def unique_names(chain: list[EarlierStage]) -> dict[str, EarlierStage]:
+def unique_names(chain: tuple[RecordedStage, ...]) -> dict[str, RecordedStage]:
     """{metric name: stage}; a stage number seen twice (a stage 1 that continued an adapter trained elsewhere)
     gets its position appended, so that no two splits share a metric key."""
-    named: dict[str, EarlierStage] = {}
+    named: dict[str, RecordedStage] = {}
     for i, stage in enumerate(chain):
         named[stage.name if stage.name not in named else f"{stage.name}_{i}"] = stage
     return named
@@ -100,32 +50,26 @@ def unique_names(chain: list[EarlierStage]) -> dict[str, EarlierStage]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def replay_sources(stages: str | list[int], chain: list[EarlierStage]) -> list[EarlierStage]:
+def replay_sources(stages: str | list[int], chain: tuple[RecordedStage, ...]) -> list[RecordedStage]:
     """The stages whose training records `replay.stages` names: all of the lineage, or those numbered."""
     return list(chain) if stages == "all" else [s for s in chain if s.stage in stages]
 
 
-def replay_source_problems(cfg: StageConfig, read_metrics: Callable[[str], dict | None],
-                           previous_dir: Callable[[Path, str | None], Path | None],
-                           file_sha256: Callable[[str], str]) -> list[str]:
-    """With replay on: the stages `replay.stages` names are in the lineage (read from the stages'
-    stage_metrics.json), and each recorded the file it trained on, which is still there with the same SHA-256. One
-    line each naming the key; found before the model loads. (The keys' own values: ReplaySettings.problems.)"""
-    replay = cfg.replay
-    if not replay.fraction or not 0 < replay.fraction < 1:
-        return []
-    if not cfg.prev_checkpoint:
-        return [f"replay.fraction: stage {cfg.stage} has no prev_checkpoint, so no earlier stage whose training "
-                "records it could replay; set replay.fraction: 0"]
-    chain = lineage(cfg.prev_checkpoint, read_metrics, previous_dir)
-    if not chain:
-        return [f"replay: prev_checkpoint {cfg.prev_checkpoint} records no stage_metrics.json, so its training "
+def replay_source_problems(replay: ReplaySettings, stage: int, lineage: Lineage) -> list[str]:
+    """With replay on (validate_config asks only then): the stages `replay.stages` names are in this stage's
+    lineage, and each recorded the file it trained on, which is still there with the same SHA-256. One line each
+    naming the key; found before the model loads. (The keys' own values: ReplaySettings.problems.)"""
+    if not lineage.continues:
+        return [f"replay.fraction: stage {stage} has no prev_checkpoint, so no earlier stage whose training records it "
+                "could replay; set replay.fraction: 0"]
+    if not lineage.chain:
+        return [f"replay: prev_checkpoint {lineage.prev_checkpoint} records no stage_metrics.json, so its training "
                 "records are unknown; set replay.fraction: 0"]
-    problems, numbers = [], [s.stage for s in chain]
+    problems, numbers = [], [s.stage for s in lineage.chain]
     if isinstance(replay.stages, list):
         problems += [f"replay.stages: stage {n} is not in this stage's lineage (through prev_checkpoint: stages "
                      f"{', '.join(map(str, numbers))})" for n in replay.stages if n not in numbers]
-    for source in replay_sources(replay.stages, chain):
+    for source in replay_sources(replay.stages, lineage.chain):
         recorded = source.train_file
         if not recorded:
             problems.append(f"replay: stage {source.stage} ({source.dir}) recorded no train_file in its "
@@ -133,10 +77,10 @@ def replay_source_problems(cfg: StageConfig, read_metrics: Callable[[str], dict 
         elif not Path(recorded["path"]).exists():
             problems.append(f"replay: stage {source.stage}'s train_file {recorded['path']} is not found (the path "
                             "it recorded, relative to where you run the command)")
-        elif file_sha256(recorded["path"]) != recorded["sha256"]:
+        elif split_sha256(recorded["path"]) != recorded["sha256"]:
             problems.append(f"replay: stage {source.stage}'s train_file {recorded['path']} changed since stage "
                             f"{source.stage} trained on it (sha256 {recorded['sha256'][:12]}... recorded, "
-                            f"{file_sha256(recorded['path'])[:12]}... now)")
+                            f"{split_sha256(recorded['path'])[:12]}... now)")
     return problems
 
 
@@ -159,46 +103,52 @@ def choose_replay(pools: dict[int, int], n_own: int, fraction: float, seed: int)
     return {stage: sorted(i for s, i in picked if s == stage) for stage in pools}
 
 
-def mix_replay(train_ds, cfg: StageConfig, chain: list[EarlierStage],
-               load_train: Callable[[str, str, EarlierStage], Any], file_sha256: Callable[[str], str]) -> dict | None:
-    """Append the replayed records of `cfg.replay` to `train_ds` (a dataset with `.records` and `.lengths`, as
-    `load_train(path, split_name, stage)` returns them, reading the file as that stage did) and return what was mixed,
-    for stage_metrics.json; None when replay is off. The Trainer shuffles the mixed set (data_seed)."""
-    if not cfg.replay.fraction:
+@dataclass(frozen=True)
+class Replayed:
+    """Earlier stages' training records drawn for this stage, to be appended to its own."""
+    records: list  # the Records, in the order they are appended
+    lengths: list[int] | None  # their lengths in tokens (None where a source split was not measured)
+    record: dict  # what was replayed, for stage_metrics.json: which stages, how many records, their files' SHA-256
+
+
+def replay_records(replay: ReplaySettings, seed: int, n_own: int, chain: tuple[RecordedStage, ...],
+                   load_train: Callable[[str, str, RecordedStage], Any]) -> Replayed | None:
+    """The records `replay` draws (seeded by `seed`) to go with this stage's `n_own`, from the training splits of
+    the stages it names (datasets with `.records` and `.lengths`, as `load_train(path, split_name, stage)` returns
+    them, reading the file as that stage did); None when replay is off. The Trainer shuffles the mixed set
+    (data_seed)."""
+    if not replay.fraction:
         return None
-    sources = replay_sources(cfg.replay.stages, chain)
+    sources = replay_sources(replay.stages, chain)
     loaded = {s.stage: load_train(s.train_file["path"], f"stage {s.stage} train (replay)", s) for s in sources}
-    n_own = len(train_ds)
-    picks = choose_replay({stage: len(ds) for stage, ds in loaded.items()}, n_own, cfg.replay.fraction, cfg.seed)
-    entries = []
+    picks = choose_replay({stage: len(ds) for stage, ds in loaded.items()}, n_own, replay.fraction, seed)
+    records, lengths, entries = [], [], []
     for source in sources:
         ds, chosen = loaded[source.stage], picks[source.stage]
-        sha = file_sha256(source.train_file["path"])
+        sha = split_sha256(source.train_file["path"])
         if sha != source.train_file["sha256"]:  # validate_config checked it; the file changed since
             raise ConfigError(f"replay: stage {source.stage}'s train_file {source.train_file['path']} changed since "
                               f"stage {source.stage} trained on it")
-        train_ds.records += [ds.records[i] for i in chosen]
-        if train_ds.lengths is not None and ds.lengths is not None:
-            train_ds.lengths += [ds.lengths[i] for i in chosen]
-        else:
-            train_ds.lengths = None
+        records += [ds.records[i] for i in chosen]
+        lengths = None if lengths is None or ds.lengths is None else lengths + [ds.lengths[i] for i in chosen]
         entries.append({"stage": source.stage, "stage_dir": str(source.dir), "train_file": source.train_file["path"],
                         "sha256": sha, "pool": len(ds), "records": len(chosen),
                         "ids": [ds.records[i].id for i in chosen]})
     n = sum(e["records"] for e in entries)
-    if n < replay_count(n_own, cfg.replay.fraction):
+    if n < replay_count(n_own, replay.fraction):
         print_main(f"Replay: the earlier stages hold {n} records, fewer than the "
-                   f"{replay_count(n_own, cfg.replay.fraction)} that replay.fraction {cfg.replay.fraction:g} asks "
-                   "for; all of them are replayed")
+                   f"{replay_count(n_own, replay.fraction)} that replay.fraction {replay.fraction:g} asks for; all of "
+                   "them are replayed")
     print_main(f"Replay: {n} records of stage(s) {', '.join(str(e['stage']) for e in entries)} mixed into {n_own} of "
                f"this stage's: {n / (n_own + n):.1%} of {n_own + n} training records ("
                + ", ".join(f"stage {e['stage']}: {e['records']} of {e['pool']} from {e['train_file']}" for e in entries)
-               + f"; seed {cfg.seed})")
-    return {"fraction": cfg.replay.fraction, "stages": [e["stage"] for e in entries], "seed": cfg.seed,
-            "own_records": n_own, "replayed_records": n, "share": round(n / (n_own + n), 4), "sources": entries}
+               + f"; seed {seed})")
+    return Replayed(records, lengths, {
+        "fraction": replay.fraction, "stages": [e["stage"] for e in entries], "seed": seed, "own_records": n_own,
+        "replayed_records": n, "share": round(n / (n_own + n), 4), "sources": entries})
 
 
-def replay_problems(record: dict, chain: list[EarlierStage]) -> list[str]:
+def replay_problems(record: dict, chain: tuple[RecordedStage, ...]) -> list[str]:
     """For the verifier: why a stage's replay record does not hold up, none if it does. Every replayed stage is
     in the lineage, and the records came from the very file (by SHA-256) that stage recorded training on: replay
     brings in no new data."""
@@ -223,8 +173,8 @@ def replay_problems(record: dict, chain: list[EarlierStage]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def earlier_dev_splits(chain: list[EarlierStage],
-                       load_eval: Callable[[str, str, EarlierStage], Any]) -> dict[str, tuple]:
+def earlier_dev_splits(chain: tuple[RecordedStage, ...],
+                       load_eval: Callable[[str, str, RecordedStage], Any]) -> dict[str, tuple]:
     """{metric name: (stage, its dev split loaded by `load_eval(path, split_name, stage)`, as that stage read it)} for
     every earlier stage that recorded one that is still there."""
     splits = {}

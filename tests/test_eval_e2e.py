@@ -11,8 +11,9 @@ from conftest import REPO, metrics, run_script
 
 from curriculum.config import load_config
 from curriculum.data_files import load_records
+from curriculum.lineage import recorded_chain
 from curriculum.records import prompt_and_images
-from curriculum.stage_folder import RESOLVED_CONFIG, stage_chain
+from curriculum.stage_folder import RESOLVED_CONFIG
 
 MEMORISE = """\
 stage: 1
@@ -91,7 +92,7 @@ def test_stage_writes_metrics_predictions_and_plots(curriculum):
         assert len((stage_dir / "predictions_dev.jsonl").read_text().splitlines()) == 40
         for png in ("loss_curve.png", "accuracy_by_type.png"):
             assert (stage_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(stage_chain(root / "stage3")) == 3
+    assert len(recorded_chain(root / "stage3")) == 3
     assert list((root / "tensorboard" / "stage2").glob("events.out.tfevents.*"))
 
 

@@ -14,11 +14,12 @@ import pytest
 from conftest import REPO, metrics, run_script, stage_args
 
 import train_qlora_qwen3vl as tq
-from curriculum import forgetting, plots, stage_folder
+from curriculum import forgetting, plots
 from curriculum.adapter_files import ADAPTER_WEIGHTS
 from curriculum.config import DataColumns, ReplaySettings, StageConfig, load_config
 from curriculum.errors import ConfigError
 from curriculum.hashing import sha256_file
+from curriculum.lineage import RecordedStage, resolve_lineage
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 
@@ -36,16 +37,19 @@ def fake_stage(path: Path, stage: int, prev: Path | None, train_file: str = "dat
 
 
 @pytest.fixture
-def lineage_dirs(tmp_path) -> Path:
-    """stage1 <- stage2 <- stage3, as the trainer records them (stage 3 is the prev_checkpoint of a stage 4)."""
+def lineage_dirs(tmp_path, monkeypatch) -> Path:
+    """stage1 <- stage2 <- stage3, as the trainer records them (stage 3 is the prev_checkpoint of a stage 4). Run from
+    the repository, as the recorded train_file paths are relative to it."""
+    monkeypatch.chdir(REPO)
     s1 = fake_stage(tmp_path / "stage1", 1, None, "data/stage1/train.jsonl")
     s2 = fake_stage(tmp_path / "stage2", 2, s1, "data/stage2/train.jsonl")
     fake_stage(tmp_path / "stage3", 3, s2, "data/stage3/train.jsonl")
     return tmp_path
 
 
-def read_lineage(prev: Path) -> list[forgetting.EarlierStage]:
-    return forgetting.lineage(str(prev), stage_folder.previous_stage_metrics, stage_folder.previous_stage_dir)
+def read_lineage(prev: Path) -> tuple[RecordedStage, ...]:
+    """The lineage of a stage whose prev_checkpoint is `prev`."""
+    return resolve_lineage(str(prev)).chain
 
 
 def test_the_lineage_is_the_prev_checkpoint_chain_oldest_first(lineage_dirs):
@@ -57,7 +61,7 @@ def test_the_lineage_is_the_prev_checkpoint_chain_oldest_first(lineage_dirs):
     moved = lineage_dirs.parent / "moved"
     shutil.move(lineage_dirs, moved)
     assert [s.dir for s in read_lineage(moved / "stage3")] == [moved / "stage1", moved / "stage2", moved / "stage3"]
-    assert read_lineage(moved / "nothing here") == [] and forgetting.lineage(None, None, None) == []
+    assert read_lineage(moved / "nothing here") == () and resolve_lineage(None).chain == ()
     (moved / "stage1" / STAGE_METRICS).write_text("{not json")  # damaged: the stages before it stay unknown
     assert [s.stage for s in read_lineage(moved / "stage3")] == [2, 3]
 
@@ -86,7 +90,7 @@ def test_choose_replay_is_seeded_and_draws_only_from_the_pools_given():
 
 
 class FakeSplit:
-    """A loaded split as mix_replay sees it: records (with an id) and their token lengths."""
+    """A loaded split as replay_records sees it: records (with an id) and their token lengths."""
 
     def __init__(self, prefix: str, n: int):
         self.records = [types.SimpleNamespace(id=f"{prefix}-{i}") for i in range(n)]
@@ -96,24 +100,22 @@ class FakeSplit:
         return len(self.records)
 
 
-def replay_config(fraction: float, stages, seed: int = 42):
-    return types.SimpleNamespace(replay=ReplaySettings(fraction=fraction, stages=stages), seed=seed)
-
-
 def mixed(lineage_dirs: Path, fraction: float, stages, seed: int = 42) -> tuple[FakeSplit, dict]:
+    """200 records of this stage's and those replay_records draws, as the recipe mixes them; and the record."""
     chain = read_lineage(lineage_dirs / "stage2")
     own = FakeSplit("own", 200)
     loaded = []
-    record = forgetting.mix_replay(own, replay_config(fraction, stages, seed), chain,
-                                   lambda path, name, stage: loaded.append((path, stage.stage))
-                                   or FakeSplit(Path(path).parent.name, 200),
-                                   lambda path: sha256_file(REPO / path))
+    replayed = forgetting.replay_records(ReplaySettings(fraction=fraction, stages=stages), seed, len(own), chain,
+                                         lambda path, name, stage: loaded.append((path, stage.stage))
+                                         or FakeSplit(Path(path).parent.name, 200))
     # each file is read as the stage that trained on it read it (its columns): the loader is told which stage
     assert loaded == [(s.train_file["path"], s.stage) for s in forgetting.replay_sources(stages, chain)]
-    return own, record
+    assert len(own) == 200  # this stage's own split stays as it was; the recipe makes the mixed one
+    own.records, own.lengths = own.records + replayed.records, own.lengths + replayed.lengths
+    return own, replayed.record
 
 
-def test_mix_replay_adds_the_share_from_the_stated_stages_and_records_them(lineage_dirs):
+def test_replay_adds_the_share_from_the_stated_stages_and_records_them(lineage_dirs):
     own, record = mixed(lineage_dirs, 0.2, [1])
     replayed = own.records[200:]
     assert len(own) == 250 and len(own.lengths) == 250 and len(replayed) == 50
@@ -130,15 +132,15 @@ def test_mix_replay_adds_the_share_from_the_stated_stages_and_records_them(linea
     # reproducible: the same seed mixes the same records in; another seed others
     assert [r.id for r in mixed(lineage_dirs, 0.2, "all")[0].records] == [r.id for r in both.records]
     assert [r.id for r in mixed(lineage_dirs, 0.2, "all", seed=7)[0].records] != [r.id for r in both.records]
-    off = FakeSplit("own", 200)
-    assert forgetting.mix_replay(off, replay_config(0.0, "all"), [], None, None) is None and len(off) == 200
+    assert forgetting.replay_records(ReplaySettings(fraction=0.0), 42, 200, (), None) is None
 
 
 def test_replay_refuses_a_file_that_changed_since_its_stage_trained_on_it(lineage_dirs):
     chain = read_lineage(lineage_dirs / "stage2")
+    chain[0].train_file["sha256"] = "another sha256"  # as if the file had changed since stage 1 recorded it
     with pytest.raises(ConfigError, match="stage 1's train_file data/stage1/train.jsonl changed since stage 1"):
-        forgetting.mix_replay(FakeSplit("own", 10), replay_config(0.2, [1]), chain,
-                              lambda path, name, stage: FakeSplit("x", 10), lambda path: "another sha256")
+        forgetting.replay_records(ReplaySettings(fraction=0.2, stages=[1]), 42, 10, chain,
+                                  lambda path, name, stage: FakeSplit("x", 10))
 
 
 def test_an_earlier_stages_split_is_read_with_that_stages_columns_and_question_type(tmp_path):
@@ -210,13 +212,13 @@ def test_a_stage_watches_each_earlier_stage_on_the_dev_split_it_recorded(tmp_pat
                                                                                          "s3-train")),
                          eval_file=str(dev[3]), stage=3, prev_checkpoint=str(stage2), batch_size=2,
                          cache_image_checks=False)
-    data = tq.load_stage_data(cfg, processor_without_model)
+    data = tq.load_stage_data(cfg, resolve_lineage(cfg.prev_checkpoint), processor_without_model)
     watched = {name: (stage.stage, ids(split)) for name, (stage, split) in data.earlier_splits.items()}
     assert watched == {"stage1": (1, ["s1-dev-0", "s1-dev-1"]), "stage2": (2, ["s2-dev-0", "s2-dev-1"])}
     assert ids(data.eval) == ["s3-dev-0", "s3-dev-1"] and ids(data.train) == ["s3-train-0", "s3-train-1"]
     assert data.continuity_file == str(dev[2]) and ids(data.continuity) == ["s2-dev-0", "s2-dev-1"]
     cfg.watch_earlier_stages = False
-    assert tq.load_stage_data(cfg, processor_without_model).earlier_splits == {}
+    assert tq.load_stage_data(cfg, resolve_lineage(cfg.prev_checkpoint), processor_without_model).earlier_splits == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -304,7 +306,7 @@ def test_the_cli_reports_every_problem_before_the_model_loads(tmp_path):
 
 
 def watch_of(tolerance, action: str) -> forgetting.EarlierStagesWatch:
-    stage = forgetting.EarlierStage(1, Path("s1"), {})
+    stage = RecordedStage(1, Path("s1"), {})
     cfg = types.SimpleNamespace(forgetting_tolerance=tolerance, forgetting_action=action, eval_steps=10)
     watch = forgetting.EarlierStagesWatch({"stage1": (stage, None)}, cfg, Path("w"), evaluate=None, resumed=False)
     watch.start = {"stage1": 2.0}

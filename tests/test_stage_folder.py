@@ -10,7 +10,7 @@ from conftest import REPO, assert_continued, metrics, run_script, run_stage, sta
 
 from curriculum.adapter_files import ADAPTER_CONFIG
 from curriculum.hashing import sha256_file
-from curriculum.stage_folder import previous_stage_dir
+from curriculum.lineage import previous_stage_dir
 
 
 def test_adapter_config_names_the_base_as_the_config_does(curriculum):

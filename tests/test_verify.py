@@ -16,6 +16,7 @@ from curriculum.adapter_files import (
 )
 from curriculum.config import LoraSettings
 from curriculum.hashing import sha256_file
+from curriculum.lineage import saved_stage_lineage
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 
@@ -222,7 +223,7 @@ def test_lineage_check_on_hand_written_stages(tmp_path):
     stage2 = written_stage(tmp_path / "stage2", 2, lora_tensors(2), stage1)
 
     def lineage(stage_dir: Path) -> vf.Check:
-        return vf.check_lineage(stage_dir, recorded(stage_dir))
+        return vf.check_lineage(stage_dir, recorded(stage_dir), saved_stage_lineage(stage_dir, recorded(stage_dir)))
 
     assert lineage(stage1).status == vf.PASS and "stage 1: a new adapter, trained" in lineage(stage1).detail
     assert lineage(stage2).status == vf.PASS and f"started from exactly {stage1}'s adapter" in lineage(stage2).detail
@@ -254,7 +255,7 @@ def test_continuity_check_holds_the_first_loss_against_the_previous_final_one(tm
     def continuity(first_eval_loss: float, tolerance: float = 0.10) -> vf.Check:
         stage2 = tmp_path / f"stage2_{first_eval_loss}_{tolerance}"
         written_stage(stage2, 2, lora_tensors(2), stage1, first_eval_loss=first_eval_loss)
-        return vf.check_continuity(stage2, recorded(stage2), tolerance)
+        return vf.check_continuity(recorded(stage2), saved_stage_lineage(stage2, recorded(stage2)), tolerance)
 
     jump = continuity(3.0)
     assert jump.status == vf.FAIL
@@ -323,8 +324,8 @@ def test_static_check_finds_merge_and_unload_in_the_continue_branch(tmp_path):
     ("prev_checkpoint, is_trainable=True)", "prev_checkpoint)", "PeftModel.from_pretrained without is_trainable=True"),
     ("    model = PeftModel.from_pretrained(", "    model = prepare_model_for_kbit_training(model)\n"
      "    model = PeftModel.from_pretrained(", "prepare_model_for_kbit_training() in the prev_checkpoint branch"),
-    ("        model = continue_adapter(model, cfg.prev_checkpoint)\n",
-     "        model = continue_adapter(model, cfg.prev_checkpoint)\n        model = get_peft_model(model, None)\n",
+    ("        model = continue_adapter(model, lineage.prev_checkpoint)\n",
+     "        model = continue_adapter(model, lineage.prev_checkpoint)\n        model = get_peft_model(model, None)\n",
      "get_peft_model() in the prev_checkpoint branch"),
 ])
 def test_static_check_finds_each_textbook_bug(tmp_path, old, new, message):
