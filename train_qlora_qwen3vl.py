@@ -35,7 +35,7 @@ import yaml
 
 # torch, transformers and peft are imported inside the functions that use them, not here: `--help`, a config error
 # and the scripts and tests that import this file for its config do not wait seconds for them.
-from curriculum import adapter_files, config, faults, forgetting, speed, stage_folder, stage_record
+from curriculum import adapter_files, config, faults, forgetting, recipe_check, speed, stage_folder, stage_record
 from curriculum.adapter_files import ADAPTER_WEIGHTS, OPTIMIZER_MOMENTS
 from curriculum.answer_loss import IGNORE_INDEX, answer_only_loss, answer_only_loss_trainer
 from curriculum.base_model import (
@@ -626,6 +626,7 @@ def train_stage(cfg: StageConfig) -> dict:
     from transformers import set_seed
 
     set_seed(cfg.seed)
+    trained_by = recipe_check.trained_by(Path(__file__))  # this file's hash and static check, for the stage's record
     model_path = resolve_model_path(cfg.model_name_or_path)
     processor = load_processor(model_path, cfg)
     lineage = resolve_lineage(cfg.prev_checkpoint)  # the stages this one continues, decided here once
@@ -652,8 +653,8 @@ def train_stage(cfg: StageConfig) -> dict:
     dev_metrics, predictions = evaluate_dev_split(model, processor, data.eval, cfg, len(process_views))
     if data.earlier_splits and cfg.eval_questions and not fsdp_enabled():  # the earlier stages' dev splits, answered
         fitted.watch.answer(lambda records: evaluate_records(model, processor, records, cfg)[0], cfg.eval_questions)
-    metrics = stage_record.stage_metrics(cfg, lineage, data, fitted, process_views, fitted.patches, final_eval,
-                                         dev_metrics)
+    metrics = stage_record.stage_metrics(cfg, lineage, trained_by, data, fitted, process_views, fitted.patches,
+                                         final_eval, dev_metrics)
 
     staging = Path(f"{cfg.output_dir}.saving")
     with faults.disk_full_stops_the_stage(f"the stage to {staging}", staging, work_dir, cfg.output_dir,

@@ -3,18 +3,19 @@
     python verify_exp4_fix.py models/exp4_curriculum/stage2 [--config configs/exp4_stage2.yaml]
                               [--base PATH_OR_ID] [--tolerance 0.10] [--skip-load] [--json] [--debug]
     python verify_exp4_fix.py --curriculum models/exp4_curriculum     # every stage, in order
-    python verify_exp4_fix.py --script train_qlora_qwen3vl.py          # the static check alone
+    python verify_exp4_fix.py --script train_qlora_qwen3vl.py          # the static check of a script file
 
 Each check prints one line: `✓ name: ...`, `✗ name: ...` (with the reason) or `- name: not run (...)`.
 Exit 0 when no check failed, 1 when any failed, 2 on bad usage. A check that cannot run is never a pass.
 Each check runs on its own: a stage damaged in a way that makes one check raise fails that check, with the error in
-one line (the traceback with --debug), and the other checks still run.
+one line (the traceback with --debug), and the other checks still run. A stage's checks read its own files and the
+base it names: the code that trained it is judged by what the stage recorded of it (`trained by`), and today's
+script is only compared with that; `--script` checks a script file itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import functools
 import io
@@ -44,11 +45,12 @@ from curriculum.adapter_files import (
 from curriculum.base_model import resolve_model_path
 from curriculum.config import LoraSettings, StageConfig, load_config
 from curriculum.errors import ConfigError, CurriculumError
+from curriculum.hashing import sha256_file
 from curriculum.lineage import Lineage, saved_stage_lineage
+from curriculum.recipe_check import helpers_sha256, static_check
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
-FORBIDDEN_IN_CONTINUE_BRANCH = ("merge_and_unload", "prepare_model_for_kbit_training", "get_peft_model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 NO_METRICS = f"no readable {STAGE_METRICS} (see stage record)"
 
@@ -358,66 +360,38 @@ def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: S
                              f"{len(in_file)} tensors match the model's shapes")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Static check of the training script: parse it, so comments and strings do not count
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _mentions_prev_checkpoint(node: ast.AST) -> bool:
-    return any((isinstance(n, ast.Name) and "prev_checkpoint" in n.id)
-               or (isinstance(n, ast.Attribute) and "prev_checkpoint" in n.attr) for n in ast.walk(node))
-
-
-def _called_name(call: ast.Call) -> str:
-    f = call.func
-    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
-
-
-def _reachable_calls(body: list[ast.stmt], functions: dict[str, ast.FunctionDef], seen: set[str]) -> list[ast.Call]:
-    """Calls in `body` and, transitively, in the module's functions that it calls by name."""
-    calls = [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Call)]
-    for call in list(calls):
-        fname = _called_name(call)
-        if fname in functions and fname not in seen:
-            seen.add(fname)
-            calls += _reachable_calls(functions[fname].body, functions, seen)
-    return calls
-
-
-def _is_trainable_true(call: ast.Call) -> bool:
-    return any(k.arg == "is_trainable" and isinstance(k.value, ast.Constant) and k.value.value is True
-               for k in call.keywords)
+def check_trained_by(metrics: dict | None, today: Path) -> Check:
+    """What trained the stage, as the stage recorded it when it trained: the recipe's SHA-256 and the static check's
+    result on it (curriculum/recipe_check.py). A stage is judged by the code that trained it: whether today's recipe
+    (`today`) and helpers are still that code is said, not judged. A recorded check that failed fails."""
+    name = "trained by"
+    if metrics is None:
+        return Check(name, NOT_RUN, NO_METRICS)
+    record = metrics.get("trained_by")
+    if not record:
+        return Check(name, NOT_RUN, "not recorded (the stage was trained before stages recorded what trained them); "
+                                    f"python verify_exp4_fix.py --script {today} checks today's script")
+    recipe, sha, static = record.get("recipe"), record.get("sha256"), record.get("static_check") or {}
+    trained = f"{recipe} (sha256 {str(sha)[:12]}...)"
+    if not static.get("passed"):
+        return Check(name, FAIL, f"{trained} failed the static check when the stage trained: {static.get('detail')}")
+    now = sha256_file(today) if today.is_file() else None
+    script_now = "is that file" if now == sha else f"differs (sha256 {now[:12]}...)" if now else "is not there"
+    helpers_now = "the same" if helpers_sha256() == record.get("helpers_sha256") else "changed since"
+    run_as = record.get("run_as")
+    ran = f"; run as {run_as}, which imported it" if run_as and run_as != recipe else ""
+    return Check(name, PASS, f"{trained}, whose static check passed when the stage trained ({static.get('detail')})"
+                             f"{ran}; today's {today} {script_now}, curriculum/ {helpers_now}")
 
 
 def check_training_script(script: Path) -> Check:
+    """The static check (curriculum/recipe_check.py) on a script file: today's, or any other."""
     name = "training script"
     try:
-        tree = ast.parse(script.read_text(), filename=str(script))
+        found = static_check(script.read_text(), str(script))
     except (OSError, SyntaxError) as err:
         raise UsageError(f"cannot parse {script}: {err}") from None
-    functions = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
-    branches = [n for n in ast.walk(tree) if isinstance(n, ast.If) and _mentions_prev_checkpoint(n.test)]
-    continuing = []
-    for branch in branches:
-        calls = _reachable_calls(branch.body, functions, set())
-        if any(_called_name(c) == "from_pretrained" and _is_trainable_true(c) or
-               _called_name(c) == "from_pretrained" and "Peft" in ast.unparse(c.func) for c in calls):
-            continuing.append((branch, calls))
-    if not continuing:
-        return Check(name, FAIL, f"{script}: no `if ...prev_checkpoint...` branch that calls "
-                                 "PeftModel.from_pretrained")
-    problems = []
-    for branch, calls in continuing:
-        for call in calls:
-            fname = _called_name(call)
-            if fname in FORBIDDEN_IN_CONTINUE_BRANCH:
-                problems.append(f"line {call.lineno}: {fname}() in the prev_checkpoint branch (line {branch.lineno})")
-            if fname == "from_pretrained" and "Peft" in ast.unparse(call.func) and not _is_trainable_true(call):
-                problems.append(f"line {call.lineno}: PeftModel.from_pretrained without is_trainable=True")
-    if problems:
-        return Check(name, FAIL, f"{script}: " + "; ".join(problems))
-    return Check(name, PASS, f"{script}: the prev_checkpoint branch reopens the adapter with is_trainable=True; no "
-                             "merge_and_unload, second k-bit preparation or get_peft_model in it")
+    return Check(name, PASS if found.passed else FAIL, f"{script}: {found.detail}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -437,7 +411,9 @@ def run_isolated(name: str, check: Callable[[], Check]) -> Check:
 
 
 def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tolerance: float,
-                 skip_load: bool, script: Path) -> list[Check]:
+                 skip_load: bool, today_recipe: Path) -> list[Check]:
+    """The stage's checks: each reads the stage's own files (and the base it names); `today_recipe` is named only to
+    say whether the recipe that trained the stage is still that file."""
     if not stage_dir.is_dir():
         raise UsageError(f"stage directory not found: {stage_dir}")
     record = read_stage(stage_dir)
@@ -470,7 +446,7 @@ def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tol
         run_isolated("base model", lambda: check_base_model(metrics, config if config_path else None, base)),
         Check("reopened for training", NOT_RUN, "--skip-load") if skip_load else
         needs_adapter("reopened for training", lambda: check_reopened_for_training(stage_dir, metrics, config, base)),
-        run_isolated("training script", lambda: check_training_script(script)),
+        run_isolated("trained by", lambda: check_trained_by(metrics, today_recipe)),
     ]
     for c in checks:
         c.stage_dir = str(stage_dir)
@@ -514,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage_dir", nargs="?")
     parser.add_argument("--curriculum", metavar="ROOT", help="verify every stage under ROOT, in order")
-    parser.add_argument("--script", metavar="PY", help="statically check this training script (alone, if no stage)")
+    parser.add_argument("--script", metavar="PY", help="statically check this training script (alone, if no stage; "
+                                                       "with stages, also the recipe their records are compared with)")
     parser.add_argument("--config", help="stage YAML whose LoRA and quantization settings are expected")
     parser.add_argument("--base", help="base model to load instead of the one the stage recorded")
     parser.add_argument("--tolerance", type=float, default=0.10, help="continuity tolerance (default 0.10)")
@@ -525,22 +502,24 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return 0 if exc.code == 0 else 2
-    script = Path(args.script) if args.script else Path(tq.__file__)
+    today = Path(args.script) if args.script else Path(tq.__file__)  # what the stages' records are compared with
     try:
+        if args.script and not today.is_file():
+            raise UsageError(f"script not found: {today}")
         if args.curriculum:
             stages = curriculum_stages(Path(args.curriculum))
             checks = [c for s in stages for c in verify_stage(s, None, args.base, args.tolerance, args.skip_load,
-                                                              script)]
+                                                              today)]
             checks.append(run_isolated("LoRA config across stages", lambda: check_same_lora_across(stages)))
         elif args.stage_dir:
             checks = verify_stage(Path(args.stage_dir), args.config, args.base, args.tolerance, args.skip_load,
-                                  script)
-        elif args.script:
-            if not script.is_file():
-                raise UsageError(f"script not found: {script}")
-            checks = [check_training_script(script)]
-        else:
+                                  today)
+        elif not args.script:
             raise UsageError("give a STAGE_DIR, --curriculum ROOT or --script PY")
+        else:
+            checks = []
+        if args.script:  # the script file's own check, once, apart from the stages' (which read their records)
+            checks.append(check_training_script(today))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

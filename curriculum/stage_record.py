@@ -14,10 +14,11 @@ from curriculum.processes import fsdp_enabled
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 
-def stage_metrics(cfg: StageConfig, lineage: Lineage, data, fitted, views: list[dict], patches: dict,
-                  final_eval: float | None, dev_metrics: dict | None) -> dict:
-    """stage_metrics.json: what the stage was, started from, measured and cost; the next stage and the verifier read
-    it. `data` and `fitted` are the recipe's StageData and Fit; `views` what each process held."""
+def stage_metrics(cfg: StageConfig, lineage: Lineage, trained_by: dict, data, fitted, views: list[dict],
+                  patches: dict, final_eval: float | None, dev_metrics: dict | None) -> dict:
+    """stage_metrics.json: what the stage was, started from, measured and cost, and what trained it (`trained_by`,
+    recipe_check.trained_by); the next stage and the verifier read it. `data` and `fitted` are the recipe's StageData
+    and Fit; `views` what each process held."""
     import torch  # for the peak memory; the recipe has it loaded by now
 
     state, world, batch_size = fitted.trainer.state, len(views), fitted.batch_size
@@ -62,6 +63,7 @@ def stage_metrics(cfg: StageConfig, lineage: Lineage, data, fitted, views: list[
         "optimizer_state": cfg.optimizer_state,
         "speed_patches": speed.describe_speed_patches(patches),
         "versions": speed.versions("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"),
+        "trained_by": trained_by,  # the recipe's SHA-256 and its static check, as the stage started
         "bad_records_skipped": {"train": data.train.bad_records, "eval": data.eval.bad_records if data.eval else []},
         "processes": views,  # what each process held before the first step and after the last
         "distributed": "fsdp" if fsdp_enabled() else "ddp" if world > 1 else None,

@@ -59,7 +59,7 @@ def test_rank_8_config_on_rank_4_tensors(curriculum, tmp_path):
     reopened = line_of(out, "reopened for training")  # the load raised inside the check: that check fails alone
     assert reopened.startswith("✗ reopened for training: RuntimeError: Error(s) in loading state_dict")
     assert "size mismatch" in reopened and reopened.endswith("(--debug shows the traceback)")
-    for unaffected in ("adapter files", "stage record", "lineage", "continuity", "base model", "training script"):
+    for unaffected in ("adapter files", "stage record", "lineage", "continuity", "base model", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
     assert "verify: 6 passed, 3 failed, 0 not run" in out
 
@@ -84,7 +84,7 @@ def test_adapter_config_that_is_not_json(curriculum, tmp_path):
     assert_reported_cleanly(code, out)
     assert line_of(out, "adapter files").startswith("✗ adapter files: adapter_config.json is not valid JSON")
     assert line_of(out, "lineage") == "- lineage: not run (the adapter files are broken)"
-    for unaffected in ("stage record", "continuity", "base model", "training script"):
+    for unaffected in ("stage record", "continuity", "base model", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
@@ -96,7 +96,8 @@ def test_missing_stage_metrics(curriculum, tmp_path):
     assert_reported_cleanly(code, out)
     assert line_of(out, "stage record").startswith("✗ stage record: no stage_metrics.json beside resolved_config.yaml")
     assert line_of(out, "lineage").startswith("- lineage: not run (no readable stage_metrics.json")
-    for unaffected in ("adapter files", "adapter shapes", "LoRA config", "training script"):
+    assert line_of(out, "trained by").startswith("- trained by: not run (no readable stage_metrics.json")
+    for unaffected in ("adapter files", "adapter shapes", "LoRA config"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
@@ -107,7 +108,8 @@ def test_stage_metrics_that_is_not_json(curriculum, tmp_path):
     code, out = verify(str(stage), "--skip-load")
     assert_reported_cleanly(code, out)  # a damaged stage, no longer bad usage (exit 2) that hides every other check
     assert line_of(out, "stage record").startswith("✗ stage record: stage_metrics.json is not valid JSON")
-    for unaffected in ("adapter files", "adapter shapes", "LoRA config", "training script"):
+    assert line_of(out, "trained by").startswith("- trained by: not run (no readable stage_metrics.json")
+    for unaffected in ("adapter files", "adapter shapes", "LoRA config"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
@@ -120,7 +122,7 @@ def test_stage_metrics_from_another_stage(curriculum, tmp_path):
     assert ("✗ stage record: stage: stage_metrics.json says 1, resolved_config.yaml says 2 (a stage_metrics.json "
             "from another stage?)") == line_of(out, "stage record")
     assert "the adapter on disk is not the one the stage saved" in line_of(out, "lineage")
-    for unaffected in ("adapter files", "adapter shapes", "LoRA config", "training script"):
+    for unaffected in ("adapter files", "adapter shapes", "LoRA config", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
@@ -134,7 +136,7 @@ def test_tensor_file_of_the_right_size_with_a_corrupted_header(curriculum, tmp_p
     assert_reported_cleanly(code, out)
     assert line_of(out, "adapter files").startswith("✗ adapter files: adapter_model.safetensors is unreadable "
                                                     "(truncated or corrupt?): Error while deserializing header")
-    for unaffected in ("stage record", "continuity", "base model", "training script"):
+    for unaffected in ("stage record", "continuity", "base model", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
@@ -145,7 +147,7 @@ def test_two_adapters_leave_the_other_checks_reported(curriculum, tmp_path):
     code, out = verify(str(two))
     assert_reported_cleanly(code, out)
     assert "more than one adapter (also: second)" in line_of(out, "adapter files")
-    for unaffected in ("stage record", "continuity", "base model", "training script"):
+    for unaffected in ("stage record", "continuity", "base model", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 

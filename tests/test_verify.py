@@ -8,6 +8,7 @@ import pytest
 from conftest import REPO, metrics, run_script, stage_args
 
 import verify_exp4_fix as vf
+from curriculum import recipe_check
 from curriculum.adapter_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -44,6 +45,7 @@ def test_healthy_curriculum_passes(curriculum):
     assert out.count("✓ continuity: first_eval_loss") == 2 and out.count("✓ lineage") == 3
     assert out.count("✓ reopened for training: one adapter 'default', active; 7,168 trainable") == 3
     assert "✓ LoRA config across stages: identical in all 3 stages" in out
+    assert out.count("✓ trained by: ") == 3 and out.count(" is that file, curriculum/ the same") == 3
     assert "✗" not in out and out.rstrip().endswith("0 failed, 1 not run")  # stage 1 has no continuity
 
 
@@ -64,6 +66,7 @@ def test_fresh_adapter_in_stage2_is_rejected(curriculum, tmp_path):
     assert code == 1
     assert "not the previous stage's adapter" in line_of(out, "lineage")
     assert "the stage restarted instead of continuing" in line_of(out, "continuity")
+    assert f"run as {REPO / 'tests' / 'broken_variants.py'}, which imported it" in line_of(out, "trained by")
 
 
 def test_frozen_reload_is_rejected(curriculum, tmp_path):
@@ -339,6 +342,62 @@ def test_static_check_ignores_comments_and_strings(tmp_path):
                             "    note = 'get_peft_model(model) would make a second adapter'\n"
                             "    print_main(\"✓ Loaded previous adapter")
     assert vf.check_training_script(script).status == vf.PASS
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What trained a stage: recorded with it, judged from the record; today's script only compared
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_stage_records_the_recipe_that_trains_it_and_its_static_check():
+    record = recipe_check.trained_by(SCRIPT)
+    assert record["recipe"] == str(SCRIPT.resolve()) and record["sha256"] == sha256_file(SCRIPT)
+    assert record["static_check"] == {"passed": True, "detail": vf.check_training_script(SCRIPT).detail
+                                      .removeprefix(f"{SCRIPT}: ")}
+    assert record["helpers_sha256"] == recipe_check.helpers_sha256()
+
+
+def trained_by_check(tmp_path: Path, record: dict | None, today: Path = SCRIPT) -> vf.Check:
+    stage = written_stage(tmp_path / "stage", 1, lora_tensors(1), **({"trained_by": record} if record else {}))
+    return vf.check_trained_by(recorded(stage), today)
+
+
+def test_the_trained_by_check_reads_the_stages_record_and_compares_todays_script(tmp_path):
+    record = recipe_check.trained_by(SCRIPT)
+    same = trained_by_check(tmp_path / "same", record)
+    assert same.status == vf.PASS and same.detail.startswith(f"{SCRIPT.resolve()} (sha256 {record['sha256'][:12]}...), "
+                                                             "whose static check passed when the stage trained (")
+    assert same.detail.endswith(f"; today's {SCRIPT} is that file, curriculum/ the same")
+    # today's script changed since (renamed functions, a reshaped branch): information, the stage still passes
+    edited = patched_script(tmp_path, "def continue_adapter(", "def reopen_adapter(")
+    later = trained_by_check(tmp_path / "later", record, today=edited)
+    assert later.status == vf.PASS
+    assert f"today's {edited} differs (sha256 {sha256_file(edited)[:12]}...)" in later.detail
+    # run by something that imports the recipe (a test fixture): said
+    fixture = trained_by_check(tmp_path / "fixture", {**record, "run_as": "/x/tests/broken_variants.py"})
+    assert "; run as /x/tests/broken_variants.py, which imported it;" in fixture.detail
+    # a recipe whose check failed when it trained fails, whatever today's script is
+    bad = trained_by_check(tmp_path / "bad", {**record, "static_check": {
+        "passed": False, "detail": "line 7: merge_and_unload() in the prev_checkpoint branch (line 5)"}})
+    assert bad.status == vf.FAIL and bad.detail.endswith(
+        "failed the static check when the stage trained: line 7: merge_and_unload() in the prev_checkpoint branch "
+        "(line 5)")
+    # a stage trained before stages recorded it: not run, never passed
+    old = trained_by_check(tmp_path / "old", None)
+    assert old.status == vf.NOT_RUN and old.detail.startswith("not recorded (the stage was trained before stages "
+                                                              "recorded what trained them)")
+
+
+def test_script_with_a_stage_checks_the_script_once_beside_the_stages_checks(tmp_path):
+    record = recipe_check.trained_by(SCRIPT)
+    stage = written_stage(tmp_path / "stage1", 1, lora_tensors(1), trained_by=record)
+    script = patched_script(tmp_path, LOADED_LINE, "    model = model.merge_and_unload()\n" + LOADED_LINE)
+    code, out = verify(str(stage), "--skip-load", "--script", str(script))
+    assert line_of(out, "trained by").startswith("✓ trained by: ") and f"today's {script} differs" in out
+    assert line_of(out, "training script").startswith(f"✗ training script: {script}: line ")
+    assert out.count("training script:") == 1 and code == 1
+    code, out = verify(str(stage), "--skip-load")  # without --script: the stage's own files only
+    assert "training script" not in out and line_of(out, "trained by").startswith("✓")
 
 
 def test_bad_usage_exits_2(tmp_path):
