@@ -12,8 +12,9 @@ second time and never stacks a second adapter on top. Before the first step the 
 only LoRA parameters train, and their count equals the count computed from the model's shapes.
 
 Layout: config -> data -> model and adapter -> train -> save, each a section below; `train_stage()` and
-`main()` last. The helpers it calls live in curriculum/ (reading data files, adapter files and hashes, evaluation,
-speed patches, faults, processes), none of which imports this file back.
+`main()` last. The helpers it calls live in curriculum/ (the config's types, reading data files, adapter files and
+hashes, the lineage of earlier stages, what runs in a training step, evaluation, speed patches, faults, processes),
+none of which imports this file back.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -37,7 +39,7 @@ import yaml
 # and the scripts and tests that import this file for its config do not wait seconds for them.
 from curriculum import adapter_files, config, faults, forgetting, recipe_check, speed, stage_folder, stage_record
 from curriculum.adapter_files import ADAPTER_WEIGHTS, OPTIMIZER_MOMENTS
-from curriculum.answer_loss import IGNORE_INDEX, answer_only_loss, answer_only_loss_trainer
+from curriculum.answer_loss import IGNORE_INDEX, answer_only_loss
 from curriculum.base_model import (
     align_special_tokens,
     bnb_config,
@@ -72,7 +74,6 @@ from curriculum.processes import (
 from curriculum.records import Record, answer_token_ids, prompt_and_images
 from curriculum.scoring import metrics_table
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
-from curriculum.trainer_callbacks import before_first_step, make_log_callbacks, tensorboard_callback
 from curriculum.typed_yaml import parse_args
 
 cpu_threads_wait_passively()  # before torch loads: OpenMP reads it then (curriculum/processes.py says why)
@@ -166,14 +167,10 @@ class VQADataset:
     lengths: list[int] | None = None  # tokens per record, when load_split measured them
     bad_records: list[str] = field(default_factory=list)  # `file:line: problem` of those skipped (on_bad_record: skip)
 
-    def __post_init__(self):
-        faults.end_dataloader_workers_at_exit()
-
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict:
-        faults.leave_stop_signals_to_the_trainer()
         return encode_example(self.processor, self.records[i], self.min_pixels, self.max_pixels)
 
 
@@ -342,69 +339,106 @@ def prove_adapter(model, lora: LoraSettings, lineage: Lineage) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Train: the Trainer with the answer-only loss; fit, with its faults handled; measure; save
+# Train: the step's size, the Trainer and what runs in a step (curriculum/step.py lists it in order); fit, with its
+# faults handled; measure; save
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def planned_steps(n_train: int, cfg: StageConfig, num_processes: int) -> int:
+@dataclass(frozen=True)
+class StepSize:
+    """Samples per forward pass and process (the micro-batch), and forward passes per optimizer step: the config's,
+    batch_size: auto's choice, or effective_batch's plan (choose_step_size decides, once)."""
+    batch_size: int
+    grad_accum: int
+
+
+def planned_steps(n_train: int, size: StepSize, cfg: StageConfig, num_processes: int) -> int:
     """Optimizer steps of the stage. An epoch is ceil(n / (batch_size x processes)) batches on each process (the
     last one filled up from the start), and a last, shorter accumulation still makes a step, as in the Trainer."""
     if cfg.max_steps > 0:
         return cfg.max_steps
-    per_epoch = math.ceil(math.ceil(n_train / (cfg.batch_size * num_processes)) / cfg.grad_accum)
+    per_epoch = math.ceil(math.ceil(n_train / (size.batch_size * num_processes)) / size.grad_accum)
     return math.ceil(per_epoch * cfg.epochs)
 
 
-def auto_batch_size(model, dataset, processor, cfg: StageConfig) -> int:
-    """batch_size: auto (curriculum/batch_size.py), measured on the batches and the loss the Trainer trains with
-    (build_trainer)."""
-    return choose_batch_size(model, dataset, cfg, trainer_collate(model, processor, cfg), trainer_step_loss(cfg))
+def trainer_collate(model, processor, positions_in_dataloader: bool):
+    """The Trainer's data_collator: collate_batch, with the M-RoPE positions where that patch is on."""
+    positions = speed.MRopePositions(model.config) if positions_in_dataloader else None
+    return functools.partial(collate_batch, pad_token_id=processor.tokenizer.pad_token_id, positions=positions)
 
 
-def plan_effective_batch(model, dataset, processor, cfg: StageConfig, measured: dict | None = None):
-    """effective_batch (curriculum/plan.py), measured on the batches and the loss the Trainer trains with
-    (build_trainer). Returns the plan, the model set to it, and the record of what was measured."""
-    return plan_step(model, dataset, cfg, trainer_collate(model, processor, cfg), trainer_step_loss(cfg), measured)
-
-
-def with_plan(cfg: StageConfig, plan: Plan) -> StageConfig:
-    """The config the stage trains with under a plan: its micro-batch, accumulation and memory settings."""
-    return dataclasses.replace(cfg, batch_size=plan.micro_batch, grad_accum=plan.grad_accum,
-                               gradient_checkpointing=plan.checkpointed > 0,
-                               checkpointed_layers=plan.checkpointed_fraction if plan.checkpointed else 1.0,
-                               offload_activations=plan.offload)
-
-
-def trainer_collate(model, processor, cfg: StageConfig):
-    """The Trainer's data_collator: collate_batch, with the M-RoPE positions where positions_in_dataloader is on."""
-    pad_id = processor.tokenizer.pad_token_id
-    positions = speed.MRopePositions(model.config) if cfg.positions_in_dataloader else None
-    return functools.partial(collate_batch, pad_token_id=pad_id, positions=positions)
-
-
-def trainer_step_loss(cfg: StageConfig):
+def trainer_step_loss(answer_only_logits: bool):
     """The training loss of one batch as the Trainer computes it (without the accumulation's token count)."""
 
     def step_loss(model, batch: dict):
-        return answer_only_loss(model, batch)[0] if cfg.answer_only_logits else model(**batch).loss
+        return answer_only_loss(model, batch)[0] if answer_only_logits else model(**batch).loss
 
     return step_loss
 
 
-def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_dir: Path):
+def auto_batch_size(model, dataset, processor, cfg: StageConfig, patches: dict) -> int:
+    """batch_size: auto (curriculum/batch_size.py), measured on the batches and the loss the Trainer trains with
+    (build_trainer, with the speed patches' decisions `patches`)."""
+    return choose_batch_size(model, dataset, cfg,
+                             trainer_collate(model, processor, patches["positions_in_dataloader"].on),
+                             trainer_step_loss(patches["answer_only_logits"].on))
+
+
+def plan_effective_batch(model, dataset, processor, cfg: StageConfig, patches: dict, measured: dict | None = None):
+    """effective_batch (curriculum/plan.py), measured on the batches and the loss the Trainer trains with
+    (build_trainer). Returns the plan, the model set to it, and the record of what was measured."""
+    return plan_step(model, dataset, cfg, trainer_collate(model, processor, patches["positions_in_dataloader"].on),
+                     trainer_step_loss(patches["answer_only_logits"].on), measured)
+
+
+def choose_step_size(model, processor, train_ds, cfg: StageConfig, patches: dict,
+                     resumed: StageStart | None) -> tuple[StepSize, dict | None, dict]:
+    """The step's size: with effective_batch the plan (measured, or the interrupted run's), the model set to it;
+    with batch_size: auto the batch measured (or the interrupted run's); else the config's. Returns it, the plan's
+    record (None without effective_batch) and the patches' decisions with the plan's offload."""
+    if cfg.effective_batch:
+        if resumed:  # a resumed run keeps the plan it was started with
+            plan = {"chosen": resumed.plan["chosen"], "kept_from_the_interrupted_run": True}
+            kept = Plan(**plan["chosen"])
+            speed.set_checkpointed_layers(model, kept.checkpointed, kept.offload)
+            print_main(f"Plan: {kept.describe()} (the interrupted run's)")
+        else:
+            plan = plan_effective_batch(model, train_ds, processor, cfg, patches)[1]
+        chosen = Plan(**plan["chosen"])
+        where = "pinned CPU memory" if gpu_available() else "a copy (a CPU run: nothing to save)"
+        patches = patches | {"offload_activations": speed.PatchDecision(
+            chosen.offload, f"on, by the plan ({chosen.checkpointed} checkpointed decoder layers keep their inputs "
+            f"in {where})" if chosen.offload else "off, by the plan")}
+        return StepSize(chosen.micro_batch, chosen.grad_accum), plan, patches
+    if cfg.batch_size == "auto":  # a resumed run keeps the batch it was started with
+        batch = resumed.batch_size_chosen if resumed else auto_batch_size(model, train_ds, processor, cfg, patches)
+        return StepSize(batch, cfg.grad_accum), None, patches
+    return StepSize(cfg.batch_size, cfg.grad_accum), None, patches
+
+
+def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, size: StepSize, patches: dict,
+                  work_dir: Path, guard: faults.StageGuard | None = None,
+                  watch: forgetting.EarlierStagesWatch | None = None, before_first_step: Callable | None = None):
+    """The Trainer of the stage and what runs in its step, in the order curriculum/step.py lists: its loss
+    (AnswerOnlyLossTrainer with answer_only_logits on), its batches (trainer_collate), and the callbacks: the log
+    line, the progress bar, TensorBoard, the guard (`guard`: stop signals, a diverged loss), the earlier stages'
+    losses (`watch`), and `before_first_step(trainer)`. The speed patches in the forward are bound to the model
+    already (train_stage)."""
     import torch
     from transformers import Trainer, TrainingArguments
     from transformers.trainer_callback import ProgressCallback
 
+    from curriculum import step
+
     world = processes().num_processes
-    total = planned_steps(len(train_ds), cfg, world)
-    print_main(f"Effective batch size {cfg.batch_size * world * cfg.grad_accum} = {cfg.batch_size} per process x "
-               f"{world} process(es) x {cfg.grad_accum} accumulation step(s); {total} optimizer steps planned")
+    total = planned_steps(len(train_ds), size, cfg, world)
+    print_main(f"Effective batch size {size.batch_size * world * size.grad_accum} = {size.batch_size} per process x "
+               f"{world} process(es) x {size.grad_accum} accumulation step(s); {total} optimizer steps planned")
     on_gpu = torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=str(work_dir), max_steps=total, num_train_epochs=cfg.epochs,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=size.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
+        gradient_accumulation_steps=size.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=math.ceil(cfg.warmup_ratio * total),
         max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps, seed=cfg.seed, data_seed=cfg.seed,
         eval_strategy="steps" if cfg.eval_steps and eval_ds is not None else "no", eval_steps=cfg.eval_steps or None,
@@ -420,14 +454,21 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, work_di
     )
     one_gpu_per_process(args, world)
     align_special_tokens(model, processor.tokenizer)  # what the Trainer would do, without its warning
-    trainer_class = answer_only_loss_trainer(Trainer) if cfg.answer_only_logits else Trainer
+    trainer_class = step.AnswerOnlyLossTrainer if patches["answer_only_logits"].on else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            data_collator=trainer_collate(model, processor, cfg), processing_class=processor)
-    trainer.remove_callback(ProgressCallback)
-    for callback in make_log_callbacks():
-        trainer.add_callback(callback)
+                            data_collator=trainer_collate(model, processor, patches["positions_in_dataloader"].on),
+                            processing_class=processor)
+    trainer.remove_callback(ProgressCallback)  # the Trainer calls its callbacks in the order they are added
+    trainer.add_callback(step.StepLogLine())
+    trainer.add_callback(step.ProgressBarOnly())
     if cfg.tensorboard and is_main_process():  # written by one process
-        trainer.add_callback(tensorboard_callback(cfg.output_dir))
+        trainer.add_callback(step.tensorboard(cfg.output_dir))
+    if guard is not None:
+        trainer.add_callback(step.StopOnSignalOrDivergence(guard))
+    if watch is not None and watch.splits:
+        trainer.add_callback(step.WatchEarlierStages(watch, trainer.evaluate))
+    if before_first_step is not None:
+        trainer.add_callback(step.MeasureBeforeFirstStep(functools.partial(before_first_step, trainer)))
     return trainer
 
 
@@ -478,98 +519,84 @@ def load_stage_data(cfg: StageConfig, lineage: Lineage, processor) -> StageData:
 
 
 @dataclass
-class Fit:
-    """What training gave: the Trainer (its state and log history), its result, and what was measured around it."""
-    trainer: Any
-    result: Any  # the Trainer's TrainOutput
-    batch_size: int
-    grad_accum: int
-    plan: dict | None  # effective_batch: the plan chosen (or kept by a resumed run) and what it measured
-    patches: dict  # the speed patches' decisions, with the plan's offload
-    first_eval_loss: float | None
-    first_eval_loss_own_split: float | None
-    train_seconds: float
-    resumed_at: int  # the step an interrupted run resumed from; 0 from the start
-    watch: Any  # forgetting.EarlierStagesWatch: the earlier stages' dev losses during the stage
+class StageStart:
+    """What a stage chose and measured before its first step, saved in <output_dir>.partial (STAGE_START) so that a
+    resumed run neither chooses nor measures it again."""
+    batch_size_chosen: int | str  # the micro-batch (batch_size: auto's choice, the plan's, or the config's)
+    plan: dict | None  # effective_batch: the plan chosen and what it measured
+    first_eval_loss: float | None = None  # continuity: on the split the previous stage ended on
+    first_eval_loss_own_split: float | None = None
+    SAVED: ClassVar = ("batch_size_chosen", "plan", "first_eval_loss", "first_eval_loss_own_split")
+    measured_at: float | None = None  # when measure() ended (not saved): train_seconds counts training only
 
+    @classmethod
+    def read(cls, work_dir: Path) -> StageStart:
+        saved = json.loads((work_dir / STAGE_START).read_text())
+        return cls(**{key: saved.get(key) for key in cls.SAVED})
 
-def fit(model, processor, data: StageData, cfg: StageConfig, lineage: Lineage, patches: dict, work_dir: Path,
-        resume_from: str | None) -> Fit:
-    """Choose the batch (or keep a resumed run's), build the Trainer, carry the previous stage's optimizer moments
-    over if asked, measure the losses before the first step, train. A diverged loss, a stop signal or a full disk
-    ends the stage here, saying what to do."""
-    # what the interrupted run measured before its first step and the batch it chose, kept for the resumed run
-    resumed = json.loads((work_dir / STAGE_START).read_text()) if resume_from else None
-    # cfg itself stays as written (resume compares it); run_cfg holds what auto resolved to
-    run_cfg = dataclasses.replace(cfg, answer_only_logits=patches["answer_only_logits"].on,
-                                  positions_in_dataloader=patches["positions_in_dataloader"].on)
-    batch_size, plan = cfg.batch_size, None
-    if cfg.effective_batch and resumed:  # a resumed run keeps the plan it was started with
-        plan = {"chosen": resumed["plan"]["chosen"], "kept_from_the_interrupted_run": True}
-        kept = Plan(**plan["chosen"])
-        speed.set_checkpointed_layers(model, kept.checkpointed, kept.offload)
-        print_main(f"Plan: {kept.describe()} (the interrupted run's)")
-    elif cfg.effective_batch:
-        plan = plan_effective_batch(model, data.train, processor, run_cfg)[1]
-    if plan:
-        run_cfg = with_plan(run_cfg, Plan(**plan["chosen"]))
-        batch_size = run_cfg.batch_size
-        where = "pinned CPU memory" if gpu_available() else "a copy (a CPU run: nothing to save)"
-        patches = patches | {"offload_activations": speed.PatchDecision(
-            run_cfg.offload_activations, f"on, by the plan ({plan['chosen']['checkpointed']} checkpointed decoder "
-            f"layers keep their inputs in {where})" if run_cfg.offload_activations else "off, by the plan")}
-    elif batch_size == "auto" and resumed:  # a resumed run keeps the batch it was started with
-        batch_size = resumed["batch_size_chosen"]
-    elif batch_size == "auto":
-        batch_size = auto_batch_size(model, data.train, processor, run_cfg)
-    run_cfg = dataclasses.replace(run_cfg, batch_size=batch_size)
-
-    trainer = build_trainer(model, processor, data.train, data.eval, run_cfg, work_dir)
-    guard = faults.StageGuard(model)
-    trainer.add_callback(guard.callback())
-    watch = forgetting.EarlierStagesWatch(
-        data.earlier_splits, cfg, work_dir, resumed=bool(resume_from),
-        evaluate=lambda datasets, prefix: trainer.evaluate(eval_dataset=datasets, metric_key_prefix=prefix))
-    if data.earlier_splits:
-        trainer.add_callback(watch.callback())
-    if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
-        trainer.create_optimizer()
-        moments = lineage.folder / OPTIMIZER_MOMENTS
-        n = adapter_files.load_optimizer_moments(model, trainer.optimizer, moments)
-        print_main(f"Resumed AdamW moments for {n} LoRA tensors from {lineage.prev_checkpoint} (schedule starts anew)")
-
-    start = {"t0": time.time(), "batch_size_chosen": batch_size, "plan": plan}
-
-    def measure_start() -> None:
+    def measure(self, trainer, data: StageData, cfg: StageConfig, lineage: Lineage, work_dir: Path) -> None:
         """The losses before the first step (continuity with the previous stage), saved for a resumed run."""
-        start["first_eval_loss"] = eval_loss(trainer, data.continuity, "first_eval")
-        start["first_eval_loss_own_split"] = (eval_loss(trainer, data.eval, "first_own_eval")
-                                              if data.continuity is not data.eval else start["first_eval_loss"])
-        print_main(f"first_eval_loss {start['first_eval_loss']} (before the first step; previous stage ended at "
+        self.first_eval_loss = eval_loss(trainer, data.continuity, "first_eval")
+        self.first_eval_loss_own_split = (eval_loss(trainer, data.eval, "first_own_eval")
+                                          if data.continuity is not data.eval else self.first_eval_loss)
+        print_main(f"first_eval_loss {self.first_eval_loss} (before the first step; previous stage ended at "
                    f"{lineage.previous_metrics.get('final_eval_loss')})")
         if lineage.continues:
             print_main(f"Stage {cfg.stage}: starting from the adapter saved by stage "
                        f"{lineage.previous_metrics.get('stage', '?')}")
         if trainer.is_world_process_zero():
             work_dir.mkdir(parents=True, exist_ok=True)
-            (work_dir / STAGE_START).write_text(json.dumps({"config": dataclasses.asdict(cfg), **start}))
-        start["t0"] = time.time()  # train_seconds counts training only
+            (work_dir / STAGE_START).write_text(json.dumps({"config": dataclasses.asdict(cfg),
+                                                            **{key: getattr(self, key) for key in self.SAVED}}))
+        self.measured_at = time.time()
 
+
+@dataclass
+class Fit:
+    """What training gave: the Trainer (its state and log history), its result, and what was measured around it."""
+    trainer: Any
+    result: Any  # the Trainer's TrainOutput
+    size: StepSize
+    plan: dict | None  # effective_batch: the plan chosen (or kept by a resumed run) and what it measured
+    patches: dict  # the speed patches' decisions, with the plan's offload
+    start: StageStart  # measured before the first step (or by the interrupted run)
+    train_seconds: float
+    resumed_at: int  # the step an interrupted run resumed from; 0 from the start
+    watch: forgetting.EarlierStagesWatch  # the earlier stages' dev losses during the stage
+
+
+def fit(model, processor, data: StageData, cfg: StageConfig, lineage: Lineage, patches: dict, work_dir: Path,
+        resume_from: str | None) -> Fit:
+    """Choose the step's size (or keep a resumed run's), build the Trainer, carry the previous stage's optimizer
+    moments over if asked, measure the losses before the first step, train. A diverged loss, a stop signal or a full
+    disk ends the stage here, saying what to do."""
+    faults.dataloader_workers_follow_the_trainer()  # workers leave stop signals to this process, and end with it
+    resumed = StageStart.read(work_dir) if resume_from else None  # what the interrupted run chose and measured
+    size, plan, patches = choose_step_size(model, processor, data.train, cfg, patches, resumed)
+    start = resumed or StageStart(size.batch_size, plan)
+    guard = faults.StageGuard(model)  # from here on a stop signal ends the stage after a step, with a checkpoint
+    watch = forgetting.EarlierStagesWatch(data.earlier_splits, cfg, work_dir, resumed=bool(resume_from))
+    trainer = build_trainer(model, processor, data.train, data.eval, cfg, size, patches, work_dir, guard, watch,
+                            before_first_step=None if resumed else lambda trainer: start.measure(
+                                trainer, data, cfg, lineage, work_dir))
+    if cfg.optimizer_state == "resume" and not resume_from:  # a resumed run restores its own optimizer
+        trainer.create_optimizer()
+        moments = lineage.folder / OPTIMIZER_MOMENTS
+        n = adapter_files.load_optimizer_moments(model, trainer.optimizer, moments)
+        print_main(f"Resumed AdamW moments for {n} LoRA tensors from {lineage.prev_checkpoint} (schedule starts anew)")
     if resumed:
-        start = resumed | {"t0": time.time()}
         print_main(f"Resuming stage {cfg.stage} from {resume_from}: the step, optimizer, scheduler, RNG and data order "
                    "are restored")
-    else:
-        trainer.add_callback(before_first_step(measure_start))
     resumed_at = int(Path(resume_from).name.rsplit("-", 1)[1]) if resume_from else 0  # checkpoint-<step>
+    resumed_training_at = time.time()
     with faults.disk_full_stops_the_stage(f"a checkpoint in {work_dir}", work_dir, work_dir, cfg.output_dir,
                                           lineage.prev_checkpoint):
         result = trainer.train(resume_from_checkpoint=resume_from)
-    train_seconds = time.time() - start["t0"]
+    train_seconds = time.time() - (start.measured_at or resumed_training_at)
     guard.raise_if_stopped(trainer, work_dir, cfg.lr)
-    watch.end(trainer.state, work_dir)  # the earlier stages' losses at the end; raises if forgetting stopped the stage
-    return Fit(trainer, result, batch_size, run_cfg.grad_accum, plan, patches, start["first_eval_loss"],
-               start["first_eval_loss_own_split"], train_seconds, resumed_at, watch)
+    # the earlier stages' losses at the end; raises if forgetting stopped the stage
+    watch.end(trainer.state, work_dir, trainer.evaluate)
+    return Fit(trainer, result, size, plan, patches, start, train_seconds, resumed_at, watch)
 
 
 def check_saved_adapter(saved_tensors: dict, trainable: int, staging: Path) -> None:

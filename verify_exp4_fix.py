@@ -380,8 +380,8 @@ def check_trained_by(metrics: dict | None, today: Path) -> Check:
     helpers_now = "the same" if helpers_sha256() == record.get("helpers_sha256") else "changed since"
     run_as = record.get("run_as")
     ran = f"; run as {run_as}, which imported it" if run_as and run_as != recipe else ""
-    return Check(name, PASS, f"{trained}, whose static check passed when the stage trained ({static.get('detail')})"
-                             f"{ran}; today's {today} {script_now}, curriculum/ {helpers_now}")
+    return Check(name, PASS, f"{trained}: the static check passed on it when the stage trained{ran}; today's {today} "
+                             f"{script_now}, curriculum/ {helpers_now}")
 
 
 def check_training_script(script: Path) -> Check:

@@ -289,18 +289,21 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
     set_variant_forwards(model, cfg, swiglu)
     cfg = dataclasses.replace(cfg, answer_only_logits=cfg.answer_only_logits is not False,  # auto: on, as trained
                               positions_in_dataloader=cfg.positions_in_dataloader is not False)
-    dataset = tq.VQADataset(load_records(cfg.train_file), processor, cfg)
+    # the two patches that change the Trainer and its batches, as train_stage hands them to build_trainer
+    patches = {key: speed.PatchDecision(getattr(cfg, key), "") for key in ("answer_only_logits",
+                                                                           "positions_in_dataloader")}
+    dataset = tq.VQADataset(load_records(cfg.train_file), processor, cfg.min_pixels, cfg.max_pixels)
     checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # also puts torch's checkpoint function back
     offloaded = speed.offload_checkpointed_activations(model) if cfg.offload_activations else 0
     plan, plan_s = None, 0.0
     if cfg.effective_batch:  # as fit does: the plan measured, the model set to it
         t = time.perf_counter()
-        chosen, plan = tq.plan_effective_batch(model, dataset, processor, cfg, measured)
+        chosen, plan = tq.plan_effective_batch(model, dataset, processor, cfg, patches, measured)
         plan_s = time.perf_counter() - t
-        cfg = tq.with_plan(cfg, chosen)
+        cfg = dataclasses.replace(cfg, batch_size=chosen.micro_batch, grad_accum=chosen.grad_accum)
         checkpointed, offloaded = chosen.checkpointed, chosen.checkpointed if chosen.offload else 0
     elif cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
-        cfg = dataclasses.replace(cfg, batch_size=tq.auto_batch_size(model, dataset, processor, cfg))
+        cfg = dataclasses.replace(cfg, batch_size=tq.auto_batch_size(model, dataset, processor, cfg, patches))
     for module in model.modules():  # lora.dropout per variant, on the one adapter
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
             module.lora_dropout["default"].p = cfg.lora.dropout
@@ -308,7 +311,8 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = tq.build_trainer(model, processor, dataset, None, cfg, Path("/tmp/speed_out/work"))
+    trainer = tq.build_trainer(model, processor, dataset, None, cfg, tq.StepSize(cfg.batch_size, cfg.grad_accum),
+                               patches, Path("/tmp/speed_out/work"))
     timer = step_timer()
     trainer.add_callback(timer)
     if profile_dir is not None:

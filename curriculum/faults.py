@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -19,41 +20,37 @@ STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run 
 NOT_COMPARED_ON_RESUME = ("overwrite", "forgetting_tolerance", "forgetting_action")
 
 
-def leave_stop_signals_to_the_trainer() -> None:
-    """In a dataloader worker process, ignore SIGINT and SIGTERM (once per worker). Ctrl-C in a terminal, and
-    torchrun or a cluster scheduler passing on SIGTERM, signal the whole process group. A worker that dies of it
-    crashes the training step before StageGuard can save its checkpoint. The training process alone decides to
-    stop; it ends its workers itself."""
-    import signal
-
-    import torch
-
-    global _signals_left_to_trainer
-    if _signals_left_to_trainer or torch.utils.data.get_worker_info() is None:
-        return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _signals_left_to_trainer = True
-
-
-_signals_left_to_trainer = False  # per process: set in each dataloader worker by its first sample
-
-
-def end_dataloader_workers_at_exit() -> None:
-    """In the training process: at exit, kill the dataloader workers still running. They ignore SIGTERM (above),
-    so after a crash, multiprocessing's own exit handler, which terminates them and then waits for them, would
-    wait forever. Registered after multiprocessing's handler, so it runs before it."""
+def dataloader_workers_follow_the_trainer() -> None:
+    """Set once in the training process, before its dataloaders start workers (the recipe's fit), for every worker
+    process forked from it from then on:
+    - a worker ignores SIGINT and SIGTERM. Ctrl-C in a terminal, and torchrun or a cluster scheduler passing on
+      SIGTERM, signal the whole process group; a worker that dies of it crashes the training step before StageGuard
+      can save its checkpoint. The training process alone decides to stop, and ends its workers itself.
+    - at exit, the workers still running are killed. They ignore SIGTERM, so after a crash multiprocessing's own exit
+      handler, which terminates them and then waits for them, would wait forever. Registered after multiprocessing's
+      handler, so it runs before it.
+    (Not in the dataset: a dataset holds data, and is also read outside training.)"""
     import atexit
     import multiprocessing.util  # registers its exit handler now if not yet, so that ours runs first
 
-    global _workers_ended_at_exit
-    if _workers_ended_at_exit:
+    global _workers_follow_the_trainer
+    if _workers_follow_the_trainer:
         return
+    os.register_at_fork(after_in_child=_ignore_stop_signals)
     atexit.register(lambda: [child.kill() for child in multiprocessing.active_children()])
-    _workers_ended_at_exit = True
+    _workers_follow_the_trainer = True
 
 
-_workers_ended_at_exit = False
+def _ignore_stop_signals() -> None:
+    """In a forked child of the training process (a dataloader worker; os.register_at_fork above)."""
+    import signal
+
+    with contextlib.suppress(ValueError):  # only the forking thread can set handlers; the workers' is that one
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_workers_follow_the_trainer = False  # per process
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM")  # what StageGuard stops for, saving a checkpoint first
@@ -82,34 +79,29 @@ class StageGuard:
         print_main(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
                    "(send it again to stop at once)")
 
-    def callback(self):
+    def after_step(self, state, control) -> None:
+        """After an optimizer step (the Trainer's on_step_end; step.StopOnSignalOrDivergence): stop on a signal
+        (saving a checkpoint first) or on non-finite LoRA weights (without saving them), through the Trainer's
+        `control`. Every process decides on the same flags, so all stop after the same step: a signal reaches the
+        processes at slightly different points of their steps, and one that stopped a step earlier than the others
+        would leave them waiting in the next step's gradient exchange. One device sync per step (and, with several
+        processes, one tiny all-reduce)."""
         import torch
-        from transformers import TrainerCallback
 
-        guard = self
-
-        class Guard(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                # Every process decides on the same flags, so all stop after the same step: a signal reaches the
-                # processes at slightly different points of their steps, and one that stopped a step earlier than
-                # the others would leave them waiting in the next step's gradient exchange. One device sync per
-                # step (and, with several processes, one tiny all-reduce).
-                device = guard.params[0].device if guard.params else "cpu"
-                non_finite = (~torch.stack([torch.isfinite(p).all() for p in guard.params]).all() if guard.params
-                              else torch.tensor(False, device=device))
-                received = STOP_SIGNALS.index(guard.signal_name) + 1 if guard.signal_name else 0
-                flags = torch.stack([non_finite.float(), torch.tensor(float(received), device=device)])
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-                non_finite, received = flags.tolist()
-                if non_finite:
-                    guard.non_finite_step = state.global_step
-                    control.should_save, control.should_training_stop = False, True
-                elif received:
-                    guard.stop_signal = STOP_SIGNALS[int(received) - 1]
-                    control.should_save, control.should_training_stop = True, True
-
-        return Guard()
+        device = self.params[0].device if self.params else "cpu"
+        non_finite = (~torch.stack([torch.isfinite(p).all() for p in self.params]).all() if self.params
+                      else torch.tensor(False, device=device))
+        received = STOP_SIGNALS.index(self.signal_name) + 1 if self.signal_name else 0
+        flags = torch.stack([non_finite.float(), torch.tensor(float(received), device=device)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        non_finite, received = flags.tolist()
+        if non_finite:
+            self.non_finite_step = state.global_step
+            control.should_save, control.should_training_stop = False, True
+        elif received:
+            self.stop_signal = STOP_SIGNALS[int(received) - 1]
+            control.should_save, control.should_training_stop = True, True
 
     def raise_if_stopped(self, trainer, work_dir: Path, lr: float) -> None:
         """After training: a diverged loss (nothing is saved as the stage) or a stop signal (a checkpoint was saved

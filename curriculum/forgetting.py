@@ -197,13 +197,13 @@ class EarlierStagesWatch:
     """The earlier stages' dev losses during the stage: measured before the first step, at every evaluation (with
     the stage's own, every eval_steps) and at the end; held against forgetting_tolerance.
 
-    `evaluate(datasets, prefix)` is the Trainer's own `evaluate(eval_dataset=datasets, metric_key_prefix=prefix)`:
-    a dict of datasets gives `<prefix>_<name>_loss`, logged (console, TensorBoard as eval/<name>_loss) and kept in
-    the Trainer's log history, which a resumed run restores."""
+    The losses come from the Trainer's own evaluate (`evaluate`, passed to each method that measures, by the
+    Trainer's callback step.WatchEarlierStages and by the recipe's fit): a dict of datasets as `eval_dataset` gives
+    `<prefix>_<name>_loss`, logged (console, TensorBoard as eval/<name>_loss) and kept in the Trainer's log history,
+    which a resumed run restores."""
 
-    def __init__(self, splits: dict[str, tuple], cfg: StageConfig, work_dir: Path,
-                 evaluate: Callable[[dict, str], dict], resumed: bool):
-        self.splits, self.work_dir, self.evaluate, self.resumed = splits, Path(work_dir), evaluate, resumed
+    def __init__(self, splits: dict[str, tuple], cfg: StageConfig, work_dir: Path, resumed: bool):
+        self.splits, self.work_dir, self.resumed = splits, Path(work_dir), resumed
         self.tolerance, self.action, self.eval_steps = cfg.forgetting_tolerance, cfg.forgetting_action, cfg.eval_steps
         self.start: dict[str, float] = {}  # loss before this stage's first step
         self.last: tuple[int, dict[str, float]] | None = None  # (step, losses) of the latest measure
@@ -212,7 +212,7 @@ class EarlierStagesWatch:
         self.stopped_at: int | None = None
         self.dev_metrics: dict[str, dict] = {}
 
-    def measure(self, prefix: str) -> dict[str, float]:
+    def measure(self, prefix: str, evaluate: Callable[..., dict]) -> dict[str, float]:
         """The loss on each earlier dev split, by the Trainer's evaluation of a dict of datasets. The RNG is left as
         it was, so watching does not change what trains (the eval dataloaders draw their seeds from it)."""
         if not self.splits:
@@ -221,7 +221,8 @@ class EarlierStagesWatch:
 
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            metrics = self.evaluate({name: ds for name, (_, ds) in self.splits.items()}, prefix)
+            metrics = evaluate(eval_dataset={name: ds for name, (_, ds) in self.splits.items()},
+                               metric_key_prefix=prefix)
         return {name: metrics[f"{prefix}_{name}_loss"] for name in self.splits}
 
     def describe(self, step: int, max_steps: int, losses: dict[str, float]) -> str:
@@ -248,49 +249,44 @@ class EarlierStagesWatch:
             self.stopped_at = step
         return bool(over) and self.action == "stop"
 
-    def at_evaluation(self, state, control) -> None:
-        losses = self.measure("eval")
+    def before_first_step(self, evaluate: Callable[..., dict]) -> None:
+        """The losses before this stage's first step (a resumed run reads the interrupted run's), saved for a
+        resumed run. Run once the Trainer has wrapped the model for training (step.MeasureBeforeFirstStep says why)."""
+        if not self.splits:
+            return
+        saved = self.work_dir / START_FILE
+        if self.resumed and saved.is_file():
+            self.start = json.loads(saved.read_text())
+            return
+        self.start = self.measure("first_eval", evaluate)
+        print_main("earlier stages before the first step | " + " | ".join(
+            f"stage {self.splits[n][0].stage} dev loss {loss:.4f}" for n, loss in self.start.items()))
+        if is_main_process():
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(self.start))
+
+    def at_evaluation(self, state, control, evaluate: Callable[..., dict]) -> None:
+        """Measure, say, hold against the tolerance; over it with forgetting_action: stop, the Trainer saves a
+        checkpoint and stops, as for a stop signal."""
+        if not self.splits:
+            return
+        losses = self.measure("eval", evaluate)
         self.last = (state.global_step, losses)
         print_main(self.describe(state.global_step, state.max_steps, losses))
-        if self.check(state.global_step, losses):  # as for a stop signal: a checkpoint, then the stage ends
+        if self.check(state.global_step, losses):
             control.should_save, control.should_training_stop = True, True
 
-    def callback(self):
-        from transformers import TrainerCallback
+    def after_step(self, state, control, evaluate: Callable[..., dict]) -> None:
+        """Measure at every eval_steps when the stage has no evaluation of its own to measure with (at_evaluation
+        then runs with it), and at the last step when there is a tolerance, where a stop still saves."""
+        if control.should_evaluate:  # the stage's own evaluation comes next: at_evaluation measures then
+            return
+        due = self.eval_steps and state.global_step % self.eval_steps == 0  # (no own eval_file)
+        last = self.tolerance is not None and state.global_step >= state.max_steps
+        if due or last:
+            self.at_evaluation(state, control, evaluate)
 
-        watch = self
-
-        class Watch(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                # After the Trainer wrapped the model for training (see the recipe's before_first_step).
-                saved = watch.work_dir / START_FILE
-                if watch.resumed and saved.is_file():
-                    watch.start = json.loads(saved.read_text())
-                    return
-                watch.start = watch.measure("first_eval")
-                print_main("earlier stages before the first step | " + " | ".join(
-                           f"stage {watch.splits[n][0].stage} dev loss {loss:.4f}" for n, loss in watch.start.items()))
-                if is_main_process():
-                    watch.work_dir.mkdir(parents=True, exist_ok=True)
-                    saved.write_text(json.dumps(watch.start))
-
-            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-                # The stage's own evaluation every eval_steps reports `eval_loss`; the others (first_eval_...,
-                # final_eval_..., and ours: eval_stage1_loss, ...) do not, so this never calls itself.
-                if metrics and "eval_loss" in metrics:
-                    watch.at_evaluation(state, control)
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if control.should_evaluate:  # the stage's own evaluation comes next: on_evaluate measures
-                    return
-                due = watch.eval_steps and state.global_step % watch.eval_steps == 0  # (no own eval_file)
-                last = watch.tolerance is not None and state.global_step >= state.max_steps
-                if due or last:  # the tolerance is checked at the last step too, where a stop still saves
-                    watch.at_evaluation(state, control)
-
-        return Watch()
-
-    def end(self, state, work_dir: Path) -> None:
+    def end(self, state, work_dir: Path, evaluate: Callable[..., dict]) -> None:
         """After training: the losses at the end (those of the last step if measured there), held against the
         tolerance unless they just were; raises StageStopped (exit FORGETTING_EXIT_CODE) if the stage stopped."""
         if not self.splits:  # stage 1, or watch_earlier_stages: false
@@ -298,7 +294,7 @@ class EarlierStagesWatch:
         if self.last is not None and self.last[0] == state.global_step:
             self.final = self.last[1]
         else:  # not measured at the last step, or a run resumed from a checkpoint at the last step
-            self.final = self.measure("final_eval")
+            self.final = self.measure("final_eval", evaluate)
             print_main(self.describe(state.global_step, state.max_steps, self.final))
             self.check(state.global_step, self.final)
         if self.stopped_at is None:

@@ -21,7 +21,8 @@ def stage_metrics(cfg: StageConfig, lineage: Lineage, trained_by: dict, data, fi
     and Fit; `views` what each process held."""
     import torch  # for the peak memory; the recipe has it loaded by now
 
-    state, world, batch_size = fitted.trainer.state, len(views), fitted.batch_size
+    state, world = fitted.trainer.state, len(views)
+    batch_size, grad_accum = fitted.size.batch_size, fitted.size.grad_accum
     return {
         "stage": cfg.stage,
         "model_name_or_path": cfg.model_name_or_path,
@@ -29,9 +30,9 @@ def stage_metrics(cfg: StageConfig, lineage: Lineage, trained_by: dict, data, fi
         "trainable_params": views[0]["trainable_params"],
         "lora": dataclasses.asdict(cfg.lora),
         "quantization": dataclasses.asdict(cfg.quantization),
-        "first_eval_loss": fitted.first_eval_loss,
+        "first_eval_loss": fitted.start.first_eval_loss,
         "first_eval_file": str(Path(data.continuity_file).resolve()) if data.continuity is not None else None,
-        "first_eval_loss_own_split": fitted.first_eval_loss_own_split,
+        "first_eval_loss_own_split": fitted.start.first_eval_loss_own_split,
         "previous_final_eval_loss": lineage.previous_metrics.get("final_eval_loss"),
         "final_eval_loss": final_eval,
         "final_eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
@@ -46,15 +47,15 @@ def stage_metrics(cfg: StageConfig, lineage: Lineage, trained_by: dict, data, fi
         "train_loss": fitted.result.training_loss,
         "global_steps": state.global_step,
         "batch_size_chosen": batch_size if cfg.batch_size == "auto" else None,
-        "grad_accum": fitted.grad_accum,
-        "effective_batch_size": batch_size * fitted.grad_accum * world,
+        "grad_accum": grad_accum,
+        "effective_batch_size": batch_size * grad_accum * world,
         "plan": fitted.plan,  # effective_batch: the plan chosen, and what was measured to choose it
         "num_processes": world,
         "train_samples": len(data.train),
         "train_seconds": round(fitted.train_seconds, 2),
         # steps of this run only: a resumed run timed only what it trained after the resume
-        "samples_per_second": round((state.global_step - fitted.resumed_at) * batch_size * fitted.grad_accum
-                                    * world / max(fitted.train_seconds, 1e-9), 3),
+        "samples_per_second": round((state.global_step - fitted.resumed_at) * batch_size * grad_accum * world
+                                    / max(fitted.train_seconds, 1e-9), 3),
         "resumed_from_step": fitted.resumed_at or None,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
         else None,

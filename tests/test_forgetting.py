@@ -308,7 +308,7 @@ def test_the_cli_reports_every_problem_before_the_model_loads(tmp_path):
 def watch_of(tolerance, action: str) -> forgetting.EarlierStagesWatch:
     stage = RecordedStage(1, Path("s1"), {})
     cfg = types.SimpleNamespace(forgetting_tolerance=tolerance, forgetting_action=action, eval_steps=10)
-    watch = forgetting.EarlierStagesWatch({"stage1": (stage, None)}, cfg, Path("w"), evaluate=None, resumed=False)
+    watch = forgetting.EarlierStagesWatch({"stage1": (stage, None)}, cfg, Path("w"), resumed=False)
     watch.start = {"stage1": 2.0}
     return watch
 

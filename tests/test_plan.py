@@ -30,7 +30,10 @@ def trained(tiny_model_path, processor, tmp_path, batch_size: int, grad_accum: i
     records = load_records(REPO / "data/stage2/train.jsonl")[:8 * steps]
     model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
     speed.fuse_lora_updates(model)
-    trainer = tq.build_trainer(model, processor, tq.VQADataset(records, processor, cfg), None, cfg, tmp_path / "w")
+    dataset = tq.VQADataset(records, processor, cfg.min_pixels, cfg.max_pixels)
+    patches = speed.plan_speed_patches(cfg)[0]  # answer-only logits on, as a stage trains
+    trainer = tq.build_trainer(model, processor, dataset, None, cfg, tq.StepSize(batch_size, grad_accum), patches,
+                               tmp_path / "w")
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return trainer.state.global_step, losses, {n: p.detach().clone() for n, p in model.named_parameters()
@@ -179,9 +182,9 @@ def test_a_stage_trains_with_the_plan_it_measured(tmp_path, tiny_model_path, mon
         seen.append((size, checkpointed, offloaded))
         return (1 + per_sample * size) * GIB, seconds if timed_steps else None
 
-    def build_trainer_recording(model, *args):
+    def build_trainer_recording(model, *args, **kwargs):
         trained_as.append(as_set(model))
-        return build_trainer(model, *args)
+        return build_trainer(model, *args, **kwargs)
 
     seen, trained_as, build_trainer = [], [], tq.build_trainer
     monkeypatch.setattr(tq, "build_trainer", build_trainer_recording)

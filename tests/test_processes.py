@@ -178,10 +178,10 @@ def test_merge_answers_refuses_duplicates_and_gaps():
 
 
 def test_planned_steps_count_a_last_short_accumulation_as_a_step():
-    cfg = StageConfig(output_dir="x", train_file="x", batch_size=8, grad_accum=2, epochs=1)
-    assert tq.planned_steps(200, cfg, 1) == 13  # 25 batches: 12 full accumulations and a last one of 1 batch
-    assert tq.planned_steps(200, cfg, 2) == 7   # 13 batches per process
-    assert tq.planned_steps(200, StageConfig(output_dir="x", train_file="x", max_steps=5), 4) == 5
+    cfg, size = StageConfig(output_dir="x", train_file="x", epochs=1), tq.StepSize(batch_size=8, grad_accum=2)
+    assert tq.planned_steps(200, size, cfg, 1) == 13  # 25 batches: 12 full accumulations and a last one of 1 batch
+    assert tq.planned_steps(200, size, cfg, 2) == 7   # 13 batches per process
+    assert tq.planned_steps(200, size, StageConfig(output_dir="x", train_file="x", max_steps=5), 4) == 5
 
 
 def test_fsdp_settings_are_checked_before_loading(tmp_path, monkeypatch):

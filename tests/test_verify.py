@@ -365,8 +365,8 @@ def trained_by_check(tmp_path: Path, record: dict | None, today: Path = SCRIPT) 
 def test_the_trained_by_check_reads_the_stages_record_and_compares_todays_script(tmp_path):
     record = recipe_check.trained_by(SCRIPT)
     same = trained_by_check(tmp_path / "same", record)
-    assert same.status == vf.PASS and same.detail.startswith(f"{SCRIPT.resolve()} (sha256 {record['sha256'][:12]}...), "
-                                                             "whose static check passed when the stage trained (")
+    assert same.status == vf.PASS and same.detail.startswith(f"{SCRIPT.resolve()} (sha256 {record['sha256'][:12]}...): "
+                                                             "the static check passed on it when the stage trained;")
     assert same.detail.endswith(f"; today's {SCRIPT} is that file, curriculum/ the same")
     # today's script changed since (renamed functions, a reshaped branch): information, the stage still passes
     edited = patched_script(tmp_path, "def continue_adapter(", "def reopen_adapter(")
@@ -375,7 +375,7 @@ def test_the_trained_by_check_reads_the_stages_record_and_compares_todays_script
     assert f"today's {edited} differs (sha256 {sha256_file(edited)[:12]}...)" in later.detail
     # run by something that imports the recipe (a test fixture): said
     fixture = trained_by_check(tmp_path / "fixture", {**record, "run_as": "/x/tests/broken_variants.py"})
-    assert "; run as /x/tests/broken_variants.py, which imported it;" in fixture.detail
+    assert "trained; run as /x/tests/broken_variants.py, which imported it;" in fixture.detail
     # a recipe whose check failed when it trained fails, whatever today's script is
     bad = trained_by_check(tmp_path / "bad", {**record, "static_check": {
         "passed": False, "detail": "line 7: merge_and_unload() in the prev_checkpoint branch (line 5)"}})
