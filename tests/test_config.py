@@ -183,7 +183,7 @@ def test_batch_size_auto_is_a_problem_for_training_without_a_gpu_and_a_note_for_
 def fake_adapter(path: Path, r=4, alpha=8, dropout=0.05, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     (path / ADAPTER_CONFIG).write_text(json.dumps({"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
-                                                      "target_modules": list(targets)}))
+                                                   "target_modules": list(targets)}))
     # tensors that fit the config (validate_config holds the two against each other), one layer's worth
     tensors = {f"base_model.model.model.language_model.layers.0.self_attn.{t}.{part}.weight": np.zeros(shape, "float32")
                for t in targets for part, shape in (("lora_A", (r, 8)), ("lora_B", (8, r)))}
@@ -207,7 +207,7 @@ def test_prev_checkpoint_with_other_lora_config_is_refused(tmp_path):
 def test_prev_checkpoint_whose_config_does_not_fit_its_tensors_is_refused(tmp_path):
     prev = fake_adapter(tmp_path / "stage1", r=4)
     (prev / ADAPTER_CONFIG).write_text(json.dumps({"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
-                                                      "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
+                                                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}))
     cfg = stage2_config(tmp_path, prev, "lora:\n  r: 8\n  alpha: 16\n")  # the YAML agrees with the edited config
     with pytest.raises(ConfigError, match=f"prev_checkpoint: {prev}: adapter_config.json says r=8, the tensors "
                                              "have rank 4"):

@@ -293,7 +293,7 @@ def test_split_summary_says_resizing_once_with_sizes_and_lengths(tmp_path, proce
 def test_unreadable_image_names_the_record(tmp_path, processor):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     recs = load_records(write_jsonl(tmp_path, [{"id": "a", "image": "bad.png", "question": "n?",
-                                                   "type": "numeric", "answer": 1}]))
+                                                "type": "numeric", "answer": 1}]))
     with pytest.raises(ConfigError, match=r"split.jsonl:1: cannot read image"):
         sample_lengths(recs, processor, cfg())
 
@@ -396,7 +396,7 @@ def test_option_letters_from_letters_indices_and_texts():
     assert records.option_letters("purple", opts, "f:1", None) is None
     assert records.option_letters("D", opts, "f:1", None) is None
     with pytest.raises(ConfigError, match=re.escape("f:1: column 'label' (columns.answer): index 3 is not one of "
-                                                       "the 3 options of column 'choices' (columns.options) (0 to 2)")):
+                                                    "the 3 options of column 'choices' (columns.options) (0 to 2)")):
         records.option_letters(3, opts, "f:1", DataColumns(answer="label", options="choices"))
 
 

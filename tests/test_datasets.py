@@ -20,7 +20,7 @@ N = 12
 
 def cfg(tmp_path: Path, **kw) -> StageConfig:
     return StageConfig(**{"output_dir": str(tmp_path / "curriculum" / "stage1"), "train_file": "t",
-                             "cache_image_checks": False, **kw})
+                          "cache_image_checks": False, **kw})
 
 
 def shipped_rows(n: int = N) -> list[dict]:
@@ -205,7 +205,7 @@ from make_hub_schemas import COLUMNS as HUB_COLUMNS  # noqa: E402
 
 def hub_records(tmp_path: Path, name: str, split: str = "train") -> list:
     records, problems = read_records(HUB / name / f"{split}.parquet", columns=DataColumns(**HUB_COLUMNS[name]),
-                                        image_dir=tmp_path / "images")
+                                     image_dir=tmp_path / "images")
     assert problems == []
     return records
 
@@ -266,7 +266,7 @@ def test_answer_and_references_may_share_a_column(tmp_path):
     # ChartQA's label list as the answer column reads as it does as the references column: free text, its references
     path = HUB / "chartqa" / "train.parquet"
     as_answer, _ = read_records(path, columns=DataColumns(question="query", answer="label"),
-                                   image_dir=tmp_path / "images")
+                                image_dir=tmp_path / "images")
     assert [(r.type, r.answer, r.references) for r in as_answer] == \
            [(r.type, r.answer, r.references) for r in hub_records(tmp_path, "chartqa")]
 

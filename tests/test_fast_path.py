@@ -305,7 +305,7 @@ def test_batched_generation_answers_as_one_question_at_a_time(tiny_model_path, p
                                              add_generation_prompt=True) for r in records]
     assert len({len(p) for p in prompts}) > 1  # prompts of different lengths: the batch is padded
     cfg = StageConfig(output_dir="o", train_file="t", max_pixels=50176,
-                         quantization=QuantizationSettings(compute_dtype="float32"))
+                      quantization=QuantizationSettings(compute_dtype="float32"))
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), trained_adapter)
     speed.fuse_lora_updates(model)
     generate, scores = model.generate, []

@@ -147,7 +147,7 @@ def test_an_earlier_stages_split_is_read_with_that_stages_columns_and_question_t
     import yaml
 
     cfg = StageConfig(output_dir=str(tmp_path / "stage2"), train_file="t", system_prompt="Be brief.",
-                         columns=DataColumns(id="questionId"))
+                      columns=DataColumns(id="questionId"))
     earlier = tmp_path / "stage1"
     earlier.mkdir()
     (earlier / RESOLVED_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(StageConfig(
@@ -209,9 +209,9 @@ def test_a_stage_watches_each_earlier_stage_on_the_dev_split_it_recorded(tmp_pat
     stage1 = fake_stage(tmp_path / "stage1", 1, None, eval_file=str(dev[1]))
     stage2 = fake_stage(tmp_path / "stage2", 2, stage1, eval_file=str(dev[2]))
     cfg = StageConfig(output_dir=str(tmp_path / "stage3"), train_file=str(write_split(data_dir / "train.jsonl",
-                                                                                         "s3-train")),
-                         eval_file=str(dev[3]), stage=3, prev_checkpoint=str(stage2), batch_size=2,
-                         cache_image_checks=False)
+                                                                                      "s3-train")),
+                      eval_file=str(dev[3]), stage=3, prev_checkpoint=str(stage2), batch_size=2,
+                      cache_image_checks=False)
     data = tq.load_stage_data(cfg, resolve_lineage(cfg.prev_checkpoint), processor_without_model)
     watched = {name: (stage.stage, ids(split)) for name, (stage, split) in data.earlier_splits.items()}
     assert watched == {"stage1": (1, ["s1-dev-0", "s1-dev-1"]), "stage2": (2, ["s2-dev-0", "s2-dev-1"])}
@@ -228,7 +228,7 @@ def test_a_stage_watches_each_earlier_stage_on_the_dev_split_it_recorded(tmp_pat
 
 def validation_errors(**settings) -> str:
     cfg = StageConfig(**{"output_dir": "unused/out", "train_file": "data/stage1/train.jsonl", "batch_size": 2,
-                            "tensorboard": False, **settings})
+                         "tensorboard": False, **settings})
     with pytest.raises(ConfigError) as err:
         tq.validate_config(cfg)
     return str(err.value)

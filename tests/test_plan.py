@@ -24,9 +24,9 @@ def trained(tiny_model_path, processor, tmp_path, batch_size: int, grad_accum: i
     samples, on stage 2's records (answers of one to several tokens, so micro-batches hold different counts)."""
     fp32 = QuantizationSettings(compute_dtype="float32")  # the CPU's arithmetic: differences are the split's
     cfg = StageConfig(output_dir=str(tmp_path / "out"), train_file="unused", batch_size=batch_size,
-                         grad_accum=grad_accum, max_steps=steps, lr=1e-2, warmup_ratio=0.0, logging_steps=1,
-                         eval_steps=0, tensorboard=False, dataloader_num_workers=0, gradient_checkpointing=False,
-                         quantization=fp32, lora=LoraSettings(dropout=0.0))  # dropout masks follow the shapes
+                      grad_accum=grad_accum, max_steps=steps, lr=1e-2, warmup_ratio=0.0, logging_steps=1,
+                      eval_steps=0, tensorboard=False, dataloader_num_workers=0, gradient_checkpointing=False,
+                      quantization=fp32, lora=LoraSettings(dropout=0.0))  # dropout masks follow the shapes
     records = load_records(REPO / "data/stage2/train.jsonl")[:8 * steps]
     model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
     speed.fuse_lora_updates(model)
@@ -153,7 +153,7 @@ def test_processes_that_planned_apart_take_what_fits_on_each():
 
 def test_effective_batch_leaves_the_split_to_the_plan(tmp_path):
     cfg = load_config(REPO / "configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "effective_batch=16",
-                                                             "batch_size=auto"])
+                                                          "batch_size=auto"])
     tq.validate_config(cfg)  # on a CPU too: the plan then runs the whole step as one micro-batch
     for key, value in (("batch_size", "8"), ("grad_accum", "2"), ("checkpointed_layers", "0.5"),
                        ("offload_activations", "true")):
@@ -161,7 +161,7 @@ def test_effective_batch_leaves_the_split_to_the_plan(tmp_path):
             tq.validate_config(load_config(REPO / "configs/demo/stage1.yaml", [
                 f"output_dir={tmp_path}", "effective_batch=16", "batch_size=auto", f"{key}={value}"]))
     assert effective_batch_problems(cfg, 3) == ["effective_batch (16) must be a multiple of the 3 processes "
-                                                   "(each takes an equal share of a step)"]
+                                                "(each takes an equal share of a step)"]
 
 
 def test_a_stage_trains_with_the_plan_it_measured(tmp_path, tiny_model_path, monkeypatch, capsys):
