@@ -21,6 +21,7 @@ from curriculum.config import StageConfig, load_config
 from curriculum.data_files import IMAGE_CHECK_CACHE
 from curriculum.errors import ConfigError
 from curriculum.evaluation import merge_answers
+from curriculum.lineage import saved_stage_lineage
 from curriculum.processes import one_gpu_per_process
 
 PROCESSES, BATCH, ACCUM, EVAL_QUESTIONS = 2, 8, 2, 9
@@ -107,13 +108,14 @@ def test_verifier_passes_the_stages_and_catches_processes_that_trained_apart(ddp
 
     root, _ = ddp_curriculum
     for stage in (1, 2):
-        check = vf.check_lineage(root / f"stage{stage}", metrics(root / f"stage{stage}"))
+        stage_dir = root / f"stage{stage}"
+        check = vf.check_lineage(stage_dir, metrics(stage_dir), saved_stage_lineage(stage_dir, metrics(stage_dir)))
         assert check.status == vf.PASS and "on 2 processes" in check.detail, check.detail
     apart = tmp_path / "apart"
     shutil.copytree(root / "stage2", apart)
     m = metrics(apart)
     m["processes"][1]["final_tensors_sha256"] = "0" * 64  # as if process 1 had trained a copy of its own
-    check = vf.check_lineage(apart, m)
+    check = vf.check_lineage(apart, m, saved_stage_lineage(apart, m))
     assert check.status == vf.FAIL and "trained apart" in check.detail
 
 
