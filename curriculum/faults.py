@@ -23,12 +23,14 @@ NOT_COMPARED_ON_RESUME = ("overwrite", "forgetting_tolerance", "forgetting_actio
 def dataloader_workers_follow_the_trainer() -> None:
     """Set once in the training process, before its dataloaders start workers (the recipe's fit), for every worker
     process forked from it from then on:
-    - a worker ignores SIGINT and SIGTERM. Ctrl-C in a terminal, and torchrun or a cluster scheduler passing on
+    - a worker holds SIGINT and SIGTERM blocked. Ctrl-C in a terminal, and torchrun or a cluster scheduler passing on
       SIGTERM, signal the whole process group; a worker that dies of it crashes the training step before StageGuard
-      can save its checkpoint. The training process alone decides to stop, and ends its workers itself.
-    - at exit, the workers still running are killed. They ignore SIGTERM, so after a crash multiprocessing's own exit
-      handler, which terminates them and then waits for them, would wait forever. Registered after multiprocessing's
-      handler, so it runs before it.
+      can save its checkpoint. The training process alone decides to stop, and ends its workers itself. (Blocked, not
+      ignored: torch's worker loop installs its own SIGTERM handler after the fork; a blocked signal is never
+      delivered, whatever handler it has.)
+    - at exit, the workers still running are killed. They never take SIGTERM, so after a crash multiprocessing's own
+      exit handler, which terminates them and then waits for them, would wait forever. Registered after
+      multiprocessing's handler, so it runs before it.
     (Not in the dataset: a dataset holds data, and is also read outside training.)"""
     import atexit
     import multiprocessing.util  # registers its exit handler now if not yet, so that ours runs first
@@ -36,18 +38,16 @@ def dataloader_workers_follow_the_trainer() -> None:
     global _workers_follow_the_trainer
     if _workers_follow_the_trainer:
         return
-    os.register_at_fork(after_in_child=_ignore_stop_signals)
+    os.register_at_fork(after_in_child=_block_stop_signals)
     atexit.register(lambda: [child.kill() for child in multiprocessing.active_children()])
     _workers_follow_the_trainer = True
 
 
-def _ignore_stop_signals() -> None:
+def _block_stop_signals() -> None:
     """In a forked child of the training process (a dataloader worker; os.register_at_fork above)."""
     import signal
 
-    with contextlib.suppress(ValueError):  # only the forking thread can set handlers; the workers' is that one
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 _workers_follow_the_trainer = False  # per process
