@@ -30,12 +30,14 @@ from pathlib import Path
 
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
-from curriculum.adapter_files import ADAPTER_WEIGHTS, sha256_file
+from curriculum.adapter_files import ADAPTER_WEIGHTS
 from curriculum.answer_loss import answer_positions
 from curriculum.base_model import from_pretrained_checked, load_processor, resolve_model_path
+from curriculum.config import StageConfig, load_config
 from curriculum.data_files import dataset_image_dir, load_records
 from curriculum.errors import ConfigError
 from curriculum.evaluation import generate_answers
+from curriculum.hashing import sha256_file
 from curriculum.processes import training_device
 from curriculum.records import Record
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
@@ -48,7 +50,7 @@ LOGIT_TOLERANCE = 0.03
 CHECK_FILE = "export_check.json"
 
 
-def stage_config(stage_dir: Path) -> tq.StageConfig:
+def stage_config(stage_dir: Path) -> StageConfig:
     """The stage's own resolved config, with output_dir pointing at where the stage is now (it may have moved)."""
     adapter = vf.check_adapter_files(stage_dir) if stage_dir.is_dir() else None
     if adapter is None or adapter.status != vf.PASS:
@@ -56,10 +58,10 @@ def stage_config(stage_dir: Path) -> tq.StageConfig:
                           + (f" ({adapter.detail})" if adapter else ""))
     if not (stage_dir / RESOLVED_CONFIG).is_file():
         raise ConfigError(f"{stage_dir}: no {RESOLVED_CONFIG}, so the base and the settings are unknown")
-    return dataclasses.replace(tq.load_config(stage_dir / RESOLVED_CONFIG), output_dir=str(stage_dir))
+    return dataclasses.replace(load_config(stage_dir / RESOLVED_CONFIG), output_dir=str(stage_dir))
 
 
-def refuse_quantized_base(model_path: str, cfg: tq.StageConfig) -> None:
+def refuse_quantized_base(model_path: str, cfg: StageConfig) -> None:
     """A base checkpoint stored quantized (bitsandbytes, GPTQ, AWQ, ...) cannot take a merge without losing it."""
     from transformers import AutoConfig
 
@@ -72,7 +74,7 @@ def refuse_quantized_base(model_path: str, cfg: tq.StageConfig) -> None:
             "mostly be lost. Export from the unquantized (bf16) checkpoint it was made from: --base PATH_OR_ID")
 
 
-def load_bf16(model_path: str, cfg: tq.StageConfig):
+def load_bf16(model_path: str, cfg: StageConfig):
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -80,7 +82,7 @@ def load_bf16(model_path: str, cfg: tq.StageConfig):
                                    device_map={"": training_device()})
 
 
-def answer_logits(model, processor, records: list[Record], answers: list[str], cfg: tq.StageConfig) -> list:
+def answer_logits(model, processor, records: list[Record], answers: list[str], cfg: StageConfig) -> list:
     """Each question's logits (float32, on the CPU) at the positions that predict the answer given (and its end
     token), as the model reads prompt and answer in one forward pass."""
     import torch
@@ -136,7 +138,7 @@ def failure_advice(failed: list[dict], base: str, stage_dir: Path) -> str:
 
 
 def check_merged(model_path: str, stage_dir: Path, merged_dir: Path, records: list[Record],
-                 cfg: tq.StageConfig) -> list[dict]:
+                 cfg: StageConfig) -> list[dict]:
     """Per question: the adapter model's and the merged folder's answers and logits, compared (compare_question)."""
     import torch
     from peft import PeftModel

@@ -3,19 +3,21 @@
     python verify_exp4_fix.py models/exp4_curriculum/stage2 [--config configs/exp4_stage2.yaml]
                               [--base PATH_OR_ID] [--tolerance 0.10] [--skip-load] [--json] [--debug]
     python verify_exp4_fix.py --curriculum models/exp4_curriculum     # every stage, in order
-    python verify_exp4_fix.py --script train_qlora_qwen3vl.py          # the static check alone
+    python verify_exp4_fix.py --script train_qlora_qwen3vl.py          # the static check of a script file
 
 Each check prints one line: `✓ name: ...`, `✗ name: ...` (with the reason) or `- name: not run (...)`.
 Exit 0 when no check failed, 1 when any failed, 2 on bad usage. A check that cannot run is never a pass.
 Each check runs on its own: a stage damaged in a way that makes one check raise fails that check, with the error in
-one line (the traceback with --debug), and the other checks still run.
+one line (the traceback with --debug), and the other checks still run. A stage's checks read its own files and the
+base it names: the code that trained it is judged by what the stage recorded of it (`trained by`), and today's
+script is only compared with that; `--script` checks a script file itself.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
+import functools
 import io
 import json
 import math
@@ -39,14 +41,16 @@ from curriculum.adapter_files import (
     processes_ended_apart_from,
     read_adapter_file,
     read_adapter_lora,
-    sha256_file,
 )
 from curriculum.base_model import resolve_model_path
+from curriculum.config import LoraSettings, StageConfig, load_config
 from curriculum.errors import ConfigError, CurriculumError
-from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS, previous_stage_dir
+from curriculum.hashing import sha256_file
+from curriculum.lineage import Lineage, saved_stage_lineage
+from curriculum.recipe_check import helpers_sha256, static_check
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not run"
-FORBIDDEN_IN_CONTINUE_BRANCH = ("merge_and_unload", "prepare_model_for_kbit_training", "get_peft_model")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 NO_METRICS = f"no readable {STAGE_METRICS} (see stage record)"
 
@@ -86,7 +90,7 @@ class StageRecord:
     """What a stage recorded: its metrics and resolved config, None where absent or unreadable (then `problems`
     says why; a stage made elsewhere may have neither file)."""
     metrics: dict | None
-    config: tq.StageConfig | None
+    config: StageConfig | None
     problems: list[str] = field(default_factory=list)
 
 
@@ -105,7 +109,7 @@ def read_stage(stage_dir: Path) -> StageRecord:
                 record.problems.append(f"{STAGE_METRICS} holds a JSON {type(metrics).__name__}, not an object")
     if (stage_dir / RESOLVED_CONFIG).is_file():
         try:
-            record.config = tq.load_config(stage_dir / RESOLVED_CONFIG)
+            record.config = load_config(stage_dir / RESOLVED_CONFIG)
         except ConfigError as err:
             record.problems.append(" ".join(str(err).split()))
     return record
@@ -153,7 +157,7 @@ def check_adapter_files(stage_dir: Path) -> Check:
                              "safetensors only)")
 
 
-def check_adapter_shapes(stage_dir: Path, saved_config: tq.StageConfig | None) -> Check:
+def check_adapter_shapes(stage_dir: Path, saved_config: StageConfig | None) -> Check:
     """The tensors' ranks and modules against adapter_config.json and the stage's resolved_config.yaml: the cheap
     way to name a hand-edited or mixed-up config, which the model load reports only as a size mismatch."""
     name = "adapter shapes"
@@ -192,7 +196,7 @@ def check_stage_record(stage_dir: Path, record: StageRecord) -> Check:
                              "base model and LoRA settings")
 
 
-def check_lora_config(stage_dir: Path, expected: tq.LoraSettings | None, source: str) -> Check:
+def check_lora_config(stage_dir: Path, expected: LoraSettings | None, source: str) -> Check:
     name = "LoRA config"
     if expected is None:
         return Check(name, NOT_RUN, "no --config and no resolved config saved with the stage")
@@ -207,7 +211,8 @@ def lora_b_all_zero(tensors: dict) -> bool:
     return all(not t.abs().sum().item() for k, t in tensors.items() if "lora_B" in k)
 
 
-def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
+def check_lineage(stage_dir: Path, metrics: dict | None, lineage: Lineage) -> Check:
+    """The stage started from exactly the previous stage's adapter (`lineage`, from its record), and trained it."""
     name = "lineage"
     if metrics is None:
         return Check(name, NOT_RUN, NO_METRICS)
@@ -224,14 +229,14 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     on = f" on {len(views)} processes" if len(views) > 1 else ""
     if not metrics.get("prev_checkpoint"):
         return Check(name, PASS, f"stage {metrics.get('stage')}: a new adapter, trained{on} (B matrices non-zero)")
-    prev = previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
+    prev = lineage.folder  # where the stage recorded it, or beside it if the curriculum moved
     start_sha = metrics.get("start_adapter_file_sha256")
     if not start_sha:
         return Check(name, FAIL, "the stage recorded no hash of the adapter it started from")
     if prev is None:
         return Check(name, NOT_RUN, f"previous stage {metrics['prev_checkpoint']} is gone (and is not beside this "
                                     "stage); cannot compare")
-    prev_sha = sha256_file(prev / ADAPTER_WEIGHTS)
+    prev_sha = lineage.adapter_file_sha256
     if start_sha != prev_sha:
         return Check(name, FAIL, f"started from weights {start_sha[:12]}..., but {prev} holds {prev_sha[:12]}...: "
                                  "not the previous stage's adapter")
@@ -246,15 +251,15 @@ def check_lineage(stage_dir: Path, metrics: dict | None) -> Check:
     return Check(name, PASS, f"started from exactly {prev}'s adapter (sha256 {prev_sha[:12]}...) and trained it{on}")
 
 
-def check_continuity(stage_dir: Path, metrics: dict | None, tolerance: float) -> Check:
+def check_continuity(metrics: dict | None, lineage: Lineage, tolerance: float) -> Check:
+    """The first loss of the stage against the previous stage's last (its record, as `lineage` found it; else the
+    value this stage recorded of it)."""
     name = "continuity"
     if metrics is None:
         return Check(name, NOT_RUN, NO_METRICS)
     if not metrics.get("prev_checkpoint"):
         return Check(name, NOT_RUN, "stage 1 has no previous stage")
-    prev = previous_stage_dir(stage_dir, metrics["prev_checkpoint"])  # or beside it, if the curriculum moved
-    prev_metrics = read_stage(prev).metrics if prev else None
-    prev_final = (prev_metrics or {}).get("final_eval_loss", metrics.get("previous_final_eval_loss"))
+    prev_final = lineage.previous_metrics.get("final_eval_loss", metrics.get("previous_final_eval_loss"))
     first = metrics.get("first_eval_loss")
     if first is None or prev_final is None:
         return Check(name, NOT_RUN, "no eval loss recorded (no eval_file?)")
@@ -266,18 +271,16 @@ def check_continuity(stage_dir: Path, metrics: dict | None, tolerance: float) ->
     return Check(name, PASS, detail)
 
 
-def check_replay(stage_dir: Path, metrics: dict) -> Check:
+def check_replay(metrics: dict, lineage: Lineage) -> Check:
     """A stage that replayed earlier stages' training records (replay.fraction): replay is no new data source. Every
     replayed stage is in this stage's lineage, and the records came from the very file (by SHA-256) that stage
     recorded training on. Only for stages that recorded replay."""
     name = "replay"
     record = metrics["replay"]
-    prev = previous_stage_dir(stage_dir, metrics.get("prev_checkpoint"))  # or beside it, if the curriculum moved
-    if prev is None:
+    if lineage.folder is None:  # where the stage recorded it, or beside it if the curriculum moved
         return Check(name, NOT_RUN, f"previous stage {metrics.get('prev_checkpoint')} is gone (and is not beside "
                                     "this stage); cannot compare the replayed files with what the stages trained on")
-    chain = forgetting.lineage(str(prev), lambda d: read_stage(Path(d)).metrics, previous_stage_dir)
-    problems = forgetting.replay_problems(record, chain)
+    problems = forgetting.replay_problems(record, lineage.chain)
     if problems:
         return Check(name, FAIL, "; ".join(problems))
     sources = " and ".join(f"stage {e['stage']} ({e['records']} of {e['pool']} from {e['train_file']}, sha256 "
@@ -297,7 +300,7 @@ def is_missing_local_path(name_or_path: str | None) -> bool:
     return looks_local and not Path(name_or_path).exists()
 
 
-def check_base_model(metrics: dict | None, config: tq.StageConfig | None, base: str | None) -> Check:
+def check_base_model(metrics: dict | None, config: StageConfig | None, base: str | None) -> Check:
     name = "base model"
     if metrics is None:
         return Check(name, NOT_RUN, NO_METRICS)
@@ -322,7 +325,7 @@ def check_base_model(metrics: dict | None, config: tq.StageConfig | None, base: 
                              f"{q.get('compute_dtype')}, double quant {q.get('double_quant')}")
 
 
-def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: tq.StageConfig | None,
+def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: StageConfig | None,
                                 base: str | None) -> Check:
     """Load the base exactly as the trainer does, reopen the adapter trainable, and inspect it."""
     name = "reopened for training"
@@ -357,66 +360,38 @@ def check_reopened_for_training(stage_dir: Path, metrics: dict | None, config: t
                              f"{len(in_file)} tensors match the model's shapes")
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Static check of the training script: parse it, so comments and strings do not count
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _mentions_prev_checkpoint(node: ast.AST) -> bool:
-    return any((isinstance(n, ast.Name) and "prev_checkpoint" in n.id)
-               or (isinstance(n, ast.Attribute) and "prev_checkpoint" in n.attr) for n in ast.walk(node))
-
-
-def _called_name(call: ast.Call) -> str:
-    f = call.func
-    return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else ""
-
-
-def _reachable_calls(body: list[ast.stmt], functions: dict[str, ast.FunctionDef], seen: set[str]) -> list[ast.Call]:
-    """Calls in `body` and, transitively, in the module's functions that it calls by name."""
-    calls = [n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Call)]
-    for call in list(calls):
-        fname = _called_name(call)
-        if fname in functions and fname not in seen:
-            seen.add(fname)
-            calls += _reachable_calls(functions[fname].body, functions, seen)
-    return calls
-
-
-def _is_trainable_true(call: ast.Call) -> bool:
-    return any(k.arg == "is_trainable" and isinstance(k.value, ast.Constant) and k.value.value is True
-               for k in call.keywords)
+def check_trained_by(metrics: dict | None, today: Path) -> Check:
+    """What trained the stage, as the stage recorded it when it trained: the recipe's SHA-256 and the static check's
+    result on it (curriculum/recipe_check.py). A stage is judged by the code that trained it: whether today's recipe
+    (`today`) and helpers are still that code is said, not judged. A recorded check that failed fails."""
+    name = "trained by"
+    if metrics is None:
+        return Check(name, NOT_RUN, NO_METRICS)
+    record = metrics.get("trained_by")
+    if not record:
+        return Check(name, NOT_RUN, "not recorded (the stage was trained before stages recorded what trained them); "
+                                    f"python verify_exp4_fix.py --script {today} checks today's script")
+    recipe, sha, static = record.get("recipe"), record.get("sha256"), record.get("static_check") or {}
+    trained = f"{recipe} (sha256 {str(sha)[:12]}...)"
+    if not static.get("passed"):
+        return Check(name, FAIL, f"{trained} failed the static check when the stage trained: {static.get('detail')}")
+    now = sha256_file(today) if today.is_file() else None
+    script_now = "is that file" if now == sha else f"differs (sha256 {now[:12]}...)" if now else "is not there"
+    helpers_now = "the same" if helpers_sha256() == record.get("helpers_sha256") else "changed since"
+    run_as = record.get("run_as")
+    ran = f"; run as {run_as}, which imported it" if run_as and run_as != recipe else ""
+    return Check(name, PASS, f"{trained}: the static check passed on it when the stage trained{ran}; today's {today} "
+                             f"{script_now}, curriculum/ {helpers_now}")
 
 
 def check_training_script(script: Path) -> Check:
+    """The static check (curriculum/recipe_check.py) on a script file: today's, or any other."""
     name = "training script"
     try:
-        tree = ast.parse(script.read_text(), filename=str(script))
+        found = static_check(script.read_text(), str(script))
     except (OSError, SyntaxError) as err:
         raise UsageError(f"cannot parse {script}: {err}") from None
-    functions = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
-    branches = [n for n in ast.walk(tree) if isinstance(n, ast.If) and _mentions_prev_checkpoint(n.test)]
-    continuing = []
-    for branch in branches:
-        calls = _reachable_calls(branch.body, functions, set())
-        if any(_called_name(c) == "from_pretrained" and _is_trainable_true(c) or
-               _called_name(c) == "from_pretrained" and "Peft" in ast.unparse(c.func) for c in calls):
-            continuing.append((branch, calls))
-    if not continuing:
-        return Check(name, FAIL, f"{script}: no `if ...prev_checkpoint...` branch that calls "
-                                 "PeftModel.from_pretrained")
-    problems = []
-    for branch, calls in continuing:
-        for call in calls:
-            fname = _called_name(call)
-            if fname in FORBIDDEN_IN_CONTINUE_BRANCH:
-                problems.append(f"line {call.lineno}: {fname}() in the prev_checkpoint branch (line {branch.lineno})")
-            if fname == "from_pretrained" and "Peft" in ast.unparse(call.func) and not _is_trainable_true(call):
-                problems.append(f"line {call.lineno}: PeftModel.from_pretrained without is_trainable=True")
-    if problems:
-        return Check(name, FAIL, f"{script}: " + "; ".join(problems))
-    return Check(name, PASS, f"{script}: the prev_checkpoint branch reopens the adapter with is_trainable=True; no "
-                             "merge_and_unload, second k-bit preparation or get_peft_model in it")
+    return Check(name, PASS if found.passed else FAIL, f"{script}: {found.detail}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -436,15 +411,20 @@ def run_isolated(name: str, check: Callable[[], Check]) -> Check:
 
 
 def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tolerance: float,
-                 skip_load: bool, script: Path) -> list[Check]:
+                 skip_load: bool, today_recipe: Path) -> list[Check]:
+    """The stage's checks: each reads the stage's own files (and the base it names); `today_recipe` is named only to
+    say whether the recipe that trained the stage is still that file."""
     if not stage_dir.is_dir():
         raise UsageError(f"stage directory not found: {stage_dir}")
     record = read_stage(stage_dir)
     metrics, saved_config = record.metrics, record.config
+    # the stages it continued, as its record names them: resolved once, by the first check that needs it (a record
+    # damaged so that it raises fails those checks, not the report)
+    lineage = functools.cache(lambda: saved_stage_lineage(stage_dir, metrics))
     config, source = saved_config, f"{stage_dir / RESOLVED_CONFIG}"
     if config_path:
         try:
-            config, source = tq.load_config(config_path), config_path
+            config, source = load_config(config_path), config_path
         except ConfigError as err:
             raise UsageError(str(err)) from None
     adapter_files = run_isolated("adapter files", lambda: check_adapter_files(stage_dir))
@@ -459,14 +439,14 @@ def verify_stage(stage_dir: Path, config_path: str | None, base: str | None, tol
         needs_adapter("adapter shapes", lambda: check_adapter_shapes(stage_dir, saved_config)),
         run_isolated("stage record", lambda: check_stage_record(stage_dir, record)),
         needs_adapter("LoRA config", lambda: check_lora_config(stage_dir, config.lora if config else None, source)),
-        needs_adapter("lineage", lambda: check_lineage(stage_dir, metrics)),
-        run_isolated("continuity", lambda: check_continuity(stage_dir, metrics, tolerance)),
-        *([run_isolated("replay", lambda: check_replay(stage_dir, metrics))]
+        needs_adapter("lineage", lambda: check_lineage(stage_dir, metrics, lineage())),
+        run_isolated("continuity", lambda: check_continuity(metrics, lineage(), tolerance)),
+        *([run_isolated("replay", lambda: check_replay(metrics, lineage()))]
           if isinstance(metrics, dict) and metrics.get("replay") else []),  # only a stage that replayed
         run_isolated("base model", lambda: check_base_model(metrics, config if config_path else None, base)),
         Check("reopened for training", NOT_RUN, "--skip-load") if skip_load else
         needs_adapter("reopened for training", lambda: check_reopened_for_training(stage_dir, metrics, config, base)),
-        run_isolated("training script", lambda: check_training_script(script)),
+        run_isolated("trained by", lambda: check_trained_by(metrics, today_recipe)),
     ]
     for c in checks:
         c.stage_dir = str(stage_dir)
@@ -510,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage_dir", nargs="?")
     parser.add_argument("--curriculum", metavar="ROOT", help="verify every stage under ROOT, in order")
-    parser.add_argument("--script", metavar="PY", help="statically check this training script (alone, if no stage)")
+    parser.add_argument("--script", metavar="PY", help="statically check this training script (alone, if no stage; "
+                                                       "with stages, also the recipe their records are compared with)")
     parser.add_argument("--config", help="stage YAML whose LoRA and quantization settings are expected")
     parser.add_argument("--base", help="base model to load instead of the one the stage recorded")
     parser.add_argument("--tolerance", type=float, default=0.10, help="continuity tolerance (default 0.10)")
@@ -521,22 +502,24 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return 0 if exc.code == 0 else 2
-    script = Path(args.script) if args.script else Path(tq.__file__)
+    today = Path(args.script) if args.script else Path(tq.__file__)  # what the stages' records are compared with
     try:
+        if args.script and not today.is_file():
+            raise UsageError(f"script not found: {today}")
         if args.curriculum:
             stages = curriculum_stages(Path(args.curriculum))
             checks = [c for s in stages for c in verify_stage(s, None, args.base, args.tolerance, args.skip_load,
-                                                              script)]
+                                                              today)]
             checks.append(run_isolated("LoRA config across stages", lambda: check_same_lora_across(stages)))
         elif args.stage_dir:
             checks = verify_stage(Path(args.stage_dir), args.config, args.base, args.tolerance, args.skip_load,
-                                  script)
-        elif args.script:
-            if not script.is_file():
-                raise UsageError(f"script not found: {script}")
-            checks = [check_training_script(script)]
-        else:
+                                  today)
+        elif not args.script:
             raise UsageError("give a STAGE_DIR, --curriculum ROOT or --script PY")
+        else:
+            checks = []
+        if args.script:  # the script file's own check, once, apart from the stages' (which read their records)
+            checks.append(check_training_script(today))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,11 +22,12 @@ import train_qlora_qwen3vl as tq
 from curriculum import speed
 from curriculum.adapter_files import ADAPTER_WEIGHTS
 from curriculum.base_model import load_processor, resolve_model_path
+from curriculum.config import StageConfig, load_config
 from curriculum.data_files import dataset_image_dir, load_records
 from curriculum.errors import ConfigError
 from curriculum.evaluation import evaluate_records, write_predictions
 from curriculum.plots import plot_forgetting
-from curriculum.processes import log
+from curriculum.processes import print_main
 from curriculum.records import QUESTION_TYPES
 from curriculum.scoring import metrics_table
 from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS, curriculum_stage_dirs
@@ -36,7 +37,7 @@ from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS, curriculum_s
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_for_eval(cfg: tq.StageConfig, adapter: str | None):
+def load_for_eval(cfg: StageConfig, adapter: str | None):
     """Base (4-bit, as trained) with the adapter opened for inference, or the bare base as the zero point."""
     from peft import PeftModel
 
@@ -45,7 +46,7 @@ def load_for_eval(cfg: tq.StageConfig, adapter: str | None):
     model = tq.load_quantized_base(model_path, cfg)
     if adapter:
         model = PeftModel.from_pretrained(model, adapter)
-    speed.apply_speed_patches(model, cfg, log=log)
+    speed.apply_speed_patches(model, cfg, say=print_main)
     return model, processor
 
 
@@ -55,13 +56,13 @@ def evaluate_forgetting(root: Path, limit: int | None) -> dict:
     stages = [(s, json.loads((s / STAGE_METRICS).read_text())) for s in curriculum_stage_dirs(root)]
     if not stages:
         raise ConfigError(f"{root} holds no stage directories (with {STAGE_METRICS})")
-    cfg = tq.load_config(stages[0][0] / RESOLVED_CONFIG)
+    cfg = load_config(stages[0][0] / RESOLVED_CONFIG)
     model, processor = load_for_eval(cfg, str(stages[0][0]))
     for stage_dir, m in stages[1:]:
         model.load_adapter(str(stage_dir), adapter_name=f"stage{m['stage']}")
     splits = {}
     for stage_dir, m in stages:  # each dev split read with the columns and question_type of the stage it is from
-        own = tq.load_config(stage_dir / RESOLVED_CONFIG)
+        own = load_config(stage_dir / RESOLVED_CONFIG)
         splits[m["stage"]] = load_records(m["final_eval_file"], cfg.system_prompt, cfg.allow_images_outside_data_dir,
                                           own.columns, dataset_image_dir(cfg), own.question_type)
     if limit:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.config:
             parser.error("give a CONFIG.yaml, or --forgetting ROOT")
-        cfg = tq.load_config(args.config, args.set)
+        cfg = load_config(args.config, args.set)
         data = args.data or {"train": cfg.train_file, "eval": cfg.eval_file, "test": cfg.test_file}[args.split]
         if not data or not Path(data).exists():
             raise ConfigError(f"no {args.split} split: set {args.split}_file in {args.config} or pass --data")

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_qlora_qwen3vl as tq  # noqa: E402
 from curriculum.base_model import load_processor  # noqa: E402
+from curriculum.config import StageConfig  # noqa: E402
 
 
 def make_split(root: Path, n: int, width: int, height: int) -> Path:
@@ -56,8 +57,8 @@ def main() -> None:
     processor = None
     for label, stage, cache in (("first stage", "stage1", True), ("next stage, same images", "stage2", True),
                                 ("cache_image_checks: false", "stage3", False)):
-        cfg = tq.StageConfig(output_dir=str(work / "curriculum" / stage), train_file=str(train_file),
-                             model_name_or_path=args.ckpt, batch_size=1, cache_image_checks=cache)
+        cfg = StageConfig(output_dir=str(work / "curriculum" / stage), train_file=str(train_file),
+                          model_name_or_path=args.ckpt, batch_size=1, cache_image_checks=cache)
         processor = processor or load_processor(args.ckpt, cfg)
         t = time.perf_counter()
         tq.load_split(str(train_file), processor, cfg, "train")

@@ -30,6 +30,7 @@ import train_qlora_qwen3vl as tq  # noqa: E402
 from curriculum import speed  # noqa: E402
 from curriculum.answer_loss import answer_only_loss  # noqa: E402
 from curriculum.base_model import load_processor  # noqa: E402
+from curriculum.config import StageConfig  # noqa: E402
 from curriculum.data_files import load_records  # noqa: E402
 
 # name -> (image side in pixels, config keys). "defaults" is what a user gets without setting anything; "-bsN"
@@ -119,20 +120,20 @@ def make_dataset(root: Path, px: int, n_records: int, n_images: int = 48) -> Pat
     return root / "train.jsonl"
 
 
-def stage_config(ckpt: str, train_file: Path, px: int, steps: int, keys: dict) -> tq.StageConfig:
+def stage_config(ckpt: str, train_file: Path, px: int, steps: int, keys: dict) -> StageConfig:
     data = dict(output_dir="/tmp/speed_out/stage", train_file=str(train_file), model_name_or_path=ckpt,
                 min_pixels=px * px, max_pixels=px * px, max_steps=steps, eval_steps=0, save_steps=0,
                 logging_steps=1000, tensorboard=False, eval_questions=0, warmup_ratio=0.0,
                 dataloader_num_workers=min(8, (os.cpu_count() or 2) - 1), max_seq_len=4096)
     lora = keys.pop("lora", {})
     data.update({k: v for k, v in keys.items() if not k.startswith("_")})
-    cfg = tq.StageConfig(**data)
+    cfg = StageConfig(**data)
     for k, v in lora.items():
         setattr(cfg.lora, k, v)
     return cfg
 
 
-def apply_liger(model, processor, train_file: Path, px: int, cfg: tq.StageConfig) -> dict:
+def apply_liger(model, processor, train_file: Path, px: int, cfg: StageConfig) -> dict:
     """speed.apply_liger_kernels on the loaded model, with the loss on one fixed batch before and after
     (the kernels must not change what is computed beyond bf16 rounding)."""
     import torch
@@ -157,7 +158,7 @@ def apply_liger(model, processor, train_file: Path, px: int, cfg: tq.StageConfig
             "abs_diff": round(abs(after - before), 5)}
 
 
-def set_variant_forwards(model, cfg: tq.StageConfig, swiglu: bool) -> None:
+def set_variant_forwards(model, cfg: StageConfig, swiglu: bool) -> None:
     """The variant's LoRA forward (fused or peft's), vision attention (batched or one call per image) and, where
     Liger is on, its SwiGLU (or the MLP's own)."""
     from peft.tuners.lora.bnb import Linear4bit
@@ -207,7 +208,7 @@ def step_timer():
     return StepTimer()
 
 
-def pipeline_rate(dataset, cfg: tq.StageConfig, batches: int) -> float:
+def pipeline_rate(dataset, cfg: StageConfig, batches: int) -> float:
     """Samples/s of the input pipeline alone (decode, resize, tokenise, collate) with the trainer's workers."""
     import torch
     from torch.utils.data import DataLoader
@@ -274,7 +275,7 @@ def profiler_callback(out: Path, name: str, at_step: int):
     return Profile()
 
 
-def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmup: int, load_s: float,
+def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: int, load_s: float,
                 profile_dir: Path | None = None, swiglu: bool = True, pipeline: bool = True,
                 measured: dict | None = None) -> dict:
     """One variant, through the trainer's pieces as train_stage runs them: batch_size: auto or the plan of
@@ -288,18 +289,21 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     set_variant_forwards(model, cfg, swiglu)
     cfg = dataclasses.replace(cfg, answer_only_logits=cfg.answer_only_logits is not False,  # auto: on, as trained
                               positions_in_dataloader=cfg.positions_in_dataloader is not False)
-    dataset = tq.VQADataset(load_records(cfg.train_file), processor, cfg)
+    # the two patches that change the Trainer and its batches, as train_stage hands them to build_trainer
+    patches = {key: speed.PatchDecision(getattr(cfg, key), "") for key in ("answer_only_logits",
+                                                                           "positions_in_dataloader")}
+    dataset = tq.VQADataset(load_records(cfg.train_file), processor, cfg.min_pixels, cfg.max_pixels)
     checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # also puts torch's checkpoint function back
     offloaded = speed.offload_checkpointed_activations(model) if cfg.offload_activations else 0
     plan, plan_s = None, 0.0
     if cfg.effective_batch:  # as fit does: the plan measured, the model set to it
         t = time.perf_counter()
-        chosen, plan = tq.plan_effective_batch(model, dataset, processor, cfg, measured)
+        chosen, plan = tq.plan_effective_batch(model, dataset, processor, cfg, patches, measured)
         plan_s = time.perf_counter() - t
-        cfg = tq.with_plan(cfg, chosen)
+        cfg = dataclasses.replace(cfg, batch_size=chosen.micro_batch, grad_accum=chosen.grad_accum)
         checkpointed, offloaded = chosen.checkpointed, chosen.checkpointed if chosen.offload else 0
     elif cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
-        cfg = dataclasses.replace(cfg, batch_size=tq.auto_batch_size(model, dataset, processor, cfg))
+        cfg = dataclasses.replace(cfg, batch_size=tq.auto_batch_size(model, dataset, processor, cfg, patches))
     for module in model.modules():  # lora.dropout per variant, on the one adapter
         if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
             module.lora_dropout["default"].p = cfg.lora.dropout
@@ -307,7 +311,8 @@ def run_variant(model, processor, name: str, px: int, cfg: tq.StageConfig, warmu
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    trainer = tq.build_trainer(model, processor, dataset, None, cfg, Path("/tmp/speed_out/work"))
+    trainer = tq.build_trainer(model, processor, dataset, None, cfg, tq.StepSize(cfg.batch_size, cfg.grad_accum),
+                               patches, Path("/tmp/speed_out/work"))
     timer = step_timer()
     trainer.add_callback(timer)
     if profile_dir is not None:
@@ -411,7 +416,7 @@ def compare_answers(batched: dict, single: dict, n_single: int) -> dict:
             "top2_margin_median": round((top2[:, 0] - top2[:, 1]).median().item(), 4)}
 
 
-def run_generation(model, processor, records, cfg: tq.StageConfig, runs) -> dict:
+def run_generation(model, processor, records, cfg: StageConfig, runs) -> dict:
     """generate_answers (curriculum/evaluation.py) for each (label, questions, batch, new tokens), timed: the whole
     call, and inside it the prefill and each decode step of model.generate; the rest is preparing inputs."""
     import torch

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
+from curriculum.config import LoraSettings
 from curriculum.errors import CurriculumError
 from curriculum.processes import check_processes_agree, fsdp_enabled, gather_from_processes
 
@@ -36,7 +37,7 @@ def read_adapter_lora(adapter_dir: str | os.PathLike) -> dict:
             "target_modules": sorted(targets) if isinstance(targets, list) else targets}
 
 
-def lora_mismatches(expected, saved: dict) -> list[str]:
+def lora_mismatches(expected: LoraSettings, saved: dict) -> list[str]:
     """Differences between the YAML's LoRA settings (`expected`, a LoraSettings) and a saved adapter's, one line
     each."""
     want = {"r": expected.r, "alpha": expected.alpha, "dropout": expected.dropout,
@@ -56,7 +57,8 @@ def adapter_tensor_shapes(adapter_dir: str | os.PathLike) -> dict[str, list[int]
         return {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
 
 
-def adapter_file_problems(adapter_dir: str | os.PathLike, expected=None, expected_source: str = "") -> list[str]:
+def adapter_file_problems(adapter_dir: str | os.PathLike, expected: LoraSettings | None = None,
+                          expected_source: str = "") -> list[str]:
     """Why the adapter saved in `adapter_dir` cannot load as the LoRA its adapter_config.json describes, one line
     each, none if it can. Reads the JSON and the tensor shapes, no weights and no model: a hand-edited config is
     named in a second, not as a size mismatch from deep inside the model load. With `expected` (the LoraSettings
@@ -121,7 +123,7 @@ def adapter_file_problems(adapter_dir: str | os.PathLike, expected=None, expecte
     return problems
 
 
-def prev_checkpoint_problems(prev: Path, lora, optimizer_state: str) -> list[str]:
+def adapter_to_continue_problems(prev: Path, lora: LoraSettings, optimizer_state: str) -> list[str]:
     """What is wrong with the previous stage's folder as the adapter to continue (config keys named), before any
     model loads: no adapter, a damaged one (named by file rather than as a size mismatch inside the load), other
     LoRA settings than `lora`, a second adapter beside it, no moments to resume."""
@@ -141,7 +143,7 @@ def prev_checkpoint_problems(prev: Path, lora, optimizer_state: str) -> list[str
     return problems
 
 
-def expected_lora_param_count(model, lora) -> int:
+def expected_lora_param_count(model, lora: LoraSettings) -> int:
     """r x (in + out) for every module the config (`lora`, a LoraSettings) targets, from the model's own module
     shapes: the trainable count that exactly one adapter has."""
     targets = set(lora.target_modules)
@@ -155,14 +157,6 @@ def expected_lora_param_count(model, lora) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # Hashes: the lineage a later stage and the verifier check
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def adapter_tensors_sha256(tensors: dict) -> str:

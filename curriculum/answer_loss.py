@@ -1,7 +1,8 @@
 """The loss on the answer tokens alone, with vocabulary logits computed only where that loss needs them (a few
 positions per sample instead of every one, of 151,936 each): the same loss as the model's own, without a
-(batch x length x vocabulary) fp32 tensor. The `answer_only_logits` setting turns it on; curriculum/speed.py checks
-that the installed transformers still takes `logits_to_keep` as it was written for."""
+(batch x length x vocabulary) fp32 tensor. The `answer_only_logits` setting turns it on (the Trainer that computes
+it: curriculum/step.py's AnswerOnlyLossTrainer); curriculum/speed.py checks that the installed transformers still
+takes `logits_to_keep` as it was written for."""
 
 from __future__ import annotations
 
@@ -36,26 +37,3 @@ def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
     keep, targets = answer_positions(inputs.pop("labels"))
     outputs = model(**inputs, logits_to_keep=keep)
     return answer_loss(outputs.logits, targets, num_items_in_batch), outputs
-
-
-def answer_only_loss_trainer(trainer_class):
-    """`trainer_class` (transformers' Trainer) with its loss taken through answer_only_loss."""
-
-    class AnswerOnlyLossTrainer(trainer_class):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            # compute_loss divides by the answer tokens of the whole optimizer step (every micro-batch of the
-            # accumulation, every process), so that any split of one effective batch is the same optimisation. The
-            # Trainer counts them, and takes the loss as already scaled for accumulation, only for a model that
-            # "accepts loss kwargs", which Qwen3-VL declares it does not (its own loss would ignore the count):
-            # without this, each micro-batch's mean is divided by the accumulation steps, and micro-batches with
-            # fewer answer tokens weigh more. curriculum/speed.py checks that the Trainer still reads this flag.
-            self.model_accepts_loss_kwargs = True
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = answer_only_loss(model, inputs, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                loss = loss * self.accelerator.num_processes  # as Trainer.compute_loss: the count spans processes
-            return (loss, outputs) if return_outputs else loss
-
-    return AnswerOnlyLossTrainer

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from curriculum.config import QuantizationSettings, StageConfig
 from curriculum.errors import ConfigError
-from curriculum.processes import fsdp_enabled, log, processes
+from curriculum.processes import fsdp_enabled, print_main, processes
 
 REPO_DIR = Path(__file__).resolve().parents[1]
 TINY_MODEL_NAME = "tiny-qwen3vl"
@@ -23,12 +24,12 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (TINY_MODEL_DIR / "config.json").is_file():
             from tiny_qwen3vl import build_random_qwen3vl  # transformers and torch: only when it is built
 
-            log(f"Building the tiny random Qwen3-VL at {TINY_MODEL_DIR} (first use, a few seconds)")
+            print_main(f"Building the tiny random Qwen3-VL at {TINY_MODEL_DIR} (first use, a few seconds)")
             build_random_qwen3vl(TINY_MODEL_DIR, shape="tiny", seed=0)
     return str(TINY_MODEL_DIR)
 
 
-def from_pretrained_checked(auto_class, model_path: str, cfg, **kwargs):
+def from_pretrained_checked(auto_class, model_path: str, cfg: StageConfig, **kwargs):
     """`auto_class.from_pretrained` with trust_remote_code passed explicitly (off unless the config, a StageConfig,
     turns it on); a checkpoint that needs its own code is then a config error, not a traceback."""
     try:
@@ -40,7 +41,7 @@ def from_pretrained_checked(auto_class, model_path: str, cfg, **kwargs):
                           "trust_remote_code: true. Turn it on only if you trust that checkpoint.") from None
 
 
-def load_processor(model_path: str, cfg):
+def load_processor(model_path: str, cfg: StageConfig):
     """The Qwen3-VL processor with the config's pixel budget set on the image processor itself.
 
     Passing `max_pixels=` to the processor call is silently ignored by some transformers versions; the
@@ -53,7 +54,7 @@ def load_processor(model_path: str, cfg):
     return processor
 
 
-def quant_storage_dtype(q) -> str:
+def quant_storage_dtype(q: QuantizationSettings) -> str:
     """The dtype the packed 4-bit weights are stored in (`q`: the config's QuantizationSettings). `auto`: the compute
     dtype under FSDP (it shards only floating-point tensors), else bitsandbytes' uint8."""
     if q.quant_storage != "auto":
@@ -61,7 +62,7 @@ def quant_storage_dtype(q) -> str:
     return q.compute_dtype if fsdp_enabled() else "uint8"
 
 
-def bnb_config(q):
+def bnb_config(q: QuantizationSettings):
     import torch
     from transformers import BitsAndBytesConfig
 

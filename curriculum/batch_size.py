@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+from curriculum.config import StageConfig
 from curriculum.errors import ConfigError
-from curriculum.processes import gather_from_processes, gpu_available, log, processes
+from curriculum.processes import gather_from_processes, gpu_available, print_main, processes
 
 
 def batch_size_for_budget(peaks: dict[int, float], budget_bytes: float, step: int, most: int) -> int:
@@ -30,8 +31,8 @@ def batch_size_for_budget(peaks: dict[int, float], budget_bytes: float, step: in
     return max(b1, min(fits // step * step, most))
 
 
-def measure_step(model, dataset, size: int, cfg, collate: Callable[[list[dict]], dict], step_loss: Callable,
-                 encoded: dict | None = None, timed_steps: int = 0) -> tuple[float, float | None]:
+def measure_step(model, dataset, size: int, cfg: StageConfig, collate: Callable[[list[dict]], dict],
+                 step_loss: Callable, encoded: dict | None = None, timed_steps: int = 0) -> tuple[float, float | None]:
     """One training step at batch `size`, as the Trainer runs it (autocast to the compute dtype, the same loss), on
     the longest samples (repeated if there are fewer), so a real batch never needs more: its peak GPU memory
     (infinity if it ran out), and with `timed_steps`, the seconds of each of that many more steps (None without).
@@ -79,14 +80,14 @@ def measure_step(model, dataset, size: int, cfg, collate: Callable[[list[dict]],
     return peak, seconds
 
 
-def measure_step_memory(model, dataset, batch_sizes: list[int], cfg, collate: Callable[[list[dict]], dict],
+def measure_step_memory(model, dataset, batch_sizes: list[int], cfg: StageConfig, collate: Callable[[list[dict]], dict],
                         step_loss: Callable, encoded: dict | None = None) -> dict[int, float]:
     """Peak GPU memory of one training step at each batch size (measure_step)."""
     encoded = {} if encoded is None else encoded
     return {size: measure_step(model, dataset, size, cfg, collate, step_loss, encoded)[0] for size in batch_sizes}
 
 
-def budget_gib(cfg) -> float:
+def budget_gib(cfg: StageConfig) -> float:
     """memory_budget_gib on this GPU: a number, at most the GPU's size (said in the log when cut); auto, what this
     process can have: the GPU's free memory and what its own allocator already holds (the model's weights)."""
     import torch
@@ -95,11 +96,11 @@ def budget_gib(cfg) -> float:
     if cfg.memory_budget_gib == "auto":
         free, _ = torch.cuda.mem_get_info(device)
         budget = (free + torch.cuda.memory_reserved(device)) / 2**30
-        log(f"memory_budget_gib: auto = {budget:.1f} GiB (free on this GPU, with what this process holds)")
+        print_main(f"memory_budget_gib: auto = {budget:.1f} GiB (free on this GPU, with what this process holds)")
         return budget
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30
     if gpu_gib < cfg.memory_budget_gib:
-        log(f"memory_budget_gib={cfg.memory_budget_gib:g} is more than this GPU's {gpu_gib:.1f} GiB; using that")
+        print_main(f"memory_budget_gib={cfg.memory_budget_gib:g} is more than this GPU's {gpu_gib:.1f} GiB; using that")
     return min(cfg.memory_budget_gib, gpu_gib)
 
 
@@ -110,7 +111,7 @@ AUTO_BATCH_STEP = 4  # batch_size: auto tries 4 and 8 and chooses a multiple of 
 MIN_STEPS_PER_EPOCH = 10  # batch_size: auto never makes an epoch shorter than this many optimizer steps
 
 
-def auto_batch_limit(n_train: int, cfg, num_processes: int) -> int:
+def auto_batch_limit(n_train: int, cfg: StageConfig, num_processes: int) -> int:
     """The largest batch_size: auto may choose on data of n_train samples: an epoch keeps at least
     MIN_STEPS_PER_EPOCH optimizer steps, because a small stage trained in two or three huge steps barely moves
     (and its warm-up and schedule lose their meaning)."""
@@ -136,7 +137,8 @@ def next_batch_to_measure(peaks: dict[int, float], usable: float, limit: int) ->
     return size if size > lo else None
 
 
-def choose_batch_size(model, dataset, cfg, collate: Callable[[list[dict]], dict], step_loss: Callable) -> int:
+def choose_batch_size(model, dataset, cfg: StageConfig, collate: Callable[[list[dict]], dict],
+                      step_loss: Callable) -> int:
     """batch_size: auto (see there). Every process measures its own GPU; all use the smallest choice, so they step
     together. `collate` and `step_loss` as in measure_step_memory."""
     if not gpu_available():
@@ -162,6 +164,6 @@ def choose_batch_size(model, dataset, cfg, collate: Callable[[list[dict]], dict]
                          for b, p in sorted(peaks.items()))
     capped = (f"; memory allows about {fit}, capped at {limit} so that an epoch keeps {MIN_STEPS_PER_EPOCH} "
               "optimizer steps" if fit > limit else "")
-    log(f"Batch size {chosen} chosen (batch_size: auto, memory_budget_gib={budget:g}): a training step on the "
-        f"longest samples measured {measured}{capped}")
+    print_main(f"Batch size {chosen} chosen (batch_size: auto, memory_budget_gib={budget:g}): a training step on the "
+               f"longest samples measured {measured}{capped}")
     return chosen

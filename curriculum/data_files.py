@@ -20,9 +20,10 @@ from typing import Any
 from PIL import Image, ImageFile
 from tqdm import tqdm
 
-from curriculum.adapter_files import sha256_file
+from curriculum.config import DataColumns, StageConfig
 from curriculum.errors import ConfigError
-from curriculum.processes import is_main_process, log
+from curriculum.hashing import sha256_file
+from curriculum.processes import is_main_process, print_main
 from curriculum.records import Record, answer_token_ids, column_name, fields_by_our_names, record_from_fields
 
 SPLIT_FILE_SUFFIXES = (".jsonl", ".parquet", ".arrow")  # JSONL, or a Hugging Face dataset (also: a folder)
@@ -35,9 +36,9 @@ IMAGE_CHECK_CACHE = "image_checks.json"
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def split_config_problems(cfg) -> list[str]:
-    """What is wrong with the splits a StageConfig names, before anything is read: a file that is not there or not
-    of a kind the trainer reads, a column named for two fields."""
+def split_file_problems(cfg: StageConfig) -> list[str]:
+    """What is wrong with the splits the config names, before anything is read: a file that is not there or not of a
+    kind the trainer reads. (A column named for two fields is DataColumns.problems'.)"""
     problems = []
     for key in ("train_file", "eval_file", "test_file"):
         value = getattr(cfg, key)
@@ -46,11 +47,6 @@ def split_config_problems(cfg) -> list[str]:
         elif value is not None and Path(value).is_file() and Path(value).suffix not in SPLIT_FILE_SUFFIXES:
             problems.append(f"{key}: {value} is not a split the trainer reads: a .jsonl, .parquet or .arrow file, or "
                             "a dataset folder")
-    # answer and references may share a column: a list there is the references, a text the answer
-    named = {k: c for k, c in vars(cfg.columns).items() if k != "references" or c != cfg.columns.answer}
-    for column in sorted({c for c in named.values() if list(named.values()).count(c) > 1}):
-        problems.append(f"columns: '{column}' is named for {', '.join(k for k, c in named.items() if c == column)}; "
-                        "each field has a column of its own")
     return problems
 
 
@@ -137,7 +133,7 @@ def write_image_bytes(data: bytes, image_dir: Path, name: str | None) -> str:
     return str(target)
 
 
-def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: bool, columns,
+def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: bool, columns: DataColumns | None,
                          image_dir: Path | None, question_type: str = "auto") -> tuple[list[Record], list[str]]:
     """read_records for a Hugging Face dataset: the same checks, problems named `file:row N` (N counts from 0, as
     `dataset[N]`). An image cell holds bytes (an `Image` column written by `datasets`), which become a file in
@@ -183,7 +179,7 @@ def read_dataset_records(path: Path, system_prompt: str | None, allow_outside: b
         except ConfigError as err:
             problems.append(str(err))
     if stored:
-        log(f"{path}: {len(stored)} images stored in the dataset, read from their files in {image_dir}")
+        print_main(f"{path}: {len(stored)} images stored in the dataset, read from their files in {image_dir}")
     return records, problems
 
 
@@ -205,7 +201,7 @@ def load_records(path: str | os.PathLike, system_prompt: str | None = None, allo
     return records
 
 
-def split_hashes(cfg) -> dict:
+def split_hashes(cfg: StageConfig) -> dict:
     """{train_file|eval_file|test_file: {path, sha256}} of the splits a StageConfig names: what a stage trained and
     was measured on, by content (for its model card and the verifier)."""
     return {key: {"path": getattr(cfg, key), "sha256": split_sha256(getattr(cfg, key))}
@@ -279,7 +275,7 @@ def write_image_check_cache(cache: Path, known: dict) -> None:
         tmp.write_text(json.dumps(known))
         tmp.replace(cache)
     except OSError as err:  # a full or read-only disk costs the shortcut, never the run
-        log(f"WARNING: could not write the image check cache {cache}: {err}")
+        print_main(f"WARNING: could not write the image check cache {cache}: {err}")
 
 
 def check_images(paths: list[str], desc: str = "Decoding images", cache: Path | None = None) -> tuple[dict, dict]:
@@ -305,18 +301,18 @@ def check_images(paths: list[str], desc: str = "Decoding images", cache: Path | 
     if cache is not None and decoded:
         write_image_check_cache(cache, known | {keys[p]: list(size) for p, size in decoded.items() if keys[p]})
     if cache is not None and paths:
-        log(f"{desc}: {len(todo)} decoded, {len(sizes)} known to decode cleanly ({cache}), "
-            f"{time.perf_counter() - t:.1f} s")
+        print_main(f"{desc}: {len(todo)} decoded, {len(sizes)} known to decode cleanly ({cache}), "
+                   f"{time.perf_counter() - t:.1f} s")
     return sizes | decoded, problems
 
 
-def image_check_cache(cfg) -> Path | None:
+def image_check_cache(cfg: StageConfig) -> Path | None:
     """Where the images that decoded cleanly are remembered: beside the stages of the curriculum, so every stage
     and rerun shares it. `cfg` is the StageConfig."""
     return Path(cfg.output_dir).resolve().parent / ".cache" / IMAGE_CHECK_CACHE if cfg.cache_image_checks else None
 
 
-def dataset_image_dir(cfg) -> Path:
+def dataset_image_dir(cfg: StageConfig) -> Path:
     """Where images stored inside a dataset (an `Image` column's bytes) are written as files: beside the stages of
     the curriculum, as the image check cache, named by content so that every stage and rerun shares them."""
     return Path(cfg.output_dir).resolve().parent / ".cache" / "dataset_images"
@@ -329,7 +325,7 @@ def inspect_images(records: list[Record], split: str = "", cache: Path | None = 
     return sizes, [f"{r.source}: {bad[r.image]}" for r in records if r.image in bad]
 
 
-def describe_split(split: str, records: list[Record], sizes: dict, lengths: list[int], cfg) -> list[str]:
+def describe_split(split: str, records: list[Record], sizes: dict, lengths: list[int], cfg: StageConfig) -> list[str]:
     """The summary lines `--check` (and every stage) prints: types, image sizes, resizing, lengths. Resizing is
     said here, once per split, rather than once per image."""
     from qwen_vl_utils import smart_resize
@@ -367,7 +363,7 @@ def describe_split(split: str, records: list[Record], sizes: dict, lengths: list
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def sample_lengths(records: list[Record], processor, cfg, sizes: dict | None = None) -> list[int]:
+def sample_lengths(records: list[Record], processor, cfg: StageConfig, sizes: dict | None = None) -> list[int]:
     """Each record's length in tokens, image tokens included, computed from the image sizes (no pixels needed)."""
     if sizes is None:
         sizes, problems = inspect_images(records)
@@ -384,7 +380,7 @@ def sample_lengths(records: list[Record], processor, cfg, sizes: dict | None = N
     return lengths
 
 
-def drop_overlong(records: list[Record], lengths: list[int], cfg, split: str) -> list[Record]:
+def drop_overlong(records: list[Record], lengths: list[int], cfg: StageConfig, split: str) -> list[Record]:
     """Never truncate through image tokens: an over-long sample is an error naming it, or skipped if configured."""
     too_long = [(r, n) for r, n in zip(records, lengths, strict=True) if n > cfg.max_seq_len]
     if too_long and cfg.on_overlong == "error":
@@ -393,13 +389,13 @@ def drop_overlong(records: list[Record], lengths: list[int], cfg, split: str) ->
                           f"({len(too_long)} such in {split}); raise max_seq_len, lower max_pixels, or set "
                           "on_overlong: skip")
     if too_long:
-        log(f"Skipped {len(too_long)} {split} samples over max_seq_len={cfg.max_seq_len}: "
-            + ", ".join(r.id for r, _ in too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
+        print_main(f"Skipped {len(too_long)} {split} samples over max_seq_len={cfg.max_seq_len}: "
+                   + ", ".join(r.id for r, _ in too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
     keep = {id(r) for r, n in zip(records, lengths, strict=True) if n <= cfg.max_seq_len}
     return [r for r in records if id(r) in keep]
 
 
-def check_split(path: str, processor, cfg, split: str) -> tuple[list[Record], list[int], list[str]]:
+def check_split(path: str, processor, cfg: StageConfig, split: str) -> tuple[list[Record], list[int], list[str]]:
     """A split's records, every image decoded once; bad records stop the run (listed) or are skipped (counted), and
     so do over-long samples (on_bad_record, on_overlong of `cfg`, the StageConfig). Returns (the records kept, their
     lengths in tokens, one `file:line: problem` per record skipped as bad)."""
@@ -411,14 +407,14 @@ def check_split(path: str, processor, cfg, split: str) -> tuple[list[Record], li
         raise bad_records_error(path, problems)
     if problems:
         records = [r for r in records if not r.image or r.image in sizes]  # bad lines never became records
-        log(f"Skipped {len(problems)} bad {split} record(s) (on_bad_record: skip):\n"
-            + "\n".join(f"  {p}" for p in problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
+        print_main(f"Skipped {len(problems)} bad {split} record(s) (on_bad_record: skip):\n"
+                   + "\n".join(f"  {p}" for p in problems[:20]) + ("\n  ..." if len(problems) > 20 else ""))
     if not records:
         raise ConfigError(f"{path}: no usable records")
     lengths = sample_lengths(records, processor, cfg, sizes)
     kept = drop_overlong(records, lengths, cfg, split)
     if not kept:
         raise ConfigError(f"{path}: every sample is over max_seq_len={cfg.max_seq_len}")
-    log(f"Loaded {split} from {path}:")
-    log("\n".join("  " + line for line in describe_split(split, records, sizes, lengths, cfg)))
+    print_main(f"Loaded {split} from {path}:")
+    print_main("\n".join("  " + line for line in describe_split(split, records, sizes, lengths, cfg)))
     return kept, [n for n in lengths if n <= cfg.max_seq_len], problems

@@ -14,7 +14,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from curriculum.processes import fsdp_enabled, gather_from_processes, is_main_process, log, processes
+from curriculum.config import StageConfig
+from curriculum.processes import fsdp_enabled, gather_from_processes, is_main_process, print_main, processes
 from curriculum.records import Record, prompt_and_images
 from curriculum.scoring import compute_metrics, gold_answer, is_correct, metrics_table, parse_answer
 from curriculum.stage_folder import RESOLVED_CONFIG
@@ -44,7 +45,7 @@ class GenerationInputs:
             processor.tokenizer.padding_side = old_side
 
 
-def generate_answers(model, processor, records: list[Record], cfg, batch_size: int,
+def generate_answers(model, processor, records: list[Record], cfg: StageConfig, batch_size: int,
                      max_new_tokens: int, progress: bool = True) -> list[str]:
     """Raw answers, in the order of `records`, greedy. Inputs are prepared in cfg.dataloader_num_workers worker
     processes, one batch ahead of the GPU."""
@@ -88,7 +89,7 @@ def merge_answers(parts: list[list[tuple[int, str]]], n: int) -> list[str]:
     return [by_index[i] for i in range(n)]
 
 
-def evaluate_records(model, processor, records: list[Record], cfg) -> tuple[dict, list[dict]]:
+def evaluate_records(model, processor, records: list[Record], cfg: StageConfig) -> tuple[dict, list[dict]]:
     """Generate, parse and score. Returns (metrics, predictions) with one prediction row per record. With several
     processes (DDP), each answers every N-th question and all answers are gathered on every process."""
     state = processes()
@@ -113,18 +114,18 @@ def write_predictions(predictions: list[dict], path: Path) -> None:
     path.write_text("".join(json.dumps(p) + "\n" for p in predictions))
 
 
-def evaluate_dev_split(model, processor, eval_ds, cfg, world: int) -> tuple:
+def evaluate_dev_split(model, processor, eval_ds, cfg: StageConfig, world: int) -> tuple:
     """The end of a stage: its dev questions (`cfg.eval_questions` of `eval_ds`, the recipe's dev VQADataset, or None)
     answered by generation and scored by question type, the table logged. Returns (metrics, predictions), or
     (None, None) when not measured."""
     if eval_ds is None or not cfg.eval_questions:
         return None, None
     if fsdp_enabled():
-        log("Dev accuracy by generation is skipped under FSDP (the model is sharded across processes); measure it on "
-            f"one GPU: python vqa_eval.py {cfg.output_dir}/{RESOLVED_CONFIG}")
+        print_main("Dev accuracy by generation is skipped under FSDP (the model is sharded across processes); measure "
+                   f"it on one GPU: python vqa_eval.py {cfg.output_dir}/{RESOLVED_CONFIG}")
         return None, None
     records = eval_ds.records if cfg.eval_questions < 0 else eval_ds.records[:cfg.eval_questions]
     dev_metrics, predictions = evaluate_records(model, processor, records, cfg)
-    log(f"Dev accuracy after stage {cfg.stage} ({len(records)} questions, by generation"
-        f"{f' on {world} processes' if world > 1 else ''}):\n" + metrics_table(dev_metrics))
+    print_main(f"Dev accuracy after stage {cfg.stage} ({len(records)} questions, by generation"
+               f"{f' on {world} processes' if world > 1 else ''}):\n" + metrics_table(dev_metrics))
     return dev_metrics, predictions

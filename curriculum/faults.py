@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
 from curriculum.errors import ConfigError, CurriculumError, DiskFull, StageStopped
-from curriculum.processes import log
+from curriculum.processes import print_main
 from curriculum.stage_folder import STAGE_METRICS
 
 STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run must not measure again
@@ -19,41 +20,37 @@ STAGE_START = "stage_start.json"  # in <output_dir>.partial: what a resumed run 
 NOT_COMPARED_ON_RESUME = ("overwrite", "forgetting_tolerance", "forgetting_action")
 
 
-def leave_stop_signals_to_the_trainer() -> None:
-    """In a dataloader worker process, ignore SIGINT and SIGTERM (once per worker). Ctrl-C in a terminal, and
-    torchrun or a cluster scheduler passing on SIGTERM, signal the whole process group. A worker that dies of it
-    crashes the training step before StageGuard can save its checkpoint. The training process alone decides to
-    stop; it ends its workers itself."""
-    import signal
-
-    import torch
-
-    global _signals_left_to_trainer
-    if _signals_left_to_trainer or torch.utils.data.get_worker_info() is None:
-        return
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _signals_left_to_trainer = True
-
-
-_signals_left_to_trainer = False  # per process: set in each dataloader worker by its first sample
-
-
-def end_dataloader_workers_at_exit() -> None:
-    """In the training process: at exit, kill the dataloader workers still running. They ignore SIGTERM (above),
-    so after a crash, multiprocessing's own exit handler, which terminates them and then waits for them, would
-    wait forever. Registered after multiprocessing's handler, so it runs before it."""
+def dataloader_workers_follow_the_trainer() -> None:
+    """Set once in the training process, before its dataloaders start workers (the recipe's fit), for every worker
+    process forked from it from then on:
+    - a worker holds SIGINT and SIGTERM blocked. Ctrl-C in a terminal, and torchrun or a cluster scheduler passing on
+      SIGTERM, signal the whole process group; a worker that dies of it crashes the training step before StageGuard
+      can save its checkpoint. The training process alone decides to stop, and ends its workers itself. (Blocked, not
+      ignored: torch's worker loop installs its own SIGTERM handler after the fork; a blocked signal is never
+      delivered, whatever handler it has.)
+    - at exit, the workers still running are killed. They never take SIGTERM, so after a crash multiprocessing's own
+      exit handler, which terminates them and then waits for them, would wait forever. Registered after
+      multiprocessing's handler, so it runs before it.
+    (Not in the dataset: a dataset holds data, and is also read outside training.)"""
     import atexit
     import multiprocessing.util  # registers its exit handler now if not yet, so that ours runs first
 
-    global _workers_ended_at_exit
-    if _workers_ended_at_exit:
+    global _workers_follow_the_trainer
+    if _workers_follow_the_trainer:
         return
+    os.register_at_fork(after_in_child=_block_stop_signals)
     atexit.register(lambda: [child.kill() for child in multiprocessing.active_children()])
-    _workers_ended_at_exit = True
+    _workers_follow_the_trainer = True
 
 
-_workers_ended_at_exit = False
+def _block_stop_signals() -> None:
+    """In a forked child of the training process (a dataloader worker; os.register_at_fork above)."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+_workers_follow_the_trainer = False  # per process
 
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM")  # what StageGuard stops for, saving a checkpoint first
@@ -79,37 +76,32 @@ class StageGuard:
         if self.signal_name:  # a second signal: stop now
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        log(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
-            "(send it again to stop at once)")
+        print_main(f"\nReceived {self.signal_name}: saving a checkpoint after this step, then stopping "
+                   "(send it again to stop at once)")
 
-    def callback(self):
+    def after_step(self, state, control) -> None:
+        """After an optimizer step (the Trainer's on_step_end; step.StopOnSignalOrDivergence): stop on a signal
+        (saving a checkpoint first) or on non-finite LoRA weights (without saving them), through the Trainer's
+        `control`. Every process decides on the same flags, so all stop after the same step: a signal reaches the
+        processes at slightly different points of their steps, and one that stopped a step earlier than the others
+        would leave them waiting in the next step's gradient exchange. One device sync per step (and, with several
+        processes, one tiny all-reduce)."""
         import torch
-        from transformers import TrainerCallback
 
-        guard = self
-
-        class Guard(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                # Every process decides on the same flags, so all stop after the same step: a signal reaches the
-                # processes at slightly different points of their steps, and one that stopped a step earlier than
-                # the others would leave them waiting in the next step's gradient exchange. One device sync per
-                # step (and, with several processes, one tiny all-reduce).
-                device = guard.params[0].device if guard.params else "cpu"
-                non_finite = (~torch.stack([torch.isfinite(p).all() for p in guard.params]).all() if guard.params
-                              else torch.tensor(False, device=device))
-                received = STOP_SIGNALS.index(guard.signal_name) + 1 if guard.signal_name else 0
-                flags = torch.stack([non_finite.float(), torch.tensor(float(received), device=device)])
-                if torch.distributed.is_available() and torch.distributed.is_initialized():
-                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-                non_finite, received = flags.tolist()
-                if non_finite:
-                    guard.non_finite_step = state.global_step
-                    control.should_save, control.should_training_stop = False, True
-                elif received:
-                    guard.stop_signal = STOP_SIGNALS[int(received) - 1]
-                    control.should_save, control.should_training_stop = True, True
-
-        return Guard()
+        device = self.params[0].device if self.params else "cpu"
+        non_finite = (~torch.stack([torch.isfinite(p).all() for p in self.params]).all() if self.params
+                      else torch.tensor(False, device=device))
+        received = STOP_SIGNALS.index(self.signal_name) + 1 if self.signal_name else 0
+        flags = torch.stack([non_finite.float(), torch.tensor(float(received), device=device)])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        non_finite, received = flags.tolist()
+        if non_finite:
+            self.non_finite_step = state.global_step
+            control.should_save, control.should_training_stop = False, True
+        elif received:
+            self.stop_signal = STOP_SIGNALS[int(received) - 1]
+            control.should_save, control.should_training_stop = True, True
 
     def raise_if_stopped(self, trainer, work_dir: Path, lr: float) -> None:
         """After training: a diverged loss (nothing is saved as the stage) or a stop signal (a checkpoint was saved
@@ -141,7 +133,7 @@ def complete_checkpoints(work_dir: Path, remove_cut_short: bool = False) -> list
             done.append(ckpt)
         except (OSError, ValueError):
             if remove_cut_short:
-                log(f"Removing {ckpt}: it was not completely written")
+                print_main(f"Removing {ckpt}: it was not completely written")
                 shutil.rmtree(ckpt, ignore_errors=True)
     return done
 
@@ -176,13 +168,13 @@ def is_disk_full(err: BaseException, path: Path) -> bool:
     return existing is not None and shutil.disk_usage(existing).free < 1 << 20
 
 
-def disk_full_error(writing: str, work_dir: Path, cfg) -> DiskFull:
-    """Clear what was cut short (freeing its space) and say what is intact and how to go on. `cfg` is the stage
-    config."""
-    staging = Path(f"{cfg.output_dir}.saving")
+def disk_full_error(writing: str, work_dir: Path, output_dir: str, previous_stage: str | None) -> DiskFull:
+    """Clear what was cut short (freeing its space) and say what is intact (the stage continued, `previous_stage`, an
+    old stage in `output_dir`, the checkpoints) and how to go on."""
+    staging = Path(f"{output_dir}.saving")
     shutil.rmtree(staging, ignore_errors=True)
     done = complete_checkpoints(work_dir, remove_cut_short=True)
-    intact = [d for d in (cfg.prev_checkpoint, cfg.output_dir) if d and (Path(d) / STAGE_METRICS).is_file()]
+    intact = [d for d in (previous_stage, output_dir) if d and (Path(d) / STAGE_METRICS).is_file()]
     resume = (f"it resumes from {done[-1]}" if done else "it starts the stage over (no checkpoint was complete; "
               "save_steps keeps some)")
     return DiskFull(f"no space left on device while writing {writing}. The partial files were removed; "
@@ -192,12 +184,12 @@ def disk_full_error(writing: str, work_dir: Path, cfg) -> DiskFull:
 
 
 @contextlib.contextmanager
-def disk_full_stops_the_stage(writing: str, path: Path, work_dir: Path, cfg):
+def disk_full_stops_the_stage(writing: str, path: Path, work_dir: Path, output_dir: str, previous_stage: str | None):
     """A full disk while writing `writing` (under `path`) becomes DiskFull (exit 4), with what is intact and how to
-    go on; any other error passes through as it is."""
+    go on (disk_full_error); any other error passes through as it is."""
     try:
         yield
     except Exception as err:
         if is_disk_full(err, path):
-            raise disk_full_error(writing, work_dir, cfg) from err
+            raise disk_full_error(writing, work_dir, output_dir, previous_stage) from err
         raise

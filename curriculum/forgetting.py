@@ -1,7 +1,7 @@
 """A curriculum without forgetting: every earlier stage watched during a stage, and replay to keep it.
 
-A stage >= 2 finds the stages before it by following its `prev_checkpoint` chain (each stage's
-stage_metrics.json names the stage it continued). From each it takes two things:
+A stage >= 2 knows the stages before it from its lineage (curriculum/lineage.py: the prev_checkpoint chain, each
+stage's stage_metrics.json naming the stage it continued). From each it takes two things:
 
 - its dev split (the `final_eval_file` it recorded): evaluated before the first step, at every evaluation during
   the stage and at the end, through the Trainer's own evaluation (`eval_dataset={"stage1": ..., ...}`, reported as
@@ -10,8 +10,8 @@ stage_metrics.json names the stage it continued). From each it takes two things:
 - its training records (the `train_file` it recorded, by path and SHA-256), for `replay`: a seeded share of them
   mixed into this stage's training set.
 
-The recipe passes in what this needs of it (reading a stage's metrics, loading a split, evaluating, hashing a
-file), so nothing here imports it.
+The recipe passes in how it loads a split (as the earlier stage read it) and how the Trainer evaluates, so nothing
+here imports it.
 """
 
 from __future__ import annotations
@@ -24,123 +24,52 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from curriculum.config import ReplaySettings, StageConfig
+from curriculum.data_files import split_sha256
 from curriculum.errors import ConfigError, StageStopped
 from curriculum.faults import complete_checkpoints
-from curriculum.processes import is_main_process, log
+from curriculum.lineage import Lineage, RecordedStage
+from curriculum.processes import is_main_process, print_main
 from curriculum.records import QUESTION_TYPES
 
 FORGETTING_EXIT_CODE = 5  # forgetting_action: stop (130/143 are the stop signals, 1-4 the errors)
 START_FILE = "earlier_stages_start.json"  # in <output_dir>.partial: the losses a resumed run must not re-measure
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# The lineage: the stages this one continues, oldest first
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EarlierStage:
-    """A stage of this stage's lineage, as its stage_metrics.json recorded it."""
-    stage: int
-    dir: Path
-    metrics: dict
-
-    @property
-    def name(self) -> str:
-        """Its name in metric keys: `stage1` gives `eval_stage1_loss`."""
-        return f"stage{self.stage}"
-
-    @property
-    def eval_file(self) -> str | None:
-        """The dev split it ended on (resolved when it was recorded)."""
-        return self.metrics.get("final_eval_file")
-
-    @property
-    def train_file(self) -> dict | None:
-        """{"path", "sha256"} of the split it trained on."""
-        return (self.metrics.get("data_files") or {}).get("train_file")
-
-
-def lineage(prev_checkpoint: str | None, read_metrics: Callable[[str], dict | None],
-            previous_dir: Callable[[Path, str | None], Path | None]) -> list[EarlierStage]:
-    """The stages before this one, oldest first: `prev_checkpoint`, the stage it continued, and so on, as long as
-    each holds a readable stage_metrics.json (`read_metrics(dir)`, None where there is none).
-    `previous_dir(dir, recorded)` finds a stage's predecessor where it recorded it, or beside it if the curriculum
-    was moved."""
-    chain: list[EarlierStage] = []
-    seen: set[Path] = set()
-    current = Path(prev_checkpoint) if prev_checkpoint else None
-    while current is not None and current.resolve() not in seen:
-        try:
-            metrics = read_metrics(str(current))
-        except (OSError, ValueError) as err:  # a damaged stage_metrics.json: the stages before it stay unknown
-            log(f"WARNING: the stage record in {current} does not read ({err}); the lineage is followed no further")
-            break
-        if not isinstance(metrics, dict):
-            break
-        seen.add(current.resolve())
-        chain.append(EarlierStage(metrics.get("stage"), current, metrics))
-        current = previous_dir(current, metrics.get("prev_checkpoint"))
-    return chain[::-1]
-
-
-def unique_names(chain: list[EarlierStage]) -> dict[str, EarlierStage]:
+def unique_names(chain: tuple[RecordedStage, ...]) -> dict[str, RecordedStage]:
     """{metric name: stage}; a stage number seen twice (a stage 1 that continued an adapter trained elsewhere)
     gets its position appended, so that no two splits share a metric key."""
-    named: dict[str, EarlierStage] = {}
+    named: dict[str, RecordedStage] = {}
     for i, stage in enumerate(chain):
         named[stage.name if stage.name not in named else f"{stage.name}_{i}"] = stage
     return named
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Config: what validate_config adds for forgetting_tolerance and replay
+# Config: what validate_config adds for replay, from the lineage
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def replay_sources(stages: str | list[int], chain: list[EarlierStage]) -> list[EarlierStage]:
+def replay_sources(stages: str | list[int], chain: tuple[RecordedStage, ...]) -> list[RecordedStage]:
     """The stages whose training records `replay.stages` names: all of the lineage, or those numbered."""
     return list(chain) if stages == "all" else [s for s in chain if s.stage in stages]
 
 
-def config_problems(cfg: Any, read_metrics: Callable[[str], dict | None],
-                    previous_dir: Callable[[Path, str | None], Path | None],
-                    file_sha256: Callable[[str], str]) -> list[str]:
-    """Problems with forgetting_tolerance, forgetting_action, watch_earlier_stages and replay, one line each naming
-    the key; found before the model loads (the lineage is read from the stages' stage_metrics.json and the
-    replayed files are hashed)."""
-    problems = []
-    tolerance, replay = cfg.forgetting_tolerance, cfg.replay
-    if tolerance is not None and not tolerance > 0:
-        problems.append(f"forgetting_tolerance must be > 0 (a relative rise: 0.1 stops or warns at 10% above the loss "
-                        f"before the first step), or null for off; got {tolerance}")
-    if cfg.forgetting_action == "stop" and tolerance is None:
-        problems.append("forgetting_action: stop needs forgetting_tolerance (the rise at which to stop)")
-    if tolerance is not None and not cfg.watch_earlier_stages:
-        problems.append("forgetting_tolerance needs watch_earlier_stages: true (it is checked on their dev losses)")
-    if tolerance is not None and not cfg.prev_checkpoint:
-        problems.append(f"forgetting_tolerance: stage {cfg.stage} has no prev_checkpoint, so no earlier stage to "
-                        "watch; remove it (or set it in the configs of stages >= 2)")
-    if not 0 <= replay.fraction < 1:
-        problems.append(f"replay.fraction must be in [0, 1) (the share of replayed records in the mixed training "
-                        f"set; 0 is off), got {replay.fraction}")
-    if isinstance(replay.stages, list) and not replay.stages:
-        problems.append("replay.stages must name at least one stage, or be all")
-    if not replay.fraction or not 0 < replay.fraction < 1:
-        return problems
-    if not cfg.prev_checkpoint:
-        problems.append(f"replay.fraction: stage {cfg.stage} has no prev_checkpoint, so no earlier stage whose "
-                        "training records it could replay; set replay.fraction: 0")
-        return problems
-    chain = lineage(cfg.prev_checkpoint, read_metrics, previous_dir)
-    if not chain:
-        return problems + [f"replay: prev_checkpoint {cfg.prev_checkpoint} records no stage_metrics.json, so its "
-                           "training records are unknown; set replay.fraction: 0"]
-    numbers = [s.stage for s in chain]
+def replay_source_problems(replay: ReplaySettings, stage: int, lineage: Lineage) -> list[str]:
+    """With replay on (validate_config asks only then): the stages `replay.stages` names are in this stage's
+    lineage, and each recorded the file it trained on, which is still there with the same SHA-256. One line each
+    naming the key; found before the model loads. (The keys' own values: ReplaySettings.problems.)"""
+    if not lineage.continues:
+        return [f"replay.fraction: stage {stage} has no prev_checkpoint, so no earlier stage whose training records it "
+                "could replay; set replay.fraction: 0"]
+    if not lineage.chain:
+        return [f"replay: prev_checkpoint {lineage.prev_checkpoint} records no stage_metrics.json, so its training "
+                "records are unknown; set replay.fraction: 0"]
+    problems, numbers = [], [s.stage for s in lineage.chain]
     if isinstance(replay.stages, list):
         problems += [f"replay.stages: stage {n} is not in this stage's lineage (through prev_checkpoint: stages "
                      f"{', '.join(map(str, numbers))})" for n in replay.stages if n not in numbers]
-    for source in replay_sources(replay.stages, chain):
+    for source in replay_sources(replay.stages, lineage.chain):
         recorded = source.train_file
         if not recorded:
             problems.append(f"replay: stage {source.stage} ({source.dir}) recorded no train_file in its "
@@ -148,10 +77,10 @@ def config_problems(cfg: Any, read_metrics: Callable[[str], dict | None],
         elif not Path(recorded["path"]).exists():
             problems.append(f"replay: stage {source.stage}'s train_file {recorded['path']} is not found (the path "
                             "it recorded, relative to where you run the command)")
-        elif file_sha256(recorded["path"]) != recorded["sha256"]:
+        elif split_sha256(recorded["path"]) != recorded["sha256"]:
             problems.append(f"replay: stage {source.stage}'s train_file {recorded['path']} changed since stage "
                             f"{source.stage} trained on it (sha256 {recorded['sha256'][:12]}... recorded, "
-                            f"{file_sha256(recorded['path'])[:12]}... now)")
+                            f"{split_sha256(recorded['path'])[:12]}... now)")
     return problems
 
 
@@ -174,45 +103,52 @@ def choose_replay(pools: dict[int, int], n_own: int, fraction: float, seed: int)
     return {stage: sorted(i for s, i in picked if s == stage) for stage in pools}
 
 
-def mix_replay(train_ds, cfg: Any, chain: list[EarlierStage], load_train: Callable[[str, str, EarlierStage], Any],
-               file_sha256: Callable[[str], str]) -> dict | None:
-    """Append the replayed records of `cfg.replay` to `train_ds` (a dataset with `.records` and `.lengths`, as
-    `load_train(path, split_name, stage)` returns them, reading the file as that stage did) and return what was mixed,
-    for stage_metrics.json; None when replay is off. The Trainer shuffles the mixed set (data_seed)."""
-    if not cfg.replay.fraction:
+@dataclass(frozen=True)
+class Replayed:
+    """Earlier stages' training records drawn for this stage, to be appended to its own."""
+    records: list  # the Records, in the order they are appended
+    lengths: list[int] | None  # their lengths in tokens (None where a source split was not measured)
+    record: dict  # what was replayed, for stage_metrics.json: which stages, how many records, their files' SHA-256
+
+
+def replay_records(replay: ReplaySettings, seed: int, n_own: int, chain: tuple[RecordedStage, ...],
+                   load_train: Callable[[str, str, RecordedStage], Any]) -> Replayed | None:
+    """The records `replay` draws (seeded by `seed`) to go with this stage's `n_own`, from the training splits of
+    the stages it names (datasets with `.records` and `.lengths`, as `load_train(path, split_name, stage)` returns
+    them, reading the file as that stage did); None when replay is off. The Trainer shuffles the mixed set
+    (data_seed)."""
+    if not replay.fraction:
         return None
-    sources = replay_sources(cfg.replay.stages, chain)
+    sources = replay_sources(replay.stages, chain)
     loaded = {s.stage: load_train(s.train_file["path"], f"stage {s.stage} train (replay)", s) for s in sources}
-    n_own = len(train_ds)
-    picks = choose_replay({stage: len(ds) for stage, ds in loaded.items()}, n_own, cfg.replay.fraction, cfg.seed)
-    entries = []
+    picks = choose_replay({stage: len(ds) for stage, ds in loaded.items()}, n_own, replay.fraction, seed)
+    records, lengths, entries = [], [], []
     for source in sources:
         ds, chosen = loaded[source.stage], picks[source.stage]
-        sha = file_sha256(source.train_file["path"])
+        sha = split_sha256(source.train_file["path"])
         if sha != source.train_file["sha256"]:  # validate_config checked it; the file changed since
             raise ConfigError(f"replay: stage {source.stage}'s train_file {source.train_file['path']} changed since "
                               f"stage {source.stage} trained on it")
-        train_ds.records += [ds.records[i] for i in chosen]
-        if train_ds.lengths is not None and ds.lengths is not None:
-            train_ds.lengths += [ds.lengths[i] for i in chosen]
-        else:
-            train_ds.lengths = None
+        records += [ds.records[i] for i in chosen]
+        lengths = None if lengths is None or ds.lengths is None else lengths + [ds.lengths[i] for i in chosen]
         entries.append({"stage": source.stage, "stage_dir": str(source.dir), "train_file": source.train_file["path"],
                         "sha256": sha, "pool": len(ds), "records": len(chosen),
                         "ids": [ds.records[i].id for i in chosen]})
     n = sum(e["records"] for e in entries)
-    if n < replay_count(n_own, cfg.replay.fraction):
-        log(f"Replay: the earlier stages hold {n} records, fewer than the {replay_count(n_own, cfg.replay.fraction)} "
-            f"that replay.fraction {cfg.replay.fraction:g} asks for; all of them are replayed")
-    log(f"Replay: {n} records of stage(s) {', '.join(str(e['stage']) for e in entries)} mixed into {n_own} of this "
-        f"stage's: {n / (n_own + n):.1%} of {n_own + n} training records ("
-        + ", ".join(f"stage {e['stage']}: {e['records']} of {e['pool']} from {e['train_file']}" for e in entries)
-        + f"; seed {cfg.seed})")
-    return {"fraction": cfg.replay.fraction, "stages": [e["stage"] for e in entries], "seed": cfg.seed,
-            "own_records": n_own, "replayed_records": n, "share": round(n / (n_own + n), 4), "sources": entries}
+    if n < replay_count(n_own, replay.fraction):
+        print_main(f"Replay: the earlier stages hold {n} records, fewer than the "
+                   f"{replay_count(n_own, replay.fraction)} that replay.fraction {replay.fraction:g} asks for; all of "
+                   "them are replayed")
+    print_main(f"Replay: {n} records of stage(s) {', '.join(str(e['stage']) for e in entries)} mixed into {n_own} of "
+               f"this stage's: {n / (n_own + n):.1%} of {n_own + n} training records ("
+               + ", ".join(f"stage {e['stage']}: {e['records']} of {e['pool']} from {e['train_file']}" for e in entries)
+               + f"; seed {seed})")
+    return Replayed(records, lengths, {
+        "fraction": replay.fraction, "stages": [e["stage"] for e in entries], "seed": seed, "own_records": n_own,
+        "replayed_records": n, "share": round(n / (n_own + n), 4), "sources": entries})
 
 
-def replay_problems(record: dict, chain: list[EarlierStage]) -> list[str]:
+def replay_problems(record: dict, chain: tuple[RecordedStage, ...]) -> list[str]:
     """For the verifier: why a stage's replay record does not hold up, none if it does. Every replayed stage is
     in the lineage, and the records came from the very file (by SHA-256) that stage recorded training on: replay
     brings in no new data."""
@@ -237,16 +173,16 @@ def replay_problems(record: dict, chain: list[EarlierStage]) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def earlier_dev_splits(chain: list[EarlierStage],
-                       load_eval: Callable[[str, str, EarlierStage], Any]) -> dict[str, tuple]:
+def earlier_dev_splits(chain: tuple[RecordedStage, ...],
+                       load_eval: Callable[[str, str, RecordedStage], Any]) -> dict[str, tuple]:
     """{metric name: (stage, its dev split loaded by `load_eval(path, split_name, stage)`, as that stage read it)} for
     every earlier stage that recorded one that is still there."""
     splits = {}
     for name, stage in unique_names(chain).items():
         if not stage.eval_file:
-            log(f"Stage {stage.stage} ({stage.dir}) recorded no dev split: it is not watched")
+            print_main(f"Stage {stage.stage} ({stage.dir}) recorded no dev split: it is not watched")
         elif not Path(stage.eval_file).exists():
-            log(f"WARNING: stage {stage.stage}'s dev split {stage.eval_file} is not found: it is not watched")
+            print_main(f"WARNING: stage {stage.stage}'s dev split {stage.eval_file} is not found: it is not watched")
         else:
             splits[name] = (stage, load_eval(stage.eval_file, f"stage {stage.stage} dev", stage))
     return splits
@@ -261,13 +197,13 @@ class EarlierStagesWatch:
     """The earlier stages' dev losses during the stage: measured before the first step, at every evaluation (with
     the stage's own, every eval_steps) and at the end; held against forgetting_tolerance.
 
-    `evaluate(datasets, prefix)` is the Trainer's own `evaluate(eval_dataset=datasets, metric_key_prefix=prefix)`:
-    a dict of datasets gives `<prefix>_<name>_loss`, logged (console, TensorBoard as eval/<name>_loss) and kept in
-    the Trainer's log history, which a resumed run restores."""
+    The losses come from the Trainer's own evaluate (`evaluate`, passed to each method that measures, by the
+    Trainer's callback step.WatchEarlierStages and by the recipe's fit): a dict of datasets as `eval_dataset` gives
+    `<prefix>_<name>_loss`, logged (console, TensorBoard as eval/<name>_loss) and kept in the Trainer's log history,
+    which a resumed run restores."""
 
-    def __init__(self, splits: dict[str, tuple], cfg: Any, work_dir: Path, evaluate: Callable[[dict, str], dict],
-                 resumed: bool):
-        self.splits, self.work_dir, self.evaluate, self.resumed = splits, Path(work_dir), evaluate, resumed
+    def __init__(self, splits: dict[str, tuple], cfg: StageConfig, work_dir: Path, resumed: bool):
+        self.splits, self.work_dir, self.resumed = splits, Path(work_dir), resumed
         self.tolerance, self.action, self.eval_steps = cfg.forgetting_tolerance, cfg.forgetting_action, cfg.eval_steps
         self.start: dict[str, float] = {}  # loss before this stage's first step
         self.last: tuple[int, dict[str, float]] | None = None  # (step, losses) of the latest measure
@@ -276,7 +212,7 @@ class EarlierStagesWatch:
         self.stopped_at: int | None = None
         self.dev_metrics: dict[str, dict] = {}
 
-    def measure(self, prefix: str) -> dict[str, float]:
+    def measure(self, prefix: str, evaluate: Callable[..., dict]) -> dict[str, float]:
         """The loss on each earlier dev split, by the Trainer's evaluation of a dict of datasets. The RNG is left as
         it was, so watching does not change what trains (the eval dataloaders draw their seeds from it)."""
         if not self.splits:
@@ -285,7 +221,8 @@ class EarlierStagesWatch:
 
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices):
-            metrics = self.evaluate({name: ds for name, (_, ds) in self.splits.items()}, prefix)
+            metrics = evaluate(eval_dataset={name: ds for name, (_, ds) in self.splits.items()},
+                               metric_key_prefix=prefix)
         return {name: metrics[f"{prefix}_{name}_loss"] for name in self.splits}
 
     def describe(self, step: int, max_steps: int, losses: dict[str, float]) -> str:
@@ -304,57 +241,52 @@ class EarlierStagesWatch:
                 stage = self.splits[name][0].stage
                 over.append({"step": step, "stage": stage, "loss": loss, "loss_at_start": self.start[name],
                              "rise": round(rise, 6)})
-                log(f"WARNING: forgetting: stage {stage}'s dev loss is {loss:.4f} at step {step}, {rise:.1%} above "
-                    f"its {self.start[name]:.4f} before this stage's first step (forgetting_tolerance "
-                    f"{self.tolerance:g}, forgetting_action: {self.action})")
+                print_main(f"WARNING: forgetting: stage {stage}'s dev loss is {loss:.4f} at step {step}, {rise:.1%} "
+                           f"above its {self.start[name]:.4f} before this stage's first step (forgetting_tolerance "
+                           f"{self.tolerance:g}, forgetting_action: {self.action})")
         self.exceeded += over
         if over and self.action == "stop" and self.stopped_at is None:
             self.stopped_at = step
         return bool(over) and self.action == "stop"
 
-    def at_evaluation(self, state, control) -> None:
-        losses = self.measure("eval")
+    def before_first_step(self, evaluate: Callable[..., dict]) -> None:
+        """The losses before this stage's first step (a resumed run reads the interrupted run's), saved for a
+        resumed run. Run once the Trainer has wrapped the model for training (step.MeasureBeforeFirstStep says why)."""
+        if not self.splits:
+            return
+        saved = self.work_dir / START_FILE
+        if self.resumed and saved.is_file():
+            self.start = json.loads(saved.read_text())
+            return
+        self.start = self.measure("first_eval", evaluate)
+        print_main("earlier stages before the first step | " + " | ".join(
+            f"stage {self.splits[n][0].stage} dev loss {loss:.4f}" for n, loss in self.start.items()))
+        if is_main_process():
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+            saved.write_text(json.dumps(self.start))
+
+    def at_evaluation(self, state, control, evaluate: Callable[..., dict]) -> None:
+        """Measure, say, hold against the tolerance; over it with forgetting_action: stop, the Trainer saves a
+        checkpoint and stops, as for a stop signal."""
+        if not self.splits:
+            return
+        losses = self.measure("eval", evaluate)
         self.last = (state.global_step, losses)
-        log(self.describe(state.global_step, state.max_steps, losses))
-        if self.check(state.global_step, losses):  # as for a stop signal: a checkpoint, then the stage ends
+        print_main(self.describe(state.global_step, state.max_steps, losses))
+        if self.check(state.global_step, losses):
             control.should_save, control.should_training_stop = True, True
 
-    def callback(self):
-        from transformers import TrainerCallback
+    def after_step(self, state, control, evaluate: Callable[..., dict]) -> None:
+        """Measure at every eval_steps when the stage has no evaluation of its own to measure with (at_evaluation
+        then runs with it), and at the last step when there is a tolerance, where a stop still saves."""
+        if control.should_evaluate:  # the stage's own evaluation comes next: at_evaluation measures then
+            return
+        due = self.eval_steps and state.global_step % self.eval_steps == 0  # (no own eval_file)
+        last = self.tolerance is not None and state.global_step >= state.max_steps
+        if due or last:
+            self.at_evaluation(state, control, evaluate)
 
-        watch = self
-
-        class Watch(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                # After the Trainer wrapped the model for training (see the recipe's before_first_step).
-                saved = watch.work_dir / START_FILE
-                if watch.resumed and saved.is_file():
-                    watch.start = json.loads(saved.read_text())
-                    return
-                watch.start = watch.measure("first_eval")
-                log("earlier stages before the first step | " + " | ".join(
-                    f"stage {watch.splits[n][0].stage} dev loss {loss:.4f}" for n, loss in watch.start.items()))
-                if is_main_process():
-                    watch.work_dir.mkdir(parents=True, exist_ok=True)
-                    saved.write_text(json.dumps(watch.start))
-
-            def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-                # The stage's own evaluation every eval_steps reports `eval_loss`; the others (first_eval_...,
-                # final_eval_..., and ours: eval_stage1_loss, ...) do not, so this never calls itself.
-                if metrics and "eval_loss" in metrics:
-                    watch.at_evaluation(state, control)
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if control.should_evaluate:  # the stage's own evaluation comes next: on_evaluate measures
-                    return
-                due = watch.eval_steps and state.global_step % watch.eval_steps == 0  # (no own eval_file)
-                last = watch.tolerance is not None and state.global_step >= state.max_steps
-                if due or last:  # the tolerance is checked at the last step too, where a stop still saves
-                    watch.at_evaluation(state, control)
-
-        return Watch()
-
-    def end(self, state, work_dir: Path) -> None:
+    def end(self, state, work_dir: Path, evaluate: Callable[..., dict]) -> None:
         """After training: the losses at the end (those of the last step if measured there), held against the
         tolerance unless they just were; raises StageStopped (exit FORGETTING_EXIT_CODE) if the stage stopped."""
         if not self.splits:  # stage 1, or watch_earlier_stages: false
@@ -362,8 +294,8 @@ class EarlierStagesWatch:
         if self.last is not None and self.last[0] == state.global_step:
             self.final = self.last[1]
         else:  # not measured at the last step, or a run resumed from a checkpoint at the last step
-            self.final = self.measure("final_eval")
-            log(self.describe(state.global_step, state.max_steps, self.final))
+            self.final = self.measure("final_eval", evaluate)
+            print_main(self.describe(state.global_step, state.max_steps, self.final))
             self.check(state.global_step, self.final)
         if self.stopped_at is None:
             return
@@ -386,8 +318,8 @@ class EarlierStagesWatch:
             self.dev_metrics[name] = metrics = score(records)
             by_type = ", ".join(f"{kind} {metrics[kind]['accuracy']:.1%} (n={metrics[kind]['n']})"
                                 for kind in QUESTION_TYPES if kind in metrics)
-            log(f"Dev accuracy on stage {stage.stage}'s dev split ({len(records)} questions, by generation): "
-                f"{metrics['overall']['accuracy']:.1%} overall; {by_type}")
+            print_main(f"Dev accuracy on stage {stage.stage}'s dev split ({len(records)} questions, by generation): "
+                       f"{metrics['overall']['accuracy']:.1%} overall; {by_type}")
 
     def records(self, log_history: list[dict]) -> list[dict]:
         """stage_metrics.json's `earlier_stages`: per earlier stage, its dev split, the loss before the first step,
@@ -406,71 +338,3 @@ class EarlierStagesWatch:
         """stage_metrics.json's `forgetting`: the tolerance, the action, and every time it was exceeded."""
         return {"tolerance": self.tolerance, "action": self.action, "exceeded": self.exceeded,
                 "stopped_at_step": self.stopped_at}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reporting: the model card and the loss plot
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _loss(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
-
-
-def card_lines(metrics: dict) -> list[str]:
-    """The model card's section on earlier stages and replay (none for a stage that has neither)."""
-    earlier, replay = metrics.get("earlier_stages") or [], metrics.get("replay")
-    if not earlier and not replay:
-        return []
-    lines = ["## Earlier stages", ""]
-    if earlier:
-        lines += ["Their dev splits, evaluated during this stage:", "",
-                  "| stage | dev split | loss before the first step | at the end | change | accuracy (n) |",
-                  "|---|---|---|---|---|---|"]
-        for e in earlier:
-            overall = (e.get("dev_metrics") or {}).get("overall")
-            accuracy = f"{overall['accuracy']:.1%} ({overall['n']})" if overall else "–"
-            change = "–" if e.get("change") is None else f"{e['change']:+.1%}"
-            lines.append(f"| {e['stage']} | `{e['eval_file']}` | {_loss(e.get('loss_at_start'))} | "
-                         f"{_loss(e.get('final_loss'))} | {change} | {accuracy} |")
-        lines.append("")
-    if replay:
-        lines += [f"Replay: {replay['replayed_records']} of {replay['own_records'] + replay['replayed_records']} "
-                  f"training records ({replay['share']:.1%}) are earlier stages' own training records (seed "
-                  f"{replay['seed']}):", "", "| stage | file | SHA-256 | records replayed |", "|---|---|---|---|"]
-        lines += [f"| {e['stage']} | `{e['train_file']}` | `{e['sha256']}` | {e['records']} of {e['pool']} |"
-                  for e in replay["sources"]]
-        lines.append("")
-    return lines
-
-
-def dev_split_series(chain_metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """{"stage K dev": [(step, loss), ...]}: every loss measured on each dev split, across all stages, on one step
-    axis (stage after stage): in stage K its own evaluations, in later stages their watch of it (and the
-    continuity measure before their first step). Splits are told apart by file; named after the first stage that
-    ended on it."""
-    name_of: dict[str, str] = {}
-    for m in chain_metrics:
-        if m.get("final_eval_file"):
-            name_of.setdefault(m["final_eval_file"], f"stage {m.get('stage')} dev")
-    series: dict[str, dict[int, float]] = {}
-    offset = 0
-
-    def add(file: str | None, step: int, loss: float | None) -> None:
-        if file and loss is not None:
-            series.setdefault(name_of.get(file, Path(file).name), {})[offset + step] = loss
-
-    for m in chain_metrics:
-        own, steps = m.get("final_eval_file"), m.get("global_steps", 0)
-        add(m.get("first_eval_file"), 0, m.get("first_eval_loss"))
-        add(own, 0, m.get("first_eval_loss_own_split"))
-        for h in m.get("eval_loss_history", []):
-            add(own, h["step"], h["loss"])
-        add(own, steps, m.get("final_eval_loss"))
-        for e in m.get("earlier_stages") or []:
-            add(e.get("eval_file"), 0, e.get("loss_at_start"))
-            for h in e.get("loss_history", []):
-                add(e.get("eval_file"), h["step"], h["loss"])
-            add(e.get("eval_file"), steps, e.get("final_loss"))
-        offset += steps
-    return {name: sorted(points.items()) for name, points in series.items()}

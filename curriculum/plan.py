@@ -30,6 +30,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from curriculum.config import StageConfig
 from curriculum.errors import ConfigError
 
 PROBE_SIZES = {"none": (1, 2), "all": (4, 8), "offload": (4, 8)}  # micro-batches measured for each memory line
@@ -190,7 +191,7 @@ def combined(plans: list[Plan]) -> Plan:
                 plans[0].layers, any(p.offload for p in plans))
 
 
-def plan_step(model, dataset, cfg, collate: Callable[[list[dict]], dict], step_loss: Callable,
+def plan_step(model, dataset, cfg: StageConfig, collate: Callable[[list[dict]], dict], step_loss: Callable,
               measured: dict | None = None) -> tuple[Plan, dict]:
     """effective_batch: choose the plan (choose_plan) by measuring steps of the model on the longest samples of
     `dataset`, as the Trainer runs them (`collate`, `step_loss`: see batch_size.measure_step), leave the model set
@@ -198,14 +199,14 @@ def plan_step(model, dataset, cfg, collate: Callable[[list[dict]], dict], step_l
     to measure: the whole step is one micro-batch, checkpointed as gradient_checkpointing and checkpointed_layers
     say. `measured` (bench/speed.py): measurements kept across calls on the same model and samples."""
     from curriculum import batch_size, speed
-    from curriculum.processes import gather_from_processes, gpu_available, log, processes
+    from curriculum.processes import gather_from_processes, gpu_available, print_main, processes
 
     world = processes().num_processes
     per_process = cfg.effective_batch // world
     layers = len(speed.language_layers(model))
     if not gpu_available():
         plan = Plan(per_process, 1, speed.apply_gradient_checkpointing(model, cfg), layers, False)
-        log(f"Plan: {plan.describe()} (effective_batch {cfg.effective_batch}; no GPU to measure plans on)")
+        print_main(f"Plan: {plan.describe()} (effective_batch {cfg.effective_batch}; no GPU to measure plans on)")
         return plan, {"measured": False, "chosen": asdict(plan)}
     measured = {} if measured is None else measured
     encoded = measured.setdefault("encoded", {})
@@ -214,7 +215,7 @@ def plan_step(model, dataset, cfg, collate: Callable[[list[dict]], dict], step_l
     partial_why = speed.partial_checkpointing_problem()
     for why, what in ((offload_why, "offload the activations"), (partial_why, "checkpoint a part of the layers")):
         if why:
-            log(f"Plan: will not {what}: {why}")
+            print_main(f"Plan: will not {what}: {why}")
 
     def measure_peak(mode: str, micro: int) -> float:
         if ("peak", mode, micro) not in measured:
@@ -239,10 +240,10 @@ def plan_step(model, dataset, cfg, collate: Callable[[list[dict]], dict], step_l
     speed.set_checkpointed_layers(model, plan.checkpointed, plan.offload)
     others = ", ".join(f"{t['micro_batch']}x{t['grad_accum']} {t['checkpointed']}/{t['layers']}"
                        f"{' offloaded' if t['offload'] else ''}: {t['samples_per_s']:g}" for t in record["timed"][1:])
-    log(f"Plan: {plan.describe()}: {best.samples_per_s:.1f} samples/s measured at {gib(best.peak)} GiB peak "
-        f"(effective_batch {cfg.effective_batch}, {record['usable_gib']:g} GiB usable of memory_budget_gib "
-        f"{cfg.memory_budget_gib}){'; also timed: ' + others if others else ''}"
-        + (f"; the processes' own plans differed: {', '.join(p.describe() for p in plans)}" if plan != best.plan
+    print_main(f"Plan: {plan.describe()}: {best.samples_per_s:.1f} samples/s measured at {gib(best.peak)} GiB peak "
+               f"(effective_batch {cfg.effective_batch}, {record['usable_gib']:g} GiB usable of memory_budget_gib "
+               f"{cfg.memory_budget_gib}){'; also timed: ' + others if others else ''}"
+               + (f"; the processes' own plans differed: {', '.join(p.describe() for p in plans)}" if plan != best.plan
            else ""))
     record |= {"chosen": asdict(plan), "samples_per_s": round(best.samples_per_s, 2), "peak_gib": gib(best.peak)}
     return plan, record

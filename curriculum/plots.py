@@ -8,9 +8,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from curriculum.forgetting import dev_split_series
+from curriculum.lineage import recorded_chain
 from curriculum.records import QUESTION_TYPES
-from curriculum.stage_folder import stage_chain
+
+
+def dev_split_series(chain_metrics: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """{"stage K dev": [(step, loss), ...]}: every loss measured on each dev split, across all stages, on one step
+    axis (stage after stage): in stage K its own evaluations, in later stages their watch of it (and the
+    continuity measure before their first step). Splits are told apart by file; named after the first stage that
+    ended on it."""
+    name_of: dict[str, str] = {}
+    for m in chain_metrics:
+        if m.get("final_eval_file"):
+            name_of.setdefault(m["final_eval_file"], f"stage {m.get('stage')} dev")
+    series: dict[str, dict[int, float]] = {}
+    offset = 0
+
+    def add(file: str | None, step: int, loss: float | None) -> None:
+        if file and loss is not None:
+            series.setdefault(name_of.get(file, Path(file).name), {})[offset + step] = loss
+
+    for m in chain_metrics:
+        own, steps = m.get("final_eval_file"), m.get("global_steps", 0)
+        add(m.get("first_eval_file"), 0, m.get("first_eval_loss"))
+        add(own, 0, m.get("first_eval_loss_own_split"))
+        for h in m.get("eval_loss_history", []):
+            add(own, h["step"], h["loss"])
+        add(own, steps, m.get("final_eval_loss"))
+        for e in m.get("earlier_stages") or []:
+            add(e.get("eval_file"), 0, e.get("loss_at_start"))
+            for h in e.get("loss_history", []):
+                add(e.get("eval_file"), h["step"], h["loss"])
+            add(e.get("eval_file"), steps, e.get("final_loss"))
+        offset += steps
+    return {name: sorted(points.items()) for name, points in series.items()}
 
 
 def _pyplot():
@@ -23,15 +54,16 @@ def _pyplot():
     return plt
 
 
-def plot_loss_curve(chain: list[tuple[Path, dict]], path: Path) -> None:
+def plot_loss_curve(chain: list[dict], path: Path) -> None:
     """Train loss of each stage, and one line per dev split across all stages (in its own stage, its evaluations;
     in later stages, their watch of it: forgetting shows as a line that climbs), on one step axis with the stage
-    boundaries marked: a restart shows as a jump. A dev split's line has its stage's colour."""
+    boundaries marked: a restart shows as a jump. A dev split's line has its stage's colour. `chain`: the stages'
+    stage_metrics.json, oldest first."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     offset = 0
     colour = {}
-    for i, (_, m) in enumerate(chain):
+    for i, m in enumerate(chain):
         colour[f"stage {m['stage']} dev"] = plt.cm.tab10(i)
         train = m.get("train_loss_history", [])
         ax.plot([offset + h["step"] for h in train], [h["loss"] for h in train], color=plt.cm.tab10(i), alpha=0.5,
@@ -41,7 +73,7 @@ def plot_loss_curve(chain: list[tuple[Path, dict]], path: Path) -> None:
             ax.annotate(f"stage {m['stage']} starts", (offset, 1), xycoords=ax.get_xaxis_transform(),
                         xytext=(3, -12), textcoords="offset points", fontsize=8, color="grey")
         offset += m.get("global_steps", 0)
-    for name, points in dev_split_series([m for _, m in chain]).items():
+    for name, points in dev_split_series(chain).items():
         ax.plot([s for s, _ in points], [v for _, v in points], "o--", color=colour.get(name, "black"),
                 markersize=5, label=name)
     ax.set_xlabel("optimizer step (all stages)")
@@ -54,12 +86,12 @@ def plot_loss_curve(chain: list[tuple[Path, dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_accuracy_by_type(chain: list[tuple[Path, dict]], path: Path) -> None:
+def plot_accuracy_by_type(chain: list[dict], path: Path) -> None:
     """Grouped bars: dev-split accuracy per question type (free text: exact match), one group per stage, with 95%
     intervals."""
     plt = _pyplot()
     kinds = [*QUESTION_TYPES, "overall"]
-    stages = [(m["stage"], m.get("dev_metrics")) for _, m in chain if m.get("dev_metrics")]
+    stages = [(m["stage"], m.get("dev_metrics")) for m in chain if m.get("dev_metrics")]
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.8 / max(len(stages), 1)
     for i, (stage, metrics) in enumerate(stages):
@@ -104,10 +136,10 @@ def plot_forgetting(matrix: dict, path: Path) -> None:
 
 
 def write_stage_plots(stage_dir: Path) -> list[Path]:
-    chain = stage_chain(stage_dir)
+    chain = [s.metrics for s in recorded_chain(stage_dir)]  # this stage and every stage before it
     paths = [stage_dir / "loss_curve.png"]
     plot_loss_curve(chain, paths[0])
-    if any(m.get("dev_metrics") for _, m in chain):
+    if any(m.get("dev_metrics") for m in chain):
         paths.append(stage_dir / "accuracy_by_type.png")
         plot_accuracy_by_type(chain, paths[1])
     return paths

@@ -61,7 +61,7 @@ def is_main_process() -> bool:
     return runtime().rank == 0
 
 
-def log(*args, **kwargs) -> None:
+def print_main(*args, **kwargs) -> None:
     """print, on the main process only: with N processes every line would otherwise appear N times."""
     if is_main_process():
         print(*args, **kwargs, flush=True)
@@ -70,23 +70,6 @@ def log(*args, **kwargs) -> None:
 def fsdp_enabled() -> bool:
     """Launched with an FSDP accelerate config."""
     return runtime().fsdp
-
-
-def fsdp_config_problems(cfg) -> list[str]:
-    """What a StageConfig asks that FSDP cannot do, one line each naming the key; none when not under FSDP."""
-    if not fsdp_enabled():
-        return []
-    problems = []
-    if cfg.quantization.quant_storage not in ("auto", cfg.quantization.compute_dtype):
-        problems.append(f"quantization.quant_storage: FSDP shards only floating-point tensors; use auto or "
-                        f"{cfg.quantization.compute_dtype} (the compute dtype), not {cfg.quantization.quant_storage}")
-    if cfg.batch_size == "auto":
-        problems.append("batch_size: auto measures a step of the whole model, and FSDP shards it (the measure would "
-                        "not hold); set batch_size to a number under FSDP")
-    if cfg.optimizer_state == "resume":
-        problems.append("optimizer_state: resume is not supported under FSDP (its optimizer state is sharded); use "
-                        "fresh, or train this stage with DDP or one GPU")
-    return problems
 
 
 def gpu_available() -> bool:
@@ -133,6 +116,7 @@ def one_gpu_per_process(args, world: int) -> None:
         raise ConfigError(f"{args.n_gpu} GPUs are visible to one process and this transformers version would train "
                           "on them with nn.DataParallel; set CUDA_VISIBLE_DEVICES to one GPU, or use accelerate launch "
                           "--config_file configs/accelerate/ddp.yaml")
-    log(f"{args.n_gpu} GPUs visible to one process: training on GPU {training_device()} only (not nn.DataParallel); to "
-        "train on all of them: accelerate launch --config_file configs/accelerate/ddp.yaml train_qlora_qwen3vl.py ...")
+    print_main(f"{args.n_gpu} GPUs visible to one process: training on GPU {training_device()} only (not "
+               "nn.DataParallel); to train on all of them: accelerate launch --config_file configs/accelerate/ddp.yaml "
+               "train_qlora_qwen3vl.py ...")
     args._n_gpu = 1

@@ -12,13 +12,11 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from curriculum.config import DataColumns
 from curriculum.errors import ConfigError
 
 QUESTION_TYPES = ("single_choice", "numeric", "multi_label", "free_text")
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-# Where each field is when no `columns:` are given: the defaults of the config's DataColumns (tests hold them equal)
-DEFAULT_COLUMNS = {"id": "id", "question": "question", "type": "type", "options": "options", "answer": "answer",
-                   "references": "answers", "image": "image", "messages": "messages", "images": "images"}
 NUMBER_TEXT = re.compile(r"[-+]?\d+(?:\.\d+)?")  # an answer that is a number: a numeric question, when inferred
 
 
@@ -55,7 +53,7 @@ def format_answer(answer: Any, qtype: str) -> str:
     return str(answer).strip()
 
 
-def column_label(columns, field: str) -> str:
+def column_label(columns: DataColumns | None, field: str) -> str:
     """How an error names one of our fields: the column (or key) it is read from, and the config key naming it."""
     return f"column '{column_name(columns, field)}' (columns.{field})"
 
@@ -69,7 +67,7 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float))
 
 
-def reference_texts(value: Any, source: str, columns, field: str = "references") -> list[str]:
+def reference_texts(value: Any, source: str, columns: DataColumns | None, field: str = "references") -> list[str]:
     """Reference answers as texts, from a list of texts or numbers (DocVQA's, TextVQA's `answers`, ChartQA's
     `label`), or of dicts with an `answer` key (VQAv2's `answers`: {answer, answer_confidence, answer_id}); one text
     is one reference. Empty texts are left out (TextVQA's test split holds ten of them)."""
@@ -107,7 +105,7 @@ def _answer_items(answer: Any, options: list) -> list:
     return [answer]
 
 
-def option_letters(answer: Any, options: list, source: str, columns) -> list[str] | None:
+def option_letters(answer: Any, options: list, source: str, columns: DataColumns | None) -> list[str] | None:
     """The letters of the options an answer names: by letter (`B`, ["A", "C"], `A, C`), by 0-based index (ScienceQA's
     `answer: 2`, A-OKVQA's `correct_choice_idx`) or by the option's text (`blue`). None when an item names no option;
     an index past the options is an error naming the column."""
@@ -146,7 +144,7 @@ def infer_question_type(answer: Any, options: list | None, references: Any) -> s
     return None
 
 
-def _vqa_record(obj: dict, source: str, image_of, columns=None,
+def _vqa_record(obj: dict, source: str, image_of, columns: DataColumns | None = None,
                 question_type: str = "auto") -> tuple[str, bool, str | None, str, str, list | None, list | None]:
     """Check a VQA record's fields; return (type, whether it was inferred, image path, user text, answer text,
     options, references). `image_of(cell, source)` turns the image field into a path (and checks it). The type is
@@ -226,8 +224,8 @@ def _chat_record(obj: dict, source: str, image_of) -> tuple[str | None, list, st
     return image, prompt, str(messages[-1]["content"]).strip()
 
 
-def record_from_fields(obj: dict, source: str, default_id: Any, system_prompt: str | None, image_of, columns=None,
-                       question_type: str = "auto") -> Record:
+def record_from_fields(obj: dict, source: str, default_id: Any, system_prompt: str | None, image_of,
+                       columns: DataColumns | None = None, question_type: str = "auto") -> Record:
     """One JSONL line or dataset row, its fields under our names, as a Record; a ConfigError naming `source`. A VQA
     row without an id is known by its file and line (or row): `source`."""
     if "messages" in obj:
@@ -242,18 +240,16 @@ def record_from_fields(obj: dict, source: str, default_id: Any, system_prompt: s
                   references, inferred)
 
 
-def column_name(columns, field: str) -> str:
-    """Where our field `field` is in a split: the name the config's `columns:` (a DataColumns) gives it, or its
-    default without one."""
-    return DEFAULT_COLUMNS[field] if columns is None else getattr(columns, field)
+def column_name(columns: DataColumns | None, field: str) -> str:
+    """Where our field `field` is in a split: the name the config's `columns:` gives it (None: the defaults)."""
+    return getattr(columns or DataColumns(), field)
 
 
-def fields_by_our_names(row: dict, columns) -> dict:
-    """A line's or row's fields under the names the checks use, found under the names `columns:` gives them (none
-    given: under the default names). A column named for two fields (answer and references may share one) gives its
-    value to both."""
-    names = DEFAULT_COLUMNS if columns is None else vars(columns)
-    return {ours: row[theirs] for ours, theirs in names.items() if theirs in row}
+def fields_by_our_names(row: dict, columns: DataColumns | None) -> dict:
+    """A line's or row's fields under the names the checks use, found under the names `columns:` gives them (None:
+    the default names). A column named for two fields (answer and references may share one) gives its value to
+    both."""
+    return {ours: row[theirs] for ours, theirs in vars(columns or DataColumns()).items() if theirs in row}
 
 
 def answer_token_ids(tokenizer, answer: str) -> list[int]:

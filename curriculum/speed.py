@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from curriculum.config import StageConfig
 from curriculum.errors import ConfigError
 from curriculum.processes import gpu_available  # the environment as read once (processes.runtime)
 
@@ -267,7 +268,7 @@ FUSED_LORA_UNDER_FSDP = ("under FSDP the LoRA weights are sharded and gathered b
                          "which the fused forward skips (an illegal memory access on 2 H200s, 2026-11-30)")
 
 
-def plan_speed_patches(cfg, fsdp: bool = False) -> tuple[dict[str, PatchDecision], list[str]]:
+def plan_speed_patches(cfg: StageConfig, fsdp: bool = False) -> tuple[dict[str, PatchDecision], list[str]]:
     """Decide every speed patch from the config and the installed libraries, before the model loads. Returns the
     decisions by config key, and the problems (a patch set to true that cannot apply), one line each, naming the key.
     Also checks what checkpointed_layers < 1 and training on a CPU rely on. `fsdp`: launched with an FSDP config."""
@@ -325,7 +326,7 @@ def keep_4bit_layers_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def apply_gradient_checkpointing(model, cfg) -> int:
+def apply_gradient_checkpointing(model, cfg: StageConfig) -> int:
     """Non-reentrant checkpointing on `checkpointed_layers` of the language model's decoder layers (evenly
     spread), none on the others; returns how many layers recompute. The vision tower is not trained (LoRA targets
     the language model) and runs without autograd, so it has nothing to recompute."""
@@ -629,8 +630,8 @@ def batch_vision_attention(model) -> int:
     return len(modules)
 
 
-def apply_speed_patches(model, cfg, decisions: dict[str, PatchDecision] | None = None,
-                        log: Callable[[str], None] = print) -> dict[str, PatchDecision]:
+def apply_speed_patches(model, cfg: StageConfig, decisions: dict[str, PatchDecision] | None = None,
+                        say: Callable[[str], None] = print) -> dict[str, PatchDecision]:
     """Bind the patches that the plan turned on, to a model that already carries its adapter; one log line per
     patch (`Speed patch <name>: ...`). Returns the decisions, with what binding found (a model that is not Qwen3-VL
     gets no Liger kernels; one that runs FlashAttention keeps its own vision attention)."""
@@ -667,6 +668,6 @@ def apply_speed_patches(model, cfg, decisions: dict[str, PatchDecision] | None =
         decisions["offload_activations"] = PatchDecision(True, f"on ({n} checkpointed decoder layers keep their "
                                                                f"inputs in {where})")
     for patch in SPEED_PATCHES:
-        log(f"Speed patch {patch.name}: {decisions[patch.key].note}")
-    log(f"Speed patch activation offload: {decisions['offload_activations'].note}")
+        say(f"Speed patch {patch.name}: {decisions[patch.key].note}")
+    say(f"Speed patch activation offload: {decisions['offload_activations'].note}")
     return decisions

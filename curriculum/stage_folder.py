@@ -1,164 +1,32 @@
-"""A finished stage folder: the files that make it one, how a stage finds the stages before it, what its
-stage_metrics.json records, its README (the model card), and the rename that puts it into place whole. The adapter's
-own files are curriculum/adapter_files.py's."""
+"""A finished stage folder: the files that make it one, the finished stages under a curriculum's folder, and the
+rename that puts a stage into place whole. What its stage_metrics.json and README say is curriculum/stage_record.py's,
+how it finds the stages before it curriculum/lineage.py's, the adapter's own files curriculum/adapter_files.py's."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
-from curriculum import speed
-from curriculum.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, sha256_file
-from curriculum.processes import fsdp_enabled
+from curriculum.config import StageConfig
 
 STAGE_METRICS = "stage_metrics.json"  # written last by a finished stage: a folder holding it is a finished stage
 RESOLVED_CONFIG = "resolved_config.yaml"
+
+
+def output_dir_problems(cfg: StageConfig) -> list[str]:
+    """output_dir holding a finished stage, unless overwrite allows replacing it."""
+    out = Path(cfg.output_dir)
+    if (out / STAGE_METRICS).is_file() and not cfg.overwrite:
+        return [f"output_dir: {out} already holds a finished stage; choose another or set overwrite: true"]
+    return []
 
 
 def curriculum_stage_dirs(root: str | os.PathLike) -> list[Path]:
     """The finished stage directories under `root` (those with stage_metrics.json), in their recorded stage order."""
     stages = [p.parent for p in Path(root).glob(f"*/{STAGE_METRICS}")]
     return sorted(stages, key=lambda p: json.loads((p / STAGE_METRICS).read_text()).get("stage", 0))
-
-
-def previous_stage_dir(stage_dir: str | os.PathLike, recorded: str | None) -> Path | None:
-    """Where the stage that `stage_dir` continued is now: the path it recorded, or else, for a curriculum moved as
-    a whole, the folder of that name beside `stage_dir`. None when neither holds an adapter. (Whether it is the
-    right adapter is for its SHA-256 to say.)"""
-    if not recorded:
-        return None
-    for candidate in (Path(recorded), Path(stage_dir).parent / Path(recorded).name):
-        if (candidate / ADAPTER_WEIGHTS).is_file():
-            return candidate
-    return None
-
-
-def previous_stage_metrics(prev_checkpoint: str | None) -> dict | None:
-    if not prev_checkpoint or not (Path(prev_checkpoint) / STAGE_METRICS).is_file():
-        return None
-    return json.loads((Path(prev_checkpoint) / STAGE_METRICS).read_text())
-
-
-def stage_chain(stage_dir: Path) -> list[tuple[Path, dict]]:
-    """This stage and every stage before it, oldest first, by following prev_checkpoint."""
-    chain, current = [], Path(stage_dir)
-    while current is not None and (current / STAGE_METRICS).is_file():
-        m = json.loads((current / STAGE_METRICS).read_text())
-        chain.append((current, m))
-        current = previous_stage_dir(current, m.get("prev_checkpoint"))
-    return chain[::-1]
-
-
-def stage_metrics(cfg, data, fitted, views: list[dict], patches: dict, final_eval: float | None,
-                  dev_metrics: dict | None) -> dict:
-    """stage_metrics.json: what the stage was, started from, measured and cost; the next stage and the verifier read
-    it. `cfg`, `data` and `fitted` are the recipe's StageConfig, StageData and Fit; `views` what each process held."""
-    import torch  # for the peak memory; the recipe has it loaded by now
-
-    state, world, batch_size = fitted.trainer.state, len(views), fitted.batch_size
-    return {
-        "stage": cfg.stage,
-        "model_name_or_path": cfg.model_name_or_path,
-        "prev_checkpoint": str(Path(cfg.prev_checkpoint).resolve()) if cfg.prev_checkpoint else None,
-        "trainable_params": views[0]["trainable_params"],
-        "lora": dataclasses.asdict(cfg.lora),
-        "quantization": dataclasses.asdict(cfg.quantization),
-        "first_eval_loss": fitted.first_eval_loss,
-        "first_eval_file": str(Path(data.continuity_file).resolve()) if data.continuity is not None else None,
-        "first_eval_loss_own_split": fitted.first_eval_loss_own_split,
-        "previous_final_eval_loss": data.prev_metrics.get("final_eval_loss"),
-        "final_eval_loss": final_eval,
-        "final_eval_file": str(Path(cfg.eval_file).resolve()) if cfg.eval_file else None,
-        "data_files": data.data_files,
-        "dev_metrics": dev_metrics,
-        "earlier_stages": fitted.watch.records(state.log_history),  # their dev splits, watched (forgetting.py)
-        "forgetting": fitted.watch.summary(),
-        "replay": data.replay,  # earlier stages' training records mixed in: which, how many, their files' SHA-256
-        "train_loss_history": [{"step": e["step"], "loss": e["loss"]} for e in state.log_history if "loss" in e],
-        "eval_loss_history": [{"step": e["step"], "loss": e["eval_loss"]}
-                              for e in state.log_history if "eval_loss" in e],
-        "train_loss": fitted.result.training_loss,
-        "global_steps": state.global_step,
-        "batch_size_chosen": batch_size if cfg.batch_size == "auto" else None,
-        "grad_accum": fitted.grad_accum,
-        "effective_batch_size": batch_size * fitted.grad_accum * world,
-        "plan": fitted.plan,  # effective_batch: the plan chosen, and what was measured to choose it
-        "num_processes": world,
-        "train_samples": len(data.train),
-        "train_seconds": round(fitted.train_seconds, 2),
-        # steps of this run only: a resumed run timed only what it trained after the resume
-        "samples_per_second": round((state.global_step - fitted.resumed_at) * batch_size * fitted.grad_accum
-                                    * world / max(fitted.train_seconds, 1e-9), 3),
-        "resumed_from_step": fitted.resumed_at or None,
-        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available()
-        else None,
-        "start_adapter_file_sha256": sha256_file(Path(cfg.prev_checkpoint) / ADAPTER_WEIGHTS)
-        if cfg.prev_checkpoint else None,
-        "start_adapter_tensors_sha256": views[0]["start_tensors_sha256"] if cfg.prev_checkpoint else None,
-        "optimizer_state": cfg.optimizer_state,
-        "speed_patches": speed.describe_speed_patches(patches),
-        "versions": speed.versions("torch", "transformers", "peft", "bitsandbytes", "accelerate", "liger-kernel"),
-        "bad_records_skipped": {"train": data.train.bad_records, "eval": data.eval.bad_records if data.eval else []},
-        "processes": views,  # what each process held before the first step and after the last
-        "distributed": "fsdp" if fsdp_enabled() else "ddp" if world > 1 else None,
-    }
-
-
-def _loss(value: float | None) -> str:
-    return "–" if value is None else f"{value:.4f}"
-
-
-def model_card(cfg, metrics: dict, accuracy_table: str | None, earlier_stages: list[str] = ()) -> str:
-    """The stage folder's README.md, in place of peft's empty template: the base, the stage and its lineage, the
-    data by SHA-256, the losses and the dev accuracy by question type, and `earlier_stages` (forgetting.card_lines:
-    the earlier stages' dev splits, watched). `cfg` is the stage's StageConfig."""
-    lora, q = cfg.lora, cfg.quantization
-    front = ["---", f"base_model: {cfg.model_name_or_path}", "library_name: peft", "pipeline_tag: image-text-to-text",
-             "tags:", f"- base_model:adapter:{cfg.model_name_or_path}", "- lora", "- qlora", "- qwen3-vl",
-             "- curriculum", "---", ""]
-    if metrics.get("prev_checkpoint"):
-        lineage = [f"Continues the adapter saved by the previous stage in `{cfg.prev_checkpoint}` (recorded as "
-                   f"`{metrics['prev_checkpoint']}`), reopened for training: the same LoRA weights, trained further.",
-                   "", f"- started from: adapter file sha256 `{metrics.get('start_adapter_file_sha256')}`, tensors "
-                   f"sha256 `{metrics.get('start_adapter_tensors_sha256')}`"]
-    else:
-        lineage = ["A new adapter (B = 0 at the start, so it began as the base model).", ""]
-    lineage.append(f"- saved: adapter file sha256 `{metrics.get('saved_adapter_file_sha256')}`, tensors sha256 "
-                   f"`{metrics.get('saved_adapter_tensors_sha256')}`")
-    data = ["| split | file | SHA-256 |", "|---|---|---|"] + [f"| {key} | `{entry['path']}` | `{entry['sha256']}` |"
-                                                            for key, entry in (metrics.get("data_files") or {}).items()]
-    continued = [f"| first_eval_loss, before the first step, on the dev split the previous stage ended on | "
-                 f"{_loss(metrics.get('first_eval_loss'))} |",
-                 f"| previous stage's final_eval_loss there | {_loss(metrics.get('previous_final_eval_loss'))} |"]
-    losses = ["| loss | value |", "|---|---|", *(continued if metrics.get("prev_checkpoint") else []),
-              f"| before the first step, on `{cfg.eval_file}` | {_loss(metrics.get('first_eval_loss_own_split'))} |",
-              f"| final_eval_loss (on `{cfg.eval_file}`) | {_loss(metrics.get('final_eval_loss'))} |",
-              f"| train_loss, the mean over the stage | {_loss(metrics.get('train_loss'))} |"]
-    n = (metrics.get("dev_metrics") or {}).get("overall", {}).get("n")
-    accuracy = [f"Greedy answers to {n} questions of `{cfg.eval_file}`, parsed and scored as vqa_eval.py does:", "",
-                accuracy_table] if accuracy_table else ["Not measured (no eval_file, or eval_questions: 0)."]
-    return "\n".join(front + [
-        f"# Stage {cfg.stage}: a LoRA adapter for `{cfg.model_name_or_path}`", "",
-        f"Stage {cfg.stage} of a curriculum, trained by `train_qlora_qwen3vl.py` with QLoRA: the base frozen in "
-        f"4-bit {q.quant_type} (compute {q.compute_dtype}, double quant {q.double_quant}), one LoRA adapter "
-        f"(r={lora.r}, alpha={lora.alpha}, dropout={lora.dropout}, on {', '.join(lora.target_modules)}) trained "
-        f"for {metrics.get('global_steps')} optimizer steps at effective batch {metrics.get('effective_batch_size')}, "
-        f"lr {cfg.lr:g}. Every setting is in `{RESOLVED_CONFIG}`; every number below is in `{STAGE_METRICS}`.", "",
-        "## Base model", "", f"`{cfg.model_name_or_path}`, as the config names it (`{ADAPTER_CONFIG}` records the "
-        "same), so the folder names its base wherever it is moved.", "",
-        "## Lineage", "", *lineage, "",
-        "## Data", "", f"{metrics.get('train_samples')} training samples.", "", *data, "",
-        "## Losses", "", *losses, "",
-        "## Dev accuracy by question type", "", *accuracy, "",
-        *earlier_stages,
-        "## Use", "", "```",
-        "python verify_exp4_fix.py THIS_FOLDER                                 # prove the lineage, reopen it",
-        "python train_qlora_qwen3vl.py NEXT_STAGE.yaml --set prev_checkpoint=THIS_FOLDER   # continue it",
-        "python export_merged.py THIS_FOLDER MERGED_FOLDER --check 20           # a merged bf16 model to serve",
-        "```", ""])
 
 
 def move_into_place(staging: Path, out: Path) -> None:

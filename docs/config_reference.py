@@ -1,6 +1,7 @@
-"""docs/config.md, the reference of every stage-YAML key, generated from the config dataclasses: one row per key
-(nested sections dotted), its default, and the docstring under the field; then the names other tools give some of
-them. Run it after changing a config field; tests/test_readme.py fails when docs/config.md and the code drift apart.
+"""docs/config.md, the reference of every stage-YAML key, generated from the config dataclasses (curriculum/config.py):
+one row per key (nested sections dotted), its default, and the docstring under the field; then the names other tools
+give some of them. Run it after changing a config field; tests/test_readme.py fails when docs/config.md and the code
+drift apart.
 
     python docs/config_reference.py          # rewrite docs/config.md
     python docs/config_reference.py --check  # exit 1 if docs/config.md is not the generated one
@@ -15,7 +16,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import train_qlora_qwen3vl as tq  # noqa: E402
+from curriculum.config import StageConfig  # noqa: E402
 
 REFERENCE = REPO / "docs" / "config.md"
 
@@ -80,11 +81,11 @@ def other_names(cls, prefix: str = ""):
 
 
 def table() -> str:
-    return "\n".join(["| key | default | what it does |", "|---|---|---|", *rows(tq.StageConfig)])
+    return "\n".join(["| key | default | what it does |", "|---|---|---|", *rows(StageConfig)])
 
 
 def reference() -> str:
-    names = sorted(other_names(tq.StageConfig))
+    names = sorted(other_names(StageConfig))
     return "\n".join([
         INTRO, "## Keys", "", table(), "",
         "## Names from other tools",

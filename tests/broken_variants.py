@@ -12,12 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_qlora_qwen3vl as tq  # noqa: E402
+from curriculum.adapter_files import loaded_adapter_sha256, read_adapter_lora
+from curriculum.config import LoraSettings
 
 
 def fresh_adapter_instead(model, prev_checkpoint):
     # The classic mistake: get_peft_model again, so stage 2 starts from B = 0, as if stage 1 never ran.
-    saved = tq.read_adapter_lora(prev_checkpoint)
-    return tq.new_adapter(model, tq.LoraSettings(**saved), seed=0)
+    saved = read_adapter_lora(prev_checkpoint)
+    return tq.new_adapter(model, LoraSettings(**saved), seed=0)
 
 
 def frozen_reload(model, prev_checkpoint):
@@ -33,7 +35,7 @@ def no_trainable_guard(model, lora):
 
 def no_lineage_guard(model, prev_checkpoint):
     # ... nor a check that the weights in memory are the ones the previous stage saved.
-    return tq.loaded_adapter_sha256(model)
+    return loaded_adapter_sha256(model)
 
 
 if __name__ == "__main__":

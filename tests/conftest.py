@@ -11,7 +11,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
-import train_qlora_qwen3vl as tq  # noqa: E402  (after the path is set)
+# The recipe first, as in a user's run: importing it sets how torch's CPU threads wait (before torch loads) and quiets
+# the libraries' import-time warnings, for every test.
+import train_qlora_qwen3vl  # noqa: E402, F401
+from curriculum.base_model import TINY_MODEL_NAME, load_processor, resolve_model_path  # noqa: E402
+from curriculum.config import StageConfig  # noqa: E402
+from curriculum.stage_folder import STAGE_METRICS  # noqa: E402
 
 # Test tiers: `python -m pytest -q -m "not slow"` runs the pure functions, config and metrics in about a minute; the
 # slow tier loads the tiny model or runs the CLI (stages, faults, several processes). CI runs both.
@@ -38,17 +43,13 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
     """The tiny random Qwen3-VL, built on first use through the trainer's own resolver."""
-    import train_qlora_qwen3vl as tq
-
-    return tq.resolve_model_path(tq.TINY_MODEL_NAME)
+    return resolve_model_path(TINY_MODEL_NAME)
 
 
 @pytest.fixture(scope="session")
 def processor(tiny_model_path):
-    import train_qlora_qwen3vl as tq
-
-    cfg = tq.StageConfig(output_dir="unused", train_file="unused")
-    return tq.load_processor(tiny_model_path, cfg)
+    cfg = StageConfig(output_dir="unused", train_file="unused")
+    return load_processor(tiny_model_path, cfg)
 
 
 @pytest.fixture(scope="session")
@@ -57,9 +58,7 @@ def processor_without_model():
     Its folder is built through the trainer's resolver like `tiny_model_path`'s: the random weights cost no
     measurable time beside the processor files (about 4 s either way, mostly the tokenizer), and later runs find the
     folder built."""
-    from curriculum.base_model import TINY_MODEL_NAME, load_processor, resolve_model_path
-
-    cfg = tq.StageConfig(output_dir="unused", train_file="unused")
+    cfg = StageConfig(output_dir="unused", train_file="unused")
     return load_processor(resolve_model_path(TINY_MODEL_NAME), cfg)
 
 
@@ -99,7 +98,7 @@ def run_stage(*args: str) -> str:
 
 
 def metrics(stage_dir: Path) -> dict:
-    path = stage_dir / tq.STAGE_METRICS
+    path = stage_dir / STAGE_METRICS
     assert path.is_file(), f"{stage_dir} holds no finished stage"
     return json.loads(path.read_text())
 

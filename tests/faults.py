@@ -23,6 +23,7 @@ import transformers  # noqa: E402
 
 import train_qlora_qwen3vl as tq  # noqa: E402
 from curriculum import speed  # noqa: E402
+from curriculum.adapter_files import ADAPTER_WEIGHTS
 from curriculum.processes import runtime  # noqa: E402
 
 
@@ -152,7 +153,7 @@ if __name__ == "__main__":
             save_model(self, output_dir, _internal_call)
             from safetensors.torch import save_file
 
-            save_file({}, str(Path(output_dir) / tq.ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            save_file({}, str(Path(output_dir) / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
         transformers.Trainer.save_model = save_empty
     elif fault == "speed-patches-do-not-fit":

@@ -10,7 +10,20 @@ from conftest import REPO, STEPS, assert_continued, metrics, run_script, run_sta
 from safetensors.torch import load_file
 
 import train_qlora_qwen3vl as tq
+from curriculum.adapter_files import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    OPTIMIZER_MOMENTS,
+    expected_lora_param_count,
+    file_adapter_sha256,
+    loaded_adapter_sha256,
+)
+from curriculum.base_model import load_processor
+from curriculum.config import LoraSettings, load_config
+from curriculum.data_files import load_records
+from curriculum.errors import CurriculumError
 from curriculum.processes import gpu_available
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 
 def test_stage1_learns_enough_that_a_restart_would_show(curriculum):
@@ -52,14 +65,14 @@ def test_stage_directory_holds_adapter_processor_config_and_metrics(curriculum):
     root, _ = curriculum
     stage = root / "stage2"
     names = {p.name for p in stage.iterdir()}
-    assert {tq.ADAPTER_CONFIG, tq.ADAPTER_WEIGHTS, tq.STAGE_METRICS, tq.RESOLVED_CONFIG, tq.OPTIMIZER_MOMENTS,
+    assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS, STAGE_METRICS, RESOLVED_CONFIG, OPTIMIZER_MOMENTS,
             "processor_config.json", "tokenizer.json", "chat_template.jinja"} <= names
     assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl"))]  # safetensors only, no pickles
-    weights = load_file(str(stage / tq.ADAPTER_WEIGHTS))
+    weights = load_file(str(stage / ADAPTER_WEIGHTS))
     assert weights and all("lora_A" in k or "lora_B" in k for k in weights)  # the adapter only, no base weights
     assert sum(v.numel() for v in weights.values()) == metrics(stage)["trainable_params"] == 7168
     assert not (root / "stage2.saving").exists() and not (root / "stage2.partial").exists()  # atomic, cleaned up
-    assert tq.load_config(stage / tq.RESOLVED_CONFIG).stage == 2
+    assert load_config(stage / RESOLVED_CONFIG).stage == 2
 
 
 def test_metrics_record_what_later_stages_need(curriculum):
@@ -77,10 +90,10 @@ def test_metrics_record_what_later_stages_need(curriculum):
 
 def test_finished_stage_is_not_overwritten(curriculum):
     root, _ = curriculum
-    before = (root / "stage1" / tq.ADAPTER_WEIGHTS).read_bytes()
+    before = (root / "stage1" / ADAPTER_WEIGHTS).read_bytes()
     result = run_script("train_qlora_qwen3vl.py", *stage_args(1, root))
     assert result.returncode == 2 and "already holds a finished stage" in result.stderr
-    assert (root / "stage1" / tq.ADAPTER_WEIGHTS).read_bytes() == before
+    assert (root / "stage1" / ADAPTER_WEIGHTS).read_bytes() == before
 
 
 def test_stage_1_continues_a_given_adapter_only_when_forced(curriculum, tmp_path):
@@ -151,20 +164,20 @@ def test_trainable_check_catches_frozen_and_duplicated_adapters(curriculum, tiny
     from peft import PeftModel
 
     root, _ = curriculum
-    cfg = tq.load_config("configs/demo/stage2.yaml")
+    cfg = load_config("configs/demo/stage2.yaml")
     model = tq.load_quantized_base(tiny_model_path, cfg)
     frozen = PeftModel.from_pretrained(model, str(root / "stage1"))
-    with pytest.raises(tq.CurriculumError, match="0 trainable parameters"):
+    with pytest.raises(CurriculumError, match="0 trainable parameters"):
         tq.check_adapter_trainable(frozen, cfg.lora)
     model = tq.load_quantized_base(tiny_model_path, cfg)
     two = tq.continue_adapter(model, str(root / "stage1"))
     two.load_adapter(str(root / "stage1"), adapter_name="second", is_trainable=True)
-    with pytest.raises(tq.CurriculumError, match="exactly one adapter"):
+    with pytest.raises(CurriculumError, match="exactly one adapter"):
         tq.check_adapter_trainable(two, cfg.lora)
     model = tq.load_quantized_base(tiny_model_path, cfg)
     good = tq.continue_adapter(model, str(root / "stage1"))
     assert tq.check_adapter_trainable(good, cfg.lora) == 7168
-    assert tq.loaded_adapter_sha256(good) == tq.file_adapter_sha256(root / "stage1")
+    assert loaded_adapter_sha256(good) == file_adapter_sha256(root / "stage1")
 
 
 def test_expected_count_matches_qwen3vl_8b_shapes():
@@ -176,8 +189,8 @@ def test_expected_count_matches_qwen3vl_8b_shapes():
 
     with init_empty_weights():
         model = Qwen3VLForConditionalGeneration(qwen3vl_config("8b"))
-    assert tq.expected_lora_param_count(model, tq.LoraSettings()) == 3_833_856
-    assert tq.expected_lora_param_count(model, tq.LoraSettings(r=8)) == 2 * 3_833_856
+    assert expected_lora_param_count(model, LoraSettings()) == 3_833_856
+    assert expected_lora_param_count(model, LoraSettings(r=8)) == 2 * 3_833_856
 
 
 def test_gradients_are_the_same_after_an_evaluation_pass(tiny_model_path, tmp_path):
@@ -185,9 +198,9 @@ def test_gradients_are_the_same_after_an_evaluation_pass(tiny_model_path, tmp_pa
     its inference-only CPU layout there, or backprop through them silently stops."""
     import torch
 
-    cfg = tq.load_config("configs/demo/stage1.yaml")
-    processor = tq.load_processor(tiny_model_path, cfg)
-    (rec,) = tq.load_records(REPO / "data/stage2/train.jsonl")[:1]
+    cfg = load_config("configs/demo/stage1.yaml")
+    processor = load_processor(tiny_model_path, cfg)
+    (rec,) = load_records(REPO / "data/stage2/train.jsonl")[:1]
     batch = tq.collate_batch([tq.encode_example(processor, rec, cfg.min_pixels, cfg.max_pixels)], 151643)
 
     def lora_grads(evaluate_first: bool) -> dict:

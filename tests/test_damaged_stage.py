@@ -12,7 +12,9 @@ import pytest
 from conftest import run_script, stage_args
 from test_verify import copy_stage, line_of
 
-import train_qlora_qwen3vl as tq
+from curriculum.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_file_problems
+from curriculum.config import LoraSettings
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 
 def verify(*args: str) -> tuple[int, str]:
@@ -34,12 +36,12 @@ def edit_json(path: Path, **changes) -> None:
 
 def rank_8_config_on_rank_4_tensors(stage: Path) -> None:
     """A hand-edited (or mixed-up) adapter_config.json: it says r=8, the tensors saved beside it are rank 4."""
-    edit_json(stage / tq.ADAPTER_CONFIG, r=8, lora_alpha=16)
+    edit_json(stage / ADAPTER_CONFIG, r=8, lora_alpha=16)
 
 
 def corrupt_header_same_size(stage: Path) -> None:
     """Bytes overwritten inside the safetensors header: the file keeps its size, so a size check would pass."""
-    weights = stage / tq.ADAPTER_WEIGHTS
+    weights = stage / ADAPTER_WEIGHTS
     data = bytearray(weights.read_bytes())
     data[8:40] = b"#" * 32  # the first 8 bytes give the header's length; the JSON header follows
     weights.write_bytes(bytes(data))
@@ -57,7 +59,7 @@ def test_rank_8_config_on_rank_4_tensors(curriculum, tmp_path):
     reopened = line_of(out, "reopened for training")  # the load raised inside the check: that check fails alone
     assert reopened.startswith("✗ reopened for training: RuntimeError: Error(s) in loading state_dict")
     assert "size mismatch" in reopened and reopened.endswith("(--debug shows the traceback)")
-    for unaffected in ("adapter files", "stage record", "lineage", "continuity", "base model", "training script"):
+    for unaffected in ("adapter files", "stage record", "lineage", "continuity", "base model", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
     assert "verify: 6 passed, 3 failed, 0 not run" in out
 
@@ -77,62 +79,64 @@ def test_rank_8_config_on_rank_4_tensors(curriculum, tmp_path):
 def test_adapter_config_that_is_not_json(curriculum, tmp_path):
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "not_json")
-    (stage / tq.ADAPTER_CONFIG).write_text('{"r": 4, "lora_alpha": 8,')  # cut short by a full disk or an editor
+    (stage / ADAPTER_CONFIG).write_text('{"r": 4, "lora_alpha": 8,')  # cut short by a full disk or an editor
     code, out = verify(str(stage))
     assert_reported_cleanly(code, out)
     assert line_of(out, "adapter files").startswith("✗ adapter files: adapter_config.json is not valid JSON")
     assert line_of(out, "lineage") == "- lineage: not run (the adapter files are broken)"
-    for unaffected in ("stage record", "continuity", "base model", "training script"):
+    for unaffected in ("stage record", "continuity", "base model", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
 def test_missing_stage_metrics(curriculum, tmp_path):
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "no_metrics")
-    (stage / tq.STAGE_METRICS).unlink()
+    (stage / STAGE_METRICS).unlink()
     code, out = verify(str(stage), "--skip-load")
     assert_reported_cleanly(code, out)
     assert line_of(out, "stage record").startswith("✗ stage record: no stage_metrics.json beside resolved_config.yaml")
     assert line_of(out, "lineage").startswith("- lineage: not run (no readable stage_metrics.json")
-    for unaffected in ("adapter files", "adapter shapes", "LoRA config", "training script"):
+    assert line_of(out, "trained by").startswith("- trained by: not run (no readable stage_metrics.json")
+    for unaffected in ("adapter files", "adapter shapes", "LoRA config"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
 def test_stage_metrics_that_is_not_json(curriculum, tmp_path):
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "metrics_not_json")
-    (stage / tq.STAGE_METRICS).write_text("{broken")
+    (stage / STAGE_METRICS).write_text("{broken")
     code, out = verify(str(stage), "--skip-load")
     assert_reported_cleanly(code, out)  # a damaged stage, no longer bad usage (exit 2) that hides every other check
     assert line_of(out, "stage record").startswith("✗ stage record: stage_metrics.json is not valid JSON")
-    for unaffected in ("adapter files", "adapter shapes", "LoRA config", "training script"):
+    assert line_of(out, "trained by").startswith("- trained by: not run (no readable stage_metrics.json")
+    for unaffected in ("adapter files", "adapter shapes", "LoRA config"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
 def test_stage_metrics_from_another_stage(curriculum, tmp_path):
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "mixed_up")
-    shutil.copy(root / "stage1" / tq.STAGE_METRICS, stage / tq.STAGE_METRICS)
+    shutil.copy(root / "stage1" / STAGE_METRICS, stage / STAGE_METRICS)
     code, out = verify(str(stage), "--skip-load")
     assert_reported_cleanly(code, out)
     assert ("✗ stage record: stage: stage_metrics.json says 1, resolved_config.yaml says 2 (a stage_metrics.json "
             "from another stage?)") == line_of(out, "stage record")
     assert "the adapter on disk is not the one the stage saved" in line_of(out, "lineage")
-    for unaffected in ("adapter files", "adapter shapes", "LoRA config", "training script"):
+    for unaffected in ("adapter files", "adapter shapes", "LoRA config", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
 def test_tensor_file_of_the_right_size_with_a_corrupted_header(curriculum, tmp_path):
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "bad_header")
-    size = (stage / tq.ADAPTER_WEIGHTS).stat().st_size
+    size = (stage / ADAPTER_WEIGHTS).stat().st_size
     corrupt_header_same_size(stage)
-    assert (stage / tq.ADAPTER_WEIGHTS).stat().st_size == size
+    assert (stage / ADAPTER_WEIGHTS).stat().st_size == size
     code, out = verify(str(stage))
     assert_reported_cleanly(code, out)
     assert line_of(out, "adapter files").startswith("✗ adapter files: adapter_model.safetensors is unreadable "
                                                     "(truncated or corrupt?): Error while deserializing header")
-    for unaffected in ("stage record", "continuity", "base model", "training script"):
+    for unaffected in ("stage record", "continuity", "base model", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
@@ -143,7 +147,7 @@ def test_two_adapters_leave_the_other_checks_reported(curriculum, tmp_path):
     code, out = verify(str(two))
     assert_reported_cleanly(code, out)
     assert "more than one adapter (also: second)" in line_of(out, "adapter files")
-    for unaffected in ("stage record", "continuity", "base model", "training script"):
+    for unaffected in ("stage record", "continuity", "base model", "trained by"):
         assert line_of(out, unaffected).startswith("✓"), out
 
 
@@ -151,8 +155,8 @@ def test_base_model_path_that_no_longer_exists(curriculum, tmp_path):
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "moved_base")
     gone = str(tmp_path / "deleted-base-model")
-    (stage / tq.RESOLVED_CONFIG).write_text((stage / tq.RESOLVED_CONFIG).read_text().replace("tiny-qwen3vl", gone))
-    edit_json(stage / tq.STAGE_METRICS, model_name_or_path=gone)
+    (stage / RESOLVED_CONFIG).write_text((stage / RESOLVED_CONFIG).read_text().replace("tiny-qwen3vl", gone))
+    edit_json(stage / STAGE_METRICS, model_name_or_path=gone)
     code, out = verify(str(stage))
     assert_reported_cleanly(code, out)
     assert line_of(out, "base model") == (f"✗ base model: the stage trained on {gone}, which no longer exists "
@@ -166,7 +170,7 @@ def test_a_check_that_raises_fails_alone(curriculum, tmp_path):
     """Damage that no check foresees (here a loss recorded as text) fails the check that met it, in one line."""
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "odd_metrics")
-    edit_json(stage / tq.STAGE_METRICS, first_eval_loss="9.3")
+    edit_json(stage / STAGE_METRICS, first_eval_loss="9.3")
     code, out = verify(str(stage), "--skip-load")
     assert_reported_cleanly(code, out)
     assert line_of(out, "continuity").startswith("✗ continuity: TypeError: ")
@@ -183,7 +187,7 @@ def test_curriculum_with_damaged_stages_among_good_ones(curriculum, tmp_path):
     copies = tmp_path / "curriculum"
     stages = [copy_stage(root / f"stage{s}", copies / f"stage{s}") for s in (1, 2, 3)]
     rank_8_config_on_rank_4_tensors(stages[1])
-    (stages[2] / tq.STAGE_METRICS).write_text("{broken")  # still listed, in its place, from its resolved config
+    (stages[2] / STAGE_METRICS).write_text("{broken")  # still listed, in its place, from its resolved config
     code, out = verify("--curriculum", str(copies), "--skip-load")
     assert_reported_cleanly(code, out)
     blocks = out.split("== ")[1:]
@@ -198,9 +202,9 @@ def test_curriculum_with_damaged_stages_among_good_ones(curriculum, tmp_path):
 def test_adapter_file_problems_name_targets_that_differ(curriculum, tmp_path):
     root, _ = curriculum
     stage = copy_stage(root / "stage1", tmp_path / "targets")
-    assert tq.adapter_file_problems(stage, tq.LoraSettings(), tq.RESOLVED_CONFIG) == []
-    edit_json(stage / tq.ADAPTER_CONFIG, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
-    assert tq.adapter_file_problems(stage, tq.LoraSettings(r=8, target_modules=["q_proj"]), tq.RESOLVED_CONFIG) == [
+    assert adapter_file_problems(stage, LoraSettings(), RESOLVED_CONFIG) == []
+    edit_json(stage / ADAPTER_CONFIG, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"])
+    assert adapter_file_problems(stage, LoraSettings(r=8, target_modules=["q_proj"]), RESOLVED_CONFIG) == [
         "adapter_config.json targets gate_proj,k_proj,o_proj,q_proj,v_proj, the tensors adapt "
         "k_proj,o_proj,q_proj,v_proj",
         "resolved_config.yaml says lora.r=8, the tensors have rank 4",
@@ -213,7 +217,7 @@ def test_adapter_file_problems_name_targets_that_differ(curriculum, tmp_path):
 
 
 def not_json(stage: Path) -> None:
-    (stage / tq.ADAPTER_CONFIG).write_text('{"r": 4,')
+    (stage / ADAPTER_CONFIG).write_text('{"r": 4,')
 
 
 @pytest.mark.parametrize("damage, overrides, reason", [

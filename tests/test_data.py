@@ -11,12 +11,25 @@ from PIL import Image
 
 import train_qlora_qwen3vl as tq
 from curriculum import data_files, records
+from curriculum.base_model import load_processor
+from curriculum.config import DataColumns, StageConfig
+from curriculum.data_files import (
+    IMAGE_CHECK_CACHE,
+    drop_overlong,
+    image_token_count,
+    inspect_images,
+    load_records,
+    read_records,
+    sample_lengths,
+)
+from curriculum.errors import ConfigError
+from curriculum.records import format_answer, format_question, with_image_settings
 
 IM_START, IM_END, V_START, V_END, IMAGE_PAD, ASSISTANT = 151644, 151645, 151652, 151653, 151655, 77091
 
 
-def cfg(**kw) -> tq.StageConfig:
-    return tq.StageConfig(**{"output_dir": "o", "train_file": "t", "cache_image_checks": False, **kw})
+def cfg(**kw) -> StageConfig:
+    return StageConfig(**{"output_dir": "o", "train_file": "t", "cache_image_checks": False, **kw})
 
 
 def write_jsonl(tmp_path: Path, records: list, name="split.jsonl") -> Path:
@@ -42,11 +55,11 @@ def test_real_vocabulary_and_special_ids(processor):
 
 
 def test_format_question_and_answer():
-    assert tq.format_question("How many?", "numeric", None) == "How many?\nAnswer with a number."
-    text = tq.format_question("Color?", "single_choice", ["red", "blue"])
+    assert format_question("How many?", "numeric", None) == "How many?\nAnswer with a number."
+    text = format_question("Color?", "single_choice", ["red", "blue"])
     assert text == "Color?\nA. red\nB. blue\nAnswer with the option's letter."
-    assert tq.format_answer(["C", "A"], "multi_label") == "A, C"
-    assert tq.format_answer(3, "numeric") == "3" and tq.format_answer(" B ", "single_choice") == "B"
+    assert format_answer(["C", "A"], "multi_label") == "A, C"
+    assert format_answer(3, "numeric") == "3" and format_answer(" B ", "single_choice") == "B"
 
 
 def test_load_records_vqa_and_chat_formats(tmp_path, image_448):
@@ -59,7 +72,7 @@ def test_load_records_vqa_and_chat_formats(tmp_path, image_448):
         {"messages": [{"role": "user", "content": "<image>What is shown?"},
                       {"role": "assistant", "content": "A red square."}], "images": [image_448]},
     ])
-    recs = tq.load_records(path, system_prompt="Be brief.")
+    recs = load_records(path, system_prompt="Be brief.")
     assert [r.type for r in recs] == ["single_choice", "multi_label", "numeric", "chat"]
     assert [r.answer for r in recs] == ["A", "A, C", "2", "A red square."]
     assert all(r.image == str(tmp_path / image_448) for r in recs)  # relative to the JSONL file
@@ -81,15 +94,15 @@ def test_load_records_vqa_and_chat_formats(tmp_path, image_448):
 def test_bad_records_name_file_and_line(tmp_path, line, message):
     good = '{"id": "ok", "question": "q", "type": "numeric", "answer": 1}'
     path = write_jsonl(tmp_path, [good, line])
-    with pytest.raises(tq.ConfigError, match=rf"{re.escape(str(path))}:2: .*{re.escape(message)}"):
-        tq.load_records(path)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}:2: .*{re.escape(message)}"):
+        load_records(path)
 
 
 def test_empty_split_is_an_error(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n")
-    with pytest.raises(tq.ConfigError, match="no records"):
-        tq.load_records(path)
+    with pytest.raises(ConfigError, match="no records"):
+        load_records(path)
 
 
 def test_mask_prompt_tokens_pure():
@@ -104,11 +117,11 @@ def test_labels_cover_exactly_the_answer_even_with_assistant_in_the_question(tmp
     path = write_jsonl(tmp_path, [{"id": "a", "image": image_448, "type": "single_choice",
                                    "question": "assistant: which color? The assistant must answer.",
                                    "options": ["red", "blue"], "answer": "A"}])
-    (rec,) = tq.load_records(path, system_prompt="You are a helpful assistant.")
+    (rec,) = load_records(path, system_prompt="You are a helpful assistant.")
     ex = tq.encode_example(processor, rec, 4096, 200704)
     ids, labels = ex["input_ids"].tolist(), ex["labels"].tolist()
     # The ids agree with the tokenizer's own boundaries on the whole rendered conversation.
-    messages = tq.with_image_settings(rec.prompt_messages, rec.image, 4096, 200704)
+    messages = with_image_settings(rec.prompt_messages, rec.image, 4096, 200704)
     full = processor.apply_chat_template(messages + [{"role": "assistant", "content": [{"type": "text",
                                                                                          "text": "A"}]}],
                                          tokenize=False)
@@ -130,7 +143,7 @@ def test_labels_cover_exactly_the_answer_even_with_assistant_in_the_question(tmp
 
 def test_image_tokens_and_mm_token_type_ids(tmp_path, processor, image_448):
     path = write_jsonl(tmp_path, [{"id": "a", "image": image_448, "question": "n?", "type": "numeric", "answer": 1}])
-    (rec,) = tq.load_records(path)
+    (rec,) = load_records(path)
     ex = tq.encode_example(processor, rec, 4096, 448 * 448)
     assert (ex["input_ids"] == IMAGE_PAD).sum() == 196  # 448x448: grid 1x28x28, merged 2x2
     assert torch.equal(ex["mm_token_type_ids"], (ex["input_ids"] == IMAGE_PAD).long())
@@ -147,27 +160,27 @@ def test_image_tokens_and_mm_token_type_ids(tmp_path, processor, image_448):
 def test_min_max_pixels_take_effect(tmp_path, processor, image_448, min_pixels, max_pixels, tokens):
     """A known transformers bug ignores max_pixels passed the wrong way: count the tokens that come out."""
     path = write_jsonl(tmp_path, [{"id": "a", "image": image_448, "question": "n?", "type": "numeric", "answer": 1}])
-    (rec,) = tq.load_records(path)
+    (rec,) = load_records(path)
     c = cfg(min_pixels=min_pixels, max_pixels=max_pixels)
-    proc = tq.load_processor(str(REPO / "models" / "tiny-qwen3vl"), c)
+    proc = load_processor(str(REPO / "models" / "tiny-qwen3vl"), c)
     ex = tq.encode_example(proc, rec, c.min_pixels, c.max_pixels)
     assert (ex["input_ids"] == IMAGE_PAD).sum().item() == tokens
-    assert tq.image_token_count(448, 448, min_pixels, max_pixels) == tokens
+    assert image_token_count(448, 448, min_pixels, max_pixels) == tokens
     # The cheap length used to refuse over-long samples before the model loads is exact.
-    assert tq.sample_lengths([rec], proc, c) == [len(ex["input_ids"])]
+    assert sample_lengths([rec], proc, c) == [len(ex["input_ids"])]
 
 
 def test_overlong_samples_are_refused_or_skipped_never_truncated(tmp_path, processor, image_448):
-    recs = tq.load_records(write_jsonl(tmp_path, [
+    recs = load_records(write_jsonl(tmp_path, [
         {"id": "short", "question": "n?", "type": "numeric", "answer": 1},
         {"id": "long", "image": image_448, "question": "n?", "type": "numeric", "answer": 1}]))
     c = cfg(max_seq_len=100)
-    lengths = tq.sample_lengths(recs, processor, c)
+    lengths = sample_lengths(recs, processor, c)
     assert lengths[0] < 100 < lengths[1]
-    with pytest.raises(tq.ConfigError, match=r"split.jsonl:2: record 'long' is \d+ tokens, over max_seq_len=100"):
-        tq.drop_overlong(recs, lengths, c, "train")
+    with pytest.raises(ConfigError, match=r"split.jsonl:2: record 'long' is \d+ tokens, over max_seq_len=100"):
+        drop_overlong(recs, lengths, c, "train")
     c.on_overlong = "skip"
-    assert [r.id for r in tq.drop_overlong(recs, lengths, c, "train")] == ["short"]
+    assert [r.id for r in drop_overlong(recs, lengths, c, "train")] == ["short"]
 
 
 def truncated_copy(src: Path, dst: Path, keep: float = 0.6) -> Path:
@@ -185,11 +198,11 @@ def test_truncated_image_is_found_before_training(tmp_path, fmt, monkeypatch):
     truncated_copy(tmp_path / f"whole.{fmt.lower()}", tmp_path / f"cut.{fmt.lower()}")
     with Image.open(tmp_path / f"cut.{fmt.lower()}") as img:
         assert img.size == (256, 256)  # the header is intact: a header-only check would pass it
-    recs = tq.load_records(write_jsonl(tmp_path, [
+    recs = load_records(write_jsonl(tmp_path, [
         {"id": "ok", "image": f"whole.{fmt.lower()}", "question": "n?", "type": "numeric", "answer": 1},
         {"id": "cut", "image": f"cut.{fmt.lower()}", "question": "n?", "type": "numeric", "answer": 1}]))
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some libraries set it: refused anyway
-    sizes, problems = tq.inspect_images(recs)
+    sizes, problems = inspect_images(recs)
     assert list(sizes) == [str(tmp_path / f"whole.{fmt.lower()}")]
     assert len(problems) == 1 and problems[0].startswith(f"{tmp_path}/split.jsonl:2: cannot read image")
     assert "truncated" in problems[0] or "broken" in problems[0]
@@ -206,15 +219,15 @@ def test_image_paths_cannot_leave_the_data_folder_unless_allowed(tmp_path, image
         {"messages": [{"role": "user", "content": "<image>n?"}, {"role": "assistant", "content": "1"}],
          "images": ["img/../../red.png"]},
         {"id": "linked", "image": "img/red.png", "question": "n?", "type": "numeric", "answer": 1}])
-    with pytest.raises(tq.ConfigError) as err:
-        tq.load_records(path)
+    with pytest.raises(ConfigError) as err:
+        load_records(path)
     text = str(err.value)
     assert text.startswith(f"3 bad record(s) in {path}:")
     for line in (1, 2, 3):
         assert f"split.jsonl:{line}: image path" in text
     assert "leads outside the data folder" in text and "allow_images_outside_data_dir: true" in text
     assert "split.jsonl:4" not in text
-    recs = tq.load_records(path, allow_outside=True)
+    recs = load_records(path, allow_outside=True)
     assert [Path(r.image).resolve() for r in recs] == [tmp_path / "red.png"] * 4
 
 
@@ -227,7 +240,7 @@ def test_bad_records_stop_the_run_listed_or_are_skipped_and_counted(tmp_path, pr
         {"id": "d", "image": "missing.png", "question": "n?", "type": "numeric", "answer": 1},
         {"id": "e", "question": "n?", "type": "single_choice", "options": ["x", "y"], "answer": "Q"},
         {"id": "f", "question": "n?", "type": "numeric", "answer": 2}])
-    with pytest.raises(tq.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         tq.load_split(str(path), processor, cfg(), "train")
     text = str(err.value)
     assert text.startswith(f"4 bad record(s) in {path}:") and "on_bad_record: skip" in text
@@ -241,7 +254,7 @@ def test_bad_records_stop_the_run_listed_or_are_skipped_and_counted(tmp_path, pr
     assert "Skipped 4 bad train record(s) (on_bad_record: skip):" in capsys.readouterr().out
     only_bad = write_jsonl(tmp_path, ["{", {"id": "d", "image": "missing.png", "question": "n?", "type": "numeric",
                                             "answer": 1}], name="bad.jsonl")
-    with pytest.raises(tq.ConfigError, match="bad.jsonl: no usable records"):
+    with pytest.raises(ConfigError, match="bad.jsonl: no usable records"):
         tq.load_split(str(only_bad), processor, cfg(on_bad_record="skip"), "train")
 
 
@@ -279,14 +292,14 @@ def test_split_summary_says_resizing_once_with_sizes_and_lengths(tmp_path, proce
 
 def test_unreadable_image_names_the_record(tmp_path, processor):
     (tmp_path / "bad.png").write_bytes(b"not a png")
-    recs = tq.load_records(write_jsonl(tmp_path, [{"id": "a", "image": "bad.png", "question": "n?",
-                                                   "type": "numeric", "answer": 1}]))
-    with pytest.raises(tq.ConfigError, match=r"split.jsonl:1: cannot read image"):
-        tq.sample_lengths(recs, processor, cfg())
+    recs = load_records(write_jsonl(tmp_path, [{"id": "a", "image": "bad.png", "question": "n?",
+                                                "type": "numeric", "answer": 1}]))
+    with pytest.raises(ConfigError, match=r"split.jsonl:1: cannot read image"):
+        sample_lengths(recs, processor, cfg())
 
 
 def test_collate_pads_right_and_keeps_images(tmp_path, processor, image_448):
-    recs = tq.load_records(write_jsonl(tmp_path, [
+    recs = load_records(write_jsonl(tmp_path, [
         {"id": "a", "image": image_448, "question": "n?", "type": "numeric", "answer": 1},
         {"id": "b", "image": image_448, "question": "a much longer question about the picture?",
          "type": "numeric", "answer": 12}]))
@@ -304,10 +317,10 @@ def test_shipped_data_is_valid_and_has_three_stages_of_rising_difficulty():
     sizes = []
     for stage in (1, 2, 3):
         for split in ("train", "dev", "test"):
-            recs = tq.load_records(REPO / f"data/stage{stage}/{split}.jsonl")
+            recs = load_records(REPO / f"data/stage{stage}/{split}.jsonl")
             assert {r.type for r in recs} == {"single_choice", "numeric", "multi_label"}
             assert all(Path(r.image).is_file() for r in recs)
-        sizes.append(len(tq.load_records(REPO / f"data/stage{stage}/train.jsonl")))
+        sizes.append(len(load_records(REPO / f"data/stage{stage}/train.jsonl")))
     assert all(n >= 100 for n in sizes)
 
 
@@ -331,26 +344,26 @@ def test_images_that_decoded_cleanly_are_remembered_between_stages(tmp_path, pro
     stage2 = cfg(output_dir=str(tmp_path / "curriculum" / "stage2"), cache_image_checks=True)
     first = tq.load_split(str(path), processor, stage1, "train")
     assert sorted(decoded) == ["0.png", "1.png", "2.png"]
-    assert (tmp_path / "curriculum" / ".cache" / tq.IMAGE_CHECK_CACHE).is_file()
+    assert (tmp_path / "curriculum" / ".cache" / IMAGE_CHECK_CACHE).is_file()
     decoded.clear()
     second = tq.load_split(str(path), processor, stage2, "train")  # the next stage, the same images
     assert decoded == [] and second.lengths == first.lengths
     assert "Decoding train images: 0 decoded, 3 known to decode cleanly" in capsys.readouterr().out
     (tmp_path / "1.png").write_bytes((tmp_path / "1.png").read_bytes()[:60])  # changed since: decoded again
-    with pytest.raises(tq.ConfigError, match="split.jsonl:2: cannot read image"):
+    with pytest.raises(ConfigError, match="split.jsonl:2: cannot read image"):
         tq.load_split(str(path), processor, stage2, "train")
     assert decoded == ["1.png"]
     decoded.clear()
-    with pytest.raises(tq.ConfigError, match="split.jsonl:2: cannot read image"):  # a bad image is never remembered
+    with pytest.raises(ConfigError, match="split.jsonl:2: cannot read image"):  # a bad image is never remembered
         tq.load_split(str(path), processor, stage2, "train")
     assert decoded == ["1.png"]
     decoded.clear()
-    with pytest.raises(tq.ConfigError, match="split.jsonl:2: cannot read image"):
+    with pytest.raises(ConfigError, match="split.jsonl:2: cannot read image"):
         tq.load_split(str(path), processor, cfg(output_dir=str(tmp_path / "curriculum" / "stage3")), "train")
     assert sorted(decoded) == ["0.png", "1.png", "2.png"]  # cache_image_checks: false decodes every image
     decoded.clear()
-    (tmp_path / "curriculum" / ".cache" / tq.IMAGE_CHECK_CACHE).write_text("{half a fi")  # unreadable: ignored
-    with pytest.raises(tq.ConfigError, match="split.jsonl:2: cannot read image"):
+    (tmp_path / "curriculum" / ".cache" / IMAGE_CHECK_CACHE).write_text("{half a fi")  # unreadable: ignored
+    with pytest.raises(ConfigError, match="split.jsonl:2: cannot read image"):
         tq.load_split(str(path), processor, stage2, "train")
     assert sorted(decoded) == ["0.png", "1.png", "2.png"]
 
@@ -382,9 +395,9 @@ def test_option_letters_from_letters_indices_and_texts():
     assert records.option_letters([0, "green"], opts, "f:1", None) == ["A", "B"]
     assert records.option_letters("purple", opts, "f:1", None) is None
     assert records.option_letters("D", opts, "f:1", None) is None
-    with pytest.raises(tq.ConfigError, match=re.escape("f:1: column 'label' (columns.answer): index 3 is not one of "
-                                                       "the 3 options of column 'choices' (columns.options) (0 to 2)")):
-        records.option_letters(3, opts, "f:1", tq.DataColumns(answer="label", options="choices"))
+    with pytest.raises(ConfigError, match=re.escape("f:1: column 'label' (columns.answer): index 3 is not one of "
+                                                    "the 3 options of column 'choices' (columns.options) (0 to 2)")):
+        records.option_letters(3, opts, "f:1", DataColumns(answer="label", options="choices"))
 
 
 def test_rows_with_only_image_question_answer(tmp_path, image_448):
@@ -392,7 +405,7 @@ def test_rows_with_only_image_question_answer(tmp_path, image_448):
                                   {"image": image_448, "question": "How many?", "answer": "3"},
                                   {"image": image_448, "question": "Which colors?", "answer": "red, green"},
                                   {"image": image_448, "question": "How many?", "answer": 2}])
-    recs = tq.load_records(path)
+    recs = load_records(path)
     assert [r.type for r in recs] == ["free_text", "numeric", "free_text", "numeric"]
     assert all(r.type_inferred for r in recs)
     assert [r.id for r in recs] == [f"{path}:{n}" for n in (1, 2, 3, 4)]  # no id: the file and line
@@ -411,7 +424,7 @@ def test_free_text_references_in_the_public_datasets_shapes(tmp_path):
         {"question_id": 8, "question": "How many?", "answers": vqav2, "mca": "two"},  # its own target
         {"question_id": 9, "question": "Total?", "answers": ["$12.50", "12.50"]},     # DocVQA: a list of texts
         {"question_id": 10, "question": "Value?", "mca": ["14"]}])                    # ChartQA: a list as the answer
-    recs = tq.load_records(path, columns=tq.DataColumns(id="question_id", answer="mca"))
+    recs = load_records(path, columns=DataColumns(id="question_id", answer="mca"))
     assert [r.id for r in recs] == ["7", "8", "9", "10"] and {r.type for r in recs} == {"free_text"}
     assert recs[0].answer == "2" and recs[1].answer == "two"  # the most common reference, unless an answer is given
     assert recs[0].references == ["two"] * 4 + ["2"] * 5 + ["3"]
@@ -422,11 +435,11 @@ def test_free_text_references_in_the_public_datasets_shapes(tmp_path):
 def test_question_type_fixes_one_type_for_every_row(tmp_path):
     path = write_jsonl(tmp_path, [{"question": "How many?", "answer": "3", "type": "numeric"},
                                   {"question": "Color?", "answer": "4"}])
-    recs = tq.load_records(path, question_type="free_text")  # the type column is not read
+    recs = load_records(path, question_type="free_text")  # the type column is not read
     assert [(r.type, r.type_inferred, r.references) for r in recs] == [("free_text", False, ["3"]),
                                                                       ("free_text", False, ["4"])]
-    assert [r.type for r in tq.load_records(path)] == ["numeric", "numeric"]  # auto: the column, else inferred
-    assert [r.type_inferred for r in tq.load_records(path)] == [False, True]
+    assert [r.type for r in load_records(path)] == ["numeric", "numeric"]  # auto: the column, else inferred
+    assert [r.type_inferred for r in load_records(path)] == [False, True]
 
 
 @pytest.mark.parametrize("row, message", [
@@ -448,7 +461,7 @@ def test_question_type_fixes_one_type_for_every_row(tmp_path):
 def test_a_row_that_cannot_be_typed_or_mapped_is_one_line_naming_file_line_and_column(tmp_path, row, message):
     good = {"question": "q", "gold": "fine"}
     path = write_jsonl(tmp_path, [good, row])
-    records_, problems = tq.read_records(path, columns=tq.DataColumns(answer="gold", options="choices"))
+    records_, problems = read_records(path, columns=DataColumns(answer="gold", options="choices"))
     assert [r.answer for r in records_] == ["fine"] and len(problems) == 1
     assert problems[0].startswith(f"{path}:2: ") and message in problems[0] and "\n" not in problems[0]
 
@@ -456,11 +469,11 @@ def test_a_row_that_cannot_be_typed_or_mapped_is_one_line_naming_file_line_and_c
 def test_split_summary_counts_the_inferred_types_and_names_the_key_that_fixes_one(tmp_path):
     path = write_jsonl(tmp_path, [{"question": "q", "answer": a} for a in ("blue", "3", "red, green", "no")]
                        + [{"question": "q", "type": "numeric", "answer": 1}])
-    recs = tq.load_records(path)
+    recs = load_records(path)
     lines = data_files.describe_split("train", recs, {}, [10] * len(recs), cfg())
     assert lines[0] == "train: 5 samples (3 free_text, 2 numeric)"
     assert lines[1] == ("train types: 4 of 5 inferred per row, with no type in column 'type' (columns.type): "
                         "3 free_text, 1 numeric. To fix one type for the whole split instead, set question_type "
                         "(e.g. question_type: free_text)")
-    typed = tq.load_records(path, question_type="free_text")
+    typed = load_records(path, question_type="free_text")
     assert not any("inferred" in line for line in data_files.describe_split("train", typed, {}, [10] * 5, cfg()))

@@ -10,14 +10,17 @@ import pytest
 from conftest import REPO, run_script
 
 import train_qlora_qwen3vl as tq
+from curriculum.config import DataColumns, StageConfig, load_config
+from curriculum.data_files import load_records, read_records
+from curriculum.errors import ConfigError
 
 JSONL = REPO / "data/stage1/train.jsonl"
 N = 12
 
 
-def cfg(tmp_path: Path, **kw) -> tq.StageConfig:
-    return tq.StageConfig(**{"output_dir": str(tmp_path / "curriculum" / "stage1"), "train_file": "t",
-                             "cache_image_checks": False, **kw})
+def cfg(tmp_path: Path, **kw) -> StageConfig:
+    return StageConfig(**{"output_dir": str(tmp_path / "curriculum" / "stage1"), "train_file": "t",
+                          "cache_image_checks": False, **kw})
 
 
 def shipped_rows(n: int = N) -> list[dict]:
@@ -34,7 +37,7 @@ def as_table(rows: list[dict], images: list) -> dict:
             "picture": images}
 
 
-COLUMNS = tq.DataColumns(id="qid", question="q", type="kind", options="choices", answer="gold", image="picture")
+COLUMNS = DataColumns(id="qid", question="q", type="kind", options="choices", answer="gold", image="picture")
 
 
 def features():
@@ -60,8 +63,8 @@ def test_parquet_with_an_image_column_gives_the_records_of_the_jsonl(tmp_path):
     rows = shipped_rows()
     path = write_parquet(tmp_path / "train.parquet", rows, image_cells(rows))
     image_dir = tmp_path / "images"
-    records, problems = tq.read_records(path, "Be brief.", columns=COLUMNS, image_dir=image_dir)
-    expected = tq.load_records(JSONL, "Be brief.")[:N]
+    records, problems = read_records(path, "Be brief.", columns=COLUMNS, image_dir=image_dir)
+    expected = load_records(JSONL, "Be brief.")[:N]
     assert problems == [] and len(records) == N
     assert {r.type for r in records} == {"single_choice", "numeric", "multi_label"}
     for got, want in zip(records, expected, strict=True):
@@ -71,7 +74,7 @@ def test_parquet_with_an_image_column_gives_the_records_of_the_jsonl(tmp_path):
         assert Path(got.image).parent == image_dir and Path(got.image).read_bytes() == Path(want.image).read_bytes()
     assert [r.source for r in records[:2]] == [f"{path}:row 0", f"{path}:row 1"]
     # read again (another stage, a rerun): the same files, not new copies
-    again, _ = tq.read_records(path, "Be brief.", columns=COLUMNS, image_dir=image_dir)
+    again, _ = read_records(path, "Be brief.", columns=COLUMNS, image_dir=image_dir)
     assert [r.image for r in again] == [r.image for r in records] and len(list(image_dir.iterdir())) == N
 
 
@@ -79,7 +82,7 @@ def test_arrow_file_save_to_disk_folder_and_imagefolder_read_alike(tmp_path):
     from datasets import Dataset
 
     rows = shipped_rows()
-    want = [(r.id, r.type, r.answer) for r in tq.load_records(JSONL)[:N]]
+    want = [(r.id, r.type, r.answer) for r in load_records(JSONL)[:N]]
     saved = tmp_path / "saved"
     Dataset.from_dict(as_table(rows, image_cells(rows)), features=features()).save_to_disk(str(saved))
     (arrow,) = saved.glob("*.arrow")
@@ -94,12 +97,12 @@ def test_arrow_file_save_to_disk_folder_and_imagefolder_read_alike(tmp_path):
             f.write(json.dumps({"file_name": r["image"], **{k: r[k] for k in ("id", "question", "type", "options")},
                                 "answer": answer}) + "\n")
     for path, columns in ((saved, COLUMNS), (arrow, COLUMNS), (folder, None)):
-        records, problems = tq.read_records(path, columns=columns, image_dir=tmp_path / "extracted")
+        records, problems = read_records(path, columns=columns, image_dir=tmp_path / "extracted")
         assert problems == [] and [(r.id, r.type, r.answer) for r in records] == want, path
         assert all(Path(r.image).read_bytes() == (JSONL.parent / row["image"]).read_bytes()
                    for r, row in zip(records, rows, strict=True))
     # the imagefolder's images are read where they are (inside the dataset's folder), not copied
-    records, _ = tq.read_records(folder, image_dir=tmp_path / "unused")
+    records, _ = read_records(folder, image_dir=tmp_path / "unused")
     assert Path(records[0].image) == folder / "train" / rows[0]["image"] and not (tmp_path / "unused").exists()
 
 
@@ -110,7 +113,7 @@ def test_bad_rows_are_named_by_file_and_row_then_listed_or_skipped(tmp_path, pro
     images = image_cells(rows)
     images[3] = {"bytes": images[3]["bytes"][:80], "path": "cut.png"}             # row 3: a truncated image
     path = write_parquet(tmp_path / "bad.parquet", rows, images)
-    with pytest.raises(tq.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         tq.load_split(str(path), processor, cfg(tmp_path, columns=COLUMNS), "train")
     text = str(err.value)
     assert text.startswith(f"3 bad record(s) in {path}:") and "on_bad_record: skip" in text
@@ -124,8 +127,8 @@ def test_bad_rows_are_named_by_file_and_row_then_listed_or_skipped(tmp_path, pro
 def test_a_missing_column_names_the_config_key_and_the_columns_there_are(tmp_path):
     rows = shipped_rows(2)
     path = write_parquet(tmp_path / "split.parquet", rows, image_cells(rows))
-    with pytest.raises(tq.ConfigError) as err:
-        tq.read_records(path, image_dir=tmp_path)  # our default names: question, answer (or answers)
+    with pytest.raises(ConfigError) as err:
+        read_records(path, image_dir=tmp_path)  # our default names: question, answer (or answers)
     text = str(err.value)
     # only the question and its answer are needed: no id (the row is the id), no type (inferred per row)
     assert text.startswith(f"{path}: no column 'question' (columns.question), 'answer' (columns.answer) or 'answers' "
@@ -141,8 +144,8 @@ def test_validate_config_takes_dataset_files_and_folders(tmp_path):
              test_file=str(tmp_path / "b.arrow"), batch_size=1)
     tq.validate_config(ok)
     bad = cfg(tmp_path, train_file=str(tmp_path / "c.csv"), eval_file=str(tmp_path / "gone"), batch_size=1,
-              columns=tq.DataColumns(question="text", answer="text"))
-    with pytest.raises(tq.ConfigError) as err:
+              columns=DataColumns(question="text", answer="text"))
+    with pytest.raises(ConfigError) as err:
         tq.validate_config(bad)
     text = str(err.value)
     assert f"train_file: {tmp_path / 'c.csv'} is not a split the trainer reads: a .jsonl, .parquet or .arrow" in text
@@ -153,10 +156,10 @@ def test_validate_config_takes_dataset_files_and_folders(tmp_path):
 def test_columns_are_config_keys_checked_like_any_other(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("output_dir: o\ntrain_file: t.parquet\ncolumns:\n  question: q\n  imgae: img\n")
-    with pytest.raises(tq.ConfigError, match=re.escape("unknown key 'columns.imgae' (did you mean 'image'?)")):
-        tq.load_config(config)
+    with pytest.raises(ConfigError, match=re.escape("unknown key 'columns.imgae' (did you mean 'image'?)")):
+        load_config(config)
     config.write_text("output_dir: o\ntrain_file: t.parquet\ncolumns:\n  question: q\n")
-    assert tq.load_config(config).columns == tq.DataColumns(question="q")
+    assert load_config(config).columns == DataColumns(question="q")
 
 
 def test_check_summarises_a_parquet_and_a_dataset_folder(tmp_path):
@@ -184,10 +187,10 @@ def test_columns_rename_jsonl_keys_too(tmp_path):
     (tmp_path / "images").symlink_to(JSONL.parent / "images")
     path = tmp_path / "renamed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    records = tq.load_records(path, columns=tq.DataColumns(question="q"))
-    assert [r.prompt_messages for r in records] == [r.prompt_messages for r in tq.load_records(JSONL)[:3]]
-    with pytest.raises(tq.ConfigError, match=r"renamed.jsonl:1: missing field\(s\) question"):
-        tq.load_records(path)
+    records = load_records(path, columns=DataColumns(question="q"))
+    assert [r.prompt_messages for r in records] == [r.prompt_messages for r in load_records(JSONL)[:3]]
+    with pytest.raises(ConfigError, match=r"renamed.jsonl:1: missing field\(s\) question"):
+        load_records(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -201,16 +204,16 @@ from make_hub_schemas import COLUMNS as HUB_COLUMNS  # noqa: E402
 
 
 def hub_records(tmp_path: Path, name: str, split: str = "train") -> list:
-    records, problems = tq.read_records(HUB / name / f"{split}.parquet", columns=tq.DataColumns(**HUB_COLUMNS[name]),
-                                        image_dir=tmp_path / "images")
+    records, problems = read_records(HUB / name / f"{split}.parquet", columns=DataColumns(**HUB_COLUMNS[name]),
+                                     image_dir=tmp_path / "images")
     assert problems == []
     return records
 
 
 def test_a_table_of_image_question_answer_needs_no_columns(tmp_path):
     path = HUB / "plain" / "train.parquet"
-    for columns in (None, tq.DataColumns()):  # no columns: block, as the trainer reads it
-        records, problems = tq.read_records(path, columns=columns, image_dir=tmp_path / "images")
+    for columns in (None, DataColumns()):  # no columns: block, as the trainer reads it
+        records, problems = read_records(path, columns=columns, image_dir=tmp_path / "images")
         assert problems == [] and len(records) == 6
         assert [r.type for r in records[:3]] == ["free_text", "numeric", "free_text"]
         assert [r.answer for r in records[:3]] == ["red", "1", "white, blue"]  # free text, a number, a list of names
@@ -256,20 +259,14 @@ def test_the_hub_schemas_are_the_ones_the_script_makes():
         assert stored.with_format("arrow")[:].to_pylist() == rows, (name, split)
 
 
-def test_column_defaults_of_the_config_are_the_readers():
-    from curriculum.records import DEFAULT_COLUMNS
-
-    assert vars(tq.DataColumns()) == DEFAULT_COLUMNS
-
-
 def test_answer_and_references_may_share_a_column(tmp_path):
     (tmp_path / "a.parquet").write_text("")
     tq.validate_config(cfg(tmp_path, train_file=str(tmp_path / "a.parquet"), batch_size=1,
-                           columns=tq.DataColumns(question="query", answer="label", references="label")))
+                           columns=DataColumns(question="query", answer="label", references="label")))
     # ChartQA's label list as the answer column reads as it does as the references column: free text, its references
     path = HUB / "chartqa" / "train.parquet"
-    as_answer, _ = tq.read_records(path, columns=tq.DataColumns(question="query", answer="label"),
-                                   image_dir=tmp_path / "images")
+    as_answer, _ = read_records(path, columns=DataColumns(question="query", answer="label"),
+                                image_dir=tmp_path / "images")
     assert [(r.type, r.answer, r.references) for r in as_answer] == \
            [(r.type, r.answer, r.references) for r in hub_records(tmp_path, "chartqa")]
 
@@ -282,7 +279,7 @@ def test_a_table_row_that_cannot_be_mapped_is_one_line_naming_file_row_and_colum
     rows[1]["answer"] = 7  # ScienceQA's answer is an index into choices: past them here
     path = tmp_path / "scienceqa.parquet"
     Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=features).to_parquet(str(path))
-    records, problems = tq.read_records(path, columns=tq.DataColumns(options="choices"), image_dir=tmp_path / "images")
+    records, problems = read_records(path, columns=DataColumns(options="choices"), image_dir=tmp_path / "images")
     assert len(records) == 2 and problems == [
         f"{path}:row 1: column 'answer' (columns.answer): index 7 is not one of the 3 options of column 'choices' "
         "(columns.options) (0 to 2)"]

@@ -9,8 +9,11 @@ from pathlib import Path
 
 from conftest import REPO, metrics, run_script
 
-import train_qlora_qwen3vl as tq
-from curriculum.stage_folder import stage_chain
+from curriculum.config import load_config
+from curriculum.data_files import load_records
+from curriculum.lineage import recorded_chain
+from curriculum.records import prompt_and_images
+from curriculum.stage_folder import RESOLVED_CONFIG
 
 MEMORISE = """\
 stage: 1
@@ -89,7 +92,7 @@ def test_stage_writes_metrics_predictions_and_plots(curriculum):
         assert len((stage_dir / "predictions_dev.jsonl").read_text().splitlines()) == 40
         for png in ("loss_curve.png", "accuracy_by_type.png"):
             assert (stage_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(stage_chain(root / "stage3")) == 3
+    assert len(recorded_chain(root / "stage3")) == 3
     assert list((root / "tensorboard" / "stage2").glob("events.out.tfevents.*"))
 
 
@@ -97,15 +100,15 @@ def test_predictions_say_what_was_asked_and_what_came_back(curriculum, processor
     """Each line carries the prompt as the model read it (chat template; the image as its placeholder, and its
     file) and the raw generated text beside the parsed answer, so an answer can be reproduced outside the code."""
     root, _ = curriculum
-    cfg = tq.load_config(root / "stage2" / tq.RESOLVED_CONFIG)
-    records = {r.id: r for r in tq.load_records(REPO / "data/stage2/dev.jsonl")}
+    cfg = load_config(root / "stage2" / RESOLVED_CONFIG)
+    records = {r.id: r for r in load_records(REPO / "data/stage2/dev.jsonl")}
     written = {row["id"]: row for row in map(json.loads, (REPO / "data/stage2/dev.jsonl").read_text().splitlines())}
     lines = [json.loads(ln) for ln in (root / "stage2" / "predictions_dev.jsonl").read_text().splitlines()]
     assert len(lines) == 40
     for p in lines:
         rec = records[p["id"]]
         # the very text the answer was generated from (GenerationInputs renders it with prompt_and_images)
-        assert p["prompt"] == tq.prompt_and_images(processor, rec, cfg.min_pixels, cfg.max_pixels)[0]
+        assert p["prompt"] == prompt_and_images(processor, rec, cfg.min_pixels, cfg.max_pixels)[0]
         assert p["prompt"].count("<|image_pad|>") == 1 and p["image"] == rec.image  # the pixels are not in it
         assert Path(p["image"]).is_absolute()
         assert rec.prompt_messages[-1]["content"][-1]["text"] in p["prompt"]

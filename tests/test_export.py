@@ -9,7 +9,10 @@ import pytest
 from conftest import run_script
 
 import export_merged as em
-import train_qlora_qwen3vl as tq
+from curriculum.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_adapter_file
+from curriculum.config import load_config
+from curriculum.data_files import load_records
+from curriculum.stage_folder import RESOLVED_CONFIG
 
 CHECKED = 4
 
@@ -28,7 +31,7 @@ def test_export_writes_a_plain_transformers_model_with_its_processor(merged, cur
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "processor_config.json", "chat_template.jinja", em.CHECK_FILE} <= names
-    assert not names & {tq.ADAPTER_CONFIG, tq.ADAPTER_WEIGHTS} and not out.with_name("merged.exporting").exists()
+    assert not names & {ADAPTER_CONFIG, ADAPTER_WEIGHTS} and not out.with_name("merged.exporting").exists()
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen3VLForConditionalGeneration"] and "quantization_config" not in config
     from safetensors import safe_open
@@ -38,7 +41,7 @@ def test_export_writes_a_plain_transformers_model_with_its_processor(merged, cur
         assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.bfloat16"}
     # the processor resizes images as the stage trained them
     size = json.loads((out / "processor_config.json").read_text())["image_processor"]["size"]
-    cfg = tq.load_config(curriculum[0] / "stage3" / tq.RESOLVED_CONFIG)
+    cfg = load_config(curriculum[0] / "stage3" / RESOLVED_CONFIG)
     assert size == {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}
     assert f"Serve it: vllm serve {out}" in stdout
 
@@ -48,8 +51,8 @@ def test_merged_weights_are_base_plus_the_scaled_lora_product(merged, curriculum
 
     root, _ = curriculum
     out, _ = merged
-    cfg = tq.load_config(root / "stage3" / tq.RESOLVED_CONFIG)
-    base, adapter = load_file(str(Path(tiny_model_path) / "model.safetensors")), tq.read_adapter_file(root / "stage3")
+    cfg = load_config(root / "stage3" / RESOLVED_CONFIG)
+    base, adapter = load_file(str(Path(tiny_model_path) / "model.safetensors")), read_adapter_file(root / "stage3")
     weights = load_file(str(out / "model.safetensors"))
     name = "model.language_model.layers.1.self_attn.v_proj.weight"
     a = adapter[f"base_model.model.{name.replace('.weight', '.lora_A.weight')}"].float()
@@ -77,7 +80,7 @@ def test_check_fails_on_a_model_that_is_not_this_adapters_merge(merged, curricul
     root, _ = curriculum
     out, _ = merged
     cfg = em.stage_config(root / "stage2")
-    records = tq.load_records(cfg.eval_file)[:2]
+    records = load_records(cfg.eval_file)[:2]
     # stage 3's merge is not stage 2's adapter: the logits are far apart
     rows = em.check_merged(tiny_model_path, root / "stage2", out, records, cfg)
     assert all(any("over the tolerance" in p for p in r["problems"]) for r in rows), rows

@@ -14,12 +14,17 @@ from conftest import REPO
 
 import train_qlora_qwen3vl as tq
 from curriculum import batch_size, processes, speed
+from curriculum.answer_loss import answer_loss, answer_only_loss, answer_positions
+from curriculum.config import QuantizationSettings, StageConfig, load_config
+from curriculum.data_files import load_records
+from curriculum.errors import ConfigError
+from curriculum.records import with_image_settings
 
 
 def test_answer_positions_pick_the_tokens_before_each_trained_label():
     labels = torch.tensor([[-100, -100, 5, 6, -100],
                            [-100, -100, -100, 7, 8]])
-    keep, targets = tq.answer_positions(labels)
+    keep, targets = answer_positions(labels)
     assert keep.tolist() == [1, 2, 3]  # position t predicts label t+1
     assert targets.tolist() == [[5, 6, -100], [-100, 7, 8]]
 
@@ -30,27 +35,27 @@ def test_answer_loss_matches_the_full_logits_loss_with_and_without_a_token_count
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 5, 11, generator=g)
     labels = torch.tensor([[-100, -100, 5, 6, -100], [-100, -100, -100, 7, 8]])
-    keep, targets = tq.answer_positions(labels)
+    keep, targets = answer_positions(labels)
     for n in (None, torch.tensor(9)):
         expected = ForCausalLMLoss(logits, labels, vocab_size=11, num_items_in_batch=n)
-        assert torch.allclose(tq.answer_loss(logits[:, keep], targets, n), expected, atol=1e-6)
+        assert torch.allclose(answer_loss(logits[:, keep], targets, n), expected, atol=1e-6)
 
 
 def batch(processor, n=3):
-    recs = tq.load_records(REPO / "data/stage2/train.jsonl")[:n]
+    recs = load_records(REPO / "data/stage2/train.jsonl")[:n]
     examples = [tq.encode_example(processor, r, 4096, 50176) for r in recs]
     return tq.collate_batch(examples, processor.tokenizer.pad_token_id)
 
 
 def loss_and_grads(tiny_model_path, adapter, inputs, **settings):
-    cfg = tq.StageConfig(output_dir="o", train_file="t", **settings)
+    cfg = StageConfig(output_dir="o", train_file="t", **settings)
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), adapter)
     if cfg.fused_lora_forward is not False:
         speed.fuse_lora_updates(model)
     model.train()
     torch.manual_seed(0)  # the same LoRA dropout masks in both runs
     if cfg.answer_only_logits is not False:
-        loss, _ = tq.answer_only_loss(model, inputs)
+        loss, _ = answer_only_loss(model, inputs)
     else:
         loss = model(**inputs).loss
     loss.backward()
@@ -87,7 +92,7 @@ def test_fast_path_matches_the_plain_path_within_bf16_tolerance(tiny_model_path,
 def new_adapter_loss_and_grads(tiny_model_path, inputs) -> tuple[float, dict]:
     """Loss and LoRA gradients of a new adapter with a nonzero B (as after training: every LoRA gradient nonzero),
     in fp32, dropout drawn from seed 0."""
-    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=tq.QuantizationSettings(compute_dtype="float32"))
+    cfg = StageConfig(output_dir="o", train_file="t", quantization=QuantizationSettings(compute_dtype="float32"))
     model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -96,7 +101,7 @@ def new_adapter_loss_and_grads(tiny_model_path, inputs) -> tuple[float, dict]:
     speed.fuse_lora_updates(model)
     model.train()
     torch.manual_seed(0)
-    loss, _ = tq.answer_only_loss(model, inputs)
+    loss, _ = answer_only_loss(model, inputs)
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -107,7 +112,7 @@ def test_mrope_positions_from_the_dataloader_give_the_forward_s_own_loss_and_gra
     gradients."""
     from transformers import AutoConfig
 
-    records = tq.load_records(REPO / "data/stage2/train.jsonl")[:3]
+    records = load_records(REPO / "data/stage2/train.jsonl")[:3]
     examples = [tq.encode_example(processor, r, 4096, 50176) for r in records]
     positions = speed.MRopePositions(AutoConfig.from_pretrained(tiny_model_path))
     own = tq.collate_batch(examples, processor.tokenizer.pad_token_id)
@@ -128,7 +133,7 @@ def test_mrope_positions_from_the_dataloader_give_the_forward_s_own_loss_and_gra
 
 def test_fused_lora_forward_gives_peft_s_loss_and_gradients(tiny_model_path, processor, trained_adapter):
     inputs = batch(processor)
-    fp32 = tq.QuantizationSettings(compute_dtype="float32")
+    fp32 = QuantizationSettings(compute_dtype="float32")
     peft_own = loss_and_grads(tiny_model_path, trained_adapter, inputs, fused_lora_forward=False, quantization=fp32)
     fused = loss_and_grads(tiny_model_path, trained_adapter, inputs, fused_lora_forward=True, quantization=fp32)
     assert fused[0] == pytest.approx(peft_own[0], rel=1e-5)
@@ -151,7 +156,7 @@ def test_fused_lora_forward_is_bound_to_every_4bit_lora_layer_and_leaves_the_res
                                                                                          trained_adapter):
     from peft.tuners.lora.bnb import Linear4bit
 
-    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=tq.QuantizationSettings(compute_dtype="float32"))
+    cfg = StageConfig(output_dir="o", train_file="t", quantization=QuantizationSettings(compute_dtype="float32"))
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), trained_adapter)
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     decoder_layers = model.get_base_model().model.language_model.layers
@@ -168,7 +173,7 @@ def test_fused_lora_forward_is_bound_to_every_4bit_lora_layer_and_leaves_the_res
 
 
 def test_checkpointed_layers_choose_an_even_spread(tiny_model_path):
-    cfg = tq.StageConfig(output_dir="o", train_file="t", checkpointed_layers=0.5)
+    cfg = StageConfig(output_dir="o", train_file="t", checkpointed_layers=0.5)
     model = tq.load_quantized_base(tiny_model_path, cfg)
     flags = [layer.gradient_checkpointing for layer in model.model.language_model.layers]
     assert sum(flags) == round(len(flags) / 2) and flags[0]
@@ -185,19 +190,19 @@ def test_batch_size_for_budget_fits_the_line_through_two_measured_steps():
     assert batch_size.batch_size_for_budget(peaks, 20 * gib, 8, most=10_000) == 56  # 5 + 60 x 0.25 = 20 -> 60 -> 56
     assert batch_size.batch_size_for_budget(peaks, 20 * gib, 8, most=40) == 40  # never more than the data
     assert batch_size.batch_size_for_budget(peaks, 8 * gib, 8, most=10_000) == 8  # 12 fit: rounded down to a multiple
-    with pytest.raises(tq.ConfigError, match="a batch of 8 already needs 7.0 GiB"):
+    with pytest.raises(ConfigError, match="a batch of 8 already needs 7.0 GiB"):
         batch_size.batch_size_for_budget(peaks, 6 * gib, 8, most=10_000)
 
 
 def test_a_batch_that_ran_out_of_memory_is_over_any_budget():
     gib = 2**30
     assert batch_size.batch_size_for_budget({4: 9 * gib, 8: math.inf}, 20 * gib, 4, most=10_000) == 4
-    with pytest.raises(tq.ConfigError, match="a batch of 4 already ran out of GPU memory"):
+    with pytest.raises(ConfigError, match="a batch of 4 already ran out of GPU memory"):
         batch_size.batch_size_for_budget({4: math.inf, 8: math.inf}, 20 * gib, 4, most=10_000)
 
 
 def test_auto_batch_keeps_ten_optimizer_steps_per_epoch():
-    cfg = tq.StageConfig(output_dir="x", train_file="x", grad_accum=2)
+    cfg = StageConfig(output_dir="x", train_file="x", grad_accum=2)
     assert batch_size.auto_batch_limit(10_000, cfg, 1) == 500  # 10000 / (2 x 10)
     assert batch_size.auto_batch_limit(10_000, cfg, 4) == 124  # 125 per process, a multiple of 4
     assert batch_size.auto_batch_limit(200, cfg, 1) == 8  # 10, rounded down
@@ -224,7 +229,7 @@ def test_batch_size_auto_checks_the_extrapolated_batch(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=80 * gib))
-    cfg = tq.StageConfig(output_dir="x", train_file="x", memory_budget_gib=20)
+    cfg = StageConfig(output_dir="x", train_file="x", memory_budget_gib=20)
     chosen = batch_size.choose_batch_size(None, [None] * 100_000, cfg, None, None)
     assert measured[:2] == [4, 8] and 3 <= len(measured) <= 5  # the extrapolated size was measured
     assert peak(chosen) <= 0.9 * 20 * gib and chosen % 4 == 0
@@ -240,26 +245,26 @@ def test_batch_size_auto_checks_the_extrapolated_batch(monkeypatch):
 def test_batch_size_auto_needs_a_gpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "batch_size=auto"])
-    with pytest.raises(tq.ConfigError, match="batch_size: auto measures GPU memory.*set batch_size to a number"):
+    cfg = load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "batch_size=auto"])
+    with pytest.raises(ConfigError, match="batch_size: auto measures GPU memory.*set batch_size to a number"):
         tq.validate_config(cfg)
-    with pytest.raises(tq.ConfigError, match="there is no GPU"):
+    with pytest.raises(ConfigError, match="there is no GPU"):
         batch_size.choose_batch_size(None, None, cfg, None, None)
-    with pytest.raises(tq.ConfigError, match="--set batch_size=big: expected int, got str 'big'; or 'big' is not one "
+    with pytest.raises(ConfigError, match="--set batch_size=big: expected int, got str 'big'; or 'big' is not one "
                                              "of 'auto'"):
-        tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "batch_size=big"])
+        load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "batch_size=big"])
 
 
 def test_liger_kernels_are_used_only_where_they_can_run(tiny_model_path, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}"])
+    cfg = load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}"])
     model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
-    decisions = speed.apply_speed_patches(model, cfg, log=lambda line: None)  # auto, on a CPU: off, saying why
+    decisions = speed.apply_speed_patches(model, cfg, say=lambda line: None)  # auto, on a CPU: off, saying why
     assert cfg.liger_kernels == "auto" and decisions["liger_kernels"].note.startswith("off: no GPU")
     assert type(model.get_base_model().model.language_model.norm).__name__ == "Qwen3VLTextRMSNorm"
-    forced = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "liger_kernels=true"])
-    with pytest.raises(tq.ConfigError, match="liger_kernels: true, but Liger kernels .* cannot run here: no GPU"):
+    forced = load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "liger_kernels=true"])
+    with pytest.raises(ConfigError, match="liger_kernels: true, but Liger kernels .* cannot run here: no GPU"):
         tq.validate_config(forced)
 
 
@@ -268,8 +273,8 @@ def test_batched_vision_attention_gives_the_vision_tower_s_own_output(tiny_model
     import numpy as np
     from PIL import Image
 
-    fp32 = tq.QuantizationSettings(compute_dtype="float32")
-    cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=fp32, batched_vision_attention=False)
+    fp32 = QuantizationSettings(compute_dtype="float32")
+    cfg = StageConfig(output_dir="o", train_file="t", quantization=fp32, batched_vision_attention=False)
     model = tq.load_quantized_base(tiny_model_path, cfg)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
@@ -295,12 +300,12 @@ def test_batched_generation_answers_as_one_question_at_a_time(tiny_model_path, p
     bf16 on the GPU)."""
     from curriculum.evaluation import generate_answers
 
-    records = tq.load_records(REPO / "data/stage2/train.jsonl")[:6]
-    prompts = [processor.apply_chat_template(tq.with_image_settings(r.prompt_messages, r.image, 4096, 50176),
+    records = load_records(REPO / "data/stage2/train.jsonl")[:6]
+    prompts = [processor.apply_chat_template(with_image_settings(r.prompt_messages, r.image, 4096, 50176),
                                              add_generation_prompt=True) for r in records]
     assert len({len(p) for p in prompts}) > 1  # prompts of different lengths: the batch is padded
-    cfg = tq.StageConfig(output_dir="o", train_file="t", max_pixels=50176,
-                         quantization=tq.QuantizationSettings(compute_dtype="float32"))
+    cfg = StageConfig(output_dir="o", train_file="t", max_pixels=50176,
+                      quantization=QuantizationSettings(compute_dtype="float32"))
     model = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), trained_adapter)
     speed.fuse_lora_updates(model)
     generate, scores = model.generate, []
@@ -323,10 +328,10 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(tiny_model_pa
     """The layer inputs kept in CPU memory and the layer recomputed from them: the same numbers as torch's own
     checkpointing, LoRA dropout included (the recomputation replays the forward's random state)."""
     inputs = batch(processor)
-    fp32 = tq.QuantizationSettings(compute_dtype="float32")
+    fp32 = QuantizationSettings(compute_dtype="float32")
     runs = {}
     for offload in (False, True):
-        cfg = tq.StageConfig(output_dir="o", train_file="t", quantization=fp32, fused_lora_forward=False)
+        cfg = StageConfig(output_dir="o", train_file="t", quantization=fp32, fused_lora_forward=False)
         model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
         with torch.no_grad():  # a nonzero B, as after training, so that every LoRA gradient is nonzero
             for name, param in model.named_parameters():
@@ -341,7 +346,7 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(tiny_model_pa
             layers[0]._gradient_checkpointing_func = lambda *a, f=offloaded, c=calls: c.append(1) or f(*a)
         model.train()
         torch.manual_seed(0)
-        loss, _ = tq.answer_only_loss(model, inputs)
+        loss, _ = answer_only_loss(model, inputs)
         loss.backward()
         runs[offload] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         assert calls == ([1] if offload else [])

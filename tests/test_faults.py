@@ -12,8 +12,9 @@ import pytest
 from conftest import REPO, metrics, run_script, stage_args, wait_for
 from safetensors.torch import load_file
 
-import train_qlora_qwen3vl as tq
 from curriculum import faults
+from curriculum.adapter_files import ADAPTER_WEIGHTS
+from curriculum.stage_folder import STAGE_METRICS
 
 STEPS = 12
 
@@ -115,7 +116,7 @@ def test_diverged_loss_stops_without_saving_nan_weights(curriculum, tmp_path):
     assert "Nothing was saved as the stage. Lower lr" in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
     for checkpoint in out.with_name("nan.partial").glob("checkpoint-*"):  # every checkpoint kept is finite
-        weights = load_file(str(checkpoint / tq.ADAPTER_WEIGHTS))
+        weights = load_file(str(checkpoint / ADAPTER_WEIGHTS))
         assert all(t.isfinite().all() for t in weights.values()), checkpoint
     assert tree_hashes(root / "stage1") == before
 
@@ -131,7 +132,7 @@ def test_out_of_memory_names_the_settings_to_change(curriculum, tmp_path):
         assert setting in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "oom").exists()
     assert tree_hashes(root / "stage1") == before
-    assert json.loads((root / "stage1" / tq.STAGE_METRICS).read_text())["stage"] == 1
+    assert json.loads((root / "stage1" / STAGE_METRICS).read_text())["stage"] == 1
 
 
 def private_tmpfs_available() -> bool:

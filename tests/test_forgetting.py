@@ -3,6 +3,7 @@ forgetting_tolerance warns or stops it, and replay mixes in a seeded share of ea
 
 The pure parts run without a model; the CLI runs (marked slow by their fixtures) train the tiny model."""
 
+import dataclasses
 import json
 import shutil
 import types
@@ -13,16 +14,22 @@ import pytest
 from conftest import REPO, metrics, run_script, stage_args
 
 import train_qlora_qwen3vl as tq
-from curriculum import forgetting, stage_folder
+from curriculum import forgetting, plots
+from curriculum.adapter_files import ADAPTER_WEIGHTS
+from curriculum.config import DataColumns, ReplaySettings, StageConfig, load_config
+from curriculum.errors import ConfigError
+from curriculum.hashing import sha256_file
+from curriculum.lineage import RecordedStage, resolve_lineage
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 
 def fake_stage(path: Path, stage: int, prev: Path | None, train_file: str = "data/stage1/train.jsonl",
                eval_file: str | None = None) -> Path:
     """A folder that reads as a finished stage to the lineage: stage_metrics.json and an adapter file."""
     path.mkdir(parents=True)
-    (path / tq.ADAPTER_WEIGHTS).write_bytes(b"")  # previous_stage_dir looks for the adapter
-    sha = tq.sha256_file(REPO / train_file) if (REPO / train_file).is_file() else "0" * 64
-    (path / tq.STAGE_METRICS).write_text(json.dumps({
+    (path / ADAPTER_WEIGHTS).write_bytes(b"")  # previous_stage_dir looks for the adapter
+    sha = sha256_file(REPO / train_file) if (REPO / train_file).is_file() else "0" * 64
+    (path / STAGE_METRICS).write_text(json.dumps({
         "stage": stage, "prev_checkpoint": str(prev) if prev else None,
         "final_eval_file": eval_file or str(REPO / f"data/stage{stage}/dev.jsonl"),
         "data_files": {"train_file": {"path": train_file, "sha256": sha}}}))
@@ -30,16 +37,19 @@ def fake_stage(path: Path, stage: int, prev: Path | None, train_file: str = "dat
 
 
 @pytest.fixture
-def lineage_dirs(tmp_path) -> Path:
-    """stage1 <- stage2 <- stage3, as the trainer records them (stage 3 is the prev_checkpoint of a stage 4)."""
+def lineage_dirs(tmp_path, monkeypatch) -> Path:
+    """stage1 <- stage2 <- stage3, as the trainer records them (stage 3 is the prev_checkpoint of a stage 4). Run from
+    the repository, as the recorded train_file paths are relative to it."""
+    monkeypatch.chdir(REPO)
     s1 = fake_stage(tmp_path / "stage1", 1, None, "data/stage1/train.jsonl")
     s2 = fake_stage(tmp_path / "stage2", 2, s1, "data/stage2/train.jsonl")
     fake_stage(tmp_path / "stage3", 3, s2, "data/stage3/train.jsonl")
     return tmp_path
 
 
-def read_lineage(prev: Path) -> list[forgetting.EarlierStage]:
-    return forgetting.lineage(str(prev), stage_folder.previous_stage_metrics, stage_folder.previous_stage_dir)
+def read_lineage(prev: Path) -> tuple[RecordedStage, ...]:
+    """The lineage of a stage whose prev_checkpoint is `prev`."""
+    return resolve_lineage(str(prev)).chain
 
 
 def test_the_lineage_is_the_prev_checkpoint_chain_oldest_first(lineage_dirs):
@@ -51,8 +61,8 @@ def test_the_lineage_is_the_prev_checkpoint_chain_oldest_first(lineage_dirs):
     moved = lineage_dirs.parent / "moved"
     shutil.move(lineage_dirs, moved)
     assert [s.dir for s in read_lineage(moved / "stage3")] == [moved / "stage1", moved / "stage2", moved / "stage3"]
-    assert read_lineage(moved / "nothing here") == [] and forgetting.lineage(None, None, None) == []
-    (moved / "stage1" / tq.STAGE_METRICS).write_text("{not json")  # damaged: the stages before it stay unknown
+    assert read_lineage(moved / "nothing here") == () and resolve_lineage(None).chain == ()
+    (moved / "stage1" / STAGE_METRICS).write_text("{not json")  # damaged: the stages before it stay unknown
     assert [s.stage for s in read_lineage(moved / "stage3")] == [2, 3]
 
 
@@ -80,7 +90,7 @@ def test_choose_replay_is_seeded_and_draws_only_from_the_pools_given():
 
 
 class FakeSplit:
-    """A loaded split as mix_replay sees it: records (with an id) and their token lengths."""
+    """A loaded split as replay_records sees it: records (with an id) and their token lengths."""
 
     def __init__(self, prefix: str, n: int):
         self.records = [types.SimpleNamespace(id=f"{prefix}-{i}") for i in range(n)]
@@ -90,31 +100,29 @@ class FakeSplit:
         return len(self.records)
 
 
-def replay_config(fraction: float, stages, seed: int = 42):
-    return types.SimpleNamespace(replay=tq.ReplaySettings(fraction=fraction, stages=stages), seed=seed)
-
-
 def mixed(lineage_dirs: Path, fraction: float, stages, seed: int = 42) -> tuple[FakeSplit, dict]:
+    """200 records of this stage's and those replay_records draws, as the recipe mixes them; and the record."""
     chain = read_lineage(lineage_dirs / "stage2")
     own = FakeSplit("own", 200)
     loaded = []
-    record = forgetting.mix_replay(own, replay_config(fraction, stages, seed), chain,
-                                   lambda path, name, stage: loaded.append((path, stage.stage))
-                                   or FakeSplit(Path(path).parent.name, 200),
-                                   lambda path: tq.sha256_file(REPO / path))
+    replayed = forgetting.replay_records(ReplaySettings(fraction=fraction, stages=stages), seed, len(own), chain,
+                                         lambda path, name, stage: loaded.append((path, stage.stage))
+                                         or FakeSplit(Path(path).parent.name, 200))
     # each file is read as the stage that trained on it read it (its columns): the loader is told which stage
     assert loaded == [(s.train_file["path"], s.stage) for s in forgetting.replay_sources(stages, chain)]
-    return own, record
+    assert len(own) == 200  # this stage's own split stays as it was; the recipe makes the mixed one
+    own.records, own.lengths = own.records + replayed.records, own.lengths + replayed.lengths
+    return own, replayed.record
 
 
-def test_mix_replay_adds_the_share_from_the_stated_stages_and_records_them(lineage_dirs):
+def test_replay_adds_the_share_from_the_stated_stages_and_records_them(lineage_dirs):
     own, record = mixed(lineage_dirs, 0.2, [1])
     replayed = own.records[200:]
     assert len(own) == 250 and len(own.lengths) == 250 and len(replayed) == 50
     assert {r.id.split("-")[0] for r in replayed} == {"stage1"}  # only stage 1's records
     assert record["stages"] == [1] and record["share"] == 0.2 and record["replayed_records"] == 50
     (source,) = record["sources"]
-    assert source["sha256"] == tq.sha256_file(REPO / "data/stage1/train.jsonl")
+    assert source["sha256"] == sha256_file(REPO / "data/stage1/train.jsonl")
     assert source["ids"] == [r.id for r in replayed] and source["train_file"] == "data/stage1/train.jsonl"
 
     both, record = mixed(lineage_dirs, 0.2, "all")
@@ -124,29 +132,29 @@ def test_mix_replay_adds_the_share_from_the_stated_stages_and_records_them(linea
     # reproducible: the same seed mixes the same records in; another seed others
     assert [r.id for r in mixed(lineage_dirs, 0.2, "all")[0].records] == [r.id for r in both.records]
     assert [r.id for r in mixed(lineage_dirs, 0.2, "all", seed=7)[0].records] != [r.id for r in both.records]
-    off = FakeSplit("own", 200)
-    assert forgetting.mix_replay(off, replay_config(0.0, "all"), [], None, None) is None and len(off) == 200
+    assert forgetting.replay_records(ReplaySettings(fraction=0.0), 42, 200, (), None) is None
 
 
 def test_replay_refuses_a_file_that_changed_since_its_stage_trained_on_it(lineage_dirs):
     chain = read_lineage(lineage_dirs / "stage2")
-    with pytest.raises(tq.ConfigError, match="stage 1's train_file data/stage1/train.jsonl changed since stage 1"):
-        forgetting.mix_replay(FakeSplit("own", 10), replay_config(0.2, [1]), chain,
-                              lambda path, name, stage: FakeSplit("x", 10), lambda path: "another sha256")
+    chain[0].train_file["sha256"] = "another sha256"  # as if the file had changed since stage 1 recorded it
+    with pytest.raises(ConfigError, match="stage 1's train_file data/stage1/train.jsonl changed since stage 1"):
+        forgetting.replay_records(ReplaySettings(fraction=0.2, stages=[1]), 42, 10, chain,
+                                  lambda path, name, stage: FakeSplit("x", 10))
 
 
 def test_an_earlier_stages_split_is_read_with_that_stages_columns_and_question_type(tmp_path):
     import yaml
 
-    cfg = tq.StageConfig(output_dir=str(tmp_path / "stage2"), train_file="t", system_prompt="Be brief.",
-                         columns=tq.DataColumns(id="questionId"))
+    cfg = StageConfig(output_dir=str(tmp_path / "stage2"), train_file="t", system_prompt="Be brief.",
+                      columns=DataColumns(id="questionId"))
     earlier = tmp_path / "stage1"
     earlier.mkdir()
-    (earlier / tq.RESOLVED_CONFIG).write_text(yaml.safe_dump(tq.config_to_dict(tq.StageConfig(
+    (earlier / RESOLVED_CONFIG).write_text(yaml.safe_dump(dataclasses.asdict(StageConfig(
         output_dir=str(earlier), train_file="t", system_prompt="Other.", question_type="free_text",
-        columns=tq.DataColumns(question="query", references="label")))))
+        columns=DataColumns(question="query", references="label")))))
     read = tq.as_read_by(cfg, earlier)
-    assert (read.columns, read.question_type) == (tq.DataColumns(question="query", references="label"), "free_text")
+    assert (read.columns, read.question_type) == (DataColumns(question="query", references="label"), "free_text")
     assert read.system_prompt == "Be brief." and read.output_dir == cfg.output_dir  # this stage's prompt and cache
     assert tq.as_read_by(cfg, tmp_path / "gone") is cfg  # a stage without a readable config: this stage's own
 
@@ -200,17 +208,17 @@ def test_a_stage_watches_each_earlier_stage_on_the_dev_split_it_recorded(tmp_pat
     dev = {k: write_split(data_dir / f"stage{k}_dev.jsonl", f"s{k}-dev") for k in (1, 2, 3)}
     stage1 = fake_stage(tmp_path / "stage1", 1, None, eval_file=str(dev[1]))
     stage2 = fake_stage(tmp_path / "stage2", 2, stage1, eval_file=str(dev[2]))
-    cfg = tq.StageConfig(output_dir=str(tmp_path / "stage3"), train_file=str(write_split(data_dir / "train.jsonl",
-                                                                                         "s3-train")),
-                         eval_file=str(dev[3]), stage=3, prev_checkpoint=str(stage2), batch_size=2,
-                         cache_image_checks=False)
-    data = tq.load_stage_data(cfg, processor_without_model)
+    cfg = StageConfig(output_dir=str(tmp_path / "stage3"), train_file=str(write_split(data_dir / "train.jsonl",
+                                                                                      "s3-train")),
+                      eval_file=str(dev[3]), stage=3, prev_checkpoint=str(stage2), batch_size=2,
+                      cache_image_checks=False)
+    data = tq.load_stage_data(cfg, resolve_lineage(cfg.prev_checkpoint), processor_without_model)
     watched = {name: (stage.stage, ids(split)) for name, (stage, split) in data.earlier_splits.items()}
     assert watched == {"stage1": (1, ["s1-dev-0", "s1-dev-1"]), "stage2": (2, ["s2-dev-0", "s2-dev-1"])}
     assert ids(data.eval) == ["s3-dev-0", "s3-dev-1"] and ids(data.train) == ["s3-train-0", "s3-train-1"]
     assert data.continuity_file == str(dev[2]) and ids(data.continuity) == ["s2-dev-0", "s2-dev-1"]
     cfg.watch_earlier_stages = False
-    assert tq.load_stage_data(cfg, processor_without_model).earlier_splits == {}
+    assert tq.load_stage_data(cfg, resolve_lineage(cfg.prev_checkpoint), processor_without_model).earlier_splits == {}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -219,9 +227,9 @@ def test_a_stage_watches_each_earlier_stage_on_the_dev_split_it_recorded(tmp_pat
 
 
 def validation_errors(**settings) -> str:
-    cfg = tq.StageConfig(**{"output_dir": "unused/out", "train_file": "data/stage1/train.jsonl", "batch_size": 2,
-                            "tensorboard": False, **settings})
-    with pytest.raises(tq.ConfigError) as err:
+    cfg = StageConfig(**{"output_dir": "unused/out", "train_file": "data/stage1/train.jsonl", "batch_size": 2,
+                         "tensorboard": False, **settings})
+    with pytest.raises(ConfigError) as err:
         tq.validate_config(cfg)
     return str(err.value)
 
@@ -229,7 +237,7 @@ def validation_errors(**settings) -> str:
 @pytest.mark.parametrize("fraction", [1.0, 1.5, -0.1])
 def test_replay_fraction_outside_0_1_is_refused(fraction, lineage_dirs):
     text = validation_errors(stage=4, prev_checkpoint=str(lineage_dirs / "stage3"),
-                             replay=tq.ReplaySettings(fraction=fraction))
+                             replay=ReplaySettings(fraction=fraction))
     assert f"replay.fraction must be in [0, 1) (the share of replayed records in the mixed training set; 0 is off), " \
            f"got {fraction}" in text
 
@@ -242,7 +250,7 @@ def test_forgetting_tolerance_must_be_positive(tolerance, lineage_dirs):
 
 
 def test_replay_and_tolerance_need_earlier_stages():
-    text = validation_errors(replay=tq.ReplaySettings(fraction=0.2), forgetting_tolerance=0.1)
+    text = validation_errors(replay=ReplaySettings(fraction=0.2), forgetting_tolerance=0.1)
     assert "replay.fraction: stage 1 has no prev_checkpoint, so no earlier stage whose training records it could " \
            "replay" in text
     assert "forgetting_tolerance: stage 1 has no prev_checkpoint, so no earlier stage to watch" in text
@@ -252,19 +260,19 @@ def test_replay_and_tolerance_need_earlier_stages():
 
 def test_replay_stages_must_be_in_the_lineage(lineage_dirs):
     text = validation_errors(stage=4, prev_checkpoint=str(lineage_dirs / "stage3"),
-                             replay=tq.ReplaySettings(fraction=0.2, stages=[1, 5]))
+                             replay=ReplaySettings(fraction=0.2, stages=[1, 5]))
     assert "replay.stages: stage 5 is not in this stage's lineage (through prev_checkpoint: stages 1, 2, 3)" in text
     assert "stage 1 is not in" not in text
     # a replayed file that changed since, or is gone, is named too
-    metrics_file = lineage_dirs / "stage2" / tq.STAGE_METRICS
+    metrics_file = lineage_dirs / "stage2" / STAGE_METRICS
     m = json.loads(metrics_file.read_text())
     m["data_files"]["train_file"]["sha256"] = "0" * 64
     metrics_file.write_text(json.dumps(m))
-    (lineage_dirs / "stage3" / tq.STAGE_METRICS).write_text(metrics_file.read_text().replace(
+    (lineage_dirs / "stage3" / STAGE_METRICS).write_text(metrics_file.read_text().replace(
         '"stage": 2', '"stage": 3').replace("data/stage2/train.jsonl", "data/gone.jsonl").replace(
         str(lineage_dirs / "stage1"), str(lineage_dirs / "stage2")))
     text = validation_errors(stage=4, prev_checkpoint=str(lineage_dirs / "stage3"),
-                             replay=tq.ReplaySettings(fraction=0.2))
+                             replay=ReplaySettings(fraction=0.2))
     assert "replay: stage 2's train_file data/stage2/train.jsonl changed since stage 2 trained on it" in text
     assert "replay: stage 3's train_file data/gone.jsonl is not found" in text
 
@@ -272,16 +280,16 @@ def test_replay_stages_must_be_in_the_lineage(lineage_dirs):
 def test_replay_keys_are_typed_and_unknown_ones_named(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("output_dir: o\ntrain_file: t\nreplay: {fraction: 0.2, from: all}\n")
-    with pytest.raises(tq.ConfigError, match=r"unknown key 'replay\.from'"):
-        tq.load_config(config)
+    with pytest.raises(ConfigError, match=r"unknown key 'replay\.from'"):
+        load_config(config)
     config.write_text("output_dir: o\ntrain_file: t\nreplay: {fraction: 0.2, stages: some}\n")
-    with pytest.raises(tq.ConfigError, match=r"replay\.stages: 'some' is not one of 'all'"):
-        tq.load_config(config)
+    with pytest.raises(ConfigError, match=r"replay\.stages: 'some' is not one of 'all'"):
+        load_config(config)
     config.write_text("output_dir: o\ntrain_file: t\nforgetting_action: halt\n")
-    with pytest.raises(tq.ConfigError, match=r"forgetting_action: 'halt' is not one of 'warn', 'stop'"):
-        tq.load_config(config)
-    assert tq.load_config(config.with_name("c.yaml"), ["forgetting_action=stop", "replay.stages=[1, 2]"]).replay == \
-        tq.ReplaySettings(fraction=0.0, stages=[1, 2])
+    with pytest.raises(ConfigError, match=r"forgetting_action: 'halt' is not one of 'warn', 'stop'"):
+        load_config(config)
+    assert load_config(config.with_name("c.yaml"), ["forgetting_action=stop", "replay.stages=[1, 2]"]).replay == \
+        ReplaySettings(fraction=0.0, stages=[1, 2])
 
 
 def test_the_cli_reports_every_problem_before_the_model_loads(tmp_path):
@@ -298,9 +306,9 @@ def test_the_cli_reports_every_problem_before_the_model_loads(tmp_path):
 
 
 def watch_of(tolerance, action: str) -> forgetting.EarlierStagesWatch:
-    stage = forgetting.EarlierStage(1, Path("s1"), {})
+    stage = RecordedStage(1, Path("s1"), {})
     cfg = types.SimpleNamespace(forgetting_tolerance=tolerance, forgetting_action=action, eval_steps=10)
-    watch = forgetting.EarlierStagesWatch({"stage1": (stage, None)}, cfg, Path("w"), evaluate=None, resumed=False)
+    watch = forgetting.EarlierStagesWatch({"stage1": (stage, None)}, cfg, Path("w"), resumed=False)
     watch.start = {"stage1": 2.0}
     return watch
 
@@ -324,7 +332,7 @@ def test_dev_split_series_follow_each_split_across_stages():
               "first_eval_loss_own_split": 11.0, "eval_loss_history": [], "final_eval_loss": 8.0,
               "earlier_stages": [{"stage": 1, "eval_file": d1, "loss_at_start": 9.0,
                                   "loss_history": [{"step": 3, "loss": 9.5}], "final_loss": 9.7}]}]
-    assert forgetting.dev_split_series(chain) == {"stage 1 dev": [(0, 12.0), (5, 10.0), (10, 9.0), (13, 9.5),
+    assert plots.dev_split_series(chain) == {"stage 1 dev": [(0, 12.0), (5, 10.0), (10, 9.0), (13, 9.5),
                                                                   (16, 9.7)],
                                                   "stage 2 dev": [(10, 11.0), (16, 8.0)]}
 
@@ -401,7 +409,7 @@ def test_replay_stage_mixes_records_verifies_and_shows_them(curriculum, tmp_path
             "data/stage1/train.jsonl, sha256 ") in verified.stdout
     assert "✓ lineage: started from exactly" in verified.stdout
     m["replay"]["sources"][0]["sha256"] = "0" * 64  # records from elsewhere than stage 1's training data
-    (out / tq.STAGE_METRICS).write_text(json.dumps(m))
+    (out / STAGE_METRICS).write_text(json.dumps(m))
     failed = run_script("verify_exp4_fix.py", str(out), "--skip-load")
     assert failed.returncode == 1 and "✗ replay: the records replayed from stage 1" in failed.stdout
 

@@ -5,26 +5,35 @@ The plan measures steps on the GPU; here its choice is tested on measurements gi
 leads to on the tiny model on the CPU. Its speed is measured on the GPU by bench/speed.py, never here.
 """
 
+import json
+
 import pytest
 import torch
 from conftest import REPO
 
 import train_qlora_qwen3vl as tq
 from curriculum import plan, speed
+from curriculum.config import LoraSettings, QuantizationSettings, StageConfig, effective_batch_problems, load_config
+from curriculum.data_files import load_records
+from curriculum.errors import ConfigError
+from curriculum.stage_folder import STAGE_METRICS
 
 
 def trained(tiny_model_path, processor, tmp_path, batch_size: int, grad_accum: int, steps: int = 3):
     """Losses logged at every optimizer step and the LoRA weights after `steps` steps of batch_size x grad_accum
     samples, on stage 2's records (answers of one to several tokens, so micro-batches hold different counts)."""
-    fp32 = tq.QuantizationSettings(compute_dtype="float32")  # the CPU's arithmetic: differences are the split's
-    cfg = tq.StageConfig(output_dir=str(tmp_path / "out"), train_file="unused", batch_size=batch_size,
-                         grad_accum=grad_accum, max_steps=steps, lr=1e-2, warmup_ratio=0.0, logging_steps=1,
-                         eval_steps=0, tensorboard=False, dataloader_num_workers=0, gradient_checkpointing=False,
-                         quantization=fp32, lora=tq.LoraSettings(dropout=0.0))  # dropout masks follow the shapes
-    records = tq.load_records(REPO / "data/stage2/train.jsonl")[:8 * steps]
+    fp32 = QuantizationSettings(compute_dtype="float32")  # the CPU's arithmetic: differences are the split's
+    cfg = StageConfig(output_dir=str(tmp_path / "out"), train_file="unused", batch_size=batch_size,
+                      grad_accum=grad_accum, max_steps=steps, lr=1e-2, warmup_ratio=0.0, logging_steps=1,
+                      eval_steps=0, tensorboard=False, dataloader_num_workers=0, gradient_checkpointing=False,
+                      quantization=fp32, lora=LoraSettings(dropout=0.0))  # dropout masks follow the shapes
+    records = load_records(REPO / "data/stage2/train.jsonl")[:8 * steps]
     model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
     speed.fuse_lora_updates(model)
-    trainer = tq.build_trainer(model, processor, tq.VQADataset(records, processor, cfg), None, cfg, tmp_path / "w")
+    dataset = tq.VQADataset(records, processor, cfg.min_pixels, cfg.max_pixels)
+    patches = speed.plan_speed_patches(cfg)[0]  # answer-only logits on, as a stage trains
+    trainer = tq.build_trainer(model, processor, dataset, None, cfg, tq.StepSize(batch_size, grad_accum), patches,
+                               tmp_path / "w")
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return trainer.state.global_step, losses, {n: p.detach().clone() for n, p in model.named_parameters()
@@ -132,7 +141,7 @@ def test_without_checkpointing_or_partial_checkpointing_the_plan_keeps_to_what_i
 
 def test_no_plan_fits_is_a_config_error_naming_the_budget():
     measure_peak, time_plan, _ = fake_gpu()
-    with pytest.raises(tq.ConfigError, match="memory_budget_gib: no plan for 64 samples .* fits in 5.0 GiB usable"):
+    with pytest.raises(ConfigError, match="memory_budget_gib: no plan for 64 samples .* fits in 5.0 GiB usable"):
         plan.choose_plan(64, LAYERS, 5 * GIB, measure_peak, time_plan)
 
 
@@ -143,16 +152,16 @@ def test_processes_that_planned_apart_take_what_fits_on_each():
 
 
 def test_effective_batch_leaves_the_split_to_the_plan(tmp_path):
-    cfg = tq.load_config(REPO / "configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "effective_batch=16",
-                                                             "batch_size=auto"])
+    cfg = load_config(REPO / "configs/demo/stage1.yaml", [f"output_dir={tmp_path}", "effective_batch=16",
+                                                          "batch_size=auto"])
     tq.validate_config(cfg)  # on a CPU too: the plan then runs the whole step as one micro-batch
     for key, value in (("batch_size", "8"), ("grad_accum", "2"), ("checkpointed_layers", "0.5"),
                        ("offload_activations", "true")):
-        with pytest.raises(tq.ConfigError, match=f"{key}: {value} is chosen by the plan when effective_batch is set"):
-            tq.validate_config(tq.load_config(REPO / "configs/demo/stage1.yaml", [
+        with pytest.raises(ConfigError, match=f"{key}: {value} is chosen by the plan when effective_batch is set"):
+            tq.validate_config(load_config(REPO / "configs/demo/stage1.yaml", [
                 f"output_dir={tmp_path}", "effective_batch=16", "batch_size=auto", f"{key}={value}"]))
-    assert tq.effective_batch_problems(cfg, 3) == ["effective_batch (16) must be a multiple of the 3 processes "
-                                                   "(each takes an equal share of a step)"]
+    assert effective_batch_problems(cfg, 3) == ["effective_batch (16) must be a multiple of the 3 processes "
+                                                "(each takes an equal share of a step)"]
 
 
 def test_a_stage_trains_with_the_plan_it_measured(tmp_path, tiny_model_path, monkeypatch, capsys):
@@ -173,9 +182,9 @@ def test_a_stage_trains_with_the_plan_it_measured(tmp_path, tiny_model_path, mon
         seen.append((size, checkpointed, offloaded))
         return (1 + per_sample * size) * GIB, seconds if timed_steps else None
 
-    def build_trainer_recording(model, *args):
+    def build_trainer_recording(model, *args, **kwargs):
         trained_as.append(as_set(model))
-        return build_trainer(model, *args)
+        return build_trainer(model, *args, **kwargs)
 
     seen, trained_as, build_trainer = [], [], tq.build_trainer
     monkeypatch.setattr(tq, "build_trainer", build_trainer_recording)
@@ -194,7 +203,7 @@ def test_a_stage_trains_with_the_plan_it_measured(tmp_path, tiny_model_path, mon
     assert "Effective batch size 8 = 4 per process x 1 process(es) x 2 accumulation step(s)" in log
     assert (4, 2, True) in seen and all(size in (1, 2, 4, 8) for size, _, _ in seen)
     assert trained_as == [(2, True)]  # the model trains as planned, whatever was measured last
-    metrics = tq.json.loads((out / tq.STAGE_METRICS).read_text())
+    metrics = json.loads((out / STAGE_METRICS).read_text())
     assert metrics["plan"]["chosen"] == {"micro_batch": 4, "grad_accum": 2, "checkpointed": 2, "layers": 2,
                                          "offload": True}
     assert metrics["effective_batch_size"] == 8 and metrics["grad_accum"] == 2 and metrics["global_steps"] == 2

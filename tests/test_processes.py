@@ -15,7 +15,14 @@ from conftest import REPO, assert_continued, metrics, wait_for
 import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
 from curriculum import faults, processes
+from curriculum.adapter_files import ADAPTER_WEIGHTS, read_adapter_lora, save_adapter_under_fsdp
+from curriculum.base_model import load_processor, quant_storage_dtype
+from curriculum.config import StageConfig, load_config
+from curriculum.data_files import IMAGE_CHECK_CACHE
+from curriculum.errors import ConfigError
 from curriculum.evaluation import merge_answers
+from curriculum.lineage import saved_stage_lineage
+from curriculum.processes import one_gpu_per_process
 
 PROCESSES, BATCH, ACCUM, EVAL_QUESTIONS = 2, 8, 2, 9
 
@@ -101,13 +108,14 @@ def test_verifier_passes_the_stages_and_catches_processes_that_trained_apart(ddp
 
     root, _ = ddp_curriculum
     for stage in (1, 2):
-        check = vf.check_lineage(root / f"stage{stage}", metrics(root / f"stage{stage}"))
+        stage_dir = root / f"stage{stage}"
+        check = vf.check_lineage(stage_dir, metrics(stage_dir), saved_stage_lineage(stage_dir, metrics(stage_dir)))
         assert check.status == vf.PASS and "on 2 processes" in check.detail, check.detail
     apart = tmp_path / "apart"
     shutil.copytree(root / "stage2", apart)
     m = metrics(apart)
     m["processes"][1]["final_tensors_sha256"] = "0" * 64  # as if process 1 had trained a copy of its own
-    check = vf.check_lineage(apart, m)
+    check = vf.check_lineage(apart, m, saved_stage_lineage(apart, m))
     assert check.status == vf.FAIL and "trained apart" in check.detail
 
 
@@ -140,7 +148,7 @@ def test_only_the_main_process_writes_and_prints(ddp_curriculum):
         assert len(list((root / "tensorboard" / f"stage{stage}").glob("events.out.tfevents.*"))) == 1
     # no .partial or .saving left; .cache holds the images known to decode cleanly, written once
     assert sorted(p.name for p in root.iterdir()) == [".cache", "stage1", "stage2", "tensorboard"]
-    assert [p.name for p in (root / ".cache").iterdir()] == [tq.IMAGE_CHECK_CACHE]
+    assert [p.name for p in (root / ".cache").iterdir()] == [IMAGE_CHECK_CACHE]
 
 
 def test_broken_variant_fresh_adapter_fails_the_continuity_test_on_two_processes(ddp_curriculum, tmp_path):
@@ -172,28 +180,28 @@ def test_merge_answers_refuses_duplicates_and_gaps():
 
 
 def test_planned_steps_count_a_last_short_accumulation_as_a_step():
-    cfg = tq.StageConfig(output_dir="x", train_file="x", batch_size=8, grad_accum=2, epochs=1)
-    assert tq.planned_steps(200, cfg, 1) == 13  # 25 batches: 12 full accumulations and a last one of 1 batch
-    assert tq.planned_steps(200, cfg, 2) == 7   # 13 batches per process
-    assert tq.planned_steps(200, tq.StageConfig(output_dir="x", train_file="x", max_steps=5), 4) == 5
+    cfg, size = StageConfig(output_dir="x", train_file="x", epochs=1), tq.StepSize(batch_size=8, grad_accum=2)
+    assert tq.planned_steps(200, size, cfg, 1) == 13  # 25 batches: 12 full accumulations and a last one of 1 batch
+    assert tq.planned_steps(200, size, cfg, 2) == 7   # 13 batches per process
+    assert tq.planned_steps(200, size, StageConfig(output_dir="x", train_file="x", max_steps=5), 4) == 5
 
 
 def test_fsdp_settings_are_checked_before_loading(tmp_path, monkeypatch):
     plain = processes.runtime()
     monkeypatch.setattr(processes, "runtime", lambda: dataclasses.replace(plain, fsdp=True))  # as under FSDP
-    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'out'}"])
-    assert tq.quant_storage_dtype(cfg.quantization) == "bfloat16"  # auto: the compute dtype under FSDP
-    bad = tq.load_config("configs/demo/stage2.yaml", [f"output_dir={tmp_path / 'out'}",
+    cfg = load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'out'}"])
+    assert quant_storage_dtype(cfg.quantization) == "bfloat16"  # auto: the compute dtype under FSDP
+    bad = load_config("configs/demo/stage2.yaml", [f"output_dir={tmp_path / 'out'}",
                                                      "quantization.quant_storage=uint8",
                                                      "optimizer_state=resume", "prev_checkpoint=null", "stage=1",
                                                      "batch_size=auto"])
-    with pytest.raises(tq.ConfigError) as err:
+    with pytest.raises(ConfigError) as err:
         tq.validate_config(bad)
     assert "quantization.quant_storage: FSDP shards only floating-point tensors" in str(err.value)
     assert "optimizer_state: resume is not supported under FSDP" in str(err.value)
     assert "batch_size: auto measures a step of the whole model, and FSDP shards it" in str(err.value)
     monkeypatch.setattr(processes, "runtime", lambda: plain)
-    assert tq.quant_storage_dtype(cfg.quantization) == "uint8"
+    assert quant_storage_dtype(cfg.quantization) == "uint8"
 
 
 def test_the_fsdp_save_writes_the_file_peft_writes(tiny_model_path, tmp_path):
@@ -204,8 +212,8 @@ def test_the_fsdp_save_writes_the_file_peft_writes(tiny_model_path, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    cfg = tq.load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'unused'}"])
-    processor = tq.load_processor(tiny_model_path, cfg)
+    cfg = load_config("configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'unused'}"])
+    processor = load_processor(tiny_model_path, cfg)
     model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -214,12 +222,12 @@ def test_the_fsdp_save_writes_the_file_peft_writes(tiny_model_path, tmp_path):
     model.save_pretrained(str(tmp_path / "peft"))
     accelerator = types.SimpleNamespace(get_state_dict=lambda wrapped: wrapped.state_dict())
     trainer = types.SimpleNamespace(accelerator=accelerator, model=model, is_world_process_zero=lambda: True)
-    tq.save_adapter_under_fsdp(trainer, model, processor, tmp_path / "fsdp")
-    peft_file, ours = load_file(str(tmp_path / "peft" / tq.ADAPTER_WEIGHTS)), load_file(str(tmp_path / "fsdp" /
-                                                                                          tq.ADAPTER_WEIGHTS))
+    save_adapter_under_fsdp(trainer, model, processor, tmp_path / "fsdp")
+    peft_file, ours = load_file(str(tmp_path / "peft" / ADAPTER_WEIGHTS)), load_file(str(tmp_path / "fsdp" /
+                                                                                          ADAPTER_WEIGHTS))
     assert sorted(ours) == sorted(peft_file) and len(ours) == 16
     assert all(torch.equal(ours[k], peft_file[k]) for k in ours)
-    assert tq.read_adapter_lora(tmp_path / "fsdp") == tq.read_adapter_lora(tmp_path / "peft")
+    assert read_adapter_lora(tmp_path / "fsdp") == read_adapter_lora(tmp_path / "peft")
     reopened = tq.continue_adapter(tq.load_quantized_base(tiny_model_path, cfg), str(tmp_path / "fsdp"))
     tq.check_loaded_adapter_matches(reopened, str(tmp_path / "fsdp"))
     assert tq.check_adapter_trainable(reopened, cfg.lora) == 7168
@@ -320,7 +328,7 @@ def test_one_process_that_sees_several_gpus_trains_on_one_not_with_data_parallel
     assert args.n_gpu == 0 and hasattr(args, "_n_gpu")  # the attribute the pinned transformers keeps the count in
     args._n_gpu = 2  # what it sets where one process sees two GPUs
     assert args.train_batch_size == 192
-    tq.one_gpu_per_process(args, world=2)  # under accelerate launch each process already has one GPU: untouched
+    one_gpu_per_process(args, world=2)  # under accelerate launch each process already has one GPU: untouched
     assert args.n_gpu == 2
-    tq.one_gpu_per_process(args, world=1)
+    one_gpu_per_process(args, world=1)
     assert args.n_gpu == 1 and args.train_batch_size == 96

@@ -24,10 +24,14 @@ from faults import (
 
 import train_qlora_qwen3vl as tq
 from curriculum import speed
+from curriculum.adapter_files import ADAPTER_WEIGHTS
+from curriculum.config import StageConfig, load_config
+from curriculum.errors import ConfigError
+from curriculum.stage_folder import STAGE_METRICS
 
 
-def config(tmp_path, *overrides: str) -> tq.StageConfig:
-    return tq.load_config(REPO / "configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'out'}", *overrides])
+def config(tmp_path, *overrides: str) -> StageConfig:
+    return load_config(REPO / "configs/demo/stage1.yaml", [f"output_dir={tmp_path / 'out'}", *overrides])
 
 
 def test_the_pinned_stack_takes_every_patch(monkeypatch):
@@ -61,7 +65,7 @@ def test_a_patch_that_no_longer_fits_steps_aside_under_auto_and_is_an_error_unde
     assert re.search(reason, decisions[key].note), decisions[key].note
     assert problems == []  # auto: a note, not a problem
     tq.validate_config(config(tmp_path, "batch_size=4"))  # ... so the stage goes on
-    with pytest.raises(tq.ConfigError, match=rf"{key}: true, but .* cannot run here: .*Set {key}: auto"):
+    with pytest.raises(ConfigError, match=rf"{key}: true, but .* cannot run here: .*Set {key}: auto"):
         tq.validate_config(config(tmp_path, "batch_size=4", f"{key}=true"))
 
 
@@ -75,7 +79,7 @@ def test_partial_checkpointing_needs_the_per_layer_flag(monkeypatch, tmp_path):
 
     monkeypatch.setattr(GradientCheckpointingLayer, "__call__", call_without_the_flag)
     tq.validate_config(config(tmp_path, "gradient_checkpointing=true"))  # all layers: no per-layer switching
-    with pytest.raises(tq.ConfigError, match="checkpointed_layers: 0.5 needs per-layer checkpointing: .*no longer "
+    with pytest.raises(ConfigError, match="checkpointed_layers: 0.5 needs per-layer checkpointing: .*no longer "
                                              "reads a per-layer flag"):
         tq.validate_config(config(tmp_path, "gradient_checkpointing=true", "checkpointed_layers=0.5"))
 
@@ -91,7 +95,7 @@ def test_training_on_a_cpu_is_refused_when_bitsandbytes_repacks_under_another_sw
         return x
 
     monkeypatch.setattr(bitsandbytes.nn.Linear4bit, "forward", forward)
-    with pytest.raises(tq.ConfigError, match="training on the CPU: bitsandbytes .* repacks 4-bit weights"):
+    with pytest.raises(ConfigError, match="training on the CPU: bitsandbytes .* repacks 4-bit weights"):
         tq.validate_config(config(tmp_path, "batch_size=4"))
 
 
@@ -106,7 +110,7 @@ def test_a_stage_trains_with_every_guard_firing(tmp_path, tiny_model_path):
         name = next(p.name for p in speed.SPEED_PATCHES if p.key == key)
         line = next(line for line in result.stdout.splitlines() if line.startswith(f"Speed patch {name}: "))
         assert re.search(reason, line), line
-    recorded = json.loads((tmp_path / "stage1" / tq.STAGE_METRICS).read_text())["speed_patches"]
+    recorded = json.loads((tmp_path / "stage1" / STAGE_METRICS).read_text())["speed_patches"]
     assert all(recorded[key].startswith("off: ") for key in STAND_INS), recorded
 
 
@@ -120,7 +124,7 @@ def test_transformers_adapter_api_works_on_a_finished_stage(curriculum, tiny_mod
     model = AutoModelForImageTextToText.from_pretrained(tiny_model_path, dtype=torch.float32)
     model.load_adapter(str(root / "stage1"))
     assert model.active_adapters() == ["default"]
-    saved = load_file(str(root / "stage1" / tq.ADAPTER_WEIGHTS))  # peft's names: base_model.model.<name>.weight
+    saved = load_file(str(root / "stage1" / ADAPTER_WEIGHTS))  # peft's names: base_model.model.<name>.weight
     loaded = {n.replace(".default.", "."): p.detach() for n, p in model.named_parameters() if "lora_" in n}
     assert sorted(loaded) == sorted(n.removeprefix("base_model.model.") for n in saved)
     assert all(torch.equal(loaded[n.removeprefix("base_model.model.")], t) for n, t in saved.items())
@@ -154,7 +158,7 @@ def test_activation_offload_is_checked_before_the_model_loads(monkeypatch, tmp_p
     tq.validate_config(config(tmp_path, "batch_size=4", *OFFLOAD))
     decisions, _ = speed.plan_speed_patches(config(tmp_path, *OFFLOAD))
     assert decisions["offload_activations"].on
-    with pytest.raises(tq.ConfigError, match="offload_activations: true cannot run here: .*gradient_checkpointing: "
+    with pytest.raises(ConfigError, match="offload_activations: true cannot run here: .*gradient_checkpointing: "
                                              "true"):
         tq.validate_config(config(tmp_path, "batch_size=4", "offload_activations=true",
                                   "gradient_checkpointing=false"))
@@ -165,7 +169,7 @@ def test_activation_offload_is_checked_before_the_model_loads(monkeypatch, tmp_p
         return self._gradient_checkpointing_func(super(GradientCheckpointingLayer, self).__call__, *args, **kwargs)
 
     monkeypatch.setattr(GradientCheckpointingLayer, "__call__", checkpoint_everything)
-    with pytest.raises(tq.ConfigError, match=r"offload_activations: true cannot run here: transformers \S+: "
+    with pytest.raises(ConfigError, match=r"offload_activations: true cannot run here: transformers \S+: "
                                              r"GradientCheckpointingLayer no longer calls"):
         tq.validate_config(config(tmp_path, "batch_size=4", *OFFLOAD))
     tq.validate_config(config(tmp_path, "batch_size=4"))  # off: nothing to check

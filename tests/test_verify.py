@@ -7,16 +7,18 @@ from pathlib import Path
 import pytest
 from conftest import REPO, metrics, run_script, stage_args
 
-import train_qlora_qwen3vl as tq
 import verify_exp4_fix as vf
+from curriculum import recipe_check
 from curriculum.adapter_files import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     adapter_tensors_sha256,
     file_adapter_sha256,
-    sha256_file,
 )
-from curriculum.stage_folder import STAGE_METRICS
+from curriculum.config import LoraSettings
+from curriculum.hashing import sha256_file
+from curriculum.lineage import saved_stage_lineage
+from curriculum.stage_folder import RESOLVED_CONFIG, STAGE_METRICS
 
 
 def verify(*args: str):
@@ -43,6 +45,7 @@ def test_healthy_curriculum_passes(curriculum):
     assert out.count("✓ continuity: first_eval_loss") == 2 and out.count("✓ lineage") == 3
     assert out.count("✓ reopened for training: one adapter 'default', active; 7,168 trainable") == 3
     assert "✓ LoRA config across stages: identical in all 3 stages" in out
+    assert out.count("✓ trained by: ") == 3 and out.count(" is that file, curriculum/ the same") == 3
     assert "✗" not in out and out.rstrip().endswith("0 failed, 1 not run")  # stage 1 has no continuity
 
 
@@ -63,6 +66,7 @@ def test_fresh_adapter_in_stage2_is_rejected(curriculum, tmp_path):
     assert code == 1
     assert "not the previous stage's adapter" in line_of(out, "lineage")
     assert "the stage restarted instead of continuing" in line_of(out, "continuity")
+    assert f"run as {REPO / 'tests' / 'broken_variants.py'}, which imported it" in line_of(out, "trained by")
 
 
 def test_frozen_reload_is_rejected(curriculum, tmp_path):
@@ -110,8 +114,8 @@ def test_merged_model_instead_of_adapter_is_rejected(tiny_model_path, tmp_path):
     assert code == 1 and "it holds a full model: merged instead of saved as an adapter?" in out
     # and merged weights saved under the adapter's file name are caught by their tensor names
     fake = copy_stage(merged, tmp_path / "fake_adapter")
-    (fake / "model.safetensors").rename(fake / tq.ADAPTER_WEIGHTS)
-    (fake / tq.ADAPTER_CONFIG).write_text("{}")
+    (fake / "model.safetensors").rename(fake / ADAPTER_WEIGHTS)
+    (fake / ADAPTER_CONFIG).write_text("{}")
     code, out = verify(str(fake))
     assert code == 1 and "non-LoRA tensors" in line_of(out, "adapter files")
 
@@ -119,8 +123,8 @@ def test_merged_model_instead_of_adapter_is_rejected(tiny_model_path, tmp_path):
 def test_truncated_safetensors_is_rejected(curriculum, tmp_path):
     root, _ = curriculum
     cut = copy_stage(root / "stage2", tmp_path / "cut")
-    data = (cut / tq.ADAPTER_WEIGHTS).read_bytes()
-    (cut / tq.ADAPTER_WEIGHTS).write_bytes(data[:len(data) // 2])
+    data = (cut / ADAPTER_WEIGHTS).read_bytes()
+    (cut / ADAPTER_WEIGHTS).write_bytes(data[:len(data) // 2])
     code, out = verify(str(cut))
     assert code == 1 and "unreadable (truncated or corrupt?)" in line_of(out, "adapter files")
     assert "- lineage: not run (the adapter files are broken)" in out
@@ -140,7 +144,7 @@ def test_continuity_jump_is_reported_with_both_numbers(curriculum, tmp_path):
     m = metrics(jump)
     prev_final = metrics(root / "stage1")["final_eval_loss"]
     m["first_eval_loss"] = prev_final * 1.5
-    (jump / tq.STAGE_METRICS).write_text(json.dumps(m))
+    (jump / STAGE_METRICS).write_text(json.dumps(m))
     code, out = verify(str(jump), "--skip-load")
     assert code == 1
     assert f"first_eval_loss {prev_final * 1.5:.4f} vs previous final_eval_loss {prev_final:.4f} (50.0%" in out
@@ -163,11 +167,11 @@ def test_unloadable_base_is_not_run_never_passed(curriculum, tmp_path):
     failed check (tests/test_damaged_stage.py)."""
     root, _ = curriculum
     stage = copy_stage(root / "stage2", tmp_path / "elsewhere")
-    cfg_text = (stage / tq.RESOLVED_CONFIG).read_text().replace("tiny-qwen3vl", "no-such-org/no-such-model")
-    (stage / tq.RESOLVED_CONFIG).write_text(cfg_text)
+    cfg_text = (stage / RESOLVED_CONFIG).read_text().replace("tiny-qwen3vl", "no-such-org/no-such-model")
+    (stage / RESOLVED_CONFIG).write_text(cfg_text)
     m = metrics(stage)
     m["model_name_or_path"] = "no-such-org/no-such-model"
-    (stage / tq.STAGE_METRICS).write_text(json.dumps(m))
+    (stage / STAGE_METRICS).write_text(json.dumps(m))
     result = run_script("verify_exp4_fix.py", str(stage), env_extra={"HF_HUB_OFFLINE": "1"})
     code, out = result.returncode, result.stdout
     assert code == 0 and "- reopened for training: not run (base " in out and "could not be loaded here" in out
@@ -222,7 +226,7 @@ def test_lineage_check_on_hand_written_stages(tmp_path):
     stage2 = written_stage(tmp_path / "stage2", 2, lora_tensors(2), stage1)
 
     def lineage(stage_dir: Path) -> vf.Check:
-        return vf.check_lineage(stage_dir, recorded(stage_dir))
+        return vf.check_lineage(stage_dir, recorded(stage_dir), saved_stage_lineage(stage_dir, recorded(stage_dir)))
 
     assert lineage(stage1).status == vf.PASS and "stage 1: a new adapter, trained" in lineage(stage1).detail
     assert lineage(stage2).status == vf.PASS and f"started from exactly {stage1}'s adapter" in lineage(stage2).detail
@@ -254,7 +258,7 @@ def test_continuity_check_holds_the_first_loss_against_the_previous_final_one(tm
     def continuity(first_eval_loss: float, tolerance: float = 0.10) -> vf.Check:
         stage2 = tmp_path / f"stage2_{first_eval_loss}_{tolerance}"
         written_stage(stage2, 2, lora_tensors(2), stage1, first_eval_loss=first_eval_loss)
-        return vf.check_continuity(stage2, recorded(stage2), tolerance)
+        return vf.check_continuity(recorded(stage2), saved_stage_lineage(stage2, recorded(stage2)), tolerance)
 
     jump = continuity(3.0)
     assert jump.status == vf.FAIL
@@ -275,7 +279,7 @@ def test_lora_config_check_names_every_setting_that_differs(tmp_path):
         (stage / ADAPTER_CONFIG).write_text(json.dumps({"r": 4, "lora_alpha": 8, "lora_dropout": 0.05,
                                                         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
                                                         **settings}))
-        return vf.check_lora_config(stage, tq.LoraSettings(), "stage1.yaml")
+        return vf.check_lora_config(stage, LoraSettings(), "stage1.yaml")
 
     assert saved_as().status == vf.PASS
     for settings, difference in [
@@ -306,7 +310,7 @@ def test_static_check_passes_the_shipped_trainer():
     assert vf.check_training_script(SCRIPT).status == vf.PASS
 
 
-LOADED_LINE = '    log("✓ Loaded previous adapter - continuing training on the same adapter")'
+LOADED_LINE = '    print_main("✓ Loaded previous adapter - continuing training on the same adapter")'
 
 
 def test_static_check_finds_merge_and_unload_in_the_continue_branch(tmp_path):
@@ -323,8 +327,8 @@ def test_static_check_finds_merge_and_unload_in_the_continue_branch(tmp_path):
     ("prev_checkpoint, is_trainable=True)", "prev_checkpoint)", "PeftModel.from_pretrained without is_trainable=True"),
     ("    model = PeftModel.from_pretrained(", "    model = prepare_model_for_kbit_training(model)\n"
      "    model = PeftModel.from_pretrained(", "prepare_model_for_kbit_training() in the prev_checkpoint branch"),
-    ("        model = continue_adapter(model, cfg.prev_checkpoint)\n",
-     "        model = continue_adapter(model, cfg.prev_checkpoint)\n        model = get_peft_model(model, None)\n",
+    ("        model = continue_adapter(model, lineage.prev_checkpoint)\n",
+     "        model = continue_adapter(model, lineage.prev_checkpoint)\n        model = get_peft_model(model, None)\n",
      "get_peft_model() in the prev_checkpoint branch"),
 ])
 def test_static_check_finds_each_textbook_bug(tmp_path, old, new, message):
@@ -333,11 +337,67 @@ def test_static_check_finds_each_textbook_bug(tmp_path, old, new, message):
 
 
 def test_static_check_ignores_comments_and_strings(tmp_path):
-    script = patched_script(tmp_path, "    log(\"✓ Loaded previous adapter",
+    script = patched_script(tmp_path, "    print_main(\"✓ Loaded previous adapter",
                             "    # never call model.merge_and_unload() here\n"
                             "    note = 'get_peft_model(model) would make a second adapter'\n"
-                            "    log(\"✓ Loaded previous adapter")
+                            "    print_main(\"✓ Loaded previous adapter")
     assert vf.check_training_script(script).status == vf.PASS
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What trained a stage: recorded with it, judged from the record; today's script only compared
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_stage_records_the_recipe_that_trains_it_and_its_static_check():
+    record = recipe_check.trained_by(SCRIPT)
+    assert record["recipe"] == str(SCRIPT.resolve()) and record["sha256"] == sha256_file(SCRIPT)
+    assert record["static_check"] == {"passed": True, "detail": vf.check_training_script(SCRIPT).detail
+                                      .removeprefix(f"{SCRIPT}: ")}
+    assert record["helpers_sha256"] == recipe_check.helpers_sha256()
+
+
+def trained_by_check(tmp_path: Path, record: dict | None, today: Path = SCRIPT) -> vf.Check:
+    stage = written_stage(tmp_path / "stage", 1, lora_tensors(1), **({"trained_by": record} if record else {}))
+    return vf.check_trained_by(recorded(stage), today)
+
+
+def test_the_trained_by_check_reads_the_stages_record_and_compares_todays_script(tmp_path):
+    record = recipe_check.trained_by(SCRIPT)
+    same = trained_by_check(tmp_path / "same", record)
+    assert same.status == vf.PASS and same.detail.startswith(f"{SCRIPT.resolve()} (sha256 {record['sha256'][:12]}...): "
+                                                             "the static check passed on it when the stage trained;")
+    assert same.detail.endswith(f"; today's {SCRIPT} is that file, curriculum/ the same")
+    # today's script changed since (renamed functions, a reshaped branch): information, the stage still passes
+    edited = patched_script(tmp_path, "def continue_adapter(", "def reopen_adapter(")
+    later = trained_by_check(tmp_path / "later", record, today=edited)
+    assert later.status == vf.PASS
+    assert f"today's {edited} differs (sha256 {sha256_file(edited)[:12]}...)" in later.detail
+    # run by something that imports the recipe (a test fixture): said
+    fixture = trained_by_check(tmp_path / "fixture", {**record, "run_as": "/x/tests/broken_variants.py"})
+    assert "trained; run as /x/tests/broken_variants.py, which imported it;" in fixture.detail
+    # a recipe whose check failed when it trained fails, whatever today's script is
+    bad = trained_by_check(tmp_path / "bad", {**record, "static_check": {
+        "passed": False, "detail": "line 7: merge_and_unload() in the prev_checkpoint branch (line 5)"}})
+    assert bad.status == vf.FAIL and bad.detail.endswith(
+        "failed the static check when the stage trained: line 7: merge_and_unload() in the prev_checkpoint branch "
+        "(line 5)")
+    # a stage trained before stages recorded it: not run, never passed
+    old = trained_by_check(tmp_path / "old", None)
+    assert old.status == vf.NOT_RUN and old.detail.startswith("not recorded (the stage was trained before stages "
+                                                              "recorded what trained them)")
+
+
+def test_script_with_a_stage_checks_the_script_once_beside_the_stages_checks(tmp_path):
+    record = recipe_check.trained_by(SCRIPT)
+    stage = written_stage(tmp_path / "stage1", 1, lora_tensors(1), trained_by=record)
+    script = patched_script(tmp_path, LOADED_LINE, "    model = model.merge_and_unload()\n" + LOADED_LINE)
+    code, out = verify(str(stage), "--skip-load", "--script", str(script))
+    assert line_of(out, "trained by").startswith("✓ trained by: ") and f"today's {script} differs" in out
+    assert line_of(out, "training script").startswith(f"✗ training script: {script}: line ")
+    assert out.count("training script:") == 1 and code == 1
+    code, out = verify(str(stage), "--skip-load")  # without --script: the stage's own files only
+    assert "training script" not in out and line_of(out, "trained by").startswith("✓")
 
 
 def test_bad_usage_exits_2(tmp_path):
@@ -354,9 +414,9 @@ def test_bad_usage_exits_2(tmp_path):
 def test_curriculum_with_differing_lora_configs_is_rejected(curriculum, tmp_path):
     root, _ = curriculum
     stages = [copy_stage(root / f"stage{s}", tmp_path / f"stage{s}") for s in (1, 2)]
-    cfg = json.loads((stages[1] / tq.ADAPTER_CONFIG).read_text())
+    cfg = json.loads((stages[1] / ADAPTER_CONFIG).read_text())
     cfg["lora_dropout"] = 0.1
-    (stages[1] / tq.ADAPTER_CONFIG).write_text(json.dumps(cfg))
+    (stages[1] / ADAPTER_CONFIG).write_text(json.dumps(cfg))
     check = vf.check_same_lora_across(stages)
     assert check.status == vf.FAIL and "'dropout': 0.1" in check.detail
     assert vf.check_same_lora_across(stages[:1]).status == vf.PASS
