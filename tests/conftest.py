@@ -20,6 +20,15 @@ SLOW_MODULES = {"test_curriculum", "test_faults", "test_processes", "test_damage
                 "test_hub_schemas"}
 
 
+def pytest_configure(config):
+    """The tiny model is built once, before any test runs: in the one process, or in pytest-xdist's controller
+    before its workers start (two workers building it at once would each replace the other's folder)."""
+    if not hasattr(config, "workerinput"):
+        from curriculum.base_model import TINY_MODEL_NAME, resolve_model_path
+
+        resolve_model_path(TINY_MODEL_NAME)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
