@@ -37,6 +37,30 @@ def test_every_readme_section_the_code_points_to_exists():
     assert not missing, f"README sections named in the code but absent: {missing}"
 
 
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lowercase, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_documents_leads_somewhere():
+    """README.md and docs/*.md link to each other and to bench/RESULTS.md: each file linked exists, and each
+    #anchor names a heading of the file it points into."""
+    broken = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", doc.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, fragment = target.partition("#")
+            linked = (doc.parent / path).resolve() if path else doc
+            if not linked.exists():
+                broken.append(f"{doc.name}: {target} (no such file)")
+            elif fragment and linked.suffix == ".md":
+                headings = {anchor(h) for h in re.findall(r"^#+ (.+)$", linked.read_text(), re.M)}
+                if fragment not in headings:
+                    broken.append(f"{doc.name}: {target} (no such heading)")
+    assert not broken, broken
+
+
 def quoted_demo_lines() -> list[str]:
     readme = (REPO / "README.md").read_text()
     block = readme[readme.index(DEMO_MARK):].split("```")[1]
