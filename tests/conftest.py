@@ -34,10 +34,19 @@ def pytest_configure(config):
         resolve_model_path(TINY_MODEL_NAME)
 
 
+# Under pytest-xdist (`-n 2 --dist loadgroup`), the tests that share a trained fixture run on one worker, so that it
+# is trained once: the session's `curriculum` (about 100 s) for every test that uses it, else a module's own.
+MODULES_WITH_A_TRAINED_FIXTURE = {"test_export", "test_faults", "test_hub_schemas", "test_processes"}
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
+        if "curriculum" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("curriculum"))
+        elif item.module.__name__ in MODULES_WITH_A_TRAINED_FIXTURE:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 @pytest.fixture(scope="session")

@@ -123,8 +123,8 @@ def test_check_validates_and_summarises_the_data_without_training(tmp_path):
 
 def test_broken_variant_fresh_adapter_fails_the_continuity_test(curriculum, tmp_path):
     root, _ = curriculum
-    result = run_script("tests/broken_variants.py", "fresh",
-                        *stage_args(2, root, str(tmp_path / "broken_fresh")))
+    result = run_script("tests/broken_variants.py", "fresh",  # no dev answers: lineage and continuity are tested
+                        *stage_args(2, root, str(tmp_path / "broken_fresh")), "--set", "eval_questions=0")
     assert result.returncode == 0, result.stderr[-2000:]
     with pytest.raises(AssertionError, match="lineage|continuity"):
         assert_continued(root / "stage1", tmp_path / "broken_fresh")
@@ -143,7 +143,7 @@ def test_broken_variant_frozen_adapter_fails_the_continuity_test(curriculum, tmp
     # With gradient checkpointing, k-bit preparation makes the inputs require grad, so a frozen reload trains
     # "successfully" and saves the adapter unchanged: continuity alone cannot see it, lineage does.
     frozen = run_script("tests/broken_variants.py", "frozen", *stage_args(2, root, str(tmp_path / "frozen")),
-                        "--set", "gradient_checkpointing=true")
+                        "--set", "gradient_checkpointing=true", "--set", "eval_questions=0")
     assert frozen.returncode == 0, frozen.stderr[-2000:]
     with pytest.raises(AssertionError, match="the adapter did not train"):
         assert_continued(root / "stage1", tmp_path / "frozen")

@@ -60,7 +60,8 @@ def test_json_report(curriculum):
 
 def test_fresh_adapter_in_stage2_is_rejected(curriculum, tmp_path):
     root, _ = curriculum
-    result = run_script("tests/broken_variants.py", "fresh", *stage_args(2, root, str(tmp_path / "fresh")))
+    result = run_script("tests/broken_variants.py", "fresh", *stage_args(2, root, str(tmp_path / "fresh")),
+                        "--set", "eval_questions=0")
     assert result.returncode == 0, result.stderr[-2000:]
     code, out = verify(str(tmp_path / "fresh"), "--skip-load")
     assert code == 1
@@ -74,7 +75,7 @@ def test_frozen_reload_is_rejected(curriculum, tmp_path):
     nothing and saves the very weights it loaded; its continuity looks perfect."""
     root, _ = curriculum
     result = run_script("tests/broken_variants.py", "frozen", *stage_args(2, root, str(tmp_path / "frozen")),
-                        "--set", "gradient_checkpointing=true")
+                        "--set", "gradient_checkpointing=true", "--set", "eval_questions=0")
     assert result.returncode == 0, result.stderr[-2000:]
     code, out = verify(str(tmp_path / "frozen"), "--skip-load")
     assert code == 1 and "it did not train (frozen" in line_of(out, "lineage")
