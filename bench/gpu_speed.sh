@@ -8,6 +8,9 @@
 #   mkdir -p .unsloth && cp ../shared/bench/unsloth/* .unsloth/ && bash .unsloth/make_bundle.sh
 # Device call (carry .whl .gpu .unsloth):
 #   bash bench/gpu_speed.sh OUT [VARIANT ...]                 # variants: bench/speed.py's VARIANTS
+#   IMAGES=448 bash bench/gpu_speed.sh OUT W448-...            # the yardstick and Unsloth at one image size only:
+#                                                             # one call per size, each call's ratios its own
+#   PIPELINE=1 ...                                            # also the input pipeline's own rate per variant
 #
 # The yardstick and the project run over the README's pinned pure-Python libraries (bench/gpu_env.sh); Unsloth
 # 2026.10.9 accepts transformers <= 5.17, so it runs over the GPU machine's own stack, as its bench prescribes.
@@ -33,7 +36,7 @@ source bench/gpu_env.sh || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 echo "== yardstick ($(left) s left)"  # writes the random 8B checkpoint to /tmp/q8b on first use
-timeout -k 10 "${YARDSTICK_S:-170}" python3 .gpu/hf_baseline_qlora.py --image 448 896 --batch 4 --steps 10 \
+timeout -k 10 "${YARDSTICK_S:-170}" python3 .gpu/hf_baseline_qlora.py --image ${IMAGES:-448 896} --batch 4 --steps 10 \
   --json "$out/yardstick.json" 2>&1 | grep -v Warning
 cp .gpu/q8b_processor/* /tmp/q8b/ || { echo "FATAL: no checkpoint at /tmp/q8b"; exit 1; }
 
@@ -47,7 +50,7 @@ if [ -d .unsloth/whl ] && [ "$(left)" -gt $(( unsloth_s + 150 )) ]; then
   ( cd /tmp/unsloth_work && env PYTHONPATH="/tmp/usite:$OLDPWD/.gpu/bnb" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
       HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 DO_NOT_TRACK=1 UNSLOTH_DISABLE_STATISTICS=1 \
       UNSLOTH_FORCE_SINGLE_COMPILE_WORKER=0 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_work/unsloth_compiled_cache \
-      timeout -k 10 "$unsloth_s" python3 "$OLDPWD/.unsloth/unsloth_bench.py" --ckpt /tmp/q8b --image 448 896 \
+      timeout -k 10 "$unsloth_s" python3 "$OLDPWD/.unsloth/unsloth_bench.py" --ckpt /tmp/q8b --image ${IMAGES:-448 896} \
       --batch ${UNSLOTH_BATCHES:-16 32 64} --skip ${UNSLOTH_SKIP:-896:32 896:64} --steps 8 --warmup 3 --deadline $(( unsloth_s - 45 )) \
       --json "$out/unsloth.json" 2>&1 | grep -E '^\{|rror|Traceback' | cut -c1-400 )
 else
@@ -56,7 +59,7 @@ fi
 
 echo "== the project: ${variants[*]} ($(left) s left)"
 timeout -k 10 $(( $(left) - 15 )) python3 bench/speed.py --ckpt /tmp/q8b --out "$out" --variants "${variants[@]}" \
-  --steps "${STEPS:-6}" --warmup 2 --generation 0 --no-pipeline --deadline $(( $(left) - 75 )) \
+  --steps "${STEPS:-6}" --warmup 2 --generation 0 $([ -n "${PIPELINE:-}" ] || echo --no-pipeline) --deadline $(( $(left) - 75 )) \
   --profile ${PROFILE:-W448-defaults W448-plan64-budget12 W448-plan64-auto W448-defaults-bs64 W448-positions-off-bs64} \
   2>&1 | grep -vE "it/s\]|s/it\]|Warning|warn|^\s*$" > "$out/speed.log"
 grep -E '^\{|rror|Traceback|File "|^Plan|^Batch size' "$out/speed.log" | cut -c1-700
