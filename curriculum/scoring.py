@@ -4,8 +4,8 @@ no model; README.md, "Evaluation: what the model answers", defines each number.
 
 Parsing is tolerant (`B`, `b.`, `Answer: B`, `(B)`, the option's text, `A, C`, `3`). An answer that cannot be
 parsed counts as wrong and is never dropped. Free-text answers are scored as the VQA literature scores them: exact
-match after the official VQA normalisation, token F1, ANLS (DocVQA), and VQA accuracy where a question has ten
-reference answers (VQAv2, TextVQA); a match with any reference counts.
+match after the official VQA normalisation, token F1, ANLS (DocVQA), relaxed accuracy (ChartQA), and VQA accuracy
+where a question has ten reference answers (VQAv2, TextVQA); a match with any reference counts.
 """
 
 from __future__ import annotations
@@ -231,6 +231,36 @@ def vqa_accuracy(pred: str | None, references: list[str]) -> float | None:
                for left_out in range(10)) / 10
 
 
+RELAXED_TOLERANCE = 0.05  # ChartQA (Masry et al. 2022, after Methani et al. 2020): a number within 5% of the gold one
+
+
+def _relaxed_number(text: str) -> float | None:
+    """The number a ChartQA answer is (`12.5`; `40%` is 0.4), or None for text."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        return None
+
+
+def relaxed_accuracy(pred: str | None, references: list[str], tolerance: float = RELAXED_TOLERANCE) -> float:
+    """ChartQA's relaxed accuracy of one answer, as pix2struct's relaxed_correctness computes the figures ChartQA
+    results are reported with: where both are numbers, right within `tolerance` of the reference, relative to it;
+    otherwise (text, or a reference of 0, which has no relative change) the same text, case aside. 1.0 or 0.0, the
+    best over the references. No VQA normalisation: `two` is not 2 here, as it is not in ChartQA's evaluation."""
+    if pred is None:
+        return 0.0
+    answer = pred.strip()
+    for ref in references:
+        gold = ref.strip()
+        number, gold_number = _relaxed_number(answer), _relaxed_number(gold)
+        if number is not None and gold_number:
+            if abs(number - gold_number) / abs(gold_number) <= tolerance:
+                return 1.0
+        elif answer.lower() == gold.lower():
+            return 1.0
+    return 0.0
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Metrics: pure functions over (type, gold, pred) rows
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,12 +309,14 @@ def _mean_score(scores: list[float], name: str) -> dict:
 
 def free_text_metrics(rows: list[dict]) -> dict:
     """Free-text rows ({"gold": the references, "pred": the answer or None}): exact match (the type's accuracy),
-    token F1, ANLS, each with its interval; VQA accuracy over the rows with ten references (vqa_accuracy_n)."""
+    token F1, ANLS, ChartQA's relaxed accuracy, each with its interval; VQA accuracy over the rows with ten
+    references (vqa_accuracy_n)."""
     matches = sum(is_correct(r["pred"], r["gold"], "free_text") for r in rows)
     vqa = [v for v in (vqa_accuracy(r["pred"], r["gold"]) for r in rows) if v is not None]
     return {**_accuracy(matches, len(rows)), "exact_match": round(matches / len(rows), 4),
             **_mean_score([token_f1(r["pred"], r["gold"]) for r in rows], "token_f1"),
             **_mean_score([anls(r["pred"], r["gold"]) for r in rows], "anls"),
+            **_mean_score([relaxed_accuracy(r["pred"], r["gold"]) for r in rows], "relaxed_accuracy"),
             **_mean_score(vqa, "vqa_accuracy"), "vqa_accuracy_n": len(vqa),
             "unparseable": sum(r["pred"] is None for r in rows)}
 
@@ -361,7 +393,9 @@ def metrics_table(metrics: dict) -> str:
         if kind == "free_text":  # accuracy is the exact match; F1 the mean token F1
             vqa = (f"; VQA accuracy {m['vqa_accuracy']:.1%} (n={m['vqa_accuracy_n']})" if m["vqa_accuracy_n"]
                    else "")
-            other = f"exact match; token F1; ANLS {m['anls']:.3f}{vqa}"
+            relaxed = (f"; relaxed accuracy {m['relaxed_accuracy']:.1%}" if "relaxed_accuracy" in m
+                       else "")  # a stage's metrics from before it was computed
+            other = f"exact match; token F1; ANLS {m['anls']:.3f}{relaxed}{vqa}"
         else:
             other = (f"within ±{m['tolerance']:g}: {m['accuracy_within_tolerance']:.1%}; MAE {m['mae']}"
                      if kind == "numeric" else "macro" if kind == "single_choice" else "micro")

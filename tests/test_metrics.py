@@ -197,6 +197,23 @@ def test_vqa_accuracy_averages_the_ten_leave_one_out_subsets():
     assert scoring.vqa_accuracy("yes", ["yes"] * 9) is None and scoring.vqa_accuracy(None, refs) == 0.0
 
 
+def test_relaxed_accuracy_as_chartqa_scores_it():
+    assert scoring.relaxed_accuracy("12.4", ["12"]) == 1.0           # 3.3% off: within 5%
+    assert scoring.relaxed_accuracy("12.7", ["12"]) == 0.0           # 5.8% off
+    assert scoring.relaxed_accuracy("10.5", ["10"]) == 1.0           # exactly 5%: within
+    assert scoring.relaxed_accuracy("-10.5", ["-10"]) == 1.0         # relative to the reference's size
+    assert scoring.relaxed_accuracy("40%", ["0.4"]) == 1.0           # a percentage is its fraction
+    assert scoring.relaxed_accuracy("0.41", ["40%"]) == 1.0
+    assert scoring.relaxed_accuracy("41", ["40%"]) == 0.0            # 41 is not 0.41
+    assert scoring.relaxed_accuracy("0", ["0"]) == 1.0               # a reference of 0: compared as text
+    assert scoring.relaxed_accuracy("0.0", ["0"]) == 0.0
+    assert scoring.relaxed_accuracy(" Yes", ["yes"]) == 1.0          # text: case and outer spaces aside
+    assert scoring.relaxed_accuracy("yes.", ["yes"]) == 0.0          # but nothing more
+    assert scoring.relaxed_accuracy("two", ["2"]) == 0.0             # no number words, as ChartQA's evaluation
+    assert scoring.relaxed_accuracy("5", ["blue", "5.1"]) == 1.0     # the best reference
+    assert scoring.relaxed_accuracy(None, ["5"]) == 0.0
+
+
 def test_free_text_metrics_by_hand():
     rows = [row("free_text", ["blue"], "Blue"),                     # EM 1, F1 1, ANLS 1
             row("free_text", ["red car"], "red cars"),              # EM 0, F1 1/2, ANLS 1 - 1/8
@@ -210,6 +227,8 @@ def test_free_text_metrics_by_hand():
     assert free["token_f1"] == 0.625 and free["token_f1_ci95"] == scoring.wilson_interval(2.5, 4)
     assert free["anls"] == round((1 + 0.875) / 4, 4) and free["anls_ci95"] == scoring.wilson_interval(1.875, 4)
     assert (free["vqa_accuracy"], free["vqa_accuracy_n"]) == (0.9, 1)
+    # relaxed accuracy: "Blue" is "blue" (case); "red cars" is not "red car"; "two" is not 2 (no number words)
+    assert free["relaxed_accuracy"] == 0.25 and free["relaxed_accuracy_ci95"] == scoring.wilson_interval(1, 4)
     # overall: one item per free-text question: 2 right (tp), 1 wrong answer (fp and fn), 1 unparseable (fn)
     assert (m["overall"]["accuracy"], m["overall"]["precision"], m["overall"]["recall"]) == (0.5, round(2 / 3, 4), 0.5)
     assert scoring.is_correct("Two", ["2"], "free_text") and not scoring.is_correct(None, ["2"], "free_text")
@@ -226,5 +245,9 @@ def test_metrics_table_has_a_free_text_row():
     table = scoring.metrics_table(scoring.compute_metrics(rows, 1.0))
     line = next(x for x in table.splitlines() if x.startswith("| free_text |"))
     assert line.startswith("| free_text | 2 | 100.0% (34%–100%) | – | – | 1.000 | exact match; token F1; ANLS 0.500; "
-                           "VQA accuracy 90.0% (n=1); unparseable 0 |")
+                           "relaxed accuracy 50.0%; VQA accuracy 90.0% (n=1); unparseable 0 |")
+    # a stage's metrics saved before relaxed accuracy was computed still make a table
+    metrics = scoring.compute_metrics(rows, 1.0)
+    del metrics["free_text"]["relaxed_accuracy"]
+    assert "ANLS 0.500; VQA accuracy 90.0% (n=1)" in scoring.metrics_table(metrics)
     assert table.index("| numeric |") < table.index("| free_text |") < table.index("| overall |")
