@@ -8,8 +8,8 @@
 Answers come from batched greedy decoding with the chat template (curriculum/evaluation.py). They are parsed
 tolerantly (`B`, `b.`, `Answer: B`, `(B)`, the option's text, `A, C`, `3`; curriculum/scoring.py). An answer that
 cannot be parsed counts as wrong and is never dropped. Free-text answers are scored by exact match, token F1, ANLS,
-relaxed accuracy (ChartQA) and (with ten references) VQA accuracy. Metrics are defined in README.md, "Evaluation: what
-the model answers".
+relaxed accuracy (ChartQA) and (with ten references) VQA accuracy. Metrics are defined in README.md,
+"Evaluation: what the model answers".
 """
 
 from __future__ import annotations
