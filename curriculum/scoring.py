@@ -250,9 +250,10 @@ def relaxed_accuracy(pred: str | None, references: list[str], tolerance: float =
     if pred is None:
         return 0.0
     answer = pred.strip()
+    number = _relaxed_number(answer)
     for ref in references:
         gold = ref.strip()
-        number, gold_number = _relaxed_number(answer), _relaxed_number(gold)
+        gold_number = _relaxed_number(gold)
         if number is not None and gold_number:
             if abs(number - gold_number) / abs(gold_number) <= tolerance:
                 return 1.0
