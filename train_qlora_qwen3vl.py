@@ -88,11 +88,12 @@ warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is dep
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def validate_config(cfg: StageConfig, training: bool = True) -> None:
+def validate_config(cfg: StageConfig, training: bool = True) -> dict[str, speed.PatchDecision]:
     """Every problem in one error, each line naming the key to change; runs before anything heavy loads. Each group
     of keys checks itself (curriculum/config.py); the checks that read files, the GPU or the installed libraries
     are the helpers' that know them. training=False (`--check`): what only training needs (a GPU for batch_size:
-    auto) is a note, not a problem."""
+    auto) is a note, not a problem. Returns the speed patches' decisions, made here once for train_stage."""
+    patch_decisions, patch_problems = speed.plan_speed_patches(cfg, fsdp_enabled())
     problems = [
         *config.size_problems(cfg),
         *config.schedule_problems(cfg),
@@ -104,7 +105,7 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
         *cfg.lora.problems(),
         *config.evaluation_problems(cfg),
         *config.output_problems(cfg),
-        *speed.plan_speed_patches(cfg, fsdp_enabled())[1],  # a patch set to true that cannot apply here
+        *patch_problems,  # a patch set to true that cannot apply here
         *config.image_problems(cfg),
         *split_file_problems(cfg),  # the split files exist and are of a kind the trainer reads
         *cfg.columns.problems(),
@@ -118,6 +119,7 @@ def validate_config(cfg: StageConfig, training: bool = True) -> None:
     ]
     if problems:
         raise ConfigError("config problems:\n" + "\n".join(f"  - {p}" for p in problems))
+    return patch_decisions
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -648,8 +650,9 @@ def save_stage(trainer, model, processor, cfg: StageConfig, lineage: Lineage, me
     return out
 
 
-def train_stage(cfg: StageConfig) -> dict:
-    """One stage: setup data -> setup model -> prove -> fit -> measure -> save. Returns its stage_metrics."""
+def train_stage(cfg: StageConfig, patch_decisions: dict[str, speed.PatchDecision]) -> dict:
+    """One stage: setup data -> setup model -> prove -> fit -> measure -> save. `patch_decisions`: the speed
+    patches as validate_config decided them. Returns its stage_metrics."""
     from transformers import set_seed
 
     set_seed(cfg.seed)
@@ -670,7 +673,7 @@ def train_stage(cfg: StageConfig) -> dict:
         model = continue_adapter(model, lineage.prev_checkpoint)
     else:
         model = new_adapter(model, cfg.lora, cfg.seed)
-    patches = speed.apply_speed_patches(model, cfg, speed.plan_speed_patches(cfg, fsdp_enabled())[0], print_main)
+    patches = speed.apply_speed_patches(model, cfg, patch_decisions, print_main)
     process_views = prove_adapter(model, cfg.lora, lineage)
 
     fitted = fit(model, processor, data, cfg, lineage, patches, work_dir, resume_from)
@@ -711,14 +714,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config_path, overrides, check = parse_args(sys.argv[1:] if argv is None else argv, __doc__)
         cfg = load_config(config_path, overrides)
-        validate_config(cfg, training=not check)
+        patch_decisions = validate_config(cfg, training=not check)
         print_main(f"Config {config_path} (the keys set; every key, defaults included, is saved with the stage as "
                    f"{RESOLVED_CONFIG}):\n" + yaml.safe_dump(keys_set(cfg), sort_keys=False, width=1000).rstrip())
         print_main(runtime())
         if check:
             check_data(cfg)
         else:
-            train_stage(cfg)
+            train_stage(cfg, patch_decisions)
     # These reach every process alike (the checks compare across processes), so the main process says them once.
     except (ConfigError, CurriculumError, DiskFull) as err:  # exit 2, 1 and 4 (curriculum/errors.py)
         print_main(f"error: {err}", file=sys.stderr)
