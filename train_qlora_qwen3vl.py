@@ -176,9 +176,11 @@ class VQADataset:
         return encode_example(self.processor, self.records[i], self.min_pixels, self.max_pixels)
 
 
-def collate_batch(examples: list[dict], pad_token_id: int, positions=None) -> dict:
+def collate_batch(examples: list[dict], pad_token_id: int, positions=None, padding_mask: bool = True) -> dict:
     """Right-pad to the longest sample: ids with pad, labels with -100, masks with 0; concatenate image patches.
-    `positions` (speed.MRopePositions, with positions_in_dataloader): the batch's M-RoPE position ids too."""
+    `positions` (speed.MRopePositions, with positions_in_dataloader): the batch's M-RoPE position ids too.
+    `padding_mask=False` (drop_padding_mask): no attention mask in the batch once the positions have read it; the
+    padding is on the right, so causal attention alone keeps every real token from seeing it."""
     import torch
 
     longest = max(len(e["input_ids"]) for e in examples)
@@ -199,6 +201,8 @@ def collate_batch(examples: list[dict], pad_token_id: int, positions=None) -> di
     position_ids = positions(batch) if positions is not None else None
     if position_ids is not None:
         batch["position_ids"] = position_ids
+    if not padding_mask:
+        del batch["attention_mask"]
     return batch
 
 
@@ -363,10 +367,12 @@ def planned_steps(n_train: int, size: StepSize, cfg: StageConfig, num_processes:
     return math.ceil(per_epoch * cfg.epochs)
 
 
-def trainer_collate(model, processor, positions_in_dataloader: bool):
-    """The Trainer's data_collator: collate_batch, with the M-RoPE positions where that patch is on."""
-    positions = speed.MRopePositions(model.config) if positions_in_dataloader else None
-    return functools.partial(collate_batch, pad_token_id=processor.tokenizer.pad_token_id, positions=positions)
+def trainer_collate(model, processor, patches: dict):
+    """The Trainer's data_collator: collate_batch, with the M-RoPE positions and without the padding mask where
+    those patches are on."""
+    positions = speed.MRopePositions(model.config) if patches["positions_in_dataloader"].on else None
+    return functools.partial(collate_batch, pad_token_id=processor.tokenizer.pad_token_id, positions=positions,
+                             padding_mask=not patches["drop_padding_mask"].on)
 
 
 def trainer_step_loss(answer_only_logits: bool):
@@ -382,14 +388,14 @@ def auto_batch_size(model, dataset, processor, cfg: StageConfig, patches: dict) 
     """batch_size: auto (curriculum/batch_size.py), measured on the batches and the loss the Trainer trains with
     (build_trainer, with the speed patches' decisions `patches`)."""
     return choose_batch_size(model, dataset, cfg,
-                             trainer_collate(model, processor, patches["positions_in_dataloader"].on),
+                             trainer_collate(model, processor, patches),
                              trainer_step_loss(patches["answer_only_logits"].on))
 
 
 def plan_effective_batch(model, dataset, processor, cfg: StageConfig, patches: dict, measured: dict | None = None):
     """effective_batch (curriculum/plan.py), measured on the batches and the loss the Trainer trains with
     (build_trainer). Returns the plan, the model set to it, and the record of what was measured."""
-    return plan_step(model, dataset, cfg, trainer_collate(model, processor, patches["positions_in_dataloader"].on),
+    return plan_step(model, dataset, cfg, trainer_collate(model, processor, patches),
                      trainer_step_loss(patches["answer_only_logits"].on), measured)
 
 
@@ -458,7 +464,7 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, size: S
     align_special_tokens(model, processor.tokenizer)  # what the Trainer would do, without its warning
     trainer_class = step.AnswerOnlyLossTrainer if patches["answer_only_logits"].on else Trainer
     trainer = trainer_class(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            data_collator=trainer_collate(model, processor, patches["positions_in_dataloader"].on),
+                            data_collator=trainer_collate(model, processor, patches),
                             processing_class=processor)
     trainer.remove_callback(ProgressCallback)  # the Trainer calls its callbacks in the order they are added
     trainer.add_callback(step.StepLogLine())

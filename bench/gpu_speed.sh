@@ -64,5 +64,5 @@ timeout -k 10 $(( $(left) - 15 )) python3 bench/speed.py --ckpt /tmp/q8b --out "
   2>&1 | grep -vE "it/s\]|s/it\]|Warning|warn|^\s*$" > "$out/speed.log"
 grep -E '^\{|rror|Traceback|File "|^Plan|^Batch size' "$out/speed.log" | cut -c1-700
 python3 bench/report.py "$out" | tee "$out/table.md"
-( cd "$out" && tar czf extra.tgz --remove-files speed.log unsloth_meta.json profile_* 2>/dev/null )
+( cd "$out" && tar czf extra.tgz --remove-files speed.log unsloth_meta.json profile_* sync_sites_* 2>/dev/null )
 echo "== done after $(( $(date +%s) - T0 )) s"

@@ -37,7 +37,9 @@ from curriculum.data_files import load_records  # noqa: E402
 # fixes the batch size instead of letting batch_size: auto choose it.
 # every lever of the project's path off: the textbook recipe, through the trainer's own code
 TEXTBOOK = dict(fp32_upcast=True, answer_only_logits=False, liger_kernels=False, fused_lora_forward=False,
-                batched_vision_attention=False)
+                batched_vision_attention=False, vision_without_autocast=False, drop_padding_mask=False)
+# the two levers of 2026-12-03 off, to time them against the same batch in one call
+BEFORE_12_03 = dict(vision_without_autocast=False, drop_padding_mask=False)
 VARIANTS = {
     "W448-textbook-bs4": (448, dict(batch_size=4, **TEXTBOOK)),
     "W448-defaults-bs16": (448, dict(batch_size=16)),
@@ -74,6 +76,11 @@ VARIANTS = {
     "W448-offload": (448, dict(offload_activations=True)),
     "W448-offload-bs96": (448, dict(batch_size=96, offload_activations=True)),
     "W448-offload-bs64": (448, dict(batch_size=64, offload_activations=True)),
+    "W448-offload-bs64-before1203": (448, dict(batch_size=64, offload_activations=True, **BEFORE_12_03)),
+    "W448-offload-bs64-withmask": (448, dict(batch_size=64, offload_activations=True, drop_padding_mask=False)),
+    "W896-offload-bs16": (896, dict(batch_size=16, offload_activations=True)),
+    "W896-offload-bs16-before1203": (896, dict(batch_size=16, offload_activations=True, **BEFORE_12_03)),
+    "W896-offload-bs16-withmask": (896, dict(batch_size=16, offload_activations=True, drop_padding_mask=False)),
     "W448-offload-budget11": (448, dict(memory_budget_gib=11, offload_activations=True)),
     "W896-offload": (896, dict(offload_activations=True)),
     "W896-offload-bs24": (896, dict(batch_size=24, offload_activations=True)),
@@ -159,18 +166,21 @@ def apply_liger(model, processor, train_file: Path, px: int, cfg: StageConfig) -
 
 
 def set_variant_forwards(model, cfg: StageConfig, swiglu: bool) -> None:
-    """The variant's LoRA forward (fused or peft's), vision attention (batched or one call per image) and, where
-    Liger is on, its SwiGLU (or the MLP's own)."""
+    """The variant's LoRA forward (fused or peft's), vision attention (batched or one call per image), vision tower
+    with or without autocast and, where Liger is on, its SwiGLU (or the MLP's own)."""
     from peft.tuners.lora.bnb import Linear4bit
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionAttention
 
+    visual = model.get_base_model().model.visual
     for module in model.modules():
-        if isinstance(module, (Linear4bit, Qwen3VLVisionAttention)):
+        if isinstance(module, (Linear4bit, Qwen3VLVisionAttention)) or module is visual:
             module.__dict__.pop("forward", None)  # back to the class's (peft's, transformers') forward
     if cfg.fused_lora_forward is not False:
         speed.fuse_lora_updates(model)
     if cfg.batched_vision_attention is not False:
         speed.batch_vision_attention(model)
+    if cfg.vision_without_autocast is not False and cfg.fp32_upcast is False:
+        assert speed.run_vision_tower_without_autocast(model) is None
     for layer in model.get_base_model().model.language_model.layers:
         mlp = layer.mlp.__dict__
         if "forward" in mlp:  # Liger's SwiGLU, bound by apply_liger_kernels: kept to bind again
@@ -224,6 +234,47 @@ def pipeline_rate(dataset, cfg: StageConfig, batches: int) -> float:
     for _ in range(batches):
         n += next(it)["input_ids"].shape[0]
     return n / (time.perf_counter() - t)
+
+
+def sync_sites_callback(out: Path, name: str, at_step: int):
+    """One step under torch.cuda.set_sync_debug_mode("warn"): every host synchronisation of that step with the
+    Python lines that asked for it, counted by site (OUT/sync_sites_NAME.txt): which of a step's syncs can go."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+    from transformers import TrainerCallback
+
+    class SyncSites(TrainerCallback):
+        sites = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == at_step:
+                self.sites, self.shown = collections.Counter(), warnings.showwarning
+
+                def record(message, category, filename, lineno, file=None, line=None):
+                    if "synchronizing" not in str(message):
+                        return self.shown(message, category, filename, lineno, file, line)
+                    frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+                    self.sites[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                                           for f in reversed(frames[-5:]))] += 1
+
+                warnings.showwarning = record
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.sites is not None and state.global_step == at_step + 1:
+                torch.cuda.set_sync_debug_mode("default")
+                warnings.showwarning = self.shown
+                lines = [f"{n:5d}  {site}" for site, n in self.sites.most_common()]
+                (out / f"sync_sites_{name}.txt").write_text(
+                    f"== {name}: {sum(self.sites.values())} host synchronisations in one step, by site\n"
+                    + "\n".join(lines) + "\n")
+                self.sites = None
+
+    return SyncSites()
 
 
 def profiler_callback(out: Path, name: str, at_step: int):
@@ -284,14 +335,16 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
     import torch
 
     timed_steps = cfg.max_steps
-    if profile_dir is not None:  # two more steps, profiled after the timed ones
-        cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps + 2)
+    if profile_dir is not None:  # two more steps profiled after the timed ones, and one whose syncs are traced
+        cfg = dataclasses.replace(cfg, max_steps=cfg.max_steps + 3)
     set_variant_forwards(model, cfg, swiglu)
     cfg = dataclasses.replace(cfg, answer_only_logits=cfg.answer_only_logits is not False,  # auto: on, as trained
-                              positions_in_dataloader=cfg.positions_in_dataloader is not False)
-    # the two patches that change the Trainer and its batches, as train_stage hands them to build_trainer
+                              positions_in_dataloader=cfg.positions_in_dataloader is not False,
+                              drop_padding_mask=cfg.drop_padding_mask is not False)
+    # the three patches that change the Trainer and its batches, as train_stage hands them to build_trainer
     patches = {key: speed.PatchDecision(getattr(cfg, key), "") for key in ("answer_only_logits",
-                                                                           "positions_in_dataloader")}
+                                                                           "positions_in_dataloader",
+                                                                           "drop_padding_mask")}
     dataset = tq.VQADataset(load_records(cfg.train_file), processor, cfg.min_pixels, cfg.max_pixels)
     checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # also puts torch's checkpoint function back
     offloaded = speed.offload_checkpointed_activations(model) if cfg.offload_activations else 0
@@ -317,6 +370,8 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
     trainer.add_callback(timer)
     if profile_dir is not None:
         trainer.add_callback(profiler_callback(profile_dir, name, timed_steps))
+        if torch.cuda.is_available():
+            trainer.add_callback(sync_sites_callback(profile_dir, name, timed_steps + 2))
     t0 = time.perf_counter()
     oom = False
     try:
@@ -343,6 +398,8 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
         "liger_kernels": cfg.liger_kernels,
         "liger_swiglu": "forward" in model.get_base_model().model.language_model.layers[0].mlp.__dict__,
         "fused_lora_forward": cfg.fused_lora_forward, "batched_vision_attention": cfg.batched_vision_attention,
+        "vision_without_autocast": cfg.vision_without_autocast is not False and not cfg.fp32_upcast,
+        "drop_padding_mask": cfg.drop_padding_mask,
         "step_s": round(mean_dt, 4), "median_step_s": round(statistics.median(dts), 4),
         "max_step_s": round(max(dts), 4),
         "samples_per_s": round(per_step / mean_dt, 2),

@@ -282,7 +282,7 @@ class StageConfig:
     answer_only_logits: Literal["auto", True, False] = "auto"
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. false: the model's own loss.
-    auto/true for this and the four speed patches below: auto steps aside, with a log line naming the versions
+    auto/true for this and the six speed patches below: auto steps aside, with a log line naming the versions
     and the cost, when the installed libraries are not the ones it was written for; true makes that an error."""
     liger_kernels: Literal["auto", True, False] = "auto"
     """Liger's fused RoPE, RMSNorm and SwiGLU kernels (Triton) in place of Qwen3-VL's (SwiGLU around the 4-bit MLP
@@ -301,6 +301,15 @@ class StageConfig:
     """The vision tower attends all images of one size in one attention call, instead of transformers' one call per
     image (its path without FlashAttention), which leaves the GPU waiting on the CPU at small images and large
     batches. The same result to rounding (tests). false: transformers' own."""
+    vision_without_autocast: Literal["auto", True, False] = "auto"
+    """The vision tower (frozen, bf16) runs with autocast off, as at inference. Under autocast its LayerNorms return
+    float32, so its activations stay float32 and every 4-bit layer casts them to bf16 and back. Off by itself with
+    fp32_upcast: true or when LoRA targets vision modules. false: the Trainer's autocast throughout."""
+    drop_padding_mask: Literal["auto", True, False] = "auto"
+    """Training batches go to the model without their padding mask. Rows are padded on the right and the text
+    model attends causally, so no real token can see a padding token: the same loss (tests), with the causal
+    attention kernel and its grouped key/value heads instead of a masked kernel over copied heads. false: the
+    mask is passed."""
     fp32_upcast: bool = False
     """Cast the base's non-quantized weights (norms, embeddings, lm_head) to fp32, as peft's
     prepare_model_for_kbit_training does. Not needed with bf16 compute, and about 40% slower; for float16."""

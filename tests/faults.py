@@ -128,6 +128,32 @@ def rope_index_reads_the_model(mp):
 
 
 
+def image_features_without_the_cast(mp):
+    """get_image_features as it would be if it handed the vision tower the pixels as they come (a transformers that
+    relies on autocast for the dtype): without autocast the tower would get float32 pixels."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    own = modeling_qwen3_vl.Qwen3VLModel.get_image_features
+
+    def get_image_features(self, pixel_values, image_grid_thw=None, **kwargs):
+        return own(self, pixel_values, image_grid_thw, **kwargs)
+
+    mp.setattr(modeling_qwen3_vl.Qwen3VLModel, "get_image_features", get_image_features)
+
+
+def text_attention_not_declared_causal(mp):
+    """A text attention whose __init__ no longer declares it causal (is_causal = True): the guard cannot know that
+    the mask may go."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    own = modeling_qwen3_vl.Qwen3VLTextAttention.__init__
+
+    def __init__(self, config, layer_idx):
+        own(self, config, layer_idx)
+
+    mp.setattr(modeling_qwen3_vl.Qwen3VLTextAttention, "__init__", __init__)
+
+
 if __name__ == "__main__":
     fault, argv = sys.argv[1], sys.argv[2:]
     if fault == "oom":
@@ -159,7 +185,8 @@ if __name__ == "__main__":
     elif fault == "speed-patches-do-not-fit":
         mp = pytest.MonkeyPatch()  # never undone: the whole run sees the stand-ins
         for stand_in in (liger_qwen3_vl_missing, vision_attention_changed, peft_without_4bit_lora,
-                         trainer_compute_loss_changed, rope_index_reads_the_model):
+                         trainer_compute_loss_changed, rope_index_reads_the_model, image_features_without_the_cast,
+                         text_attention_not_declared_causal):
             stand_in(mp)
     elif fault == "last-process-reads":
         other, argv = argv[0], argv[1:]

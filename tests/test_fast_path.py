@@ -131,6 +131,91 @@ def test_mrope_positions_from_the_dataloader_give_the_forward_s_own_loss_and_gra
     assert "position_ids" not in tq.collate_batch(text_only, 0, positions)  # the forward's own arange then
 
 
+def left_padded(batch: dict, pad_token_id: int) -> dict:
+    """The same rows padded on the left instead of the right (ids, labels, masks)."""
+    out = dict(batch)
+    fills = {"input_ids": pad_token_id, "labels": -100, "mm_token_type_ids": 0, "attention_mask": 0}
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    for key, fill in fills.items():
+        rows = [torch.cat([torch.full((batch[key].shape[1] - n,), fill, dtype=batch[key].dtype), row[:n]])
+                for row, n in zip(batch[key], lengths, strict=True)]
+        out[key] = torch.stack(rows)
+    return out
+
+
+def test_dropping_the_padding_mask_gives_the_same_loss_and_gradients(tiny_model_path, processor):
+    """drop_padding_mask: rows of different lengths, right-padded, an image in each. Without the mask the text model
+    attends causally alone, and no real token can see the padding after it: the loss and every LoRA gradient are
+    the masked batch's, with the positions from the dataloader and with the forward's own."""
+    from transformers import AutoConfig
+
+    records = load_records(REPO / "data/stage2/train.jsonl")[:3]
+    examples = [tq.encode_example(processor, r, 4096, 50176) for r in records]
+    pad = processor.tokenizer.pad_token_id
+    for positions in (speed.MRopePositions(AutoConfig.from_pretrained(tiny_model_path)), None):
+        masked = tq.collate_batch(examples, pad, positions)
+        unmasked = tq.collate_batch(examples, pad, positions, padding_mask=False)
+        assert masked["attention_mask"].eq(0).any() and "attention_mask" not in unmasked
+        loss, grads = new_adapter_loss_and_grads(tiny_model_path, masked)
+        unmasked_loss, unmasked_grads = new_adapter_loss_and_grads(tiny_model_path, unmasked)
+        assert unmasked_loss == pytest.approx(loss, rel=1e-5)
+        assert unmasked_grads.keys() == grads.keys() and len(grads) > 0
+        for name, grad in grads.items():
+            assert torch.allclose(unmasked_grads[name], grad, rtol=1e-4, atol=1e-6), name
+    # what makes it exact is the side of the padding: the same rows padded on the left need their mask
+    left = left_padded(tq.collate_batch(examples, pad), pad)
+    with_mask, _ = new_adapter_loss_and_grads(tiny_model_path, left)
+    without_mask, _ = new_adapter_loss_and_grads(tiny_model_path, {k: v for k, v in left.items()
+                                                                   if k != "attention_mask"})
+    print(f"left-padded: {with_mask} with the mask, {without_mask} without")
+    assert abs(without_mask - with_mask) > 5e-3 * abs(with_mask)
+
+
+def vision_output(model, inputs, autocast: bool):
+    """The vision tower's output on the batch's images, and whether autocast was on inside its blocks."""
+    seen = []
+    visual = model.model.visual
+    hook = visual.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    finally:
+        hook.remove()
+    return out.pooler_output, seen
+
+
+def test_the_vision_tower_runs_without_autocast_as_at_inference(tiny_model_path, processor):
+    """vision_without_autocast: under the Trainer's autocast the vision tower computes exactly as it does without
+    autocast (at inference), and autocast is off inside it; unpatched, autocast is on inside it. (On a GPU,
+    autocast runs its LayerNorms in float32, which is what the patch avoids; the CPU's autocast does not, so here
+    the outputs are the same either way and the test reads the switch.)"""
+    cfg = StageConfig(output_dir="o", train_file="t")
+    model = tq.load_quantized_base(tiny_model_path, cfg)
+    inputs = batch(processor)
+    plain, seen = vision_output(model, inputs, autocast=False)
+    _, seen_under_autocast = vision_output(model, inputs, autocast=True)
+    assert seen == [False] and seen_under_autocast == [True]
+    assert speed.run_vision_tower_without_autocast(model) is None
+    patched, seen = vision_output(model, inputs, autocast=True)
+    assert seen == [False]
+    assert torch.equal(torch.cat(patched), torch.cat(plain))
+    # a vision tower that trains keeps autocast
+    other = tq.load_quantized_base(tiny_model_path, cfg)
+    next(p for p in other.model.visual.parameters() if p.is_floating_point()).requires_grad_(True)
+    assert "LoRA trains modules of the vision tower" in speed.run_vision_tower_without_autocast(other)
+    _, seen = vision_output(other, inputs, autocast=True)
+    assert seen == [True]
+
+
+def test_with_fp32_upcast_the_vision_tower_keeps_autocast(tmp_path):
+    decisions, problems = speed.plan_speed_patches(load_config(REPO / "configs/demo/stage1.yaml",
+                                                               [f"output_dir={tmp_path}", "fp32_upcast=true"]))
+    assert problems == [] and not decisions["vision_without_autocast"].on
+    assert "fp32_upcast: true" in decisions["vision_without_autocast"].note
+    decisions, _ = speed.plan_speed_patches(load_config(REPO / "configs/demo/stage1.yaml", [f"output_dir={tmp_path}"]))
+    assert decisions["vision_without_autocast"].on
+
+
 def test_fused_lora_forward_gives_peft_s_loss_and_gradients(tiny_model_path, processor, trained_adapter):
     inputs = batch(processor)
     fp32 = QuantizationSettings(compute_dtype="float32")

@@ -15,9 +15,11 @@ import pytest
 import torch
 from conftest import REPO, run_script, stage_args
 from faults import (
+    image_features_without_the_cast,
     liger_qwen3_vl_missing,
     peft_without_4bit_lora,
     rope_index_reads_the_model,
+    text_attention_not_declared_causal,
     trainer_compute_loss_changed,
     vision_attention_changed,
 )
@@ -51,6 +53,10 @@ STAND_INS = {  # what each stand-in makes the guard say
     "fused_lora_forward": (peft_without_4bit_lora, r"peft \S+, bitsandbytes \S+: no LoRA layer for 4-bit weights"),
     "answer_only_logits": (trainer_compute_loss_changed, r"Trainer.compute_loss takes \(.*loss_kwargs\)"),
     "positions_in_dataloader": (rope_index_reads_the_model, r"Qwen3VLModel.get_rope_index reads self.rope_deltas"),
+    "vision_without_autocast": (image_features_without_the_cast, r"transformers \S+: Qwen3VLModel.get_image_features "
+                                                                 r"no longer casts the pixels"),
+    "drop_padding_mask": (text_attention_not_declared_causal, r"transformers \S+: Qwen3-VL's text attention is no "
+                                                              r"longer causal"),
 }
 
 
