@@ -459,6 +459,12 @@ def build_trainer(model, processor, train_ds, eval_ds, cfg: StageConfig, size: S
         dataloader_num_workers=cfg.dataloader_num_workers, dataloader_pin_memory=on_gpu,
         ddp_find_unused_parameters=False, disable_tqdm=False, save_total_limit=2,
         prediction_loss_only=True,  # evaluation needs the loss only; never gather every batch's logits
+        # No host synchronisation per step to hide a NaN loss behind the average (the Trainer's filter reads the loss
+        # on the host, twice, while the GPU still runs the backward): a NaN shows in the log, and the guard stops the
+        # stage once the weights follow (faults.StageGuard).
+        logging_nan_inf_filter=False,
+        # the batch's copy to the GPU (from pinned memory) queued behind the step before, not waited for
+        accelerator_config={"non_blocking": on_gpu},
     )
     one_gpu_per_process(args, world)
     align_special_tokens(model, processor.tokenizer)  # what the Trainer would do, without its warning

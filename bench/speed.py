@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train_qlora_qwen3vl as tq  # noqa: E402
-from curriculum import speed  # noqa: E402
+from curriculum import faults, speed  # noqa: E402
 from curriculum.answer_loss import answer_only_loss  # noqa: E402
 from curriculum.base_model import load_processor  # noqa: E402
 from curriculum.config import StageConfig  # noqa: E402
@@ -277,6 +277,41 @@ def sync_sites_callback(out: Path, name: str, at_step: int):
     return SyncSites()
 
 
+def idle_gaps(trace: dict, top: int = 25) -> str:
+    """Where the GPU waits, from a torch.profiler chrome trace: the gaps of 20 us or more between kernels on the
+    stream that runs most of them, each put down to the CPU ops that were running when the kernel after it was
+    launched (outermost first), summed by those ops: the host work that the GPU waited for."""
+    import bisect
+    import collections
+
+    events = trace["traceEvents"]
+    on_gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and "dur" in e]
+    busy = collections.Counter()
+    for e in on_gpu:
+        busy[e["args"].get("stream")] += e["dur"]
+    main = busy.most_common(1)[0][0]
+    kernels = sorted((e for e in on_gpu if e["args"].get("stream") == main), key=lambda e: e["ts"])
+    launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
+    ops = sorted((e for e in events if e.get("cat") == "cpu_op" and "dur" in e), key=lambda e: e["ts"])
+    starts = [e["ts"] for e in ops]
+    by_site, total = collections.Counter(), 0.0
+    for before, after in zip(kernels, kernels[1:], strict=False):
+        gap = after["ts"] - (before["ts"] + before["dur"])
+        if gap < 20:
+            continue
+        total += gap
+        launch = launches.get(after["args"].get("correlation"))
+        at = launch["ts"] if launch else after["ts"]
+        i = bisect.bisect_right(starts, at)
+        around = [e for e in ops[max(0, i - 4000):i] if e["ts"] + e["dur"] >= at]  # the ops open at the launch
+        around.sort(key=lambda e: -e["dur"])
+        names = [e["name"] for e in around]
+        site = " > ".join(names[:2] + (["..."] if len(names) > 3 else []) + names[-1:] if len(names) > 2 else names)
+        by_site[site or "(no CPU op)"] += gap
+    lines = [f"{t / 1e3:8.1f} ms  {site}" for site, t in by_site.most_common(top)]
+    return f"GPU idle on the main stream in gaps of 20 us or more: {total / 1e3:.1f} ms\n" + "\n".join(lines)
+
+
 def profiler_callback(out: Path, name: str, at_step: int):
     """torch.profiler over the two steps after at_step (the timed ones): where the CPU and GPU time of a step go."""
     import torch
@@ -320,6 +355,9 @@ def profiler_callback(out: Path, name: str, at_step: int):
                         + "\n== copies and casts by input shapes (CUDA total, calls)\n"
                         + "\n".join(f"{e.device_time_total / 1e3:9.1f} ms {e.count:6d}  {e.key} {e.input_shapes}"
                                      for e in copies[:20]))
+                trace = Path(f"/tmp/trace_{name}.json")
+                self.prof.export_chrome_trace(str(trace))
+                text += "\n== where the GPU waits (two steps)\n" + idle_gaps(json.loads(trace.read_text()))
                 (out / f"profile_{name}.txt").write_text(text)
                 self.prof = None
 
@@ -364,8 +402,9 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    # with the guard's check after every step (non-finite weights, a stop signal), as train_stage runs it
     trainer = tq.build_trainer(model, processor, dataset, None, cfg, tq.StepSize(cfg.batch_size, cfg.grad_accum),
-                               patches, Path("/tmp/speed_out/work"))
+                               patches, Path("/tmp/speed_out/work"), faults.StageGuard(model))
     timer = step_timer()
     trainer.add_callback(timer)
     if profile_dir is not None:
