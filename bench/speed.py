@@ -37,9 +37,10 @@ from curriculum.data_files import load_records  # noqa: E402
 # fixes the batch size instead of letting batch_size: auto choose it.
 # every lever of the project's path off: the textbook recipe, through the trainer's own code
 TEXTBOOK = dict(fp32_upcast=True, answer_only_logits=False, liger_kernels=False, fused_lora_forward=False,
-                batched_vision_attention=False, vision_without_autocast=False, drop_padding_mask=False)
+                batched_vision_attention=False, vision_without_autocast=False, drop_padding_mask=False,
+                deepstack_by_index=False)
 # the two levers of 2026-12-03 off, to time them against the same batch in one call
-BEFORE_12_03 = dict(vision_without_autocast=False, drop_padding_mask=False)
+BEFORE_12_03 = dict(vision_without_autocast=False, drop_padding_mask=False, deepstack_by_index=False)
 VARIANTS = {
     "W448-textbook-bs4": (448, dict(batch_size=4, **TEXTBOOK)),
     "W448-defaults-bs16": (448, dict(batch_size=16)),
@@ -181,6 +182,10 @@ def set_variant_forwards(model, cfg: StageConfig, swiglu: bool) -> None:
         speed.batch_vision_attention(model)
     if cfg.vision_without_autocast is not False and cfg.fp32_upcast is False:
         assert speed.run_vision_tower_without_autocast(model) is None
+    text_model = model.get_base_model().model.language_model
+    text_model.__dict__.pop("_deepstack_process", None)
+    if cfg.deepstack_by_index is not False:
+        speed.add_deepstack_by_index(model)
     for layer in model.get_base_model().model.language_model.layers:
         mlp = layer.mlp.__dict__
         if "forward" in mlp:  # Liger's SwiGLU, bound by apply_liger_kernels: kept to bind again
@@ -294,7 +299,7 @@ def idle_gaps(trace: dict, top: int = 25) -> str:
     launches = {e["args"].get("correlation"): e for e in events if e.get("cat") == "cuda_runtime"}
     ops = sorted((e for e in events if e.get("cat") == "cpu_op" and "dur" in e), key=lambda e: e["ts"])
     starts = [e["ts"] for e in ops]
-    by_site, total = collections.Counter(), 0.0
+    by_site, total, largest = collections.Counter(), 0.0, []
     for before, after in zip(kernels, kernels[1:], strict=False):
         gap = after["ts"] - (before["ts"] + before["dur"])
         if gap < 20:
@@ -308,7 +313,13 @@ def idle_gaps(trace: dict, top: int = 25) -> str:
         names = [e["name"] for e in around]
         site = " > ".join(names[:2] + (["..."] if len(names) > 3 else []) + names[-1:] if len(names) > 2 else names)
         by_site[site or "(no CPU op)"] += gap
+        largest.append((gap, after["ts"], before["name"], after["name"], site))
     lines = [f"{t / 1e3:8.1f} ms  {site}" for site, t in by_site.most_common(top)]
+    largest.sort(key=lambda g: -g[0])
+    first = kernels[0]["ts"] if kernels else 0
+    lines += ["-- the largest gaps: ms, at ms from the first kernel, kernel before -> kernel after (its CPU op)"]
+    lines += [f"{gap / 1e3:8.2f} at {(at - first) / 1e3:8.1f}  {b[:50]} -> {a[:50]} ({site})"
+              for gap, at, b, a, site in largest[:12]]
     return f"GPU idle on the main stream in gaps of 20 us or more: {total / 1e3:.1f} ms\n" + "\n".join(lines)
 
 
@@ -438,7 +449,7 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
         "liger_swiglu": "forward" in model.get_base_model().model.language_model.layers[0].mlp.__dict__,
         "fused_lora_forward": cfg.fused_lora_forward, "batched_vision_attention": cfg.batched_vision_attention,
         "vision_without_autocast": cfg.vision_without_autocast is not False and not cfg.fp32_upcast,
-        "drop_padding_mask": cfg.drop_padding_mask,
+        "drop_padding_mask": cfg.drop_padding_mask, "deepstack_by_index": cfg.deepstack_by_index is not False,
         "step_s": round(mean_dt, 4), "median_step_s": round(statistics.median(dts), 4),
         "max_step_s": round(max(dts), 4),
         "samples_per_s": round(per_step / mean_dt, 2),

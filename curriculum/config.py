@@ -282,7 +282,7 @@ class StageConfig:
     answer_only_logits: Literal["auto", True, False] = "auto"
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. false: the model's own loss.
-    auto/true for this and the six speed patches below: auto steps aside, with a log line naming the versions
+    auto/true for this and the seven speed patches below: auto steps aside, with a log line naming the versions
     and the cost, when the installed libraries are not the ones it was written for; true makes that an error."""
     liger_kernels: Literal["auto", True, False] = "auto"
     """Liger's fused RoPE, RMSNorm and SwiGLU kernels (Triton) in place of Qwen3-VL's (SwiGLU around the 4-bit MLP
@@ -305,6 +305,10 @@ class StageConfig:
     """The vision tower (frozen, bf16) runs with autocast off, as at inference. Under autocast its LayerNorms return
     float32, so its activations stay float32 and every 4-bit layer casts them to bf16 and back. Off by itself with
     fp32_upcast: true or when LoRA targets vision modules. false: the Trainer's autocast throughout."""
+    deepstack_by_index: Literal["auto", True, False] = "auto"
+    """The visual features that Qwen3-VL adds to the image tokens in its first decoder layers (deepstack) are added by
+    index instead of through a boolean mask, whose count the host has to read (6 to 9 host synchronisations a step,
+    each leaving the GPU waiting). The same sums (tests). false: transformers' own."""
     drop_padding_mask: Literal["auto", True, False] = "auto"
     """Training batches go to the model without their padding mask. Rows are padded on the right and the text
     model attends causally, so no real token can see a padding token: the same loss (tests), with the causal

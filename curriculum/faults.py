@@ -92,9 +92,10 @@ class StageGuard:
         # the largest |weight| of each tensor, in a few multi-tensor kernels (not two launches per tensor, which the
         # host needs ~5 ms for at 288 LoRA tensors while the GPU waits): NaN or inf exactly when a weight is
         non_finite = (~torch.stack(torch._foreach_norm(self.params, float("inf"))).isfinite().all() if self.params
-                      else torch.tensor(False, device=device))
+                      else torch.zeros((), dtype=torch.bool, device=device))
         received = STOP_SIGNALS.index(self.signal_name) + 1 if self.signal_name else 0
-        flags = torch.stack([non_finite.float(), torch.tensor(float(received), device=device)])
+        # torch.full, not torch.tensor(value, device=...): a fill kernel instead of a copy the host waits for
+        flags = torch.stack([non_finite.float(), torch.full((), float(received), device=device)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         non_finite, received = flags.tolist()

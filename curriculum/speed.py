@@ -82,6 +82,8 @@ LORA_LAYER_ATTRIBUTES = ("lora_A", "lora_B", "scaling", "lora_dropout")
 # Qwen3VLModel.get_rope_index as MRopePositions calls it (transformers 5.x)
 ROPE_INDEX_PARAMETERS = ["self", "input_ids", "mm_token_type_ids", "image_grid_thw", "video_grid_thw",
                          "attention_mask", "kwargs"]
+# Qwen3VLTextModel._deepstack_process as deepstack_by_index was written for (transformers 5.x)
+DEEPSTACK_PARAMETERS = ["self", "hidden_states", "visual_pos_masks", "visual_embeds"]
 # Trainer.compute_loss, which AnswerOnlyLossTrainer overrides
 COMPUTE_LOSS_PARAMETERS = ["self", "model", "inputs", "return_outputs", "num_items_in_batch"]
 
@@ -148,6 +150,27 @@ def padding_mask_problem() -> str | None:
     text_model = getattr(modeling_qwen3_vl, "Qwen3VLTextModel", None)
     if text_model is None or "create_causal_mask(" not in inspect.getsource(text_model.forward):
         return f"{versions('transformers')}: Qwen3VLTextModel.forward no longer builds its mask by create_causal_mask"
+    return None
+
+
+DEEPSTACK_SOURCE_LINES = ("local_this = hidden_states[visual_pos_masks, :] + visual_embeds",
+                          "hidden_states[visual_pos_masks, :] = local_this")
+
+
+def deepstack_problem() -> str | None:
+    """add_deepstack_by_index replaces Qwen3VLTextModel._deepstack_process, which adds each deepstack layer's visual
+    features to the image tokens' hidden states through a boolean mask, as it reads in transformers 5.x."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    text_model = getattr(modeling_qwen3_vl, "Qwen3VLTextModel", None)
+    method = getattr(text_model, "_deepstack_process", None)
+    if method is None:
+        return f"{versions('transformers')}: Qwen3VLTextModel has no _deepstack_process"
+    found = parameter_names(method)
+    source = inspect.getsource(method)
+    if found != DEEPSTACK_PARAMETERS or not all(line in source for line in DEEPSTACK_SOURCE_LINES):
+        return (f"{versions('transformers')}: Qwen3VLTextModel._deepstack_process is not the one the replacement was "
+                "written for (hidden_states[visual_pos_masks, :] + visual_embeds)")
     return None
 
 
@@ -284,6 +307,9 @@ SPEED_PATCHES = (
     SpeedPatch("vision_without_autocast", "vision tower without autocast",
                "autocast's float32 LayerNorms keep the vision tower's activations in float32, cast to bf16 and back at "
                "every layer (4% of a step at 448x448, batch 64, H200 profile)", vision_autocast_problem),
+    SpeedPatch("deepstack_by_index", "deepstack features added by index",
+               "3 host synchronisations in the forward and 3 to 6 in the backward (boolean-mask indexing in the first "
+               "3 decoder layers), each leaving the GPU to wait on the host", deepstack_problem),
     SpeedPatch("drop_padding_mask", "right-padded batches without a padding mask",
                "a masked attention kernel over the whole square instead of the causal one, on key/value heads "
                "copied 4 times (repeat_kv: 2% of a step at 448x448, batch 64, H200 profile)", padding_mask_problem),
@@ -574,6 +600,31 @@ def run_vision_tower_without_autocast(model) -> str | None:
     return None
 
 
+def deepstack_by_index(self, hidden_states, visual_pos_masks, visual_embeds):
+    """Qwen3VLTextModel._deepstack_process without a host synchronisation: the image tokens' hidden states get the
+    deepstack features added by index_add at the indices of the mask, found by nonzero_static with the count the
+    features' own shape gives (plain boolean indexing has to read the count on the host, and so does its
+    backward). Indices in the mask's row-major order, as boolean indexing takes them; one add per element, so the
+    same result."""
+    import torch
+
+    visual_pos_masks = visual_pos_masks.to(hidden_states.device)
+    visual_embeds = visual_embeds.to(hidden_states.device, hidden_states.dtype)
+    index = torch.nonzero_static(visual_pos_masks.reshape(-1), size=visual_embeds.shape[0]).squeeze(1)
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    return flat.index_add(0, index, visual_embeds).view(hidden_states.shape)
+
+
+def add_deepstack_by_index(model) -> int:
+    """Bind deepstack_by_index to the model's Qwen3-VL text models; returns how many."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextModel
+
+    text_models = [m for m in model.modules() if isinstance(m, Qwen3VLTextModel)]
+    for text_model in text_models:
+        text_model._deepstack_process = types.MethodType(deepstack_by_index, text_model)
+    return len(text_models)
+
+
 def fused_lora_4bit_forward(self, x, *args, **kwargs):
     """peft's LoRA forward on a 4-bit layer (peft.tuners.lora.bnb.Linear4bit.forward), for its common case, in fewer
     passes over the output: result + (x A^T)(s B)^T as one addmm (the add happens in the GEMM's epilogue, the
@@ -729,6 +780,10 @@ def apply_speed_patches(model, cfg: StageConfig, decisions: dict[str, PatchDecis
             decisions["batched_vision_attention"] = PatchDecision(True, f"on ({bound} vision attention modules)")
     if decisions["fused_lora_forward"].on:
         decisions["fused_lora_forward"] = PatchDecision(True, f"on ({fuse_lora_updates(model)} 4-bit LoRA layers)")
+    if decisions["deepstack_by_index"].on:
+        bound = add_deepstack_by_index(model)
+        decisions["deepstack_by_index"] = PatchDecision(bool(bound), f"on ({bound} text model)" if bound else
+                                                        "off: the model has no Qwen3-VL text model")
     if decisions["vision_without_autocast"].on:
         why = run_vision_tower_without_autocast(model)
         if why is not None and cfg.vision_without_autocast is True:

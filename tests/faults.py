@@ -154,6 +154,18 @@ def text_attention_not_declared_causal(mp):
     mp.setattr(modeling_qwen3_vl.Qwen3VLTextAttention, "__init__", __init__)
 
 
+def deepstack_changed(mp):
+    """_deepstack_process as it would be if it took the features in another form (a list per layer, say)."""
+    from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+    own = modeling_qwen3_vl.Qwen3VLTextModel._deepstack_process
+
+    def _deepstack_process(self, hidden_states, visual_pos_masks, visual_embeds, layer_idx=None):
+        return own(self, hidden_states, visual_pos_masks, visual_embeds)
+
+    mp.setattr(modeling_qwen3_vl.Qwen3VLTextModel, "_deepstack_process", _deepstack_process)
+
+
 if __name__ == "__main__":
     fault, argv = sys.argv[1], sys.argv[2:]
     if fault == "oom":
@@ -186,7 +198,7 @@ if __name__ == "__main__":
         mp = pytest.MonkeyPatch()  # never undone: the whole run sees the stand-ins
         for stand_in in (liger_qwen3_vl_missing, vision_attention_changed, peft_without_4bit_lora,
                          trainer_compute_loss_changed, rope_index_reads_the_model, image_features_without_the_cast,
-                         text_attention_not_declared_causal):
+                         text_attention_not_declared_causal, deepstack_changed):
             stand_in(mp)
     elif fault == "last-process-reads":
         other, argv = argv[0], argv[1:]

@@ -89,11 +89,13 @@ def test_fast_path_matches_the_plain_path_within_bf16_tolerance(tiny_model_path,
     assert min(cosines) > 0.98, min(cosines)
 
 
-def new_adapter_loss_and_grads(tiny_model_path, inputs) -> tuple[float, dict]:
+def new_adapter_loss_and_grads(tiny_model_path, inputs, patch=None) -> tuple[float, dict]:
     """Loss and LoRA gradients of a new adapter with a nonzero B (as after training: every LoRA gradient nonzero),
-    in fp32, dropout drawn from seed 0."""
+    in fp32, dropout drawn from seed 0; `patch(model)` applied first."""
     cfg = StageConfig(output_dir="o", train_file="t", quantization=QuantizationSettings(compute_dtype="float32"))
     model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
+    if patch is not None:
+        patch(model)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -169,6 +171,24 @@ def test_dropping_the_padding_mask_gives_the_same_loss_and_gradients(tiny_model_
                                                                    if k != "attention_mask"})
     print(f"left-padded: {with_mask} with the mask, {without_mask} without")
     assert abs(without_mask - with_mask) > 5e-3 * abs(with_mask)
+
+
+def test_deepstack_by_index_gives_the_boolean_mask_s_loss_and_gradients(tiny_model_path, processor):
+    """deepstack_by_index: the tiny model adds deepstack features in its first layers; added by index they give the
+    same loss and LoRA gradients (rows of different lengths, an image in each)."""
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tiny_model_path).vision_config.deepstack_visual_indexes  # it has deepstack
+    inputs = batch(processor)
+    loss, grads = new_adapter_loss_and_grads(tiny_model_path, inputs)
+    bound = []
+    patched_loss, patched_grads = new_adapter_loss_and_grads(
+        tiny_model_path, inputs, lambda model: bound.append(speed.add_deepstack_by_index(model)))
+    assert bound == [1]
+    assert patched_loss == pytest.approx(loss, rel=1e-6)
+    assert patched_grads.keys() == grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        assert torch.allclose(patched_grads[name], grad, rtol=1e-5, atol=1e-7), name
 
 
 def vision_output(model, inputs, autocast: bool):

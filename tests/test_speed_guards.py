@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import REPO, run_script, stage_args
 from faults import (
+    deepstack_changed,
     image_features_without_the_cast,
     liger_qwen3_vl_missing,
     peft_without_4bit_lora,
@@ -55,6 +56,8 @@ STAND_INS = {  # what each stand-in makes the guard say
     "positions_in_dataloader": (rope_index_reads_the_model, r"Qwen3VLModel.get_rope_index reads self.rope_deltas"),
     "vision_without_autocast": (image_features_without_the_cast, r"transformers \S+: Qwen3VLModel.get_image_features "
                                                                  r"no longer casts the pixels"),
+    "deepstack_by_index": (deepstack_changed, r"transformers \S+: Qwen3VLTextModel._deepstack_process is not the "
+                                              r"one the replacement was written for"),
     "drop_padding_mask": (text_attention_not_declared_causal, r"transformers \S+: Qwen3-VL's text attention is no "
                                                               r"longer causal"),
 }
