@@ -55,6 +55,9 @@ BLOCK_K = 64
 BACKWARD_PROGRAMS = 512
 # The float32 accumulators ([BLOCK_T, R_PAD] forward, [R_PAD, BLOCK_K] backward) live in registers
 MAX_RANK = 128
+# Compiled for sm_90 (Triton 3.8, ptxas -v), 4 warps need 252-255 registers a thread for the Philox words, the tiles
+# and the accumulators, and spill from r = 64 on (bf16); 8 warps share them out: 140-254, no spills up to r = 128
+NUM_WARPS = 8
 # t * K + k and the pointer offsets are 32-bit integers in the kernels
 MAX_ELEMENTS = 2**31
 DTYPES = ("torch.bfloat16", "torch.float16", "torch.float32")
@@ -206,7 +209,7 @@ def dropout_keep_mask(seed, T: int, K: int, p: float, device):
         raise ValueError(f"K = {K}: the mask is defined for K a multiple of 4")
     keep = torch.empty(T, K, dtype=torch.int8, device=device)
     grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(K, BLOCK_K))
-    keep_mask_kernel[grid](seed, keep, T, K, p, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K)
+    keep_mask_kernel[grid](seed, keep, T, K, p, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return keep.bool()
 
 
@@ -225,7 +228,7 @@ def lora_down_function():
             h = torch.empty(T, r, dtype=x.dtype, device=x.device)
             forward_kernel[(triton.cdiv(T, BLOCK_T),)](
                 x, a, h, seed, T, K, r, p, 1.0 / (1.0 - p), BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, R_PAD=rank_padded(r),
-                **dot_settings(x.dtype))
+                **dot_settings(x.dtype), num_warps=NUM_WARPS)
             ctx.save_for_backward(x, a, seed)
             ctx.p, ctx.weight_dtype = p, weight.dtype
             return h
@@ -248,7 +251,8 @@ def lora_down_function():
             backward_kernel[(k_blocks, splits)](
                 x, a, dh, seed, x if dx is None else dx, x if da_partials is None else da_partials, T, K, r,
                 rows_per_program, ctx.p, 1.0 / (1.0 - ctx.p), COMPUTE_DX=compute_dx, COMPUTE_DA=compute_da,
-                BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, R_PAD=rank_padded(r), **dot_settings(x.dtype))
+                BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, R_PAD=rank_padded(r), **dot_settings(x.dtype),
+                num_warps=NUM_WARPS)
             da = da_partials.sum(0).to(ctx.weight_dtype) if compute_da else None
             return dx, da, None, None
 
