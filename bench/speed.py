@@ -38,9 +38,10 @@ from curriculum.data_files import load_records  # noqa: E402
 # every lever of the project's path off: the textbook recipe, through the trainer's own code
 TEXTBOOK = dict(fp32_upcast=True, answer_only_logits=False, liger_kernels=False, fused_lora_forward=False,
                 batched_vision_attention=False, vision_without_autocast=False, drop_padding_mask=False,
-                deepstack_by_index=False)
-# the two levers of 2026-12-03 off, to time them against the same batch in one call
-BEFORE_12_03 = dict(vision_without_autocast=False, drop_padding_mask=False, deepstack_by_index=False)
+                deepstack_by_index=False, fused_lora_dropout=False)
+# the levers of 2026-12-02 (later session) off, to time them against the same batch in one call
+BEFORE_LEVERS = dict(vision_without_autocast=False, drop_padding_mask=False, deepstack_by_index=False,
+                    fused_lora_dropout=False)
 VARIANTS = {
     "W448-textbook-bs4": (448, dict(batch_size=4, **TEXTBOOK)),
     "W448-defaults-bs16": (448, dict(batch_size=16)),
@@ -77,10 +78,12 @@ VARIANTS = {
     "W448-offload": (448, dict(offload_activations=True)),
     "W448-offload-bs96": (448, dict(batch_size=96, offload_activations=True)),
     "W448-offload-bs64": (448, dict(batch_size=64, offload_activations=True)),
-    "W448-offload-bs64-before1203": (448, dict(batch_size=64, offload_activations=True, **BEFORE_12_03)),
+    "W448-offload-bs64-before": (448, dict(batch_size=64, offload_activations=True, **BEFORE_LEVERS)),
+    "W448-offload-bs64-torchdropout": (448, dict(batch_size=64, offload_activations=True, fused_lora_dropout=False)),
+    "W896-offload-bs16-torchdropout": (896, dict(batch_size=16, offload_activations=True, fused_lora_dropout=False)),
     "W448-offload-bs64-withmask": (448, dict(batch_size=64, offload_activations=True, drop_padding_mask=False)),
     "W896-offload-bs16": (896, dict(batch_size=16, offload_activations=True)),
-    "W896-offload-bs16-before1203": (896, dict(batch_size=16, offload_activations=True, **BEFORE_12_03)),
+    "W896-offload-bs16-before": (896, dict(batch_size=16, offload_activations=True, **BEFORE_LEVERS)),
     "W896-offload-bs16-withmask": (896, dict(batch_size=16, offload_activations=True, drop_padding_mask=False)),
     "W448-offload-budget11": (448, dict(memory_budget_gib=11, offload_activations=True)),
     "W896-offload": (896, dict(offload_activations=True)),
@@ -166,6 +169,18 @@ def apply_liger(model, processor, train_file: Path, px: int, cfg: StageConfig) -
             "abs_diff": round(abs(after - before), 5)}
 
 
+_kernel_check = []
+
+
+def kernel_checked(model) -> str | None:
+    """speed.check_lora_dropout_kernel on the model's device, once a run: None when the kernel agrees with torch."""
+    if not _kernel_check:
+        device = next(p.device for p in model.parameters() if p.requires_grad)
+        _kernel_check.append(speed.check_lora_dropout_kernel(device) if device.type == "cuda" else "no GPU")
+        print(json.dumps({"fused_lora_dropout_check": _kernel_check[0] or "passed"}))
+    return _kernel_check[0]
+
+
 def set_variant_forwards(model, cfg: StageConfig, swiglu: bool) -> None:
     """The variant's LoRA forward (fused or peft's), vision attention (batched or one call per image), vision tower
     with or without autocast and, where Liger is on, its SwiGLU (or the MLP's own)."""
@@ -176,8 +191,11 @@ def set_variant_forwards(model, cfg: StageConfig, swiglu: bool) -> None:
     for module in model.modules():
         if isinstance(module, (Linear4bit, Qwen3VLVisionAttention)) or module is visual:
             module.__dict__.pop("forward", None)  # back to the class's (peft's, transformers') forward
+            module.__dict__.pop("lora_down_kernel", None)
     if cfg.fused_lora_forward is not False:
         speed.fuse_lora_updates(model)
+        if cfg.fused_lora_dropout is not False and kernel_checked(model) is None:
+            speed.bind_lora_dropout_kernel(model)
     if cfg.batched_vision_attention is not False:
         speed.batch_vision_attention(model)
     if cfg.vision_without_autocast is not False and cfg.fp32_upcast is False:
@@ -450,6 +468,8 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
         "fused_lora_forward": cfg.fused_lora_forward, "batched_vision_attention": cfg.batched_vision_attention,
         "vision_without_autocast": cfg.vision_without_autocast is not False and not cfg.fp32_upcast,
         "drop_padding_mask": cfg.drop_padding_mask, "deepstack_by_index": cfg.deepstack_by_index is not False,
+        "fused_lora_dropout": cfg.fused_lora_dropout is not False and cfg.fused_lora_forward is not False
+                              and _kernel_check == [None],
         "step_s": round(mean_dt, 4), "median_step_s": round(statistics.median(dts), 4),
         "max_step_s": round(max(dts), 4),
         "samples_per_s": round(per_step / mean_dt, 2),

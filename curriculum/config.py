@@ -282,7 +282,7 @@ class StageConfig:
     answer_only_logits: Literal["auto", True, False] = "auto"
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. false: the model's own loss.
-    auto/true for this and the seven speed patches below: auto steps aside, with a log line naming the versions
+    auto/true for this and the eight speed patches below: auto steps aside, with a log line naming the versions
     and the cost, when the installed libraries are not the ones it was written for; true makes that an error."""
     liger_kernels: Literal["auto", True, False] = "auto"
     """Liger's fused RoPE, RMSNorm and SwiGLU kernels (Triton) in place of Qwen3-VL's (SwiGLU around the 4-bit MLP
@@ -293,6 +293,11 @@ class StageConfig:
     """LoRA layers on the 4-bit base add their update inside the B matmul (one GEMM, the scaling folded into B)
     and skip peft's defensive copy of the base layer's output; the same result to rounding (tests). false:
     peft's own forward."""
+    fused_lora_dropout: Literal["auto", True, False] = "auto"
+    """Inside the fused LoRA forward, the LoRA dropout and the down-projection (x A^T) run as one Triton kernel, forward
+    and backward, with the dropout mask drawn from a seed (from torch's generator, so a recomputed layer draws the
+    same) instead of written to memory and read back. Checked against torch's with the same mask on the GPU before
+    the first step; off by itself without a GPU or when that check fails. false: torch's dropout and GEMM."""
     positions_in_dataloader: Literal["auto", True, False] = "auto"
     """Qwen3-VL's M-RoPE position ids are computed in the dataloader workers, by transformers' own function on the
     CPU, and passed to the forward, which otherwise computes them sample by sample on the GPU with about 9 host

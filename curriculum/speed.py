@@ -191,6 +191,16 @@ def fused_lora_problem() -> str | None:
     return None
 
 
+def lora_dropout_kernel_problem() -> str | None:
+    """curriculum/lora_dropout.py's kernels are Triton, for CUDA; they are checked on the GPU itself when bound
+    (check_lora_dropout_kernel)."""
+    if not gpu_available():
+        return "no GPU (the kernel is Triton, GPU only)"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (it comes with torch's CUDA wheels)"
+    return None
+
+
 def answer_only_logits_problem() -> str | None:
     from transformers import Trainer, TrainingArguments
     from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration
@@ -297,6 +307,9 @@ SPEED_PATCHES = (
                vision_attention_problem),
     SpeedPatch("fused_lora_forward", "fused LoRA forward",
                "peft's own LoRA forward, one more pass over each layer's output", fused_lora_problem),
+    SpeedPatch("fused_lora_dropout", "LoRA dropout and down-projection in one kernel",
+               "torch's dropout kernel and a separate GEMM per LoRA layer: the dropped input and its mask written and "
+               "read again, forward and backward", lora_dropout_kernel_problem),
     SpeedPatch("answer_only_logits", "answer-only logits",
                "the model's own loss over every position's 151,936 logits (more memory, a smaller batch)",
                answer_only_logits_problem),
@@ -339,12 +352,14 @@ def plan_speed_patches(cfg: StageConfig, fsdp: bool = False) -> tuple[dict[str, 
         if setting is False:
             decisions[patch.key] = PatchDecision(False, f"off ({patch.key}: false)")
             continue
-        if patch.key == "vision_without_autocast" and cfg.fp32_upcast:  # without autocast it would compute in fp32
+        why = patch.problem() or (FUSED_LORA_UNDER_FSDP if fsdp and patch.key == "fused_lora_forward" else None)
+        fused_forward = decisions.get("fused_lora_forward")
+        if why is None and patch.key == "fused_lora_dropout" and not (fused_forward and fused_forward.on):
+            decisions[patch.key] = PatchDecision(False, "off: it runs inside the fused LoRA forward, which is off")
+        elif why is None and patch.key == "vision_without_autocast" and cfg.fp32_upcast:  # it would compute in fp32
             decisions[patch.key] = PatchDecision(False, "off: fp32_upcast: true keeps the vision tower's norms in "
                                                         "float32, for autocast to compute in")
-            continue
-        why = patch.problem() or (FUSED_LORA_UNDER_FSDP if fsdp and patch.key == "fused_lora_forward" else None)
-        if why is None:
+        elif why is None:
             decisions[patch.key] = PatchDecision(True, "on")
         elif setting is True:
             problems.append(f"{patch.key}: true, but {patch.name} cannot run here: {why}. Set {patch.key}: auto to "
@@ -640,13 +655,72 @@ def fused_lora_4bit_forward(self, x, *args, **kwargs):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-    autocast = torch.is_autocast_enabled()  # without it, as peft: the LoRA product in the adapter's dtype
-    h = lora_A(self.lora_dropout[name](x if autocast else x.to(lora_A.weight.dtype)))
+    autocast = torch.is_autocast_enabled(x.device.type)  # without it, as peft: the LoRA product in the adapter's dtype
+    dropout = self.lora_dropout[name]
+    h = None
+    if self.__dict__.get("lora_down_kernel") is not None and autocast and dropout.training and lora_A.bias is None \
+            and isinstance(dropout, torch.nn.Dropout):  # fused_lora_dropout: None where its kernels do not apply
+        h = self.lora_down_kernel(x, lora_A.weight, dropout.p)
+    if h is None:
+        h = lora_A(dropout(x if autocast else x.to(lora_A.weight.dtype)))
     scaled_B = lora_B.weight * self.scaling[name]  # (out, r): tiny
     if not autocast:  # ... and the sum in the base layer's
         h, scaled_B = h.to(result.dtype), scaled_B.to(result.dtype)
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), scaled_B.t())
     return out.view(result.shape)
+
+
+def check_lora_dropout_kernel(device) -> str | None:
+    """Run curriculum/lora_dropout.py's kernels once on this device against torch with the same mask (forward, and
+    the gradients of x and A), at a shape with ragged row and column blocks; None when they agree, else what
+    differs. A Triton kernel compiles for the GPU it meets: this is where a GPU, driver or Triton it was not tried
+    on shows, before any training step."""
+    import torch
+
+    from curriculum import lora_dropout
+
+    T, K, r, p = 301, 320, 4, 0.25
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, K, device=device, generator=g).to(torch.bfloat16).requires_grad_(True)
+    a = (torch.randn(r, K, device=device, generator=g) * 0.05).requires_grad_(True)
+    dh = torch.randn(T, r, device=device, generator=g).to(torch.bfloat16)
+    state = torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    try:
+        h = lora_dropout.lora_down_with_dropout(x, a, p)
+        if h is None:
+            return f"the kernel refused the check's input ({lora_dropout.kernel_problem(x, a, p)})"
+        h.backward(dh)
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state, device)
+        else:
+            torch.set_rng_state(state)
+        keep = lora_dropout.dropout_keep_mask(lora_dropout.draw_seed(device), T, K, p, device)
+    except Exception as err:  # a kernel that does not compile or launch here: the reason is the finding
+        return f"the kernel did not run ({first_line(err)})"
+    kept = keep.float().mean().item()
+    if abs(kept - (1 - p)) > 0.02:
+        return f"its mask keeps {kept:.3f} of the elements, not {1 - p}"
+    xr, ar = x.detach().clone().requires_grad_(True), a.detach().clone().requires_grad_(True)
+    dropped = (xr.float() * keep / (1 - p)).to(torch.bfloat16)
+    reference = (dropped.float() @ ar.to(torch.bfloat16).float().t())
+    reference.backward(dh.float())
+    for what, got, want in (("h", h, reference), ("dx", x.grad, xr.grad), ("dA", a.grad, ar.grad)):
+        error = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+        if not error < 2e-2:  # bf16 outputs carry 8 bits; a wrong mask or product is off by far more
+            return f"its {what} differs from torch's with the same mask (by {error:.1%} of its largest value)"
+    return None
+
+
+def bind_lora_dropout_kernel(model) -> int:
+    """Give every LoRA layer that runs fused_lora_4bit_forward the fused dropout + down-projection; returns how
+    many."""
+    from curriculum.lora_dropout import lora_down_with_dropout
+
+    layers = [m for m in model.modules() if "forward" in m.__dict__ and getattr(m.forward, "__func__", None) is
+              fused_lora_4bit_forward]
+    for layer in layers:
+        layer.lora_down_kernel = lora_down_with_dropout
+    return len(layers)
 
 
 def fuse_lora_updates(model) -> int:
@@ -780,6 +854,16 @@ def apply_speed_patches(model, cfg: StageConfig, decisions: dict[str, PatchDecis
             decisions["batched_vision_attention"] = PatchDecision(True, f"on ({bound} vision attention modules)")
     if decisions["fused_lora_forward"].on:
         decisions["fused_lora_forward"] = PatchDecision(True, f"on ({fuse_lora_updates(model)} 4-bit LoRA layers)")
+    if decisions["fused_lora_dropout"].on:
+        device = next(p.device for p in model.parameters() if p.requires_grad)
+        why = check_lora_dropout_kernel(device)
+        if why is not None and cfg.fused_lora_dropout is True:
+            raise ConfigError(f"fused_lora_dropout: true, but its check on {device} failed: {why}. Set "
+                              "fused_lora_dropout: auto to go on without it")
+        decisions["fused_lora_dropout"] = (
+            PatchDecision(False, f"off: its check on {device} failed: {why}") if why is not None else
+            PatchDecision(True, f"on ({bind_lora_dropout_kernel(model)} LoRA layers; checked against torch on "
+                                f"{device})"))
     if decisions["deepstack_by_index"].on:
         bound = add_deepstack_by_index(model)
         decisions["deepstack_by_index"] = PatchDecision(bool(bound), f"on ({bound} text model)" if bound else

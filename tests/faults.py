@@ -166,6 +166,15 @@ def deepstack_changed(mp):
     mp.setattr(modeling_qwen3_vl.Qwen3VLTextModel, "_deepstack_process", _deepstack_process)
 
 
+def triton_missing(mp):
+    """A GPU machine without triton (torch's CPU wheel with a CUDA card, say)."""
+    import importlib.util
+
+    mp.setattr(speed, "gpu_available", lambda: True)  # the check goes past "no GPU" to triton
+    own = importlib.util.find_spec
+    mp.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "triton" else own(name, *a, **k))
+
+
 if __name__ == "__main__":
     fault, argv = sys.argv[1], sys.argv[2:]
     if fault == "oom":
@@ -198,7 +207,7 @@ if __name__ == "__main__":
         mp = pytest.MonkeyPatch()  # never undone: the whole run sees the stand-ins
         for stand_in in (liger_qwen3_vl_missing, vision_attention_changed, peft_without_4bit_lora,
                          trainer_compute_loss_changed, rope_index_reads_the_model, image_features_without_the_cast,
-                         text_attention_not_declared_causal, deepstack_changed):
+                         text_attention_not_declared_causal, deepstack_changed, triton_missing):
             stand_in(mp)
     elif fault == "last-process-reads":
         other, argv = argv[0], argv[1:]

@@ -6,6 +6,7 @@ Speed itself is measured on the GPU by bench/speed.py, never here.
 """
 
 import math
+import os
 import types
 
 import pytest
@@ -255,6 +256,79 @@ def test_fused_lora_forward_in_bf16_is_peft_s_to_bf16_rounding(tiny_model_path, 
     cosines = [torch.nn.functional.cosine_similarity(fused[1][n].flatten(), g.flatten(), dim=0).item()
                for n, g in peft_own[1].items()]
     assert min(cosines) > 0.99, min(cosines)
+
+
+def test_the_fused_lora_forward_takes_the_dropout_kernel_s_product_where_it_applies(tiny_model_path, processor):
+    """fused_lora_dropout's wiring: under autocast, in training, each fused LoRA layer asks its `lora_down_kernel`
+    for lora_A(dropout(x)) and uses what it returns (here zeros: the LoRA update vanishes and the loss is the base
+    model's); where the kernel returns None (it does not apply) the layer computes it with torch."""
+    cfg = StageConfig(output_dir="o", train_file="t")
+    model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    fused = speed.fuse_lora_updates(model)
+    inputs = batch(processor)
+    calls = []
+
+    def loss_with(kernel) -> float:
+        for module in model.modules():
+            if "forward" in module.__dict__:
+                module.lora_down_kernel = kernel
+        model.train()
+        torch.manual_seed(0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return answer_only_loss(model, inputs)[0].item()
+
+    torch_own = loss_with(None)
+    assert speed.bind_lora_dropout_kernel(model) == fused > 0
+    declined = loss_with(lambda x, weight, p: calls.append((x.shape[-1], weight.shape, p)))
+    zeros = loss_with(lambda x, weight, p: torch.zeros(*x.shape[:-1], weight.shape[0], dtype=x.dtype))
+    with model.disable_adapter():
+        base = loss_with(None)
+    assert len(calls) == fused and {c[2] for c in calls} == {cfg.lora.dropout}
+    assert declined == torch_own != base
+    assert zeros == pytest.approx(base, rel=1e-3)
+
+
+def test_the_dropout_kernel_is_off_with_the_fused_lora_forward(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "gpu_available", lambda: True)  # past "no GPU"
+    stage = REPO / "configs/demo/stage1.yaml"
+    decisions, _ = speed.plan_speed_patches(load_config(stage, [f"output_dir={tmp_path}"]))
+    assert decisions["fused_lora_dropout"].on
+    decisions, _ = speed.plan_speed_patches(load_config(stage, [f"output_dir={tmp_path}", "fused_lora_forward=false"]))
+    assert decisions["fused_lora_dropout"].note == "off: it runs inside the fused LoRA forward, which is off"
+
+
+def test_the_dropout_kernel_s_check_passes_it_and_catches_a_wrong_product_or_mask():
+    """check_lora_dropout_kernel, run before the first step on the GPU, in Triton's interpreter here (it is chosen
+    when triton is imported, hence a fresh Python): the kernel passes; a product 10% off, or a mask other than the
+    one the kernel drew, is reported."""
+    import subprocess
+    import sys
+
+    body = f"""
+import sys; sys.path.insert(0, {str(REPO)!r})
+import torch
+from curriculum import lora_dropout, speed
+cpu = torch.device("cpu")
+print("kernel:", speed.check_lora_dropout_kernel(cpu))
+own = lora_dropout.lora_down_with_dropout
+lora_dropout.lora_down_with_dropout = lambda x, w, p: own(x, w, p) * 1.1
+print("scaled:", speed.check_lora_dropout_kernel(cpu))
+lora_dropout.lora_down_with_dropout = own
+own_mask = lora_dropout.dropout_keep_mask
+lora_dropout.dropout_keep_mask = lambda seed, T, K, p, device: own_mask(seed + 1, T, K, p, device)
+print("other mask:", speed.check_lora_dropout_kernel(cpu))
+"""
+    done = subprocess.run([sys.executable, "-c", body], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = dict(line.split(": ", 1) for line in done.stdout.splitlines() if ": " in line)
+    assert found["kernel"] == "None"
+    assert found["scaled"].startswith("its h differs from torch's with the same mask"), found
+    assert found["other mask"].startswith("its h differs from torch's with the same mask"), found
 
 
 def test_fused_lora_forward_is_bound_to_every_4bit_lora_layer_and_leaves_the_rest_to_peft(tiny_model_path,

@@ -22,6 +22,7 @@ from faults import (
     rope_index_reads_the_model,
     text_attention_not_declared_causal,
     trainer_compute_loss_changed,
+    triton_missing,
     vision_attention_changed,
 )
 
@@ -58,6 +59,7 @@ STAND_INS = {  # what each stand-in makes the guard say
                                                                  r"no longer casts the pixels"),
     "deepstack_by_index": (deepstack_changed, r"transformers \S+: Qwen3VLTextModel._deepstack_process is not the "
                                               r"one the replacement was written for"),
+    "fused_lora_dropout": (triton_missing, r"triton is not installed"),
     "drop_padding_mask": (text_attention_not_declared_causal, r"transformers \S+: Qwen3-VL's text attention is no "
                                                               r"longer causal"),
 }
