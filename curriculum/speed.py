@@ -660,7 +660,8 @@ def fused_lora_4bit_forward(self, x, *args, **kwargs):
     h = None
     if self.__dict__.get("lora_down_kernel") is not None and autocast and dropout.training and lora_A.bias is None \
             and isinstance(dropout, torch.nn.Dropout):  # fused_lora_dropout: None where its kernels do not apply
-        h = self.lora_down_kernel(x, lora_A.weight, dropout.p)
+        # in autocast's dtype, as autocast's linear would take it (float32 x would run the kernel's slow float32 path)
+        h = self.lora_down_kernel(x.to(torch.get_autocast_dtype(x.device.type)), lora_A.weight, dropout.p)
     if h is None:
         h = lora_A(dropout(x if autocast else x.to(lora_A.weight.dtype)))
     scaled_B = lora_B.weight * self.scaling[name]  # (out, r): tiny
