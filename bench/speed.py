@@ -431,6 +431,7 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_accumulated_memory_stats()  # alloc_retries: this variant's training only
     # with the guard's check after every step (non-finite weights, a stop signal), as train_stage runs it
     trainer = tq.build_trainer(model, processor, dataset, None, cfg, tq.StepSize(cfg.batch_size, cfg.grad_accum),
                                patches, Path("/tmp/speed_out/work"), faults.StageGuard(model))
@@ -475,6 +476,9 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
         "samples_per_s": round(per_step / mean_dt, 2),
         "tokens_per_s": round(per_step * sample_len / mean_dt),
         "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else 0,
+        # the caching allocator freeing its cache and trying again (a cudaFree waits for the device): near the budget
+        # a suspect for the gaps before kDequantizeBlockwise in call 9's profile (counted over the training)
+        "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries") if torch.cuda.is_available() else None,
         "first_step_s": round(first_step_s, 2), "load_s": round(load_s, 1),
         "dataloader_workers": cfg.dataloader_num_workers,
         "final_loss": trainer.state.log_history[-1].get("train_loss"),
