@@ -321,8 +321,8 @@ SPEED_PATCHES = (
                "autocast's float32 LayerNorms keep the vision tower's activations in float32, cast to bf16 and back at "
                "every layer: about 5% fewer samples/s at 448x448 and 3.5% at 896x896 (H200)", vision_autocast_problem),
     SpeedPatch("deepstack_by_index", "deepstack features added by index",
-               "3 host synchronisations in the forward and 3 to 6 in the backward (boolean-mask indexing in the first "
-               "3 decoder layers), each leaving the GPU to wait on the host", deepstack_problem),
+               "3 host synchronisations in the forward and up to 9 in the backward (boolean-mask indexing in the "
+               "first 3 decoder layers; H200 sync count), each leaving the GPU to wait on the host", deepstack_problem),
     SpeedPatch("drop_padding_mask", "right-padded batches without a padding mask",
                "a masked attention kernel over the whole square instead of the causal one, on key/value heads "
                "copied 4 times: about 3.5% fewer samples/s at 448x448 and 8% at 896x896 (H200)", padding_mask_problem),
