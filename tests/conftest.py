@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,7 +40,11 @@ def pytest_configure(config):
 MODULES_WITH_A_TRAINED_FIXTURE = {"test_export", "test_faults", "test_hub_schemas", "test_processes"}
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items):
+    """Marks the slow tier and the xdist groups. First among the hooks: xdist's own turns the xdist_group markers
+    into node ids (`...@curriculum`), and ran before this one without `tryfirst`: no test had a group, each worker
+    trained its own copy of a shared fixture, and two workers could launch two-process runs at once."""
     for item in items:
         if item.module.__name__ in SLOW_MODULES or SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
@@ -78,12 +83,21 @@ def run_script(*args: str, cwd: Path = REPO, env_extra: dict | None = None) -> s
                           check=False)
 
 
-def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600) -> None:
-    """Poll until `predicate()` holds, while the run `proc` is still going (a fault is injected next)."""
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 600, log: Path | None = None) -> None:
+    """Poll until `predicate()` holds, while the run `proc` is still going (a fault is injected next). If it ends
+    first or the time runs out, the run is killed (its process group, if it leads one) and the assertion shows the
+    end of its `log`."""
     deadline = time.time() + timeout
     while not predicate():
-        assert proc.poll() is None, "the run ended before the fault could be injected"
-        assert time.time() < deadline, "timed out waiting for the run"
+        problem = ("the run ended before the fault could be injected" if proc.poll() is not None
+                   else f"timed out after {timeout:.0f} s waiting for the run" if time.time() >= deadline else None)
+        if problem:
+            if proc.poll() is None:
+                leads_group = os.getpgid(proc.pid) == proc.pid
+                os.killpg(proc.pid, signal.SIGKILL) if leads_group else proc.kill()
+                proc.wait()
+            tail = log.read_text()[-3000:] if log and log.is_file() else "(no log)"
+            raise AssertionError(f"{problem}; the end of its log:\n{tail}")
         time.sleep(0.2)
 
 

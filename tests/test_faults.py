@@ -46,7 +46,8 @@ def uninterrupted(tmp_path_factory, tiny_model_path) -> dict:
 def test_killed_stage_resumes_to_the_same_adapter(tmp_path, uninterrupted):
     out = tmp_path / "stage"
     proc = start(args_for(out), tmp_path / "killed.log")
-    wait_for(lambda: (out.with_name("stage.partial") / "checkpoint-8" / "trainer_state.json").is_file(), proc)
+    wait_for(lambda: (out.with_name("stage.partial") / "checkpoint-8" / "trainer_state.json").is_file(), proc,
+             log=tmp_path / "killed.log")
     proc.kill()  # SIGKILL: no chance to save anything more
     proc.wait()
     assert not out.exists()
@@ -65,7 +66,7 @@ def test_killed_stage_resumes_to_the_same_adapter(tmp_path, uninterrupted):
 def stop_with(sig: signal.Signals, after_log_line: str, out: Path, log: Path) -> tuple[int, str]:
     """Start a stage, send `sig` once `after_log_line` is logged; (exit code, log)."""
     proc = start(args_for(out), log)
-    wait_for(lambda: after_log_line in log.read_text(), proc)
+    wait_for(lambda: after_log_line in log.read_text(), proc, log=log)
     proc.send_signal(sig)
     return proc.wait(timeout=300), log.read_text()
 
@@ -96,7 +97,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 def test_interrupted_run_with_other_settings_is_not_resumed_or_deleted(tmp_path):
     out = tmp_path / "stage"
     proc = start(args_for(out), tmp_path / "log")
-    wait_for(lambda: (out.with_name("stage.partial") / "checkpoint-4" / "trainer_state.json").is_file(), proc)
+    wait_for(lambda: (out.with_name("stage.partial") / "checkpoint-4" / "trainer_state.json").is_file(), proc,
+             log=tmp_path / "log")
     proc.kill()
     proc.wait()
     before = tree_hashes(out.with_name("stage.partial"))

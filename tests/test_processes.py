@@ -31,9 +31,12 @@ LAUNCH_ENV = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="fals
 
 
 def launch_command(script: str, *args: str) -> list[str]:
-    """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 SCRIPT ARGS`, as a user would."""
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 SCRIPT ARGS`, as a user would,
+    on a free port (accelerate's `0`). On its default 29500, accelerate only moves to a free port when 29500 is
+    already taken as it checks: two launches that check at the same moment (as when these tests ran on both pytest
+    workers) both take it, and their processes can meet in one rendezvous and wait there for ever."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/ddp.yaml",
-            "--num_processes", str(PROCESSES), script, *args]
+            "--num_processes", str(PROCESSES), "--main_process_port", "0", script, *args]
 
 
 def launch(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -258,7 +261,7 @@ def test_sigterm_to_every_process_saves_a_checkpoint_and_the_same_command_resume
     with open(log, "w") as out:
         proc = subprocess.Popen(launch_command("train_qlora_qwen3vl.py", *args), cwd=REPO, env=LAUNCH_ENV,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for(lambda: "step 6/40" in log.read_text(), proc, timeout=300)
+    wait_for(lambda: "step 6/40" in log.read_text(), proc, timeout=300, log=log)
     os.killpg(proc.pid, signal.SIGTERM)  # the launcher, both training processes and their dataloader workers
     proc.wait(timeout=300)
     text = log.read_text()
@@ -302,7 +305,7 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tiny_mo
     with open(log, "w") as out:
         proc = subprocess.Popen(launch_command("train_qlora_qwen3vl.py", *args), cwd=REPO, env=LAUNCH_ENV,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    wait_for(lambda: "step 6/40" in log.read_text(), proc, timeout=300)
+    wait_for(lambda: "step 6/40" in log.read_text(), proc, timeout=300, log=log)
     ranks = training_processes(proc.pid)
     assert sorted(ranks) == [0, 1], ranks
     os.kill(ranks[1], signal.SIGTERM)  # rank 1 only: rank 0 hears of it through the step's shared decision
