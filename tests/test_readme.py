@@ -123,3 +123,13 @@ def test_the_demo_prints_every_line_the_readme_quotes(tmp_path):
     printed = [line.rstrip() for line in result.stdout.replace("\r", "\n").splitlines()]
     missing = [line for line in quoted_demo_lines() if not any(prints_quoted_line(line, p) for p in printed)]
     assert not missing, "README quotes lines the demo does not print:\n" + "\n".join(missing)
+
+
+def test_the_code_map_names_every_module():
+    """docs/code.md, the contributors' map, names every module of curriculum/ and every script: a module added
+    without a line there fails here."""
+    text = (REPO / "docs" / "code.md").read_text()
+    files = [p for p in sorted((REPO / "curriculum").glob("*.py")) if p.name != "__init__.py"]
+    files += sorted(REPO.glob("*.py"))
+    missing = [str(p.relative_to(REPO)) for p in files if f"{p.name}`" not in text]
+    assert not missing, f"docs/code.md does not name: {missing}"
