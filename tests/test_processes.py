@@ -335,3 +335,12 @@ def test_one_process_that_sees_several_gpus_trains_on_one_not_with_data_parallel
     assert args.n_gpu == 2
     one_gpu_per_process(args, world=1)
     assert args.n_gpu == 1 and args.train_batch_size == 96
+
+
+def test_under_loadgroup_this_module_runs_on_one_pytest_worker(request):
+    """The README's test command (`-n 2 --dist loadgroup`) keeps this module on one worker: two workers would each
+    train `ddp_curriculum`, and launch two-process runs at once. xdist puts a test's group into its node id; when
+    conftest's markers came too late, nothing said so but the time the suite took."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("only under pytest-xdist's --dist loadgroup")
+    assert request.node.nodeid.endswith("@test_processes"), request.node.nodeid
