@@ -420,18 +420,23 @@ def language_layers(model):
     return base.model.language_model.layers
 
 
-def set_checkpointed_layers(model, n: int, offload: bool = False) -> int:
-    """Gradient checkpointing (non-reentrant) on n of the language model's decoder layers, evenly spread, and with
-    `offload` their inputs kept in CPU memory (offload_checkpointed_activations); none with n = 0. Every call sets
-    every layer anew (torch's checkpoint function back first), so a plan can try one setting after another.
-    Returns n."""
+def set_checkpointed_layers(model, n: int, offload: bool = False, streamed: int = 0) -> int:
+    """Gradient checkpointing (non-reentrant) on n of the language model's decoder layers, evenly spread over those
+    not streamed, and with `offload` their inputs kept in CPU memory (offload_checkpointed_activations); none with
+    n = 0. The first `streamed` layers keep what they save in CPU memory instead and do not recompute
+    (curriculum/activation_streaming.py). Every call sets every layer anew (torch's checkpoint function back
+    first), so a plan can try one setting after another. Returns n."""
+    from curriculum.activation_streaming import stream_layers
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = language_layers(model)
+    stream_layers(model, layers, streamed)
     if not n:
         base.gradient_checkpointing_disable()
         return 0
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layers = language_layers(model)
-    chosen = {math.floor(i * len(layers) / n) for i in range(n)}
+    rest = len(layers) - streamed
+    chosen = {streamed + math.floor(i * rest / n) for i in range(min(n, rest))}
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i in chosen  # read by transformers' GradientCheckpointingLayer per call
     if offload:

@@ -8,6 +8,7 @@ Speed itself is measured on the GPU by bench/speed.py, never here.
 import math
 import os
 import types
+from collections import Counter
 
 import pytest
 import torch
@@ -534,3 +535,77 @@ def test_offloaded_checkpointing_gives_the_same_loss_and_gradients(tiny_model_pa
     for name, grad in runs[False][1].items():
         assert grad.abs().sum() > 0, name
         assert torch.allclose(runs[True][1][name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def recorded(streaming) -> list[tuple]:
+    """(what, layer index, what it returned or took) for every pack, unpack and prefetch of `streaming` from now on,
+    until the instance's methods are deleted (back to the class's)."""
+    events = []
+    pack, unpack, prefetch = streaming.pack, streaming.unpack, streaming.prefetch_below
+
+    def recorded_pack(layer, tensor):
+        packed = pack(layer, tensor)
+        events.append(("pack", layer.index, packed))
+        return packed
+
+    def recorded_unpack(layer, packed):
+        events.append(("unpack", layer.index, packed))
+        return unpack(layer, packed)
+
+    def recorded_prefetch(index, grad):
+        events.append(("prefetch", index, None))
+        return prefetch(index, grad)
+
+    streaming.pack, streaming.unpack, streaming.prefetch_below = recorded_pack, recorded_unpack, recorded_prefetch
+    return events
+
+
+def test_streamed_layers_give_the_same_loss_and_gradients(tiny_model_path, processor, monkeypatch):
+    """Layers whose saved tensors go to CPU memory and come back (curriculum/activation_streaming.py, here a copy in
+    the same memory, with every tensor counted as worth it): the same loss and LoRA gradients as keeping them, alone
+    and beside a checkpointed layer; every tensor copied out comes back once; the layer above a streamed one starts
+    its copy back before its backward needs it; and nothing is left held after the backward."""
+    from curriculum import activation_streaming
+
+    monkeypatch.setattr(activation_streaming, "MIN_BYTES", 0)
+    inputs = batch(processor)
+    fp32 = QuantizationSettings(compute_dtype="float32")
+    cfg = StageConfig(output_dir="o", train_file="t", quantization=fp32)
+    model = tq.new_adapter(tq.load_quantized_base(tiny_model_path, cfg), cfg.lora, cfg.seed)
+    with torch.no_grad():  # a nonzero B, as after training, so that every LoRA gradient is nonzero
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+    speed.fuse_lora_updates(model)
+    model.train()
+    layers = speed.language_layers(model)
+    assert len(layers) == 2
+    runs = {}
+    for checkpointed, streamed in ((0, 0), (0, 1), (0, 2), (1, 1)):
+        speed.set_checkpointed_layers(model, checkpointed, streamed=streamed)
+        streaming = model._streamed_activations
+        events = recorded(streaming)
+        model.zero_grad()
+        torch.manual_seed(0)
+        loss, _ = answer_only_loss(model, inputs)
+        loss.backward()
+        runs[checkpointed, streamed] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                                    if p.requires_grad}
+        copied = [(i, p) for kind, i, p in events if kind == "pack" and isinstance(p, activation_streaming.Packed)]
+        back = [(i, p) for kind, i, p in events if kind == "unpack" and isinstance(p, activation_streaming.Packed)]
+        assert {i for i, _ in copied} == set(range(streamed))  # the first layers, and only they
+        assert Counter(id(p) for _, p in back) == Counter(id(p) for _, p in copied)  # each save came back once
+        assert not streamed or len({id(p) for _, p in copied}) < len(copied)  # a tensor saved twice, copied once
+        assert streaming.saved == {}  # nothing held after the backward
+        if streamed == 2:  # layer 1's output gradient announces layer 0's backward, before it unpacks anything
+            order = [(kind, i) for kind, i, _ in events]
+            assert order.index(("prefetch", 0)) < order.index(("unpack", 0))
+        del streaming.pack, streaming.unpack, streaming.prefetch_below
+    speed.set_checkpointed_layers(model, 0)
+    assert "forward" not in layers[0].__dict__  # set anew: the layer's own forward back
+    reference_loss, reference = runs[0, 0]
+    for key, (loss, grads) in runs.items():
+        assert loss == pytest.approx(reference_loss, rel=1e-6), key
+        for name, grad in reference.items():
+            assert grad.abs().sum() > 0, name
+            assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-7), (key, name)
