@@ -249,11 +249,11 @@ def load_quantized_base(model_path: str, cfg: StageConfig):
         # compute the norms already compute in fp32 inside, and the up-cast costs ~40% of the speed.
         for param in model.parameters():
             param.requires_grad_(False)
-    checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # here, once; the Trainer is not asked to
+    checkpointed, streamed = speed.apply_gradient_checkpointing(model, cfg)  # here, once; not by the Trainer
     print_main(f"Loaded 4-bit {cfg.quantization.quant_type} base {model_path} in {time.time() - t0:.1f}s "
                f"(double quant {cfg.quantization.double_quant}, compute {cfg.quantization.compute_dtype}, storage "
                f"{quant_storage_dtype(cfg.quantization)}, fp32 up-cast {cfg.fp32_upcast}, gradient checkpointing on "
-               f"{checkpointed} decoder layers)")
+               f"{checkpointed} decoder layers{f', {streamed} streamed to CPU memory' if streamed else ''})")
     return model
 
 

@@ -86,6 +86,14 @@ VARIANTS = {
     "W896-offload-bs16-before": (896, dict(batch_size=16, offload_activations=True, **BEFORE_LEVERS)),
     "W896-offload-bs16-withmask": (896, dict(batch_size=16, offload_activations=True, drop_padding_mask=False)),
     "W448-offload-budget11": (448, dict(memory_budget_gib=11, offload_activations=True)),
+    # streamed_layers: the first layers' saved tensors in CPU memory instead of recomputed, against the plans at
+    # Unsloth's memory (W448: 32 x 2, 35/36 checkpointed and offloaded; W896: 8 x 2, the same), at their batches
+    "W448-offload-bs32-stream0": (448, dict(batch_size=32, offload_activations=True)),
+    "W448-offload-bs32-stream0.25": (448, dict(batch_size=32, offload_activations=True, streamed_layers=0.25)),
+    "W448-offload-bs32-stream0.5": (448, dict(batch_size=32, offload_activations=True, streamed_layers=0.5)),
+    "W896-offload-bs8-stream0": (896, dict(batch_size=8, offload_activations=True)),
+    "W896-offload-bs8-stream0.25": (896, dict(batch_size=8, offload_activations=True, streamed_layers=0.25)),
+    "W896-offload-bs8-stream0.5": (896, dict(batch_size=8, offload_activations=True, streamed_layers=0.5)),
     "W896-offload": (896, dict(offload_activations=True)),
     "W896-offload-bs24": (896, dict(batch_size=24, offload_activations=True)),
     "W896-offload-budget8": (896, dict(memory_budget_gib=8, offload_activations=True)),
@@ -413,7 +421,7 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
                                                                            "positions_in_dataloader",
                                                                            "drop_padding_mask")}
     dataset = tq.VQADataset(load_records(cfg.train_file), processor, cfg.min_pixels, cfg.max_pixels)
-    checkpointed = speed.apply_gradient_checkpointing(model, cfg)  # also puts torch's checkpoint function back
+    checkpointed, streamed = speed.apply_gradient_checkpointing(model, cfg)  # torch's checkpoint function back too
     offloaded = speed.offload_checkpointed_activations(model) if cfg.offload_activations else 0
     plan, plan_s = None, 0.0
     if cfg.effective_batch:  # as fit does: the plan measured, the model set to it
@@ -462,7 +470,8 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
         "variant": name, "image_px": px, "batch": cfg.batch_size, "grad_accum": cfg.grad_accum,
         "memory_budget_gib": cfg.memory_budget_gib, "effective_batch": per_step, "plan": plan,
         "plan_s": round(plan_s, 1), "positions_in_dataloader": cfg.positions_in_dataloader, "seq_len": sample_len,
-        "checkpointed_layers": checkpointed, "offloaded_layers": offloaded, "fp32_upcast": cfg.fp32_upcast,
+        "checkpointed_layers": checkpointed, "offloaded_layers": offloaded, "streamed_layers": streamed,
+        "fp32_upcast": cfg.fp32_upcast,
         "answer_only_logits": cfg.answer_only_logits, "lora_dropout": cfg.lora.dropout,
         "liger_kernels": cfg.liger_kernels,
         "liger_swiglu": "forward" in model.get_base_model().model.language_model.layers[0].mlp.__dict__,

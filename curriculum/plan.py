@@ -205,7 +205,7 @@ def plan_step(model, dataset, cfg: StageConfig, collate: Callable[[list[dict]], 
     per_process = cfg.effective_batch // world
     layers = len(speed.language_layers(model))
     if not gpu_available():
-        plan = Plan(per_process, 1, speed.apply_gradient_checkpointing(model, cfg), layers, False)
+        plan = Plan(per_process, 1, speed.apply_gradient_checkpointing(model, cfg)[0], layers, False)
         print_main(f"Plan: {plan.describe()} (effective_batch {cfg.effective_batch}; no GPU to measure plans on)")
         return plan, {"measured": False, "chosen": asdict(plan)}
     measured = {} if measured is None else measured

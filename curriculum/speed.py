@@ -406,13 +406,15 @@ def keep_4bit_layers_differentiable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def apply_gradient_checkpointing(model, cfg: StageConfig) -> int:
-    """Non-reentrant checkpointing on `checkpointed_layers` of the language model's decoder layers (evenly
-    spread), none on the others; returns how many layers recompute. The vision tower is not trained (LoRA targets
-    the language model) and runs without autograd, so it has nothing to recompute."""
-    layers = language_layers(model)
-    return set_checkpointed_layers(model, round(cfg.checkpointed_layers * len(layers)) if cfg.gradient_checkpointing
-                                   else 0)
+def apply_gradient_checkpointing(model, cfg: StageConfig) -> tuple[int, int]:
+    """The first `streamed_layers` of the language model's decoder layers streamed (their saved tensors in CPU
+    memory), and non-reentrant checkpointing on `checkpointed_layers` of the others (evenly spread), none on the
+    rest; returns (checkpointed, streamed) counts. The vision tower is not trained (LoRA targets the language model)
+    and runs without autograd, so it has nothing to recompute."""
+    layers = len(language_layers(model))
+    streamed = round(cfg.streamed_layers * layers)
+    checkpointed = round(cfg.checkpointed_layers * (layers - streamed)) if cfg.gradient_checkpointing else 0
+    return set_checkpointed_layers(model, checkpointed, streamed=streamed), streamed
 
 
 def language_layers(model):

@@ -299,3 +299,15 @@ def test_checkpoint_that_needs_its_code_is_a_config_error(tmp_path, tiny_model_p
     with pytest.raises(ConfigError, match="ships its own Python code, which is not run unless trust_remote_code"):
         tq.load_quantized_base(str(d), cfg)
     assert not (d / "RAN").exists()
+
+
+def test_streamed_layers_is_a_share_and_not_planned():
+    from curriculum.config import checkpointing_problems, effective_batch_problems, fsdp_problems
+
+    assert checkpointing_problems(StageConfig(output_dir="o", train_file="t", streamed_layers=0.5)) == []
+    assert checkpointing_problems(StageConfig(output_dir="o", train_file="t", streamed_layers=1.5)) == \
+        ["streamed_layers must be in [0, 1], got 1.5"]
+    planned = StageConfig(output_dir="o", train_file="t", effective_batch=8, streamed_layers=0.5)
+    assert [p for p in effective_batch_problems(planned, 1) if p.startswith("streamed_layers: 0.5 is not among")]
+    assert [p for p in fsdp_problems(planned, fsdp=True) if p.startswith("streamed_layers: not tried under FSDP")]
+    assert effective_batch_problems(StageConfig(output_dir="o", train_file="t", effective_batch=8), 1) == []

@@ -358,10 +358,24 @@ def test_checkpointed_layers_choose_an_even_spread(tiny_model_path):
     flags = [layer.gradient_checkpointing for layer in model.model.language_model.layers]
     assert sum(flags) == round(len(flags) / 2) and flags[0]
     cfg.checkpointed_layers = 0.0
-    assert speed.apply_gradient_checkpointing(model, cfg) == 0
+    assert speed.apply_gradient_checkpointing(model, cfg) == (0, 0)
     assert not any(layer.gradient_checkpointing for layer in model.model.language_model.layers)
     cfg.gradient_checkpointing = False
-    assert speed.apply_gradient_checkpointing(model, cfg) == 0
+    assert speed.apply_gradient_checkpointing(model, cfg) == (0, 0)
+
+
+def test_streamed_layers_are_the_first_and_the_others_checkpoint_as_set(tiny_model_path):
+    cfg = StageConfig(output_dir="o", train_file="t", streamed_layers=0.5)
+    model = tq.load_quantized_base(tiny_model_path, cfg)
+    layers = model.model.language_model.layers
+    assert [getattr(layer.__dict__.get("forward"), "streamed", False) for layer in layers] == [True, False]
+    assert [layer.gradient_checkpointing for layer in layers] == [False, True]  # checkpointed_layers 1.0 of the rest
+    cfg.streamed_layers, cfg.checkpointed_layers = 1.0, 1.0
+    assert speed.apply_gradient_checkpointing(model, cfg) == (0, 2)
+    assert not any(layer.gradient_checkpointing for layer in layers)
+    cfg.streamed_layers = 0.0
+    assert speed.apply_gradient_checkpointing(model, cfg) == (2, 0)
+    assert not any("forward" in layer.__dict__ for layer in layers)
 
 
 def test_batch_size_for_budget_fits_the_line_through_two_measured_steps():
