@@ -284,8 +284,9 @@ class StageConfig:
     pinned CPU memory between the forward and the backward (copied out on a side stream while the next layers
     compute, and back one layer ahead of the backward), instead of recomputing it (checkpointed_layers then applies
     to the other layers) or keeping it on the GPU. It trades recomputation for PCIe traffic: faster where the bus
-    keeps up, else the copies waiting to leave hold GPU memory. Not yet measured on a GPU (bench/speed.py's
-    `-stream` variants); 0 keeps every layer as the other keys say. With effective_batch, leave it at 0."""
+    keeps up, else the copies waiting to leave hold GPU memory. Checked on the GPU before the first step against
+    keeping the tensors (a difference is a config error). Not yet measured on a GPU (bench/speed.py's `-stream`
+    variants); 0 keeps every layer as the other keys say. With effective_batch, leave it at 0."""
     answer_only_logits: Literal["auto", True, False] = "auto"
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. false: the model's own loss.

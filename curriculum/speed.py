@@ -413,6 +413,14 @@ def apply_gradient_checkpointing(model, cfg: StageConfig) -> tuple[int, int]:
     and runs without autograd, so it has nothing to recompute."""
     layers = len(language_layers(model))
     streamed = round(cfg.streamed_layers * layers)
+    device = next(model.parameters()).device
+    if streamed and device.type == "cuda":  # a copy on a stream that is not waited for shows only on a GPU
+        from curriculum.activation_streaming import check_streaming
+
+        why = check_streaming(device)
+        if why:
+            raise ConfigError(f"streamed_layers: {cfg.streamed_layers:g} was checked on {device} and {why}; set "
+                              "streamed_layers: 0")
     checkpointed = round(cfg.checkpointed_layers * (layers - streamed)) if cfg.gradient_checkpointing else 0
     return set_checkpointed_layers(model, checkpointed, streamed=streamed), streamed
 

@@ -623,3 +623,21 @@ def test_streamed_layers_give_the_same_loss_and_gradients(tiny_model_path, proce
         for name, grad in reference.items():
             assert grad.abs().sum() > 0, name
             assert torch.allclose(grads[name], grad, rtol=1e-4, atol=1e-7), (key, name)
+
+
+def test_the_streaming_check_passes_it_and_catches_a_wrong_copy(monkeypatch):
+    """check_streaming runs before the first step on a GPU with streamed_layers set: it passes the real thing (here
+    on the CPU) and names what differs when a copy comes back other than it left."""
+    from curriculum import activation_streaming
+
+    device = torch.device("cpu")
+    assert activation_streaming.check_streaming(device) is None
+    unpack = activation_streaming.StreamedActivations.unpack
+
+    def stale(self, layer, packed):  # as if the copy back were read before it had landed
+        out = unpack(self, layer, packed)
+        return torch.zeros_like(out) if isinstance(packed, activation_streaming.Packed) else out
+
+    monkeypatch.setattr(activation_streaming.StreamedActivations, "unpack", stale)
+    why = activation_streaming.check_streaming(device)
+    assert why is not None and "differs with the layers streamed" in why
