@@ -56,7 +56,7 @@ from curriculum.evaluation import evaluate_dev_split, evaluate_records, write_pr
 from curriculum.faults import STAGE_START
 from curriculum.hashing import sha256_file
 from curriculum.lineage import Lineage, RecordedStage, prev_checkpoint_problems, resolve_lineage
-from curriculum.plan import Plan, plan_step
+from curriculum.plan import Plan, apply_plan, plan_step
 from curriculum.plots import write_stage_plots
 from curriculum.processes import (
     check_processes_agree,
@@ -408,7 +408,12 @@ def choose_step_size(model, processor, train_ds, cfg: StageConfig, patches: dict
         if resumed:  # a resumed run keeps the plan it was started with
             plan = {"chosen": resumed.plan["chosen"], "kept_from_the_interrupted_run": True}
             kept = Plan(**plan["chosen"])
-            speed.set_checkpointed_layers(model, kept.checkpointed, kept.offload)
+            why = speed.streaming_problem(model) if kept.streamed else None
+            if why:
+                raise ConfigError(f"the interrupted run's plan streams {kept.streamed} decoder layers, and streaming "
+                                  f"was checked and {why}; to train without streaming, move <output_dir>.partial "
+                                  "aside and run the stage again with streamed_layers: 0")
+            apply_plan(model, kept)
             print_main(f"Plan: {kept.describe()} (the interrupted run's)")
         else:
             plan = plan_effective_batch(model, train_ds, processor, cfg, patches)[1]

@@ -92,8 +92,9 @@ def plan_line(r: dict) -> str:
     c = plan["chosen"]
 
     def describe(t: dict) -> str:
+        streamed = f" {t['streamed']} streamed" if t.get("streamed") else ""
         return (f"{t['micro_batch']}x{t['grad_accum']} {t['checkpointed']}/{t['layers']}"
-                f"{' offloaded' if t['offload'] and t['checkpointed'] else ''}")
+                f"{' offloaded' if t['offload'] and t['checkpointed'] else ''}{streamed}")
 
     timed = "; ".join(f"{describe(t)}: {t['samples_per_s']} at {t['peak_gib']} GiB" for t in plan.get("timed", []))
     over = "; ".join(f"{describe(t)} ({t['peak_gib']} GiB)" for t in plan.get("over_budget", []))

@@ -86,14 +86,12 @@ VARIANTS = {
     "W896-offload-bs16-before": (896, dict(batch_size=16, offload_activations=True, **BEFORE_LEVERS)),
     "W896-offload-bs16-withmask": (896, dict(batch_size=16, offload_activations=True, drop_padding_mask=False)),
     "W448-offload-budget11": (448, dict(memory_budget_gib=11, offload_activations=True)),
-    # streamed_layers: the first layers' saved tensors in CPU memory instead of recomputed, against the plans at
-    # Unsloth's memory (W448: 32 x 2, 35/36 checkpointed and offloaded; W896: 8 x 2, the same), at their batches
-    "W448-offload-bs32-stream0": (448, dict(batch_size=32, offload_activations=True)),
-    "W448-offload-bs32-stream0.25": (448, dict(batch_size=32, offload_activations=True, streamed_layers=0.25)),
-    "W448-offload-bs32-stream0.5": (448, dict(batch_size=32, offload_activations=True, streamed_layers=0.5)),
-    "W896-offload-bs8-stream0": (896, dict(batch_size=8, offload_activations=True)),
-    "W896-offload-bs8-stream0.25": (896, dict(batch_size=8, offload_activations=True, streamed_layers=0.25)),
-    "W896-offload-bs8-stream0.5": (896, dict(batch_size=8, offload_activations=True, streamed_layers=0.5)),
+    # streamed_layers: the first layers' saved tensors in CPU memory instead of recomputed, at the micro-batches the
+    # plans chose at Unsloth's memory (W448: 32 x 2, W896: 8 x 2, both 35/36 checkpointed, none offloaded)
+    "W448-bs32-stream0": (448, dict(batch_size=32)),
+    "W448-bs32-stream0.33": (448, dict(batch_size=32, streamed_layers=1 / 3)),
+    "W896-bs8-stream0": (896, dict(batch_size=8)),
+    "W896-bs8-stream0.33": (896, dict(batch_size=8, streamed_layers=1 / 3)),
     "W896-offload": (896, dict(offload_activations=True)),
     "W896-offload-bs24": (896, dict(batch_size=24, offload_activations=True)),
     "W896-offload-budget8": (896, dict(memory_budget_gib=8, offload_activations=True)),
@@ -112,6 +110,9 @@ VARIANTS = {
     "W896-plan16-budget11.2": (896, dict(effective_batch=16, memory_budget_gib=11.2)),
     "W896-plan16-budget20": (896, dict(effective_batch=16, memory_budget_gib=20.0)),
     "W896-plan16-auto": (896, dict(effective_batch=16, memory_budget_gib="auto")),
+    # the same plans, also timed with a third and two thirds of their checkpointed layers streamed
+    "W448-plan64-budget12-stream": (448, dict(effective_batch=64, memory_budget_gib=12.0, streamed_layers="auto")),
+    "W896-plan16-budget11.2-stream": (896, dict(effective_batch=16, memory_budget_gib=11.2, streamed_layers="auto")),
     "smoke-W64": (64, dict(batch_size=2)),  # CPU smoke test of this script with --ckpt models/tiny-qwen3vl
     "smoke-W64-plan": (64, dict(effective_batch=4, batch_size="auto")),
     "smoke-W64-offload": (64, dict(batch_size=2, offload_activations=True)),
@@ -430,6 +431,7 @@ def run_variant(model, processor, name: str, px: int, cfg: StageConfig, warmup: 
         plan_s = time.perf_counter() - t
         cfg = dataclasses.replace(cfg, batch_size=chosen.micro_batch, grad_accum=chosen.grad_accum)
         checkpointed, offloaded = chosen.checkpointed, chosen.checkpointed if chosen.offload else 0
+        streamed = chosen.streamed
     elif cfg.batch_size == "auto":  # as train_stage does: measure steps, take the largest batch that fits
         cfg = dataclasses.replace(cfg, batch_size=tq.auto_batch_size(model, dataset, processor, cfg, patches))
     for module in model.modules():  # lora.dropout per variant, on the one adapter

@@ -3,11 +3,13 @@ backward, instead of being recomputed (gradient checkpointing) or kept on the GP
 
 A checkpointed layer keeps one tensor (its input) and pays for it with a second forward in the backward, about a
 third of the layer's work with a frozen 4-bit base (whose backward computes only the gradient of the input). A
-streamed layer pays with PCIe traffic instead: everything autograd saves in it (about 130 KB a token a layer on
+streamed layer pays with PCIe traffic instead: everything autograd saves in it (about 110 KB a token a layer on
 the 8B shape) is copied out on a side stream while the next layers compute, and copied back in the backward one
-layer ahead of its use. The copy engines are otherwise idle, so where the bus keeps up, a streamed layer costs no
-compute; where it does not, the copies waiting to leave hold GPU memory. Which is the case on a given GPU,
-micro-batch and image size is measured, not assumed: the plan (curriculum/plan.py) times plans with some of the
+layer ahead of its use. Where the bus keeps up, a streamed layer costs no compute; where it does not, the backward
+waits for it. On an H200 over PCIe it does not (2026-12-03, bench/RESULTS.md: about 110 KB a token a layer, 13 ms
+on the bus against 5 ms of recomputation at 896x896 and batch 8; 1.5-8% slower with a third of the layers
+streamed), so it is off by default. Whether it pays on a given GPU, micro-batch and image size is measured, not
+assumed: with `streamed_layers: auto` the plan (curriculum/plan.py) times its chosen plan with some of the
 checkpointed layers streamed, and keeps one only when it is faster within the memory budget.
 
 The streamed layers are the first ones: their copies leave first, and are needed last. Torch's documented

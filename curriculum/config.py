@@ -225,7 +225,7 @@ class StageConfig:
     recompute (checkpointed_layers) and whether they offload their inputs (offload_activations), by measuring
     steps on the longest samples and taking the fastest that fits (logged as `Plan: ...`, recorded in
     stage_metrics.json as `plan`). Any plan is the same optimisation: the same optimizer steps, the loss a mean
-    over all answer tokens of a step. Leave those four keys, and streamed_layers, at their defaults. null:
+    over all answer tokens of a step. Leave those four keys at their defaults (streamed_layers: 0 or auto). null:
     batch_size x grad_accum x processes."""
     memory_budget_gib: float | Literal["auto"] = 20.0
     """GPU memory per process that batch_size: auto and effective_batch may fill; 20 fits a 24 GB card (a GPU with
@@ -279,14 +279,16 @@ class StageConfig:
     and the backward instead of on the GPU (copies overlap the compute). On the 8B shape at 448x448 and batch 96:
     17.7 -> 11.8 GiB, 6% fewer samples/s (H200); with a memory budget it lets batch_size: auto pick a larger
     batch. For a card short of memory (set it with memory_budget_gib). With effective_batch, the plan's."""
-    streamed_layers: float = 0.0
+    streamed_layers: float | Literal["auto"] = 0.0
     """The fraction of the language model's decoder layers, the first ones, that keep what autograd saves in
-    pinned CPU memory between the forward and the backward (copied out on a side stream while the next layers
-    compute, and back one layer ahead of the backward), instead of recomputing it (checkpointed_layers then applies
-    to the other layers) or keeping it on the GPU. It trades recomputation for PCIe traffic: faster where the bus
-    keeps up, else the copies waiting to leave hold GPU memory. Checked on the GPU before the first step against
-    keeping the tensors (a difference is a config error). Not yet measured on a GPU (bench/speed.py's `-stream`
-    variants); 0 keeps every layer as the other keys say. With effective_batch, leave it at 0."""
+    pinned CPU memory between the forward and the backward (copied out on a side stream, and back one layer ahead
+    of the backward), instead of recomputing it (checkpointed_layers then applies to the other layers) or keeping
+    it on the GPU. It trades recomputation for PCIe traffic, about 110 KB a token a layer on the 8B shape: on an
+    H200 (about 58 GB/s each way) a third of the layers streamed was 1.5-8% slower than recomputing them, for about
+    0.6 GiB less, so it pays only on a much faster host link. Checked on the GPU before the first step against
+    keeping the tensors (a difference is a config error). 0 keeps every layer as the other keys say. auto (with
+    effective_batch): the plan also times its chosen plan with a third and two thirds of the checkpointed layers
+    streamed, and keeps the fastest within memory_budget_gib."""
     answer_only_logits: Literal["auto", True, False] = "auto"
     """Compute the vocabulary logits only where the loss needs them (the answer tokens) instead of at every
     position: the same loss, without a (batch x length x 151,936) fp32 tensor. false: the model's own loss.
@@ -428,19 +430,20 @@ def schedule_problems(cfg: StageConfig) -> list[str]:
 
 
 def effective_batch_problems(cfg: StageConfig, num_processes: int) -> list[str]:
-    """effective_batch plans batch_size, grad_accum, checkpointed_layers and offload_activations itself (and leaves
-    streamed_layers at 0)."""
+    """effective_batch plans batch_size, grad_accum, checkpointed_layers and offload_activations itself, and
+    streamed_layers with auto; auto means nothing without it."""
     if cfg.effective_batch is None:
-        return []
+        return (["streamed_layers: auto is tried by the plan of effective_batch, which is not set; set "
+                 "effective_batch, or streamed_layers to a share in [0, 1]"] if cfg.streamed_layers == "auto" else [])
     set_by_hand = {key: getattr(cfg, key) for key, default in (("batch_size", "auto"), ("grad_accum", 1),
                                                                ("checkpointed_layers", 1.0),
                                                                ("offload_activations", False))
                    if getattr(cfg, key) != default}
     problems = [f"{key}: {str(value).lower() if isinstance(value, bool) else value} is chosen by the plan when "
                 "effective_batch is set; remove it (or effective_batch)" for key, value in set_by_hand.items()]
-    if cfg.streamed_layers:
-        problems.append(f"streamed_layers: {cfg.streamed_layers:g} is not among what the plan tries yet; with "
-                        "effective_batch leave it at 0 (or set batch_size and grad_accum by hand)")
+    if cfg.streamed_layers not in (0, "auto"):
+        problems.append(f"streamed_layers: {cfg.streamed_layers:g} is chosen by the plan when effective_batch is set; "
+                        "use auto (the plan tries streamed layers) or 0")
     if cfg.effective_batch > 0 and cfg.effective_batch % num_processes:
         problems.append(f"effective_batch ({cfg.effective_batch}) must be a multiple of the {num_processes} processes "
                         "(each takes an equal share of a step)")
@@ -464,7 +467,7 @@ def checkpointing_problems(cfg: StageConfig) -> list[str]:
     """checkpointed_layers and streamed_layers (whether this transformers can checkpoint a part of the layers is
     speed's question)."""
     return [f"{key} must be in [0, 1], got {getattr(cfg, key)}" for key in ("checkpointed_layers", "streamed_layers")
-            if not 0 <= getattr(cfg, key) <= 1]
+            if getattr(cfg, key) != "auto" and not 0 <= getattr(cfg, key) <= 1]
 
 
 def fsdp_problems(cfg: StageConfig, fsdp: bool) -> list[str]:

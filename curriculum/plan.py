@@ -17,6 +17,11 @@ to spend the memory on is what the plan measures:
    whose measured peak is over the budget is dropped; what it needed over its prediction is added to the
    predictions at its micro-batch and above, and the candidates are drawn again.
 3. The fastest in samples/s. The optimizer step itself (a few LoRA tensors) is the same for every plan.
+4. With `streamed_layers: auto`, the fastest is timed again with a third and with two thirds of its checkpointed
+   layers streamed instead (curriculum/activation_streaming.py: their saved tensors in pinned CPU memory, not
+   recomputed), and the fastest of all within the budget is chosen. Streaming trades recomputation for PCIe
+   traffic, and whether the bus keeps up depends on the GPU, the micro-batch and the images: it is measured here,
+   never predicted.
 
 The trainer's Trainer gets the micro-batch as its batch size and the rest as gradient_accumulation_steps: its loss
 is the mean over the answer tokens of the whole step (curriculum/answer_loss.py), so any plan is the same
@@ -26,6 +31,7 @@ optimisation. The measuring is done by the callables the recipe passes (curricul
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -46,6 +52,7 @@ class Plan:
     checkpointed: int  # decoder layers that recompute in the backward
     layers: int
     offload: bool
+    streamed: int = 0  # the first decoder layers, whose saved tensors wait in CPU memory (not checkpointed)
 
     @property
     def checkpointed_fraction(self) -> float:
@@ -53,8 +60,13 @@ class Plan:
 
     def describe(self) -> str:
         where = ", their inputs in CPU memory" if self.offload and self.checkpointed else ""
+        streamed = f", {self.streamed} streamed to CPU memory" if self.streamed else ""
         return (f"micro-batch {self.micro_batch} x {self.grad_accum} accumulation step(s), {self.checkpointed}/"
-                f"{self.layers} decoder layers checkpointed{where}")
+                f"{self.layers} decoder layers checkpointed{where}{streamed}")
+
+    def short(self) -> str:
+        return (f"{self.micro_batch}x{self.grad_accum} {self.checkpointed}/{self.layers}"
+                f"{' offloaded' if self.offload else ''}{f' {self.streamed} streamed' if self.streamed else ''}")
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,13 @@ def front(plans: list[Plan]) -> list[Plan]:
     return [p for p in plans if not any(beats_on_every_count(q, p) for q in plans)]
 
 
+def streamed_variants(plan: Plan) -> list[Plan]:
+    """The plan with a third and with two thirds of its checkpointed layers streamed instead: the same layers keep
+    their activations on the GPU, so about the same memory, less recomputation, more PCIe traffic."""
+    shares = sorted({plan.checkpointed // 3, 2 * plan.checkpointed // 3} - {0})
+    return [dataclasses.replace(plan, checkpointed=plan.checkpointed - s, streamed=s) for s in shares]
+
+
 def prior_rate(plan: Plan) -> float:
     """The order in which candidates are timed, before any is: a micro-batch fills the GPU by about 8 samples, a
     recomputed layer costs about a third of its forward and backward, the offload a little. Only an order; the
@@ -134,11 +153,12 @@ class Timed:
 
 def choose_plan(per_process: int, layers: int, usable: float, measure_peak: Callable[[str, int], float],
                 time_plan: Callable[[Plan], tuple[float, float]], partial: bool = True, offload: bool = True,
-                checkpointing: bool = True) -> tuple[Timed, dict]:
+                checkpointing: bool = True, stream: bool = False) -> tuple[Timed, dict]:
     """The fastest plan for an optimizer step of `per_process` samples within `usable` bytes. `measure_peak(mode,
     micro_batch)`: the peak bytes of one step with no layer ("none"), every layer ("all") or every layer offloaded
     ("offload") checkpointed, infinite if it ran out of memory. `time_plan(plan)`: its (peak bytes, seconds per
-    micro-batch step). Returns the chosen plan measured, and a record of what was measured (for the log and
+    micro-batch step). `stream`: also time the fastest with some of its checkpointed layers streamed (step 4 of the
+    module's docstring). Returns the chosen plan measured, and a record of what was measured (for the log and
     stage_metrics.json). Raises ConfigError when not even a micro-batch of 1 fits."""
     modes = ["none"] + (["all"] + ["offload"] * offload if checkpointing else [])
     probes = {mode: {m: measure_peak(mode, m) for m in PROBE_SIZES[mode]} for mode in modes}
@@ -165,6 +185,13 @@ def choose_plan(per_process: int, layers: int, usable: float, measure_peak: Call
             else:
                 over[plan] = peak
                 break  # the predictions have changed: draw the candidates again
+    if stream and timed:
+        for plan in streamed_variants(max(timed.values(), key=lambda t: t.samples_per_s).plan):
+            peak, seconds = time_plan(plan)
+            if peak <= usable:
+                timed[plan] = Timed(plan, peak, seconds)
+            else:
+                over[plan] = peak
     record = {"usable_gib": round(usable / 2**30, 2),
               "probes": {mode: {str(m): gib(p) for m, p in peaks.items()} for mode, peaks in probes.items()},
               "timed": [{**asdict(t.plan), "peak_gib": gib(t.peak), "samples_per_s": round(t.samples_per_s, 2)}
@@ -184,11 +211,20 @@ def gib(value: float) -> float | str:
 
 def combined(plans: list[Plan]) -> Plan:
     """One plan for processes that measured their own GPUs (they must step together): the smallest micro-batch,
-    and with it the most checkpointed layers and the offload if any used them, which fits wherever one of them
-    did."""
+    and with it the fewest layers that neither recompute nor stream, the fewest streamed, and the offload if any
+    used it, which fits wherever one of them did."""
     micro = min(p.micro_batch for p in plans)
-    return Plan(micro, plans[0].micro_batch * plans[0].grad_accum // micro, max(p.checkpointed for p in plans),
-                plans[0].layers, any(p.offload for p in plans))
+    streamed = min(p.streamed for p in plans)
+    return Plan(micro, plans[0].micro_batch * plans[0].grad_accum // micro,
+                max(p.checkpointed + p.streamed for p in plans) - streamed, plans[0].layers,
+                any(p.offload for p in plans), streamed)
+
+
+def apply_plan(model, plan: Plan) -> None:
+    """Set the model's decoder layers as the plan says (checkpointed, offloaded, streamed)."""
+    from curriculum import speed
+
+    speed.set_checkpointed_layers(model, plan.checkpointed, plan.offload, streamed=plan.streamed)
 
 
 def plan_step(model, dataset, cfg: StageConfig, collate: Callable[[list[dict]], dict], step_loss: Callable,
@@ -213,7 +249,9 @@ def plan_step(model, dataset, cfg: StageConfig, collate: Callable[[list[dict]], 
     usable = batch_size.USABLE_SHARE * batch_size.budget_gib(cfg) * 2**30
     offload_why = speed.offload_problem()
     partial_why = speed.partial_checkpointing_problem()
-    for why, what in ((offload_why, "offload the activations"), (partial_why, "checkpoint a part of the layers")):
+    stream_why = speed.streaming_problem(model) if cfg.streamed_layers == "auto" else None
+    for why, what in ((offload_why, "offload the activations"), (partial_why, "checkpoint a part of the layers"),
+                      (stream_why, "stream layers")):
         if why:
             print_main(f"Plan: will not {what}: {why}")
 
@@ -225,21 +263,22 @@ def plan_step(model, dataset, cfg: StageConfig, collate: Callable[[list[dict]], 
         return measured["peak", mode, micro]
 
     def time_plan(plan: Plan) -> tuple[float, float]:
-        key = ("timed", plan.micro_batch, plan.checkpointed, plan.offload)
+        key = ("timed", plan.micro_batch, plan.checkpointed, plan.offload, plan.streamed)
         if key not in measured:
-            speed.set_checkpointed_layers(model, plan.checkpointed, plan.offload)
+            apply_plan(model, plan)
             peak, seconds = batch_size.measure_step(model, dataset, plan.micro_batch, cfg, collate, step_loss,
                                                     encoded, timed_steps=TIMED_STEPS)
             measured[key] = (peak, seconds if seconds is not None else math.inf)
         return measured[key]
 
     best, record = choose_plan(per_process, layers, usable, measure_peak, time_plan, partial=partial_why is None,
-                               offload=offload_why is None, checkpointing=cfg.gradient_checkpointing)
+                               offload=offload_why is None, checkpointing=cfg.gradient_checkpointing,
+                               stream=cfg.streamed_layers == "auto" and stream_why is None)
     plans = [Plan(**p) for p in gather_from_processes(asdict(best.plan))]
     plan = combined(plans)
-    speed.set_checkpointed_layers(model, plan.checkpointed, plan.offload)
-    others = ", ".join(f"{t['micro_batch']}x{t['grad_accum']} {t['checkpointed']}/{t['layers']}"
-                       f"{' offloaded' if t['offload'] else ''}: {t['samples_per_s']:g}" for t in record["timed"][1:])
+    apply_plan(model, plan)
+    others = ", ".join(f"{Plan(**{k: v for k, v in t.items() if k in Plan.__dataclass_fields__}).short()}: "
+                       f"{t['samples_per_s']:g}" for t in record["timed"][1:])
     print_main(f"Plan: {plan.describe()}: {best.samples_per_s:.1f} samples/s measured at {gib(best.peak)} GiB peak "
                f"(effective_batch {cfg.effective_batch}, {record['usable_gib']:g} GiB usable of memory_budget_gib "
                f"{cfg.memory_budget_gib}){'; also timed: ' + others if others else ''}"

@@ -301,13 +301,25 @@ def test_checkpoint_that_needs_its_code_is_a_config_error(tmp_path, tiny_model_p
     assert not (d / "RAN").exists()
 
 
-def test_streamed_layers_is_a_share_and_not_planned():
+def test_streamed_layers_is_a_share_or_the_plan_s(tmp_path, minimal):
     from curriculum.config import checkpointing_problems, effective_batch_problems, fsdp_problems
 
-    assert checkpointing_problems(StageConfig(output_dir="o", train_file="t", streamed_layers=0.5)) == []
-    assert checkpointing_problems(StageConfig(output_dir="o", train_file="t", streamed_layers=1.5)) == \
-        ["streamed_layers must be in [0, 1], got 1.5"]
-    planned = StageConfig(output_dir="o", train_file="t", effective_batch=8, streamed_layers=0.5)
-    assert [p for p in effective_batch_problems(planned, 1) if p.startswith("streamed_layers: 0.5 is not among")]
-    assert [p for p in fsdp_problems(planned, fsdp=True) if p.startswith("streamed_layers: not tried under FSDP")]
-    assert effective_batch_problems(StageConfig(output_dir="o", train_file="t", effective_batch=8), 1) == []
+    def config(**keys):
+        return StageConfig(output_dir="o", train_file="t", **keys)
+
+    assert checkpointing_problems(config(streamed_layers=0.5)) == []
+    assert checkpointing_problems(config(streamed_layers=1.5)) == ["streamed_layers must be in [0, 1], got 1.5"]
+    assert effective_batch_problems(config(effective_batch=8, streamed_layers="auto"), 1) == []
+    assert checkpointing_problems(config(effective_batch=8, streamed_layers="auto")) == []
+    assert effective_batch_problems(config(effective_batch=8, streamed_layers=0.5), 1) == [
+        "streamed_layers: 0.5 is chosen by the plan when effective_batch is set; use auto (the plan tries streamed "
+        "layers) or 0"]
+    assert effective_batch_problems(config(streamed_layers="auto"), 1) == [
+        "streamed_layers: auto is tried by the plan of effective_batch, which is not set; set effective_batch, or "
+        "streamed_layers to a share in [0, 1]"]
+    for streamed in (0.5, "auto"):
+        assert [p for p in fsdp_problems(config(effective_batch=8, streamed_layers=streamed), fsdp=True)
+                if p.startswith("streamed_layers: not tried under FSDP")]
+    assert effective_batch_problems(config(effective_batch=8), 1) == []
+    assert load_config(write(tmp_path, minimal + "streamed_layers: auto\n")).streamed_layers == "auto"
+    assert load_config(write(tmp_path, minimal + "streamed_layers: 0.25\n")).streamed_layers == 0.25

@@ -82,7 +82,9 @@ def true_seconds(micro: int, checkpointed: int, offload: bool) -> float:
     return micro * 0.016 * (1 + 0.3 * checkpointed / LAYERS + 0.05 * offload) * (1 + 8 / micro)
 
 
-def fake_gpu(growth: float = 0.0):
+def fake_gpu(growth: float = 0.0, bus: float = 0.0, in_flight: float = 0.0):
+    """`bus`: seconds a streamed layer's copies add per sample (a slow bus: more than its recomputation saved);
+    `in_flight`: GiB per sample and streamed layer that the copies still waiting to leave hold."""
     timed = []
 
     def measure_peak(mode: str, micro: int) -> float:
@@ -91,7 +93,10 @@ def fake_gpu(growth: float = 0.0):
     def time_plan(plan) -> tuple[float, float]:
         timed.append(plan)
         args = (plan.micro_batch, plan.checkpointed, plan.offload)
-        return true_peak(*args, growth), true_seconds(*args)
+        # a streamed layer keeps as little on the GPU as a checkpointed one, and does not recompute
+        peak = true_peak(plan.micro_batch, plan.checkpointed + plan.streamed, plan.offload, growth)
+        return (peak + in_flight * plan.micro_batch * plan.streamed * GIB,
+                true_seconds(*args) + bus * plan.micro_batch * plan.streamed)
 
     return measure_peak, time_plan, timed
 
@@ -139,6 +144,39 @@ def test_without_checkpointing_or_partial_checkpointing_the_plan_keeps_to_what_i
     assert all_or_none.plan.checkpointed in (0, LAYERS) and not all_or_none.plan.offload
 
 
+@pytest.mark.parametrize("budget_gib", [10.8, 18])
+def test_with_streamed_layers_auto_the_plan_streams_where_the_bus_keeps_up(budget_gib):
+    """The fastest plan is timed again with a third and two thirds of its checkpointed layers streamed, and the
+    fastest of all is chosen: on a fast bus the most streamed, on a slow one none; the same plans without
+    `stream`."""
+    measure_peak, time_plan, timed = fake_gpu()
+    without = plan.choose_plan(64, LAYERS, budget_gib * GIB, measure_peak, time_plan)[0].plan
+    assert without.checkpointed >= 3 and not any(p.streamed for p in timed)
+    k = without.checkpointed
+    tried = [plan.Plan(without.micro_batch, without.grad_accum, k - s, LAYERS, without.offload, s)
+             for s in (k // 3, 2 * k // 3)]
+
+    fast_bus = fake_gpu(bus=0.0001)
+    best, record = plan.choose_plan(64, LAYERS, budget_gib * GIB, *fast_bus[:2], stream=True)
+    assert fast_bus[2][-2:] == tried and best.plan == tried[1]
+    assert best.plan.checkpointed + best.plan.streamed == k  # the same layers keep their activations
+    assert record["timed"][0]["streamed"] == 2 * k // 3 and len(record["timed"]) == len(fast_bus[2])
+
+    slow_bus = fake_gpu(bus=0.01)
+    best = plan.choose_plan(64, LAYERS, budget_gib * GIB, *slow_bus[:2], stream=True)[0]
+    assert slow_bus[2][-2:] == tried and best.plan == without
+
+
+def test_a_streamed_plan_over_the_budget_is_not_chosen():
+    """The copies waiting to leave hold memory that the lines through the probes do not predict: measured over
+    the budget, the streamed plan is recorded as such and the plan without streaming kept."""
+    measure_peak, time_plan, _ = fake_gpu(bus=0.0001, in_flight=0.01)
+    best, record = plan.choose_plan(64, LAYERS, 10.8 * GIB, measure_peak, time_plan, stream=True)
+    k = best.plan.checkpointed
+    assert not best.plan.streamed and k >= 3
+    assert [p["streamed"] for p in record["over_budget"]] == [k // 3, 2 * k // 3]
+
+
 def test_no_plan_fits_is_a_config_error_naming_the_budget():
     measure_peak, time_plan, _ = fake_gpu()
     with pytest.raises(ConfigError, match="memory_budget_gib: no plan for 64 samples .* fits in 5.0 GiB usable"):
@@ -149,6 +187,10 @@ def test_processes_that_planned_apart_take_what_fits_on_each():
     a, b = plan.Plan(64, 1, 30, LAYERS, False), plan.Plan(32, 2, 36, LAYERS, True)
     assert plan.combined([a, b]) == plan.Plan(32, 2, 36, LAYERS, True)
     assert plan.combined([a, a]) == a
+    streamed = plan.Plan(32, 2, 20, LAYERS, False, streamed=12)  # 4 layers keep their activations
+    assert plan.combined([streamed, a]) == plan.Plan(32, 2, 32, LAYERS, False)  # a's 6 would not fit
+    assert plan.combined([streamed, plan.Plan(32, 2, 30, LAYERS, False, streamed=4)]) == \
+        plan.Plan(32, 2, 30, LAYERS, False, streamed=4)  # 34 not kept, as on the second
 
 
 def test_effective_batch_leaves_the_split_to_the_plan(tmp_path):
@@ -164,22 +206,27 @@ def test_effective_batch_leaves_the_split_to_the_plan(tmp_path):
                                                 "(each takes an equal share of a step)"]
 
 
-def test_a_stage_trains_with_the_plan_it_measured(tmp_path, tiny_model_path, monkeypatch, capsys):
+@pytest.mark.parametrize("streamed_layers", ["0", "auto"])
+def test_a_stage_trains_with_the_plan_it_measured(tmp_path, tiny_model_path, monkeypatch, capsys, streamed_layers):
     """effective_batch through the whole stage, on the tiny model on the CPU, the GPU's measurements stood in for:
     every measured step sees the model set as the plan being measured; the chosen plan (4 x 2, both layers
-    checkpointed and offloaded) is what the Trainer runs, what the log says and stage_metrics.json records."""
+    checkpointed and offloaded; with streamed_layers: auto the first of them streamed instead, which the stand-in
+    times faster) is what the Trainer runs, what the log says and stage_metrics.json records."""
     from curriculum import batch_size, processes
 
-    def as_set(model) -> tuple[int, bool]:
-        layers = [layer for layer in speed.language_layers(model) if layer.gradient_checkpointing]
-        return len(layers), any(isinstance(layer._gradient_checkpointing_func, speed.OffloadedCheckpoint)
-                                for layer in layers)
+    def as_set(model) -> tuple[int, bool, int]:
+        layers = speed.language_layers(model)
+        checkpointed = [layer for layer in layers if layer.gradient_checkpointing]
+        return len(checkpointed), any(isinstance(layer._gradient_checkpointing_func, speed.OffloadedCheckpoint)
+                                      for layer in checkpointed), \
+            sum(getattr(layer.__dict__.get("forward"), "streamed", False) for layer in layers)
 
     def peak_as_set(model, dataset, size, cfg, collate, step_loss, encoded=None, timed_steps=0):
-        checkpointed, offloaded = as_set(model)
-        per_sample = [1.0, 0.6, 0.2][checkpointed] if not offloaded else [1.0, 0.55, 0.1][checkpointed]
+        checkpointed, offloaded, streamed = as_set(model)
+        kept = checkpointed + streamed  # a streamed layer keeps as little on the GPU as a checkpointed one
+        per_sample = [1.0, 0.6, 0.2][kept] if not offloaded else [1.0, 0.55, 0.1][kept]
         seconds = size * 0.01 * (1 + 0.3 * checkpointed / 2 + 0.05 * offloaded) * (1 + 8 / size)
-        seen.append((size, checkpointed, offloaded))
+        seen.append((size, checkpointed, offloaded, streamed))
         return (1 + per_sample * size) * GIB, seconds if timed_steps else None
 
     def build_trainer_recording(model, *args, **kwargs):
@@ -194,17 +241,20 @@ def test_a_stage_trains_with_the_plan_it_measured(tmp_path, tiny_model_path, mon
     out = tmp_path / "stage1"
     code = tq.main(["configs/demo/stage1.yaml", "--set", f"output_dir={out}", "--set", "max_steps=2", "--set",
                     "batch_size=auto", "--set", "effective_batch=8", "--set", "eval_questions=0", "--set",
-                    "gradient_checkpointing=true", "--set", "tensorboard=false"])
+                    "gradient_checkpointing=true", "--set", "tensorboard=false", "--set",
+                    f"streamed_layers={streamed_layers}"])
     assert code == 0
     log = capsys.readouterr().out
+    streamed = int(streamed_layers == "auto")  # of the 2 checkpointed layers, 2 // 3 = 0 and 2 * 2 // 3 = 1 tried
     # 8 x 1 needs 1 + 8 x 0.1 = 1.8 GiB even offloaded; 4 x 2 fits offloaded (1.4) and checkpointed (1.8: no)
-    assert "Plan: micro-batch 4 x 2 accumulation step(s), 2/2 decoder layers checkpointed, their inputs in CPU " \
-           "memory: " in log, log
+    assert (f"Plan: micro-batch 4 x 2 accumulation step(s), {2 - streamed}/2 decoder layers checkpointed, their "
+            f"inputs in CPU memory{', 1 streamed to CPU memory' if streamed else ''}: ") in log, log
     assert "Effective batch size 8 = 4 per process x 1 process(es) x 2 accumulation step(s)" in log
-    assert (4, 2, True) in seen and all(size in (1, 2, 4, 8) for size, _, _ in seen)
-    assert trained_as == [(2, True)]  # the model trains as planned, whatever was measured last
+    assert (4, 2, True, 0) in seen and all(size in (1, 2, 4, 8) for size, *_ in seen)
+    assert ((4, 1, True, 1) in seen) == bool(streamed)
+    assert trained_as == [(2 - streamed, True, streamed)]  # the model trains as planned, whatever was measured last
     metrics = json.loads((out / STAGE_METRICS).read_text())
-    assert metrics["plan"]["chosen"] == {"micro_batch": 4, "grad_accum": 2, "checkpointed": 2, "layers": 2,
-                                         "offload": True}
+    assert metrics["plan"]["chosen"] == {"micro_batch": 4, "grad_accum": 2, "checkpointed": 2 - streamed,
+                                         "layers": 2, "offload": True, "streamed": streamed}
     assert metrics["effective_batch_size"] == 8 and metrics["grad_accum"] == 2 and metrics["global_steps"] == 2
     assert metrics["speed_patches"]["offload_activations"].startswith("on, by the plan")
