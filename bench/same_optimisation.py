@@ -88,8 +88,9 @@ def main() -> None:
     initial = {n: w.detach().clone() for n, w in model.named_parameters() if w.requires_grad}
     runs = {}
     for name, plan in plans(args.effective, len(speed.language_layers(model))).items():
-        if plan.streamed and speed.streaming_problem(model):
-            print(json.dumps({name: f"skipped: {speed.streaming_problem(model)}"}))
+        why = speed.streaming_problem(model) if plan.streamed else None
+        if why:
+            print(json.dumps({name: f"skipped: {why}"}))
             continue
         with torch.no_grad():
             for n, w in model.named_parameters():
